@@ -1,0 +1,7 @@
+"""``python -m cae_kernels`` runs the ``cae`` command (also under ``torchrun -m cae_kernels``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
