@@ -1,0 +1,75 @@
+"""Every op of the autoencoder at its own layer shapes: ours against PyTorch's
+(torch.nn.functional: oneDNN on the CPU, cuDNN on a GPU), NCHW against channels_last,
+forward alone and forward+backward, float32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cae_kernels
+from shapes import op_cases
+
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+# "torch-tf32": cuDNN as users get it on a GPU (TF32 tensor cores for float32);
+# "torch": like for like, TF32 off.
+IMPLS = ["cae", "torch", "torch-tf32"]
+
+
+def ours(case):
+    if case.op == "conv3x3":
+        return lambda x, w, b: cae_kernels.conv3x3(x, w, b, case.stride, case.activation)
+    if case.op == "conv_transpose3x3":
+        return lambda x, w, b: cae_kernels.conv_transpose3x3(x, w, b, case.stride, case.activation)
+    return lambda x, w, b: cae_kernels.max_pool2x2(x)
+
+
+def pytorch(case):
+    act = F.relu if case.activation else (lambda y: y)
+    if case.op == "conv3x3":
+        return lambda x, w, b: act(F.conv2d(x, w, b, case.stride, 1))
+    if case.op == "conv_transpose3x3":
+        return lambda x, w, b: act(F.conv_transpose2d(x, w, b, case.stride, 1, case.stride - 1))
+    return lambda x, w, b: F.max_pool2d(x, 2, ceil_mode=True)
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward+backward"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", op_cases(1), ids=lambda c: c.id)  # shapes at batch 1, scaled below
+def test_op(benchmark, settings, batch, case, impl, layout, direction):
+    if impl == "torch-tf32" and (settings.device.type != "cuda" or case.op == "max_pool2x2"):
+        pytest.skip("TF32 applies to convolutions on a GPU")
+    case = case._replace(input_shape=(batch, *case.input_shape[1:]), output_shape=(batch, *case.output_shape[1:]))
+    fn = ours(case) if impl == "cae" else pytorch(case)
+    backward = direction == "forward+backward"
+    dtype, device, memory_format = torch.float32, settings.device, LAYOUTS[layout]
+
+    def make_inputs():
+        x = torch.randn(case.input_shape, device=device, dtype=dtype).to(memory_format=memory_format)
+        w = b = None
+        if case.weight_shape:
+            w = torch.randn(case.weight_shape, device=device, dtype=dtype) * 0.2
+            out_channels = case.weight_shape[0 if case.op == "conv3x3" else 1]
+            b = torch.randn(out_channels, device=device, dtype=dtype)
+        return tuple(t.requires_grad_(backward) if t is not None else None for t in (x, w, b))
+
+    inputs = [make_inputs() for _ in range(3)]
+    grad = torch.randn(case.output_shape, device=device, dtype=dtype).to(memory_format=memory_format)
+
+    def step(x, w, b):
+        y = fn(x, w, b)
+        if backward:
+            torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], grad)
+
+    benchmark.group = f"{case.id} {direction} batch {batch}"
+    benchmark.extra_info.update(
+        kind="op", op=case.op, case=case.id, impl=impl, layout=layout, direction=direction,
+        batch=batch, dtype="float32", device=device.type, tf32=impl == "torch-tf32",
+        flops=case.flops(backward), min_bytes=case.min_bytes(backward, 4),
+    )
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = impl == "torch-tf32"
+    try:
+        settings.run(benchmark, step, inputs)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32

@@ -1,0 +1,11 @@
+"""cae_kernels: hand-written CPU and CUDA kernels for a convolutional autoencoder.
+
+The ops are registered as ``torch.ops.cae.*``; use them through the functions
+below or the layers of ``cae_kernels.nn``.
+"""
+
+from . import nn
+from .functional import conv3x3, conv_transpose3x3, max_pool2x2, with_cuda
+
+__version__ = "0.1.0"
+__all__ = ["conv3x3", "conv_transpose3x3", "max_pool2x2", "nn", "with_cuda", "__version__"]

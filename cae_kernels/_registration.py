@@ -1,0 +1,144 @@
+"""Fake kernels and autograd for the ``torch.ops.<namespace>`` ops.
+
+The schemas and the device kernels live in C++ (``csrc/ops.cpp``, ``csrc/cpu``,
+``csrc/cuda``); this module adds what Python does best: shape inference for
+``torch.compile`` / meta tensors, and the backward formulas, which call the
+backward ops of the same namespace. ``register("cae")`` runs on import;
+``cae_kernels.sim`` runs ``register("cae_sim")`` for the emulated CUDA kernels.
+"""
+
+import torch
+
+try:
+    from torch._prims_common import suggest_memory_format as _suggest_memory_format
+except ImportError:  # older torch: the same rule, spelled out
+    from torch._prims_common import are_strides_like_channels_last
+
+    def _suggest_memory_format(t):
+        if t.layout == torch.strided and are_strides_like_channels_last(t.shape, t.stride()):
+            return torch.channels_last
+        return torch.contiguous_format
+
+
+def _empty(like, shape):
+    # The kernels write their result in the input's own layout (csrc/shapes.h).
+    return torch.empty(
+        shape, dtype=like.dtype, device=like.device, memory_format=_suggest_memory_format(like)
+    )
+
+
+# Output sizes, as csrc/shapes.h computes them for the kernels.
+def _conv_size(size, stride):
+    return (size + stride - 1) // stride
+
+
+def _pool_size(size):
+    return (size + 1) // 2
+
+
+def _fake_conv3x3(input, weight, bias, stride, relu):
+    n, _, h, w = input.shape
+    return _empty(input, (n, weight.shape[0], _conv_size(h, stride), _conv_size(w, stride)))
+
+
+def _fake_conv_transpose3x3(input, weight, bias, stride, relu):
+    n, _, h, w = input.shape
+    return _empty(input, (n, weight.shape[1], h * stride, w * stride))
+
+
+def _fake_grad_input(grad_output, relu_output, weight, input, stride):
+    return _empty(input, input.shape)
+
+
+def _fake_conv3x3_grad_weight(grad_output, relu_output, input, stride):
+    return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3))
+
+
+def _fake_conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride):
+    return input.new_empty((input.shape[1], grad_output.shape[1], 3, 3))
+
+
+def _fake_bias_grad(grad_output, relu_output):
+    return grad_output.new_empty((grad_output.shape[1],))
+
+
+def _fake_max_pool2x2(input):
+    n, c, h, w = input.shape
+    return _empty(input, (n, c, _pool_size(h), _pool_size(w)))
+
+
+def _fake_max_pool2x2_grad_input(grad_output, input):
+    return _empty(input, input.shape)
+
+
+def _setup_conv(ctx, inputs, output):
+    input, weight, bias, stride, relu = inputs
+    ctx.save_for_backward(input, weight, output if relu else None)
+    ctx.stride = stride
+    ctx.has_bias = bias is not None
+
+
+def _setup_max_pool(ctx, inputs, output):
+    (input,) = inputs
+    ctx.save_for_backward(input)
+
+
+def register(namespace):
+    """Registers fake kernels and autograd for every op of ``torch.ops.<namespace>``."""
+    ops = getattr(torch.ops, namespace)
+
+    def conv_backward(grad_input_op, grad_weight_op):
+        def backward(ctx, grad_output):
+            input, weight, relu_output = ctx.saved_tensors
+            needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+            grad_input = grad_weight = grad_bias = None
+            if needs_input:
+                grad_input = grad_input_op(grad_output, relu_output, weight, input, ctx.stride)
+            if needs_weight:
+                grad_weight = grad_weight_op(grad_output, relu_output, input, ctx.stride)
+            if needs_bias and ctx.has_bias:
+                grad_bias = ops.bias_grad(grad_output, relu_output)
+            return grad_input, grad_weight, grad_bias, None, None
+
+        return backward
+
+    def max_pool_backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None
+        return ops.max_pool2x2_grad_input(grad_output, input)
+
+    fakes = {
+        "conv3x3": _fake_conv3x3,
+        "conv3x3_grad_input": _fake_grad_input,
+        "conv3x3_grad_weight": _fake_conv3x3_grad_weight,
+        "conv_transpose3x3": _fake_conv_transpose3x3,
+        "conv_transpose3x3_grad_input": _fake_grad_input,
+        "conv_transpose3x3_grad_weight": _fake_conv_transpose3x3_grad_weight,
+        "bias_grad": _fake_bias_grad,
+        "max_pool2x2": _fake_max_pool2x2,
+        "max_pool2x2_grad_input": _fake_max_pool2x2_grad_input,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{name}")(fake)
+
+    torch.library.register_autograd(
+        f"{namespace}::conv3x3",
+        conv_backward(ops.conv3x3_grad_input, ops.conv3x3_grad_weight),
+        setup_context=_setup_conv,
+    )
+    torch.library.register_autograd(
+        f"{namespace}::conv_transpose3x3",
+        conv_backward(ops.conv_transpose3x3_grad_input, ops.conv_transpose3x3_grad_weight),
+        setup_context=_setup_conv,
+    )
+    torch.library.register_autograd(
+        f"{namespace}::max_pool2x2", max_pool_backward, setup_context=_setup_max_pool
+    )
+    return ops
+
+
+from . import _C  # noqa: E402  (loads the library: schemas and device kernels)
+
+with_cuda = bool(_C.with_cuda)
+register("cae")

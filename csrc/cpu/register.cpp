@@ -1,0 +1,3 @@
+#include "kernels.h"
+
+TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CPU, m) { cae::Ops<cae::CpuKernels>::register_all(m); }

@@ -1,0 +1,253 @@
+// The path from each registered op to a backend's kernels, written once.
+//
+// A backend is a struct of static kernel entry points (CpuKernels in
+// csrc/cpu/, CudaKernels in csrc/cuda/). Every op checks its arguments
+// (shapes.h), puts its tensors in one memory format, allocates the result and
+// hands the backend raw work:
+//
+//   correlate            y = act(bias + conv3x3_stride(gate(x), w))
+//   correlate_transpose  x = act(bias + conv3x3_stride^T(gate(y), w))
+//   weight_grad          dw[r, c] = sum gate(a)[r] * shifted gate(b)[c]
+//   bias_grad            db[c] = sum gate(g)[c]
+//   max_pool, max_pool_grad
+//
+// where gate(t) zeroes t where the gate tensor (a fused ReLU's output) is not
+// positive. The convolution's backward is the transposed convolution's
+// forward and vice versa, so four convolution kernels serve both op families.
+#pragma once
+
+#include <torch/library.h>
+
+#include "shapes.h"
+
+#ifndef CAE_NAMESPACE
+#define CAE_NAMESPACE cae
+#endif
+
+namespace cae {
+
+inline constexpr const char* kOpNames[] = {
+    "conv3x3", "conv3x3_grad_input", "conv3x3_grad_weight",
+    "conv_transpose3x3", "conv_transpose3x3_grad_input",
+    "conv_transpose3x3_grad_weight", "bias_grad", "max_pool2x2",
+    "max_pool2x2_grad_input"};
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+template <class K>
+struct Ops {
+  static void check_dtype(const Tensor& input) {
+    TORCH_CHECK(K::supports(input.scalar_type()), "cae: the ", K::name,
+                " kernels do not support dtype ", input.scalar_type(),
+                " (supported: ", K::supported_dtypes, ")");
+  }
+
+  static Tensor conv3x3(const Tensor& input, const Tensor& weight,
+                        const OptTensor& bias, int64_t stride, bool relu) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_weight(weight, input, "[C_out, C_in, 3, 3]");
+    check_input_channels(input, weight.size(1), weight);
+    check_bias(bias, input, weight.size(0));
+    check_stride(stride);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto output = at::empty({input.size(0), weight.size(0),
+                             conv_output_size(input.size(2), stride),
+                             conv_output_size(input.size(3), stride)},
+                            input.options().memory_format(format));
+    if (output.numel() == 0) return output;
+    K::correlate(output, input.contiguous(format), std::nullopt,
+                 weight.contiguous(), contiguous_in(bias, at::MemoryFormat::Contiguous),
+                 stride, relu, nhwc);
+    return output;
+  }
+
+  static Tensor conv3x3_grad_input(const Tensor& grad_output,
+                                   const OptTensor& relu_output,
+                                   const Tensor& weight, const Tensor& input,
+                                   int64_t stride) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_weight(weight, input, "[C_out, C_in, 3, 3]");
+    check_input_channels(input, weight.size(1), weight);
+    check_stride(stride);
+    check_activation(grad_output, "grad_output", input);
+    check_same_shape(grad_output, "grad_output",
+                     {input.size(0), weight.size(0),
+                      conv_output_size(input.size(2), stride),
+                      conv_output_size(input.size(3), stride)},
+                     "the convolution's output");
+    check_relu_output(relu_output, grad_output);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+    if (grad_input.numel() == 0) return grad_input;
+    if (grad_output.numel() == 0) return grad_input.zero_();
+    K::correlate_transpose(grad_input, grad_output.contiguous(format),
+                           contiguous_in(relu_output, format),
+                           weight.contiguous(), std::nullopt, stride, false, nhwc);
+    return grad_input;
+  }
+
+  static Tensor conv3x3_grad_weight(const Tensor& grad_output,
+                                    const OptTensor& relu_output,
+                                    const Tensor& input, int64_t stride) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_stride(stride);
+    check_activation(grad_output, "grad_output", input);
+    TORCH_CHECK(grad_output.size(0) == input.size(0) &&
+                    grad_output.size(2) == conv_output_size(input.size(2), stride) &&
+                    grad_output.size(3) == conv_output_size(input.size(3), stride),
+                "cae: grad_output of sizes ", grad_output.sizes(),
+                " does not match a stride-", stride,
+                " convolution of input of sizes ", input.sizes());
+    check_relu_output(relu_output, grad_output);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto grad_weight = at::empty({grad_output.size(1), input.size(1), 3, 3},
+                                 input.options());
+    if (grad_output.numel() == 0 || input.numel() == 0) return grad_weight.zero_();
+    K::weight_grad(grad_weight, grad_output.contiguous(format),
+                   contiguous_in(relu_output, format), input.contiguous(format),
+                   std::nullopt, stride, nhwc);
+    return grad_weight;
+  }
+
+  static Tensor conv_transpose3x3(const Tensor& input, const Tensor& weight,
+                                  const OptTensor& bias, int64_t stride,
+                                  bool relu) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_weight(weight, input, "[C_in, C_out, 3, 3]");
+    check_input_channels(input, weight.size(0), weight);
+    check_bias(bias, input, weight.size(1));
+    check_stride(stride);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto output = at::empty({input.size(0), weight.size(1),
+                             input.size(2) * stride, input.size(3) * stride},
+                            input.options().memory_format(format));
+    if (output.numel() == 0) return output;
+    K::correlate_transpose(output, input.contiguous(format), std::nullopt,
+                           weight.contiguous(),
+                           contiguous_in(bias, at::MemoryFormat::Contiguous),
+                           stride, relu, nhwc);
+    return output;
+  }
+
+  static void check_transpose_grad_output(const Tensor& grad_output,
+                                          const Tensor& input,
+                                          int64_t channels, int64_t stride) {
+    check_activation(grad_output, "grad_output", input);
+    check_same_shape(grad_output, "grad_output",
+                     {input.size(0), channels, input.size(2) * stride,
+                      input.size(3) * stride},
+                     "the transposed convolution's output");
+  }
+
+  static Tensor conv_transpose3x3_grad_input(const Tensor& grad_output,
+                                             const OptTensor& relu_output,
+                                             const Tensor& weight,
+                                             const Tensor& input,
+                                             int64_t stride) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_weight(weight, input, "[C_in, C_out, 3, 3]");
+    check_input_channels(input, weight.size(0), weight);
+    check_stride(stride);
+    check_transpose_grad_output(grad_output, input, weight.size(1), stride);
+    check_relu_output(relu_output, grad_output);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+    if (grad_input.numel() == 0) return grad_input;
+    if (grad_output.numel() == 0) return grad_input.zero_();
+    K::correlate(grad_input, grad_output.contiguous(format),
+                 contiguous_in(relu_output, format), weight.contiguous(),
+                 std::nullopt, stride, false, nhwc);
+    return grad_input;
+  }
+
+  static Tensor conv_transpose3x3_grad_weight(const Tensor& grad_output,
+                                              const OptTensor& relu_output,
+                                              const Tensor& input,
+                                              int64_t stride) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_stride(stride);
+    check_transpose_grad_output(grad_output, input, grad_output.size(1), stride);
+    check_relu_output(relu_output, grad_output);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto grad_weight = at::empty({input.size(1), grad_output.size(1), 3, 3},
+                                 input.options());
+    if (grad_output.numel() == 0 || input.numel() == 0) return grad_weight.zero_();
+    K::weight_grad(grad_weight, input.contiguous(format), std::nullopt,
+                   grad_output.contiguous(format),
+                   contiguous_in(relu_output, format), stride, nhwc);
+    return grad_weight;
+  }
+
+  static Tensor bias_grad(const Tensor& grad_output, const OptTensor& relu_output) {
+    check_activation(grad_output, "grad_output", grad_output);
+    check_dtype(grad_output);
+    check_relu_output(relu_output, grad_output);
+    const bool nhwc = is_channels_last(grad_output);
+    const auto format = memory_format(nhwc);
+    auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
+    if (grad_output.numel() == 0) return grad_bias.zero_();
+    K::bias_grad(grad_bias, grad_output.contiguous(format),
+                 contiguous_in(relu_output, format), nhwc);
+    return grad_bias;
+  }
+
+  static Tensor max_pool2x2(const Tensor& input) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto output = at::empty({input.size(0), input.size(1),
+                             pool_output_size(input.size(2)),
+                             pool_output_size(input.size(3))},
+                            input.options().memory_format(format));
+    if (output.numel() == 0) return output;
+    K::max_pool(output, input.contiguous(format), nhwc);
+    return output;
+  }
+
+  static Tensor max_pool2x2_grad_input(const Tensor& grad_output,
+                                       const Tensor& input) {
+    check_activation(input, "input", input);
+    check_dtype(input);
+    check_activation(grad_output, "grad_output", input);
+    check_same_shape(grad_output, "grad_output",
+                     {input.size(0), input.size(1),
+                      pool_output_size(input.size(2)),
+                      pool_output_size(input.size(3))},
+                     "the max-pool's output");
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+    if (grad_input.numel() == 0) return grad_input;
+    K::max_pool_grad(grad_input, grad_output.contiguous(format),
+                     input.contiguous(format), nhwc);
+    return grad_input;
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("conv3x3", &conv3x3);
+    m.impl("conv3x3_grad_input", &conv3x3_grad_input);
+    m.impl("conv3x3_grad_weight", &conv3x3_grad_weight);
+    m.impl("conv_transpose3x3", &conv_transpose3x3);
+    m.impl("conv_transpose3x3_grad_input", &conv_transpose3x3_grad_input);
+    m.impl("conv_transpose3x3_grad_weight", &conv_transpose3x3_grad_weight);
+    m.impl("bias_grad", &bias_grad);
+    m.impl("max_pool2x2", &max_pool2x2);
+    m.impl("max_pool2x2_grad_input", &max_pool2x2_grad_input);
+  }
+};
+
+}  // namespace cae

@@ -1,0 +1,86 @@
+"""Build of cae_kernels' C++ (and, where a CUDA toolkit is present, CUDA) extension.
+
+Environment:
+  CAE_NO_CUDA=1   build the CPU kernels only, even where CUDA is available.
+  FORCE_CUDA=1    fail unless the CUDA kernels can be built.
+  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: the GPUs
+                  visible at build time, or sm_75 to sm_90 plus PTX when none is).
+"""
+
+import glob
+import os
+import site
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - only without torch in the build environment
+    sys.exit(
+        "cae_kernels builds against an installed torch: install torch first, then "
+        "`pip install --no-build-isolation .`"
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    if flag("CAE_NO_CUDA"):
+        return False
+    missing = []
+    if CUDA_HOME is None:
+        missing.append("no CUDA toolkit was found (set CUDA_HOME)")
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU-only build")
+    if missing and flag("FORCE_CUDA"):
+        sys.exit("FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
+    return not missing
+
+
+def cuda_wheel_include_dirs():
+    """Headers of the NVIDIA libraries that torch's CUDA wheels ship (cuBLAS, cuSPARSE, ...):
+    torch's own CUDA headers include them, and a bare toolkit may lack them."""
+    roots = site.getsitepackages() + [site.getusersitepackages(), os.path.dirname(os.path.dirname(torch.__file__))]
+    found = []
+    for root in roots:
+        for include in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if include not in found:
+                found.append(include)
+    return found
+
+
+def extensions():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard it needs
+    if sys.platform.startswith("linux") and os.environ.get("CAE_NATIVE", "0") == "1":
+        cxx_flags.append("-march=native")
+    if not want_cuda():
+        return [CppExtension("cae_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    return [
+        CUDAExtension(
+            "cae_kernels._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=cuda_wheel_include_dirs(),
+            define_macros=[("CAE_WITH_CUDA", None)],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+        )
+    ]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    packages=find_packages(include=["cae_kernels", "cae_kernels.*"]),
+)
