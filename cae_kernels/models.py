@@ -114,6 +114,18 @@ class _TorchLinear(nn.Linear):
         return _apply_activation(super().forward(x), self.activation)
 
 
+def _to_memory_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x`` with the canonical strides of ``memory_format``.
+
+    ``x.contiguous(memory_format=...)`` is not enough: with one channel (the images) a
+    tensor is contiguous in both layouts and keeps its NCHW strides, and kernels read
+    the layout from the strides, so the whole network would run NCHW.
+    """
+    if x.stride() == torch.empty(x.shape, device="meta", memory_format=memory_format).stride():
+        return x
+    return torch.empty_like(x, memory_format=memory_format).copy_(x)
+
+
 def _build_layer(spec: LayerSpec, backend: str) -> nn.Module:
     if spec.op == "linear":
         return _TorchLinear(spec.in_channels, spec.out_channels, spec.activation)
@@ -288,18 +300,17 @@ class ConvAutoencoder(_Autoencoder):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] -> codes [N, filters[-1], h, w] (4x4x8 = 128 values at the defaults)."""
-        return self.encoder(x.contiguous(memory_format=self.memory_format))
+        return self.encoder(_to_memory_format(x, self.memory_format))
 
     def decode(self, code: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes -> logits [N, C, *size] (``size`` defaults to ``image_size``)."""
-        out = self.decoder(code.contiguous(memory_format=self.memory_format))
+        out = self.decoder(_to_memory_format(code, self.memory_format))
         height, width = size if size is not None else self.image_size
         top, left = (out.shape[-2] - height) // 2, (out.shape[-1] - width) // 2
         if top < 0 or left < 0:
             raise ValueError(f"decoder output {tuple(out.shape[-2:])} is smaller than the image "
                              f"size {(height, width)}")
-        out = out[..., top:top + height, left:left + width]
-        return out.contiguous(memory_format=self.memory_format)
+        return _to_memory_format(out[..., top:top + height, left:left + width], self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), size=tuple(x.shape[-2:]))
