@@ -1,0 +1,225 @@
+"""Training: the loss goes down, resume is bitwise, checkpoints are atomic, DDP agrees."""
+
+import io
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cae_kernels.train as training
+from cae_kernels.data import Split, load_data
+from cae_kernels.models import ConvAutoencoder
+from cae_kernels.train import Config, ConfigError, atomic_write, build_model, evaluate, load_model, train
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("cae", "torch")
+# Tiny runs: 3 steps of 64 images per epoch.
+TINY = dict(limit=192, batch_size=64, epochs=2, noise_factor=0.2)
+
+
+def run(model_dir, **options):
+    return train(model_dir, out=io.StringIO(), progress=False, **options)
+
+
+def state(model_dir):
+    return torch.load(Path(model_dir) / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_training_lowers_the_eval_loss(tmp_path, backend):
+    options = dict(backend=backend, limit=512, batch_size=32, learning_rate=5e-3, epochs=2, seed=3)
+    torch.manual_seed(3)
+    untrained = build_model(Config(**options))
+    start = evaluate(untrained, load_data().eval.head(512))["loss"]
+    result = run(tmp_path / "run", **options)
+    final = result.history[-1]
+    assert final["eval_loss"] < 0.6 * start, (start, result.history)
+    assert final["eval_rmse"] < 0.35
+    assert [h["epoch"] for h in result.history] == [1, 2] and result.step == 32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, backend):
+    whole = run(tmp_path / "whole", backend=backend, **TINY)
+    run(tmp_path / "split", backend=backend, **{**TINY, "epochs": 1})
+    resumed = run(tmp_path / "split", backend=backend, **TINY)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    a, b = state(tmp_path / "whole"), state(tmp_path / "split")
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (6, 2)
+    assert_same_weights(a["model"], b["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [h["eval_loss"] for h in a["history"]] == [h["eval_loss"] for h in b["history"]]
+
+
+def test_resume_of_the_fc_model_with_dropout_and_noise(tmp_path):
+    options = dict(model="fc", dropout=0.2, **TINY)
+    whole = run(tmp_path / "whole", **options)
+    run(tmp_path / "split", **{**options, "epochs": 1})
+    resumed = run(tmp_path / "split", **options)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+
+
+def test_interrupt_keeps_the_checkpoint_and_resume_completes(tmp_path, monkeypatch):
+    options = dict(backend="torch", **TINY)
+    whole = run(tmp_path / "whole", **options)
+
+    real_step, calls = training._train_step, []
+
+    def interrupted_step(*args):
+        calls.append(1)
+        if len(calls) == 5:  # the second step of epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(training, "_train_step", interrupted_step)
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", out=out, progress=False, **options)
+    assert "interrupted in epoch 2" in out.getvalue()
+    assert "holds epoch 1 (step 3), intact" in out.getvalue()
+    assert f"cae train --model-dir {tmp_path / 'run'}" in out.getvalue()
+    assert state(tmp_path / "run")["epoch"] == 1
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+    monkeypatch.setattr(training, "_train_step", real_step)
+    resumed = run(tmp_path / "run", **options)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+
+
+def test_a_finished_run_is_left_alone(tmp_path):
+    run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 1})
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    out = io.StringIO()
+    train(tmp_path / "run", out=out, progress=False, epochs=1)
+    assert "nothing to do" in out.getvalue()
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_another_configuration_is_refused_naming_the_keys(tmp_path):
+    run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 1})
+    with pytest.raises(ConfigError, match=r"filters: stored 16,8,8, given 32,8; seed: stored 0, given 1"):
+        run(tmp_path / "run", filters=(32, 8), seed=1)
+    with pytest.raises(ConfigError, match=r"model: stored conv, given fc"):
+        run(tmp_path / "run", model="fc")
+    # What does not change the run may differ: more epochs, another backend or layout.
+    result = run(tmp_path / "run", epochs=2, backend="cae", memory_format="nhwc")
+    assert result.step == 6 and result.config.filters == (16, 8, 8)
+
+
+def test_files_not_ours_are_never_overwritten(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "loss.png").write_bytes(b"my own picture")
+    with pytest.raises(ConfigError, match="loss.png; refusing to overwrite"):
+        run(mine, backend="torch", **TINY)
+    assert (mine / "loss.png").read_bytes() == b"my own picture"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"learning_rate": 1}')
+    with pytest.raises(ConfigError, match="not written by `cae train`"):
+        run(tmp_path / "other", backend="torch", **TINY)
+    assert (tmp_path / "other" / "config.json").read_text() == '{"learning_rate": 1}'
+
+
+@pytest.mark.parametrize("failure", (OSError("disk full"), KeyboardInterrupt()))
+def test_atomic_write_keeps_the_old_file_whole(tmp_path, failure):
+    path = tmp_path / "checkpoint.pt"
+    atomic_write(path, lambda f: f.write(b"old, complete"))
+
+    def half_then_fail(f):
+        f.write(b"new, but only ha")
+        raise failure
+
+    with pytest.raises(type(failure)):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old, complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_learning_rate_decays_by_096_every_1000_steps():
+    config = Config(learning_rate=1e-3)
+    assert training._learning_rate(config, 999) == 1e-3
+    assert training._learning_rate(config, 1000) == pytest.approx(0.96e-3)
+    assert training._learning_rate(config, 2999) == pytest.approx(1e-3 * 0.96**2)
+
+
+def test_weight_decay_is_half_the_squared_weights_without_biases():
+    model = ConvAutoencoder(backend="torch")
+    for p in model.parameters():
+        p.data.normal_()
+    weights = model.weights()
+    assert len(weights) == 10 and all(w.dim() == 4 for w in weights)
+    expected = 1e-5 * sum((p ** 2).sum() for n, p in model.named_parameters() if n.endswith("weight")) / 2
+    torch.testing.assert_close(training._weight_penalty(weights, 1e-5), expected)
+
+
+def test_noise_is_added_to_inputs_only_and_clipped():
+    x = torch.rand(8, 1, 28, 28)
+    noisy = training._noisy(x, 0.5, torch.Generator().manual_seed(0))
+    assert noisy.min() >= 0 and noisy.max() <= 1 and not torch.equal(noisy, x)
+    assert training._noisy(x, 0.0, torch.Generator()) is x
+
+
+def test_evaluate_is_mean_cross_entropy_and_rmse():
+    model = ConvAutoencoder(backend="torch").eval()
+    images = torch.randint(0, 256, (37, 1, 28, 28), dtype=torch.uint8)
+    metrics = evaluate(model, Split(images, torch.zeros(37, dtype=torch.long)), batch_size=16)
+    x = images.float() / 255
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["loss"] == pytest.approx(F.binary_cross_entropy_with_logits(logits, x).item(), rel=1e-5)
+    assert metrics["rmse"] == pytest.approx((torch.sigmoid(logits) - x).square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_load_model_needs_a_trained_run(tmp_path):
+    with pytest.raises(ConfigError, match="no trained model"):
+        load_model(tmp_path)
+
+
+def test_cuda_device_gives_a_clear_error_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        training.resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="unknown device"):
+        training.resolve_device("gpu")
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from cae_kernels.train import train
+    result = train(sys.argv[1], progress=False, backend="cae", limit=256, batch_size=64, epochs=2,
+                   noise_factor=0.2)
+    torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+""")
+
+
+def test_two_process_gloo_training_ends_with_identical_weights(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "run"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(rank0, rank1)
+    checkpoint = state(tmp_path / "run")
+    assert_same_weights(checkpoint["model"], rank0)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 8  # 4 global batches of 64 per epoch
+    assert len(checkpoint["rng"]["ranks"]) == 2
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1  # written once, by rank 0
+    assert proc.stdout.count("epoch 2/2") == 1
