@@ -92,11 +92,13 @@ class Config:
     memory_format: str = "nchw"
     device: str = "cpu"
 
-    def __post_init__(self):
+    def __post_init__(self):  # normalize, so that equal settings compare equal
         self.filters = tuple(int(f) for f in self.filters)
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.data_dir is not None:
             self.data_dir = str(Path(self.data_dir).expanduser().resolve())
+
+    def validate(self) -> "Config":
         if self.model not in ("conv", "fc"):
             raise ConfigError(f"model must be 'conv' or 'fc', got {self.model!r}")
         if self.dropout is not None and self.model != "fc":
@@ -110,6 +112,7 @@ class Config:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if self.noise_factor < 0 or self.weight_decay < 0 or self.learning_rate <= 0:
             raise ConfigError("noise_factor and weight_decay must be >= 0, learning_rate > 0")
+        return self
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,24 +144,25 @@ def resolve_config(model_dir, overrides: dict) -> tuple[Config, bool]:
     error naming every differing key.  Returns ``(config, exists)``.
     """
     model_dir = Path(model_dir)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    given = Config(**overrides)  # normalizes (paths, tuples) and validates
+    fields = {f.name for f in dataclasses.fields(Config)}
+    if set(overrides) - fields:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(set(overrides) - fields))}")
     stored = _read_config(model_dir)
     if stored is None:
         _refuse_foreign_files(model_dir)
-        return given, False
-    stored_config = Config(**stored)
-    differing = [key for key in RUN_KEYS
-                 if key in overrides and getattr(given, key) != getattr(stored_config, key)]
+        return Config(**overrides).validate(), False
+    if set(stored) - fields:
+        raise ConfigError(f"{model_dir / CONFIG_FILE} has settings this version does not know: "
+                          f"{', '.join(sorted(set(stored) - fields))}")
+    base = Config(**stored)
+    merged = dataclasses.replace(base, **overrides)
+    differing = [key for key in RUN_KEYS if key in overrides and getattr(merged, key) != getattr(base, key)]
     if differing:
-        details = "; ".join(f"{key}: stored {_show(getattr(stored_config, key))}, "
-                            f"given {_show(getattr(given, key))}" for key in differing)
+        details = "; ".join(f"{key}: stored {_show(getattr(base, key))}, given {_show(getattr(merged, key))}"
+                            for key in differing)
         raise ConfigError(f"{model_dir} holds a run with another configuration ({details}). "
                           f"Use a new --model-dir, or leave out these options to continue that run.")
-    merged = dataclasses.replace(stored_config, **{k: getattr(given, k) for k in overrides})
-    return merged, True
+    return merged.validate(), True
 
 
 def _show(value) -> str:
@@ -441,7 +445,7 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
     """
     out = out if out is not None else sys.stdout
     model_dir = Path(model_dir)
-    config, exists = resolve_config(model_dir, options)
+    config, _ = resolve_config(model_dir, options)
     device = resolve_device(config.device)
     world, device = _join_world(device)
     if config.batch_size % world.size:

@@ -119,6 +119,16 @@ def test_another_configuration_is_refused_naming_the_keys(tmp_path):
     assert result.step == 6 and result.config.filters == (16, 8, 8)
 
 
+def test_options_are_checked_against_the_stored_run_not_the_defaults(tmp_path):
+    run(tmp_path / "fc", model="fc", dropout=0.2, **{**TINY, "epochs": 1})
+    # --dropout alone is a conv default's error, but this run is fc: it continues.
+    assert run(tmp_path / "fc", dropout=0.2, epochs=2).config.model == "fc"
+    with pytest.raises(ConfigError, match="dropout: stored 0.2, given 0.5"):
+        run(tmp_path / "fc", dropout=0.5)
+    with pytest.raises(ConfigError, match="dropout applies to the fully-connected model only"):
+        run(tmp_path / "conv", dropout=0.2)
+
+
 def test_files_not_ours_are_never_overwritten(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
