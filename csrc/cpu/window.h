@@ -121,7 +121,7 @@ void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int6
                   int64_t step, int64_t ry, int64_t rx, const T* bias, bool apply_relu) {
   T shift[64];  // the bias (or nothing) per channel, for branch-free inner loops
   std::vector<T> shift_heap;
-  T* add = C <= 64 ? shift : (shift_heap.resize(C), shift_heap.data());
+  T* __restrict__ add = C <= 64 ? shift : (shift_heap.resize(C), shift_heap.data());
   for (int64_t c = 0; c < C; ++c) add[c] = bias ? bias[c] : T(0);
   const int64_t plane = rows * Wq;  // the NCHW result's channel stride
   rows = std::min(rows, (H - ry + step - 1) / step);
