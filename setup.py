@@ -2,6 +2,7 @@
 
 Environment:
   CAE_NO_CUDA=1   build the CPU kernels only, even where CUDA is available.
+  CAE_CPU_ARCH    -march for the CPU kernels: native (default), generic, or a name.
   FORCE_CUDA=1    fail unless the CUDA kernels can be built.
   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: the GPUs
                   visible at build time, or sm_75 to sm_90 plus PTX when none is).
@@ -44,6 +45,16 @@ def want_cuda():
     return not missing
 
 
+def cpu_arch_flags():
+    """The CPU kernels are vectorized by the compiler, for this machine's vector
+    width by default (the extension is built where it runs). CAE_CPU_ARCH=generic
+    builds for any x86-64 (or other) CPU instead; any other value is passed to -march."""
+    arch = os.environ.get("CAE_CPU_ARCH", "native")
+    if arch == "generic":
+        return []
+    return [f"-march={arch}"]
+
+
 def cuda_wheel_include_dirs():
     """Headers of the NVIDIA libraries that torch's CUDA wheels ship (cuBLAS, cuSPARSE, ...):
     torch's own CUDA headers include them, and a bare toolkit may lack them."""
@@ -59,8 +70,7 @@ def cuda_wheel_include_dirs():
 def extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard it needs
-    if sys.platform.startswith("linux") and os.environ.get("CAE_NATIVE", "0") == "1":
-        cxx_flags.append("-march=native")
+    cxx_flags += cpu_arch_flags()
     if not want_cuda():
         return [CppExtension("cae_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):

@@ -40,6 +40,7 @@ class Settings:
         default_rounds = 1 if self.quick else (50 if gpu else 11)
         self.rounds = config.getoption("--rounds") or default_rounds
         self.warmup = 0 if self.quick else (10 if gpu else 2)
+        self.root = config.rootpath
 
     def synchronize(self):
         if self.device.type == "cuda":

@@ -1,87 +1,76 @@
 // 3x3 transposed correlation: the transposed convolution's forward and the
 // convolution's input gradient. out is the large side [N, C_b, H, W], g the
 // small (strided) side [N, C_a, H_a, W_a], w [C_a, C_b, 3, 3].
-#include "kernels.h"
+#include "gemm.h"
+#include "window.h"
 
 namespace cae {
 namespace cpu {
 namespace {
 
+// Stride 2, one sample at a time: each of the four output phases (row and
+// column parity) is a correlation of the padded input with the taps that
+// land on it (1, 2 or 4 of the 9), one matrix product per phase.
 template <typename T, bool Gated>
-void correlate_transpose_nchw(T* out, const T* g, const T* g_gate, const T* w,
-                              const T* bias, int64_t stride, bool apply_relu,
-                              int64_t N, int64_t C_a, int64_t H_a, int64_t W_a,
-                              int64_t C_b, int64_t H, int64_t W) {
-  const int64_t plane = H * W, plane_a = H_a * W_a;
-  // Each task owns one output plane and scatters into it: no write races.
-  at::parallel_for(0, N * C_b, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / C_b, cb = nc % C_b;
-      T* o = out + nc * plane;
-      std::fill(o, o + plane, bias ? bias[cb] : T(0));
-      for (int64_t ca = 0; ca < C_a; ++ca) {
-        const int64_t g_offset = (n * C_a + ca) * plane_a;
-        const T* wk = w + (ca * C_b + cb) * 9;
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const auto [oy_lo, oy_hi] = tap_range(ky, stride, H, H_a);
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            const auto [ox_lo, ox_hi] = tap_range(kx, stride, W, W_a);
-            const T wv = wk[ky * 3 + kx];
-            for (int64_t oy = oy_lo; oy < oy_hi; ++oy) {
-              const int64_t grow = g_offset + oy * W_a;
-              T* orow = o + (stride * oy + ky - 1) * W + kx - 1;
-              for (int64_t ox = ox_lo; ox < ox_hi; ++ox) {
-                orow[stride * ox] += wv * gate<Gated>(g[grow + ox], g_gate, grow + ox);
-              }
+void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
+                              const T* bias, bool apply_relu, bool nhwc, int64_t N,
+                              int64_t C_a, int64_t H_a, int64_t W_a, int64_t C_b,
+                              int64_t H, int64_t W) {
+  const Windows win(C_a, H_a, W_a, 1, H_a, W_a, nhwc);  // buffer row a + 1 holds g[a]
+  const int64_t P = win.positions();
+  struct Phase {
+    int64_t ry, rx, K;
+    std::vector<int64_t> a_rows, a_cols, b_rows;
+  };
+  std::vector<Phase> phases;
+  std::vector<T> w_nhwc;  // [tap][ca][cb]
+  if (nhwc) {
+    w_nhwc.resize(9 * C_a * C_b);
+    for (int64_t ca = 0; ca < C_a; ++ca)
+      for (int64_t cb = 0; cb < C_b; ++cb)
+        for (int64_t t = 0; t < 9; ++t) w_nhwc[(t * C_a + ca) * C_b + cb] = w[(ca * C_b + cb) * 9 + t];
+  }
+  for (int64_t ry = 0; ry < 2; ++ry) {
+    for (int64_t rx = 0; rx < 2; ++rx) {
+      Phase phase{ry, rx, 0, {}, {}, {}};
+      // Output row 2a + ry takes tap ky from input row a + (ry + 1 - ky) / 2.
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        if ((ry + 1 - ky) % 2 != 0) continue;
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          if ((rx + 1 - kx) % 2 != 0) continue;
+          const int64_t dy = 1 + (ry + 1 - ky) / 2, dx = 1 + (rx + 1 - kx) / 2, t = ky * 3 + kx;
+          for (int64_t ca = 0; ca < C_a; ++ca) {
+            if (nhwc) {
+              phase.a_cols.push_back(win.tap_offset(ca, dy, dx));
+              phase.b_rows.push_back((t * C_a + ca) * C_b);
+            } else {
+              phase.a_cols.push_back(ca * C_b * 9 + t);
+              phase.b_rows.push_back(win.tap_offset(ca, dy, dx));
             }
           }
         }
       }
-      if (apply_relu) {
-        for (int64_t i = 0; i < plane; ++i) o[i] = relu(o[i]);
-      }
+      phase.K = static_cast<int64_t>(phase.a_cols.size());
+      phase.a_rows = nhwc ? arange(P, C_a) : arange(C_b, 9);
+      phases.push_back(std::move(phase));
     }
-  });
-}
-
-template <typename T, bool Gated>
-void correlate_transpose_nhwc(T* out, const T* g, const T* g_gate, const T* w,
-                              const T* bias, int64_t stride, bool apply_relu,
-                              int64_t N, int64_t C_a, int64_t H_a, int64_t W_a,
-                              int64_t C_b, int64_t H, int64_t W) {
-  // w as [C_a][C_b][k] already has C_b innermost per (k, ca) after a
-  // transpose to [k][ca][cb].
-  std::vector<T> wt(9 * C_a * C_b);
-  for (int64_t ca = 0; ca < C_a; ++ca)
-    for (int64_t cb = 0; cb < C_b; ++cb)
-      for (int64_t k = 0; k < 9; ++k)
-        wt[(k * C_a + ca) * C_b + cb] = w[(ca * C_b + cb) * 9 + k];
-  // Each task gathers the taps that land on its own output row.
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / H, iy = row % H;
-      for (int64_t ix = 0; ix < W; ++ix) {
-        T* o = out + (row * W + ix) * C_b;
-        for (int64_t cb = 0; cb < C_b; ++cb) o[cb] = bias ? bias[cb] : T(0);
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const int64_t sy = iy + 1 - ky;  // = stride * oy
-          if (sy < 0 || sy % stride != 0 || sy / stride >= H_a) continue;
-          const int64_t oy = sy / stride;
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            const int64_t sx = ix + 1 - kx;
-            if (sx < 0 || sx % stride != 0 || sx / stride >= W_a) continue;
-            const int64_t pixel = ((n * H_a + oy) * W_a + sx / stride) * C_a;
-            const T* wk = wt.data() + (ky * 3 + kx) * C_a * C_b;
-            for (int64_t ca = 0; ca < C_a; ++ca) {
-              const T v = gate<Gated>(g[pixel + ca], g_gate, pixel + ca);
-              const T* wrow = wk + ca * C_b;
-              for (int64_t cb = 0; cb < C_b; ++cb) o[cb] += v * wrow[cb];
-            }
-          }
+  }
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(win.buffer_size()), result(P * C_b);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t offset = n * C_a * H_a * W_a;
+      pad_sample<T, Gated>(g + offset, g_gate ? g_gate + offset : nullptr, win, buffer.data());
+      T* y = out + n * C_b * H * W;
+      for (const Phase& ph : phases) {
+        if (nhwc) {
+          gemm<T>(P, C_b, ph.K, {buffer.data(), ph.a_rows.data(), ph.a_cols.data()},
+                  {w_nhwc.data(), ph.b_rows.data(), nullptr}, result.data(), C_b, false);
+        } else {
+          gemm<T>(C_b, P, ph.K, {w, ph.a_rows.data(), ph.a_cols.data()},
+                  {buffer.data(), ph.b_rows.data(), nullptr}, result.data(), P, false);
         }
-        if (apply_relu) {
-          for (int64_t cb = 0; cb < C_b; ++cb) o[cb] = relu(o[cb]);
-        }
+        store_result(result.data(), H_a, W_a, win.Wq, C_b, nhwc, y, H, W, 2, ph.ry, ph.rx, bias,
+                     apply_relu);
       }
     }
   });
@@ -94,15 +83,18 @@ void CpuKernels::correlate_transpose(const Tensor& out, const Tensor& g,
                                      const OptTensor& g_gate, const Tensor& w,
                                      const OptTensor& bias, int64_t stride,
                                      bool relu, bool nhwc) {
+  if (stride == 1) {
+    // With stride 1 the transposed correlation is a correlation with the
+    // kernel flipped and its channel roles swapped.
+    correlate(out, g, g_gate, w.flip({2, 3}).transpose(0, 1).contiguous(), bias, 1, relu, nhwc);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_correlate_transpose_cpu", [&] {
     cpu::with_gate(g_gate, [&](auto gated) {
-      auto kernel = nhwc ? cpu::correlate_transpose_nhwc<scalar_t, decltype(gated)::value>
-                         : cpu::correlate_transpose_nchw<scalar_t, decltype(gated)::value>;
-      kernel(out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-             cpu::data_or_null<scalar_t>(g_gate), w.data_ptr<scalar_t>(),
-             cpu::data_or_null<scalar_t>(bias), stride, relu, g.size(0),
-             g.size(1), g.size(2), g.size(3), out.size(1), out.size(2),
-             out.size(3));
+      cpu::correlate_transpose_impl<scalar_t, decltype(gated)::value>(
+          out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(g_gate),
+          w.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(bias), relu, nhwc, g.size(0),
+          g.size(1), g.size(2), g.size(3), out.size(1), out.size(2), out.size(3));
     });
   });
 }

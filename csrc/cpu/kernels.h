@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "../ops.h"
 
@@ -25,14 +27,20 @@ inline std::pair<int64_t, int64_t> tap_range(int64_t k, int64_t stride,
   return {lo, std::max(lo, hi)};
 }
 
-// relu_output gate: a gradient passes where the fused ReLU's output is positive.
+// relu_output gate: a gradient passes where the fused ReLU's output is
+// positive. Done on the bits (value AND all-ones-or-zero), so it never
+// branches and an inf or NaN gradient is zeroed, not multiplied, where the
+// gate is closed.
 template <bool Gated, typename T>
 inline T gate(T value, const T* gate_data, int64_t i) {
   if constexpr (Gated) {
-    return gate_data[i] > T(0) ? value : T(0);
-  } else {
-    return value;
+    using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+    Bits bits;
+    std::memcpy(&bits, &value, sizeof(T));
+    bits &= Bits(0) - Bits(gate_data[i] > T(0));
+    std::memcpy(&value, &bits, sizeof(T));
   }
+  return value;
 }
 
 template <typename T>

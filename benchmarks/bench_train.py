@@ -1,0 +1,130 @@
+"""The whole training step (forward, loss, backward, Adam) as ``cae train`` runs it:
+our kernels (backend="cae") against the same network from torch.nn layers, eager and
+under torch.compile, both layouts; with each step's peak memory; and one training
+epoch over the bundled sample."""
+
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cae_kernels import data, train
+
+MODELS = {
+    "conv-pool": {"model": "conv", "downsample": "pool"},
+    "conv-stride": {"model": "conv", "downsample": "stride"},
+    "fc": {"model": "fc"},
+}
+# The FC autoencoder is nn.Linear layers in either backend: it runs on PyTorch's GEMMs.
+IMPLS = {
+    "cae": ("cae", None),
+    "torch": ("torch", None),
+    "torch-compile": ("torch", "default"),
+    "torch-compile-reduce-overhead": ("torch", "reduce-overhead"),
+}
+LAYOUTS = ("nchw", "nhwc")
+
+
+def make_step(model_name, impl, layout, batch, device):
+    """Returns (step, inputs): one Adam step of the model on real digits."""
+    backend, compile_mode = IMPLS[impl]
+    config = train.Config(**MODELS[model_name], backend=backend, memory_format=layout, batch_size=batch)
+    torch.manual_seed(0)
+    model = train.build_model(config).to(device)
+    if compile_mode:
+        model = torch.compile(model, mode=compile_mode)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    images = data.load_data().train.images
+    batches = []
+    for i in range(3):  # rotated between calls
+        index = torch.arange(i * batch, (i + 1) * batch) % len(images)
+        x = (images[index].to(torch.float32) / 255.0).reshape(batch, 1, 28, 28).to(device)
+        batches.append((x,))
+
+    def step(x):
+        train._train_step(model, optimizer, weights, x, x, config.weight_decay)
+
+    return step, batches
+
+
+def skip_unless_applicable(settings, model_name, impl, layout):
+    if model_name == "fc" and (impl == "cae" or layout == "nhwc"):
+        pytest.skip("the FC autoencoder has no convolutions: one layout, PyTorch's linear layers")
+    if settings.quick and impl.startswith("torch-compile") and (model_name, layout, impl) != ("conv-pool", "nchw", "torch-compile"):
+        pytest.skip("--quick compiles one configuration only")
+
+
+def peak_memory_bytes(settings, model_name, impl, layout, batch):
+    """Peak memory of a training step beyond what the model, data and optimizer hold.
+    GPU: the caching allocator's peak. CPU: the peak resident set of a fresh process,
+    measured around a few steps."""
+    if settings.device.type == "cuda":
+        step, inputs = make_step(model_name, impl, layout, batch, settings.device)
+        step(*inputs[0])
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(*inputs[1])
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    command = [sys.executable, __file__, "--memory", model_name, impl, layout, str(batch)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=str(settings.root))
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_memory_bytes"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_train_step(benchmark, settings, batch, model_name, impl, layout):
+    skip_unless_applicable(settings, model_name, impl, layout)
+    step, inputs = make_step(model_name, impl, layout, batch, settings.device)
+    if impl.startswith("torch-compile"):
+        for x in inputs:  # compile outside the timing
+            step(*x)
+    benchmark.group = f"train step {model_name} batch {batch}"
+    benchmark.extra_info.update(
+        kind="train", model=model_name, impl=impl, layout=layout, batch=batch, device=settings.device.type,
+        peak_memory_bytes=peak_memory_bytes(settings, model_name, impl, layout, batch),
+    )
+    settings.run(benchmark, step, inputs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("impl", ["cae", "torch"])
+def test_train_epoch(benchmark, settings, impl, layout):
+    """One epoch of the conv autoencoder over the bundled sample's training split, batch 256."""
+    split = data.load_data().train
+    limit = 512 if settings.quick else len(split.images)
+    step, _ = make_step("conv-pool", impl, layout, 256, settings.device)
+    x_all = (split.images[:limit].to(torch.float32) / 255.0).reshape(limit, 1, 28, 28).to(settings.device)
+    order = torch.randperm(limit, generator=torch.Generator().manual_seed(0))
+
+    def epoch():
+        for i in range(0, limit, 256):
+            step(x_all[order[i:i + 256].to(settings.device)])
+
+    benchmark.group = "train epoch conv-pool (bundled sample)"
+    benchmark.extra_info.update(kind="epoch", model="conv-pool", impl=impl, layout=layout, batch=256,
+                                images=limit, device=settings.device.type)
+    rounds = 1 if settings.quick else 3
+    benchmark.pedantic(lambda: (epoch(), settings.synchronize()), rounds=rounds, iterations=1,
+                       warmup_rounds=0 if settings.quick else 1)
+
+
+def _memory_main(model_name, impl, layout, batch):
+    step, inputs = make_step(model_name, impl, layout, int(batch), torch.device("cpu"))
+    if impl.startswith("torch-compile"):
+        step(*inputs[0])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for x in inputs:
+        step(*x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_memory_bytes": (peak - base) * 1024}))
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--memory":
+    _memory_main(*sys.argv[2:])

@@ -1,0 +1,203 @@
+// The one small matrix product every CPU convolution kernel runs on:
+//
+//   C[m * ldc + n] (+)= sum_k A(m, k) * B(k, n)
+//   A(m, k) = a.data[a.row[m] + a.col[k]],   B(k, n) = b.data[b.row[k] + n]
+//
+// The offset tables let the product read a 3x3 window straight out of a padded
+// copy of the input (window.h): A's or B's "rows" are shifted views of one
+// buffer, so no im2col matrix is ever written. Registers hold an MR x NV tile
+// of C as GCC/Clang vector types (AVX-512 with -march=native on such a CPU;
+// the compiler splits them into AVX2 or SSE elsewhere); each A element is
+// broadcast once against NV vectors of B.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace cae {
+namespace cpu {
+
+template <typename T>
+struct Operand {
+  const T* data;
+  const int64_t* row;
+  const int64_t* col;  // unused for B, whose rows are contiguous in n
+};
+
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int lanes = Bytes / sizeof(T);
+};
+
+template <typename V>
+inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+template <typename V>
+inline void store(void* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// One MR x (NV vectors) tile of C, every column valid: the loop over k has
+// no branch, so the tile stays in registers.
+template <typename T, int Bytes, int MR, int NV>
+inline void gemm_tile(int64_t K, const Operand<T>& a, int64_t m0, const T* __restrict__ b_data,
+                      const int64_t* __restrict__ b_row, T* __restrict__ C, int64_t ldc,
+                      bool accumulate) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int L = Vec<T, Bytes>::lanes;
+  const T* a_rows[MR];
+  for (int m = 0; m < MR; ++m) a_rows[m] = a.data + a.row[m0 + m];
+  V acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) acc[m][j] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b_k = b_data + b_row[k];
+    V b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = load<V>(b_k + j * L);
+    const int64_t a_k = a.col[k];
+    for (int m = 0; m < MR; ++m) {
+      const T a_mk = a_rows[m][a_k];
+      for (int j = 0; j < NV; ++j) acc[m][j] += a_mk * b[j];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NV; ++j) {
+      T* c = C + m * ldc + j * L;
+      store(c, accumulate ? load<V>(c) + acc[m][j] : acc[m][j]);
+    }
+  }
+}
+
+// Rows left over below a multiple of MR, one instantiation per count.
+template <typename T, int Bytes, int MR, int NV>
+inline void gemm_rows(int rows, int64_t K, const Operand<T>& a, int64_t m0, const T* b_data,
+                      const int64_t* b_row, T* C, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      gemm_tile<T, Bytes, MR, NV>(K, a, m0, b_data, b_row, C, ldc, accumulate);
+    } else {
+      gemm_rows<T, Bytes, MR - 1, NV>(rows, K, a, m0, b_data, b_row, C, ldc, accumulate);
+    }
+  }
+}
+
+template <typename T, int Bytes, int MR, int NV>
+void gemm_blocked(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b,
+                  T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t width = NV * Vec<T, Bytes>::lanes;
+  const int64_t n_full = N / width * width;
+  for (int64_t n0 = 0; n0 < n_full; n0 += width) {
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      gemm_rows<T, Bytes, MR, NV>(static_cast<int>(std::min<int64_t>(MR, M - m0)), K, a, m0,
+                                  b.data + n0, b.row, C + m0 * ldc + n0, ldc, accumulate);
+    }
+  }
+  if (n_full == N) return;
+  // The last columns: B's and C's slices copied into zero-padded buffers, so
+  // the tile reads and writes nothing outside them.
+  const int64_t n_valid = N - n_full;
+  std::vector<T> b_pad(K * width, T(0)), c_pad(MR * width);
+  std::vector<int64_t> b_pad_row(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* src = b.data + b.row[k] + n_full;
+    std::copy(src, src + n_valid, b_pad.data() + k * width);
+    b_pad_row[k] = k * width;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));
+    for (int m = 0; m < rows; ++m) {
+      const T* c = C + (m0 + m) * ldc + n_full;
+      std::fill(c_pad.data() + m * width, c_pad.data() + (m + 1) * width, T(0));
+      if (accumulate) std::copy(c, c + n_valid, c_pad.data() + m * width);
+    }
+    gemm_rows<T, Bytes, MR, NV>(rows, K, a, m0, b_pad.data(), b_pad_row.data(), c_pad.data(),
+                                width, accumulate);
+    for (int m = 0; m < rows; ++m)
+      std::copy(c_pad.data() + m * width, c_pad.data() + m * width + n_valid,
+                C + (m0 + m) * ldc + n_full);
+  }
+}
+
+// One column of C: vectorized along k instead, over the runs of k in which
+// both A's and B's elements are consecutive (a channel run of one tap).
+template <typename T>
+void gemv(int64_t M, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C, int64_t ldc,
+          bool accumulate) {
+  using V = typename Vec<T, 64>::type;
+  constexpr int L = Vec<T, 64>::lanes;
+  std::vector<int64_t> run_start{0};
+  for (int64_t k = 1; k < K; ++k)
+    if (a.col[k] != a.col[k - 1] + 1 || b.row[k] != b.row[k - 1] + 1) run_start.push_back(k);
+  run_start.push_back(K);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* a_m = a.data + a.row[m];
+    V acc = V{};
+    T sum = 0;
+    for (size_t r = 0; r + 1 < run_start.size(); ++r) {
+      const T* x = a_m + a.col[run_start[r]];
+      const T* w = b.data + b.row[run_start[r]];
+      const int64_t len = run_start[r + 1] - run_start[r];
+      int64_t i = 0;
+      for (; i + L <= len; i += L) acc += load<V>(x + i) * load<V>(w + i);
+      for (; i < len; ++i) sum += x[i] * w[i];
+    }
+    for (int l = 0; l < L; ++l) sum += acc[l];
+    C[m * ldc] = accumulate ? C[m * ldc] + sum : sum;
+  }
+}
+
+// Picks the tile for the width of C: wide rows get several vectors per tile
+// row, narrow ones (a few channels) more rows per tile.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C,
+          int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Vec<T, 64>::lanes;
+  if (M <= 0 || N <= 0) return;
+  if (N == 1) {
+    gemv(M, K, a, b, C, ldc, accumulate);
+  } else if (N <= L / 2) {
+    gemm_blocked<T, 32, 12, 1>(M, N, K, a, b, C, ldc, accumulate);
+  } else if (N <= L) {
+    gemm_blocked<T, 64, 12, 1>(M, N, K, a, b, C, ldc, accumulate);
+  } else if (N <= 2 * L) {
+    gemm_blocked<T, 64, 8, 2>(M, N, K, a, b, C, ldc, accumulate);
+  } else {
+    gemm_blocked<T, 64, 6, 4>(M, N, K, a, b, C, ldc, accumulate);
+  }
+}
+
+// sum_i gate(x)[i] in vector lanes, then the lanes in order: reproducible,
+// and vectorized (a plain float sum loop would not be, without fast-math).
+template <typename T, bool Gated>
+T gated_sum(const T* __restrict__ x, const T* __restrict__ x_gate, int64_t n) {
+  using V = typename Vec<T, 64>::type;
+  constexpr int L = Vec<T, 64>::lanes;
+  V acc = V{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V v = load<V>(x + i);
+    if constexpr (Gated) v = load<V>(x_gate + i) > T(0) ? v : V{};
+    acc += v;
+  }
+  T sum = 0;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  for (; i < n; ++i) sum += Gated ? (x_gate[i] > T(0) ? x[i] : T(0)) : x[i];
+  return sum;
+}
+
+// Offsets start, start + step, ... (the table of a plain strided dimension).
+inline std::vector<int64_t> arange(int64_t count, int64_t step, int64_t start = 0) {
+  std::vector<int64_t> v(count);
+  for (int64_t i = 0; i < count; ++i) v[i] = start + i * step;
+  return v;
+}
+
+}  // namespace cpu
+}  // namespace cae

@@ -1,0 +1,163 @@
+// Moving one sample between an activation tensor (either layout) and the
+// padded buffers that the matrix product of gemm.h reads and writes.
+//
+// The large side [C, H, W] is what a 3x3 window with padding 1 scans with a
+// stride; the small side is the grid of window positions, [Ho, Wo]. A padded
+// copy splits the large side by the stride's phases, so that every tap of
+// every window position is one fixed offset away from the position:
+//
+//   buffer(phase (py, px), c, a, b) = x[c, stride * a + py - 1, stride * b + px - 1]
+//   x[c, stride * oy + ky - 1, stride * ox + kx - 1]
+//       = buffer(phase (ky % stride, kx % stride), c, oy + ky / stride, ox + kx / stride)
+//
+// Positions are numbered q = oy * Wq + ox over a grid Wq wide (a little wider
+// than Wo): the columns ox >= Wo are scratch that the copy back drops.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "gemm.h"
+#include "kernels.h"
+
+namespace cae {
+namespace cpu {
+
+struct Windows {
+  int64_t C, H, W, stride, Ho, Wo;
+  bool nhwc;
+  int64_t Hq, Wq;  // one phase plane, with the rows that scratch columns read past
+
+  Windows(int64_t C_, int64_t H_, int64_t W_, int64_t stride_, int64_t Ho_, int64_t Wo_, bool nhwc_)
+      : C(C_), H(H_), W(W_), stride(stride_), Ho(Ho_), Wo(Wo_), nhwc(nhwc_),
+        Hq(std::max(Ho_ + 2, (H_ + 2 + stride_ - 1) / stride_) + 1),
+        Wq(std::max(Wo_ + 2 / stride_, (W_ + 2 + stride_ - 1) / stride_)) {}
+
+  int64_t positions() const { return Ho * Wq; }
+  // Elements per position along q: channels are innermost in NHWC.
+  int64_t position_step() const { return nhwc ? C : 1; }
+  int64_t buffer_size() const { return stride * stride * C * Hq * Wq + 2 * Wq * C + 16; }
+
+  int64_t offset(int64_t phase, int64_t c, int64_t a, int64_t b) const {
+    return nhwc ? ((phase * Hq + a) * Wq + b) * C + c : ((phase * C + c) * Hq + a) * Wq + b;
+  }
+  // Offset of input channel c under tap (ky, kx), relative to position q's own.
+  int64_t tap_offset(int64_t c, int64_t ky, int64_t kx) const {
+    return offset((ky % stride) * stride + kx % stride, c, ky / stride, kx / stride);
+  }
+};
+
+// The padded, phase-split copy of one sample of the large side, with the
+// ReLU gate applied on the way.
+template <typename T, bool Gated>
+void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Windows& w,
+                T* __restrict__ buffer) {
+  std::fill(buffer, buffer + w.buffer_size(), T(0));
+  const int64_t s = w.stride;
+  const int64_t sc = w.nhwc ? 1 : w.H * w.W, sh = w.nhwc ? w.W * w.C : w.W, sw = w.nhwc ? w.C : 1;
+  for (int64_t py = 0; py < s; ++py) {
+    for (int64_t px = 0; px < s; ++px) {
+      const int64_t phase = py * s + px;
+      // a, b such that 0 <= s * a + p - 1 < size
+      const int64_t a_lo = py == 0 ? 1 : 0, a_hi = (w.H - py) / s + 1;
+      const int64_t b_lo = px == 0 ? 1 : 0, b_hi = (w.W - px) / s + 1;
+      const int64_t rows = std::min(a_hi, w.Hq), cols = std::min(b_hi, w.Wq);
+      if (w.nhwc) {  // channel runs
+        for (int64_t a = a_lo; a < rows; ++a) {
+          for (int64_t b = b_lo; b < cols; ++b) {
+            const int64_t src = (s * a + py - 1) * sh + (s * b + px - 1) * sw;
+            T* dst = buffer + w.offset(phase, 0, a, b);
+            for (int64_t c = 0; c < w.C; ++c) dst[c] = gate<Gated>(x[src + c], x_gate, src + c);
+          }
+        }
+      } else {  // rows of one channel
+        for (int64_t c = 0; c < w.C; ++c) {
+          for (int64_t a = a_lo; a < rows; ++a) {
+            const int64_t src = c * sc + (s * a + py - 1) * sh + px - 1;
+            T* dst = buffer + w.offset(phase, c, a, 0);
+            if (s == 1) {
+              for (int64_t b = b_lo; b < cols; ++b) dst[b] = gate<Gated>(x[src + b], x_gate, src + b);
+            } else {
+              for (int64_t b = b_lo; b < cols; ++b)
+                dst[b] = gate<Gated>(x[src + s * b], x_gate, src + s * b);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// One sample of the small side as a [position][channel] matrix over the
+// padded grid (scratch columns zero), gate applied.
+template <typename T, bool Gated>
+void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate, int64_t C,
+                          const Windows& w, T* __restrict__ out) {
+  for (int64_t oy = 0; oy < w.Ho; ++oy) {
+    std::fill(out + (oy * w.Wq + w.Wo) * C, out + (oy + 1) * w.Wq * C, T(0));
+    if (w.nhwc) {
+      const int64_t src = oy * w.Wo * C;
+      for (int64_t i = 0; i < w.Wo * C; ++i)
+        out[oy * w.Wq * C + i] = gate<Gated>(a[src + i], a_gate, src + i);
+    } else {  // read rows, write with a stride of C
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t src = (c * w.Ho + oy) * w.Wo;
+        T* dst = out + oy * w.Wq * C + c;
+        for (int64_t ox = 0; ox < w.Wo; ++ox) dst[ox * C] = gate<Gated>(a[src + ox], a_gate, src + ox);
+      }
+    }
+  }
+}
+
+// Copies a product's result back into one output sample, dropping the
+// scratch columns, with the fused bias and ReLU. The result holds
+// [channel][q] (NCHW) or [q][channel] (NHWC) over a grid rows x Wq; its
+// (r, col) lands on the output pixel (step * r + ry, step * col + rx), so the
+// transposed correlation can write each of its phases.
+template <typename T>
+void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int64_t Wq,
+                  int64_t C, bool nhwc, T* __restrict__ out, int64_t H, int64_t W,
+                  int64_t step, int64_t ry, int64_t rx, const T* bias, bool apply_relu) {
+  T shift[64];  // the bias (or nothing) per channel, for branch-free inner loops
+  std::vector<T> shift_heap;
+  T* __restrict__ add = C <= 64 ? shift : (shift_heap.resize(C), shift_heap.data());
+  for (int64_t c = 0; c < C; ++c) add[c] = bias ? bias[c] : T(0);
+  const int64_t plane = rows * Wq;  // the NCHW result's channel stride
+  rows = std::min(rows, (H - ry + step - 1) / step);
+  cols = std::min(cols, (W - rx + step - 1) / step);
+  if (nhwc) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t col = 0; col < cols; ++col) {
+        const T* src = result + (r * Wq + col) * C;
+        T* dst = out + ((step * r + ry) * W + step * col + rx) * C;
+        if (apply_relu) {
+          for (int64_t c = 0; c < C; ++c) dst[c] = relu(src[c] + add[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) dst[c] = src[c] + add[c];
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = result + c * plane + r * Wq;
+      T* dst = out + (c * H + step * r + ry) * W + rx;
+      const T b = add[c];
+      if (step == 1 && apply_relu) {
+        for (int64_t col = 0; col < cols; ++col) dst[col] = relu(src[col] + b);
+      } else if (step == 1) {
+        for (int64_t col = 0; col < cols; ++col) dst[col] = src[col] + b;
+      } else {
+        for (int64_t col = 0; col < cols; ++col) {
+          const T v = src[col] + b;
+          dst[step * col] = apply_relu ? relu(v) : v;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace cae
