@@ -22,8 +22,7 @@ import torch
 
 from . import viz
 from .data import DataError, load_data
-from .train import (Config, ConfigError, atomic_write, encode_split, evaluate, load_model, reconstruct,
-                    resolve_device, train)
+from .train import Config, ConfigError, atomic_write, encode_split, evaluate, load_model, reconstruct, train
 
 DEFAULT_MODEL_DIR = "runs/mnist"
 
@@ -197,7 +196,7 @@ def _load(args):
     data = load_data(args.data_dir if args.data_dir is not None else config.data_dir)
     limit = args.limit if args.limit is not None else config.limit
     batch_size = args.batch_size or config.batch_size
-    return model, config, checkpoint, data, limit, batch_size, resolve_device(config.device)
+    return model, config, checkpoint, data, limit, batch_size, next(model.parameters()).device
 
 
 def _noise(args, config) -> float:
@@ -242,9 +241,8 @@ def _encode(args) -> int:
         atomic_write(output, lambda f: torch.save({"codes": codes, "labels": split.labels}, f))
         written = [output]
     else:
-        labels_path = output.with_name(output.stem + "_labels.npy")
-        if args.output is not None and labels_path.exists() and not args.force:
-            raise FileExistsError(f"{labels_path} exists; choose another --output or pass --force")
+        beside = output.with_name(output.stem + "_labels.npy")
+        labels_path = _target(beside if args.output is not None else None, beside, args.force)
         atomic_write(output, lambda f: np.save(f, codes.numpy()))
         atomic_write(labels_path, lambda f: np.save(f, split.labels.numpy()))
         written = [output, labels_path]
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileExistsError, ImportError) as exc:
+    except (DataError, ConfigError, FileExistsError) as exc:
         print(f"cae {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import nn as cae_nn
+
 __all__ = [
     "BACKENDS",
     "ConvAutoencoder",
@@ -138,7 +140,6 @@ def _build_layer(spec: LayerSpec, backend: str) -> nn.Module:
         if spec.op == "max_pool2x2":
             return nn.MaxPool2d(2, ceil_mode=True)
     elif backend == "cae":
-        cae_nn = _cae_nn()
         if spec.op == "conv3x3":
             return cae_nn.Conv3x3(spec.in_channels, spec.out_channels, stride=spec.stride,
                                   activation=spec.activation)
@@ -148,17 +149,6 @@ def _build_layer(spec: LayerSpec, backend: str) -> nn.Module:
         if spec.op == "max_pool2x2":
             return cae_nn.MaxPool2x2()
     raise ValueError(f"no {spec.op!r} layer for backend {backend!r}")
-
-
-def _cae_nn():
-    try:
-        from . import nn as cae_nn
-    except ImportError as exc:  # the compiled extension is missing or broken
-        raise ImportError(
-            "backend='cae' needs the compiled cae_kernels extension "
-            f"({exc}); build it (python setup.py build_ext --inplace) or use backend='torch'"
-        ) from exc
-    return cae_nn
 
 
 # --- the models ----------------------------------------------------------------------------

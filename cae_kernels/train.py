@@ -599,16 +599,9 @@ def _save_frame(model_dir: Path, epoch: int, rows: list[torch.Tensor]) -> None:
 
 
 def _write_pictures(model_dir: Path, history: list[dict]) -> None:
-    from PIL import Image
-    import numpy as np
-
     atomic_write(model_dir / "loss.png", lambda f: viz.plot_losses(history, f))
-    frames = []
-    for record in history:
-        path = model_dir / "reconstructions" / f"epoch_{record['epoch']:04d}.png"
-        if path.exists():
-            with Image.open(path) as image:
-                frames.append(np.asarray(image.convert("L")))
+    paths = [model_dir / "reconstructions" / f"epoch_{record['epoch']:04d}.png" for record in history]
+    frames = [viz.read_png(path) for path in paths if path.exists()]
     if frames:
         atomic_write(model_dir / "reconstructions.gif", lambda f: viz.save_gif(frames, f))
 

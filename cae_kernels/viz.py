@@ -17,6 +17,7 @@ from PIL import Image
 __all__ = [
     "comparison_grid",
     "save_png",
+    "read_png",
     "save_gif",
     "plot_losses",
     "plot_codes",
@@ -55,6 +56,12 @@ def comparison_grid(rows: Sequence[torch.Tensor], columns: int = 10, pad: int = 
 
 def save_png(image: np.ndarray, file) -> None:
     Image.fromarray(image).save(file, format="PNG", optimize=True)
+
+
+def read_png(file) -> np.ndarray:
+    """A PNG as a uint8 gray image (what ``save_png`` wrote)."""
+    with Image.open(file) as image:
+        return np.asarray(image.convert("L"))
 
 
 def save_gif(frames: Sequence[np.ndarray], file, duration_ms: int = 400) -> None:
