@@ -27,8 +27,8 @@
 //       (exited threads never count as "arrived" -- we want this bug caught);
 //     - threads of a block wait at different __syncthreads() call sites;
 //     - a warp intrinsic is called by a lane that is not in `mask`, or `mask`
-//       names lanes that do not exist / have exited, or lanes of one warp use
-//       overlapping but different masks or different intrinsics;
+//       names lanes that do not exist / have exited, or lanes with the same
+//       mask wait in different intrinsics (or with a different width);
 //     - no thread can make progress (deadlock): the message names the block
 //       and the waiting / exited threads;
 //     - invalid launch configuration (empty grid, > 1024 threads per block,
@@ -57,8 +57,8 @@
 // Sanitizers
 // ----------
 // * AddressSanitizer: every stack switch is announced with
-//   __sanitizer_start/finish_switch_fiber; stacks of aborted fibers are
-//   unpoisoned before reuse.
+//   __sanitizer_start/finish_switch_fiber; the frames a fiber never returns
+//   from are unpoisoned before its stack is reused.
 // * ThreadSanitizer: every CUDA thread is a TSan fiber, switched with
 //   __tsan_switch_to_fiber_no_sync, so a switch creates no happens-before.
 //   Only barriers synchronize: arriving threads __tsan_release, leaving
@@ -260,9 +260,22 @@ namespace detail {
 // synchronization (that is the point: only barriers synchronize).  It runs
 // in ignore regions so TSan neither reports it nor -- more importantly --
 // derives happens-before from it.
+// `depth` counts a fiber's open regions.  A fiber never holds them while
+// switched out (yield_to_scheduler closes and reopens them): TSan refuses to
+// destroy a fiber with ignores enabled, and an aborted block destroys fibers
+// blocked in a barrier.
+inline void quiet_begin() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__); AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
+inline void quiet_end() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); AnnotateIgnoreReadsEnd(__FILE__, __LINE__); }
 struct Quiet {
-  Quiet() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__); AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
-  ~Quiet() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); AnnotateIgnoreReadsEnd(__FILE__, __LINE__); }
+  int* depth;
+  explicit Quiet(int* d) : depth(d) {
+    quiet_begin();
+    if (depth) ++*depth;
+  }
+  ~Quiet() {
+    if (depth) --*depth;
+    quiet_end();
+  }
   Quiet(const Quiet&) = delete;
   Quiet& operator=(const Quiet&) = delete;
 };
@@ -270,8 +283,10 @@ inline void tsan_release(void* p) { __tsan_release(p); }
 inline void tsan_acquire(void* p) { __tsan_acquire(p); }
 #else
 struct Quiet {
-  Quiet() {}  // user-provided: no unused-variable warnings
+  explicit Quiet(int*) {}  // user-provided: no unused-variable warnings
 };
+inline void quiet_begin() {}
+inline void quiet_end() {}
 inline void tsan_release(void*) {}
 inline void tsan_acquire(void*) {}
 #endif
@@ -291,6 +306,7 @@ struct Fiber {  // one CUDA thread
   uint3 tid{0, 0, 0};
   unsigned linear = 0;
   St state = St::Runnable;
+  bool at_top = false;  // stack is at the top of fiber_main's loop (fresh or parked)
   int bar_result = 0;  // value of __syncthreads_count/_and/_or
   // Warp collective in flight: this lane's input and, once complete, its output.
   uint64_t w_val = 0;
@@ -303,6 +319,7 @@ struct Fiber {  // one CUDA thread
   int wait_line = 0;
   void* asan_fake = nullptr;
   void* tsan_fiber = nullptr;
+  int quiet = 0;       // open TSan ignore regions of this fiber
   char tsan_lane = 0;  // TSan sync object: released by this lane at warp ops
 };
 
@@ -399,8 +416,11 @@ __attribute__((naked, noinline)) inline void raw_switch(void** /*save*/, void* /
 }
 #endif
 
-// Fiber -> scheduler.  `final`: the fiber will never be resumed.
+// Fiber -> scheduler.  `final`: the fiber will never be resumed.  Called
+// inside the fiber's Quiet regions, which are closed while it is switched out.
 inline void yield_to_scheduler(Launch* L, Fiber* f, bool final) {
+  const int quiet = f->quiet;
+  for (int i = 0; i < quiet; ++i) quiet_end();
 #if CAE_SIM_ASAN
   __sanitizer_start_switch_fiber(final ? nullptr : &f->asan_fake, L->asan_main_bottom, L->asan_main_size);
 #endif
@@ -412,6 +432,7 @@ inline void yield_to_scheduler(Launch* L, Fiber* f, bool final) {
 #else
   raw_switch(&f->sp, L->sched_sp);
 #endif
+  for (int i = 0; i < quiet; ++i) quiet_begin();
 #if CAE_SIM_ASAN
   __sanitizer_finish_switch_fiber(f->asan_fake, &L->asan_main_bottom, &L->asan_main_size);
 #endif
@@ -420,6 +441,7 @@ inline void yield_to_scheduler(Launch* L, Fiber* f, bool final) {
 
 // Scheduler -> fiber; returns when the fiber blocks, exits or aborts.
 inline void resume(Launch* L, Fiber* f) {
+  f->at_top = false;
   __atomic_store_n(&g_fiber, f, __ATOMIC_RELAXED);
 #if CAE_SIM_ASAN
   __sanitizer_start_switch_fiber(&L->asan_main_fake, f->stack_lo, L->stack_size);
@@ -446,9 +468,9 @@ inline void resume(Launch* L, Fiber* f) {
 // ---------------------------------------------------------------------------
 [[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 [[noreturn]] inline void fail(const char* fmt, ...) {
-  Quiet q;
   Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
   Fiber* f = __atomic_load_n(&g_fiber, __ATOMIC_RELAXED);
+  Quiet q(&f->quiet);
   char buf[1536];
   int n = snprintf(buf, sizeof buf, "cae_sim: kernel '%s', block (%u,%u,%u), thread (%u,%u,%u): ", L->name,
                    L->block_idx.x, L->block_idx.y, L->block_idx.z, f->tid.x, f->tid.y, f->tid.z);
@@ -461,6 +483,7 @@ inline void resume(Launch* L, Fiber* f) {
     L->error.assign(buf);
   }
   f->state = St::Aborted;
+  tsan_release(&L->tsan_block_end);
   yield_to_scheduler(L, f, true);
   __builtin_unreachable();
 }
@@ -474,7 +497,7 @@ inline bool same_site(const char* f1, int l1, const char* f2, int l2) {
 // ---------------------------------------------------------------------------
 inline int block_barrier(const char* what, int pred, const char* file, int line) {
   Fiber* f = cur_fiber();
-  Quiet q;
+  Quiet q(&f->quiet);
   Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
   if (L->done > 0) {
     const uint3 e = L->fibers[L->first_exited].tid;
@@ -558,7 +581,7 @@ inline void complete_warp_op(Launch* L, unsigned base, const WarpOp& op) {
 inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, int arg, int width, bool* poison,
                         const char* file, int line) {
   Fiber* f = cur_fiber();
-  Quiet q;
+  Quiet q(&f->quiet);
   Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
   const unsigned lane = f->linear & 31, warp = f->linear >> 5, base = warp * 32;
   const unsigned nlanes = std::min(32u, L->nthreads - base);
@@ -582,9 +605,10 @@ inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, 
              mask, width, file, line, o.arrived, o.what, o.mask, o.width, o.file, o.line);
       break;
     }
-    if (o.mask & mask)
-      fail("%s(mask=0x%08x) at %s:%d overlaps %s(mask=0x%08x) at %s:%d that lanes 0x%08x wait in (masks must match)",
-           what, mask, file, line, o.what, o.mask, o.file, o.line, o.arrived);
+    // A pending collective with an overlapping but different mask is legal
+    // (e.g. lanes 8..31 wait in __syncwarp() while lanes 0..7 finish a
+    // __shfl_sync(0xff, ...)); if it can never complete, the scheduler
+    // reports the deadlock.
   }
   if (k == ops.size()) ops.push_back(WarpOp{kind, mask, 0u, width, what, file, line});
   f->w_val = val, f->w_arg = arg, f->w_mask = mask;
@@ -605,9 +629,10 @@ inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, 
   return f->w_res;
 }
 
-// Called when the kernel function of a thread returns.
-[[noreturn]] inline void thread_exit(Launch* L, Fiber* f) {
-  Quiet q;
+// Called when the kernel function of a thread has returned: strict checks,
+// then the fiber parks at the top of its loop until the next block needs it.
+inline void thread_exit(Launch* L, Fiber* f) {
+  Quiet q(&f->quiet);
   if (L->bar_arrived > 0)
     fail("returned while %u of %u threads wait at %s at %s:%d; every thread must reach every barrier (do not "
          "return early before __syncthreads, use a guard flag)",
@@ -620,32 +645,38 @@ inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, 
   f->state = St::Done;
   if (L->done++ == 0) L->first_exited = f->linear;
   tsan_release(&L->tsan_block_end);
-  yield_to_scheduler(L, f, true);
-  __builtin_unreachable();
+  f->at_top = true;
+  yield_to_scheduler(L, f, false);
 }
 
-// Entry point of every fiber (entered by `ret` or makecontext).
+// Entry point of every fiber (entered by `ret` or makecontext).  A fiber runs
+// one CUDA thread per iteration: when the kernel returns it parks, and the
+// next block (or launch) resumes it for another thread.  Its stack frames
+// stay balanced, so a TSan fiber (and its shadow call stack) can be reused
+// instead of being created per thread per block, which is slow.
 [[noreturn]] inline void fiber_main() {
-  Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
-  Fiber* f = __atomic_load_n(&g_fiber, __ATOMIC_RELAXED);
 #if CAE_SIM_ASAN
   {
-    Quiet q;
+    Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
     __sanitizer_finish_switch_fiber(nullptr, &L->asan_main_bottom, &L->asan_main_size);
   }
 #endif
-  tsan_acquire(&L->tsan_block_begin);
-  char what[512];
-  what[0] = 0;
-  try {
-    L->invoke(L->pack);
-  } catch (const std::exception& e) {
-    snprintf(what, sizeof what, "%s", e.what());
-  } catch (...) {
-    snprintf(what, sizeof what, "unknown exception");
+  for (;;) {
+    Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
+    Fiber* f = __atomic_load_n(&g_fiber, __ATOMIC_RELAXED);
+    tsan_acquire(&L->tsan_block_begin);
+    char what[512];
+    what[0] = 0;
+    try {
+      L->invoke(L->pack);
+    } catch (const std::exception& e) {
+      snprintf(what, sizeof what, "%s", e.what());
+    } catch (...) {
+      snprintf(what, sizeof what, "unknown exception");
+    }
+    if (what[0]) fail("exception thrown in kernel: %s", what);  // outside the catch: no live exception object
+    thread_exit(L, f);
   }
-  if (what[0]) fail("exception thrown in kernel: %s", what);  // outside the catch: no live exception object
-  thread_exit(L, f);
 }
 
 // ---------------------------------------------------------------------------
@@ -692,6 +723,7 @@ inline void ensure_stacks(Launch& L, unsigned n, size_t size) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   if (L.stacks) munmap(L.stacks, L.stack_count * L.stack_stride);
   L.stacks = nullptr;
+  for (Fiber& f : L.fibers) f.at_top = false;  // their stacks are gone
   const size_t stride = size + page;
   void* p = mmap(nullptr, n * stride, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) throw std::runtime_error("cae_sim: cannot allocate fiber stacks");
@@ -701,8 +733,20 @@ inline void ensure_stacks(Launch& L, unsigned n, size_t size) {
     mprotect(L.stacks + i * stride, page, PROT_NONE);
 }
 
+// Gives a fiber a fresh stack frame (first use, or its previous thread was
+// abandoned mid-kernel because the block failed).
 inline void init_fiber(Launch& L, Fiber& f) {
   char* lo = f.stack_lo;
+#if CAE_SIM_ASAN
+  // Abandoned frames keep their redzones poisoned; the new frames would trip
+  // over them.
+  __asan_unpoison_memory_region(lo, L.stack_size);
+#endif
+#if CAE_SIM_TSAN
+  if (f.tsan_fiber) __tsan_destroy_fiber(f.tsan_fiber);  // its shadow call stack is unbalanced
+  f.tsan_fiber = __tsan_create_fiber(0);
+#endif
+  f.at_top = true;
 #if CAE_SIM_USE_UCONTEXT
   f.ctx = L.proto_ctx;
   f.ctx.uc_stack.ss_sp = lo;
@@ -757,10 +801,12 @@ inline void run_block(Launch& L) {
     f.linear = i;
     f.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
     f.state = St::Runnable;
-    f.asan_fake = nullptr;
-    init_fiber(L, f);
+    if (!f.at_top) {
+      f.asan_fake = nullptr;
+      f.quiet = 0;
+      init_fiber(L, f);
+    }
 #if CAE_SIM_TSAN
-    f.tsan_fiber = __tsan_create_fiber(0);
     char name[96];
     snprintf(name, sizeof name, "cae_sim block (%u,%u,%u) thread (%u,%u,%u)", L.block_idx.x, L.block_idx.y,
              L.block_idx.z, f.tid.x, f.tid.y, f.tid.z);
@@ -773,18 +819,11 @@ inline void run_block(Launch& L) {
   struct Cleanup {  // also runs when the block fails
     Launch& L;
     ~Cleanup() {
-      for (unsigned i = 0; i < L.nthreads; ++i) {
-        Fiber& f = L.fibers[i];
-#if CAE_SIM_TSAN
-        __tsan_destroy_fiber(f.tsan_fiber);
-        f.tsan_fiber = nullptr;
-#endif
-#if CAE_SIM_ASAN
-        // Frames abandoned by an aborted/blocked fiber stay poisoned.
-        if (f.state != St::Done) __asan_unpoison_memory_region(f.stack_lo, L.stack_size);
-#endif
-        (void)f;
-      }
+      // Everything the block did happens-before what follows (next block,
+      // host code).  Threads that did not finish last released at a barrier.
+      tsan_acquire(&L.tsan_block_end);
+      tsan_acquire(&L.tsan_bar);
+      for (unsigned i = 0; i < L.nthreads; ++i) tsan_acquire(&L.fibers[i].tsan_lane);
     }
   } cleanup{L};
 
@@ -811,7 +850,6 @@ inline void run_block(Launch& L) {
       return;
     }
   }
-  tsan_acquire(&L.tsan_block_end);  // the block's work happens-before what follows
 }
 
 inline void check_config(const char* name, dim3 g, dim3 b, size_t smem) {
@@ -835,7 +873,7 @@ inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, voi
   if (t_in_launch) throw std::runtime_error("cae_sim: kernel launch from device code is not supported");
   std::lock_guard<std::mutex> lock(launch_mutex());
   t_in_launch = true;
-  Quiet q;
+  Quiet q(nullptr);
   Launch& L = g_state;
   struct Reset {
     Launch& L;
