@@ -8,7 +8,9 @@
 // Launch contract (both builds):
 //   CAE_LAUNCH(kernel, grid, block, smem_bytes, stream, args...);
 //     kernel      a __global__ function; if its name contains commas
-//                 (template arguments) bind it to a local first:
+//                 (template arguments) wrap it in parentheses, or bind it
+//                 to a local first (what csrc/cuda does):
+//                   CAE_LAUNCH((conv3x3<float, 2>), grid, block, 0, stream, x, y);
 //                   const auto kernel = conv3x3<float, 2>;
 //     grid, block anything dim3 can be constructed from (dim3, unsigned, int)
 //     smem_bytes  dynamic shared memory in bytes (0 if unused)
