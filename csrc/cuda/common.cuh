@@ -59,11 +59,13 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 
 #define CAE_DISPATCH_KEY CUDA
 #define CAE_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard cae_device_guard_((tensor).device())
-#define CAE_CURRENT_STREAM() (at::cuda::getCurrentCUDAStream().stream())
+// = at::cuda::getCurrentCUDAStream(), without ATen/cuda/CUDAContext.h (cuBLAS,
+// cuSPARSE, ... headers that every architecture's pass would parse again).
+#define CAE_CURRENT_STREAM() (c10::cuda::getCurrentCUDAStream().stream())
 #define CAE_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
 #else

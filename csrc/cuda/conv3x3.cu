@@ -20,7 +20,9 @@ void CudaKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor&
         cuda::to_int(x.size(1), "channels"), cuda::to_int(x.size(2), "height"),
         cuda::to_int(x.size(3), "width"), cuda::to_int(out.size(1), "channels"),
         cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
-    cuda::launch_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc, stream);
+    const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    cuda::check_grid(plan.blocks, "correlate");
+    cuda::launch_correlate<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -40,13 +42,14 @@ void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTen
         cuda::to_int(a_t.size(3), "width"), cuda::to_int(b_t.size(1), "channels"),
         cuda::to_int(b_t.size(2), "height"), cuda::to_int(b_t.size(3), "width")};
     const auto plan = cuda::plan_weight_grad<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    cuda::check_grid(plan.regions, "weight_grad");
     const int64_t outputs = out.numel();
-    at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.grid.x, outputs);
+    at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.blocks, outputs);
     cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
                                               partial.mutable_data_ptr<acc_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
     cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(),
-                                                  static_cast<int>(plan.grid.x),
+                                                  plan.blocks,
                                                   cuda::to_int(outputs, "weight size"),
                                                   out.mutable_data_ptr<scalar_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();

@@ -157,6 +157,7 @@ struct CorrelateArgs {
 // the input window [samples][chunk][in_rows][in_cols].
 struct ConvTiling {
   int rows, cols, samples, tiles_y, tiles_x;
+  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile)
   int in_rows, in_cols;  // the input window of a tile (with halo)
   int chunk;             // input channels per pass
   int channel_stride, sample_stride;
@@ -165,7 +166,7 @@ struct ConvTiling {
 
 struct ConvPlan {
   ConvTiling t;
-  dim3 grid;
+  index_t blocks;  // the caller checks that it fits a grid (< 2^31)
   size_t smem;
 };
 
@@ -178,9 +179,10 @@ inline ConvPlan finish_conv_plan(ConvTiling t, const OutputTile& tile, int C_in,
   t.chunk = plan_channel_chunk(C_in, per_channel, 0, kSmemBudget, in_align);
   t.channel_stride = odd_stride(static_cast<int>(window));
   t.sample_stride = t.chunk * t.channel_stride;
+  t.tile_blocks = static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
   ConvPlan p;
   p.t = t;
-  p.grid = dim3(static_cast<unsigned>(tile.blocks()), static_cast<unsigned>(co_groups));
+  p.blocks = tile.blocks() * co_groups;
   p.smem = (static_cast<size_t>(t.chunk) * 9 * co_block + static_cast<size_t>(t.samples) * t.sample_stride) * sizeof(Acc);
   return p;
 }
@@ -209,8 +211,8 @@ __global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a,
   Acc* w_s = smem;                           // [chunk][9][COB]
   Acc* in_s = smem + t.chunk * 9 * COB;      // [samples][chunk][in_rows][in_cols]
   const int tid = threadIdx.x;
-  const TileOrigin o = tile_origin(blockIdx.x, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
-  const int co0 = blockIdx.y * COB;
+  const TileOrigin o = tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
   // This thread's output pixel (its tile may overhang the image: then it
   // stages and computes like the others but stores nothing).
   const int px = tid % t.cols, py = (tid / t.cols) % t.rows, ps = tid / (t.cols * t.rows);
@@ -257,13 +259,13 @@ __global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a,
 }
 
 template <typename T, typename Acc>
-inline void launch_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc, cudaStream_t stream) {
-  const ConvPlan p = plan_correlate<T, Acc>(a, stride, nhwc);
+inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int stride, bool nhwc,
+                             cudaStream_t stream) {
   with_stride(stride, [&](auto s) {
     with_channel_block(a.C_out, [&](auto cob) {
       with_bool(nhwc, [&](auto layout) {
         const auto kernel = correlate_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
-        CAE_LAUNCH(kernel, p.grid, kThreads, p.smem, stream, a, p.t);
+        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
       });
     });
   });
@@ -351,7 +353,8 @@ struct WeightGradTiling {
 
 struct WeightGradPlan {
   WeightGradTiling t;
-  dim3 grid;
+  index_t regions;  // the caller checks that it fits an int
+  int blocks;       // min(regions, kMaxPartialBlocks): rows of the partial sums
   size_t smem;
 };
 
@@ -387,7 +390,7 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
   t.tiles_y = ceil_div(a.H_a, t.rows);
   t.tiles_x = ceil_div(a.W_a, t.cols);
   const index_t regions = static_cast<index_t>(ceil_div(a.N, t.samples)) * t.tiles_y * t.tiles_x;
-  t.regions = static_cast<int>(regions);
+  t.regions = static_cast<int>(regions < (index_t{1} << 31) ? regions : (index_t{1} << 31) - 1);
   // Pick the pass shape (groups x cb_chunk <= kWarps) with the fewest passes
   // that fits the budget; ties: more units busy.
   int best_passes = 0;
@@ -413,7 +416,8 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
             (a.b_gate == nullptr || vector_ok<V>(a.b_gate, a.C_b, a.C_b));
   WeightGradPlan p;
   p.t = t;
-  p.grid = dim3(static_cast<unsigned>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks));
+  p.regions = regions;
+  p.blocks = static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
   p.smem = static_cast<size_t>(t.positions) * sizeof(int) +
            (kWarps * 9 * car + static_cast<size_t>(t.ca_chunk) * t.a_stride +
             static_cast<size_t>(t.cb_chunk) * t.b_channel_stride) * sizeof(Acc);
@@ -573,10 +577,10 @@ inline void launch_weight_grad(const WeightGradArgs<T>& a, const WeightGradPlan&
     with_bool(nhwc, [&](auto layout) {
       if (weight_grad_ca_block(a.C_a) == 4) {
         const auto kernel = weight_grad_kernel<T, Acc, decltype(s)::value, 4, decltype(layout)::value>;
-        CAE_LAUNCH(kernel, p.grid, kThreads, p.smem, stream, a, p.t, partial);
+        CAE_LAUNCH(kernel, p.blocks, kThreads, p.smem, stream, a, p.t, partial);
       } else {
         const auto kernel = weight_grad_kernel<T, Acc, decltype(s)::value, 1, decltype(layout)::value>;
-        CAE_LAUNCH(kernel, p.grid, kThreads, p.smem, stream, a, p.t, partial);
+        CAE_LAUNCH(kernel, p.blocks, kThreads, p.smem, stream, a, p.t, partial);
       }
     });
   });

@@ -21,7 +21,9 @@ void CudaKernels::correlate_transpose(const Tensor& out, const Tensor& g,
         cuda::to_int(g.size(1), "channels"), cuda::to_int(g.size(2), "height"),
         cuda::to_int(g.size(3), "width"), cuda::to_int(out.size(1), "channels"),
         cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
-    cuda::launch_correlate_transpose<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc, stream);
+    const auto plan = cuda::plan_correlate_transpose<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    cuda::check_grid(plan.blocks, "correlate_transpose");
+    cuda::launch_correlate_transpose<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -60,8 +60,8 @@ __global__ void __launch_bounds__(kThreads) correlate_transpose_kernel(Correlate
   Acc* w_s = smem;                       // [chunk][9][COB]
   Acc* in_s = smem + t.chunk * 9 * COB;  // [samples][chunk][in_rows][in_cols]
   const int tid = threadIdx.x;
-  const TileOrigin o = tile_origin(blockIdx.x, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
-  const int cb0 = blockIdx.y * COB;
+  const TileOrigin o = tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  const int cb0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
 
   // This thread's output pixel (py, px) in the tile, of sample ps.
   int px, py, ps;
@@ -123,15 +123,14 @@ __global__ void __launch_bounds__(kThreads) correlate_transpose_kernel(Correlate
 }
 
 template <typename T, typename Acc>
-inline void launch_correlate_transpose(const CorrelateTransposeArgs<T>& a, int stride, bool nhwc,
+inline void launch_correlate_transpose(const CorrelateTransposeArgs<T>& a, const ConvPlan& p, int stride, bool nhwc,
                                        cudaStream_t stream) {
-  const ConvPlan p = plan_correlate_transpose<T, Acc>(a, stride, nhwc);
   with_stride(stride, [&](auto s) {
     with_channel_block(a.C_b, [&](auto cob) {
       with_bool(nhwc, [&](auto layout) {
         const auto kernel =
             correlate_transpose_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
-        CAE_LAUNCH(kernel, p.grid, kThreads, p.smem, stream, a, p.t);
+        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
       });
     });
   });

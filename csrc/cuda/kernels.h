@@ -11,12 +11,16 @@
 // either the CUDA runtime or the emulator.
 #pragma once
 
+// Lean includes on purpose: nvcc parses every header once per GPU
+// architecture, so the kernels see the Tensor class, not torch/library.h
+// (only register.cu needs that, through ../ops.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 
 #include <limits>
+#include <optional>
 
-#include "../ops.h"
 #include "common.cuh"
 
 // float32 and float64, and float16 / bfloat16 with float32 accumulation
@@ -25,6 +29,10 @@
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace cae {
+
+using at::Tensor;  // as in ../ops.h
+using OptTensor = std::optional<Tensor>;
+
 namespace cuda {
 
 template <typename T>
@@ -39,10 +47,16 @@ inline int to_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
+// A launch's block count must fit grid.x.
+inline void check_grid(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "cae: ", op, " needs ", blocks,
+              " CUDA blocks, more than a grid holds; split the batch");
+}
+
 // Scratch for per-block partial sums, in the accumulation type.
 template <typename Acc>
 inline at::Tensor scratch(const at::Tensor& like, int64_t rows, int64_t cols) {
-  return at::empty({rows, cols}, like.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  return like.new_empty({rows, cols}, like.options().dtype(c10::CppTypeToScalarType<Acc>::value));
 }
 
 }  // namespace cuda
