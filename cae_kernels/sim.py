@@ -23,6 +23,9 @@ Environment:
   CAE_SIM_SCHEDULE=forward|reverse|shuffle:<seed>  the order in which the emulator
                   runs a block's threads (read at every launch)
   CAE_SIM_VERBOSE=1  show the build's commands
+
+``python -m cae_kernels.sim --build`` only builds (for sanitizer builds, whose runtime
+must be preloaded into the process that loads them, but not into the compilers).
 """
 
 import hashlib
@@ -57,7 +60,7 @@ def _csrc():
 
 
 def _build_options():
-    sanitize = os.environ.get("CAE_SIM_SANITIZE", "").strip().lower()
+    sanitize = _sanitizer()
     if sanitize not in _SANITIZERS:
         raise ValueError(f"CAE_SIM_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
     cflags, ldflags = _SANITIZERS[sanitize]
@@ -68,6 +71,23 @@ def _build_options():
     # -O2 unless a sanitizer build chose its own level; the flags coming later win.
     cflags = ["-O2", "-DCAE_SIM", f"-DCAE_NAMESPACE={NAMESPACE}", "-Wno-unknown-pragmas"] + cflags + extra
     return name, cflags, ldflags + extra
+
+
+def _sanitizer():
+    return os.environ.get("CAE_SIM_SANITIZE", "").strip().lower()
+
+
+def _runtime_loaded(sanitize):
+    """Whether this process runs with the sanitizer's runtime (it must come first)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return f"lib{sanitize[0]}san" in maps.read()
+    except OSError:
+        return False
+
+
+class SanitizerRuntimeMissing(ImportError):
+    pass
 
 
 def _build():
@@ -84,17 +104,28 @@ def _build():
         if not wrapper.is_file() or wrapper.read_text() != text:
             wrapper.write_text(text)
         sources.append(str(wrapper))
-    cpp_extension.load(
-        name=name,
-        sources=sources,
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        extra_include_paths=[str(csrc)],
-        build_directory=str(build_dir),
-        with_cuda=False,
-        is_python_module=False,
-        verbose=verbose,
-    )
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            extra_include_paths=[str(csrc)],
+            build_directory=str(build_dir),
+            with_cuda=False,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except OSError as e:
+        sanitize = _sanitizer()
+        if sanitize and not _runtime_loaded(sanitize):
+            lib = f"lib{sanitize[0]}san.so"
+            raise SanitizerRuntimeMissing(
+                f"{name} is built with -fsanitize={sanitize}; load it into a process started with "
+                f"the sanitizer's runtime: LD_PRELOAD=$(g++ -print-file-name={lib}) "
+                "(see scripts/sim_sanitize.sh)"
+            ) from e
+        raise
 
 
 def _load():
@@ -103,10 +134,24 @@ def _load():
     return _registration.register(NAMESPACE)
 
 
-ops = _load()
-_functions = _Functions(ops)
-conv3x3 = _functions.conv3x3
-conv_transpose3x3 = _functions.conv_transpose3x3
-max_pool2x2 = _functions.max_pool2x2
+if __name__ == "__main__":  # python -m cae_kernels.sim --build
+    import sys
+
+    if sys.argv[1:] != ["--build"]:
+        sys.exit("usage: python -m cae_kernels.sim --build")
+    # Build, but load nothing: a sanitized library may only be loaded into a process
+    # started with its runtime (ASan aborts the process otherwise).
+    load_library, torch.ops.load_library = torch.ops.load_library, lambda path: None
+    try:
+        _build()
+    finally:
+        torch.ops.load_library = load_library
+    print(f"built {_build_options()[0]}")
+else:
+    ops = _load()
+    _functions = _Functions(ops)
+    conv3x3 = _functions.conv3x3
+    conv_transpose3x3 = _functions.conv_transpose3x3
+    max_pool2x2 = _functions.max_pool2x2
 
 __all__ = ["conv3x3", "conv_transpose3x3", "max_pool2x2", "ops"]

@@ -247,7 +247,7 @@ def test_bitwise_reproducible_across_runs_and_schedules(fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("fault,message", [
-    ("early_return", "exited"),
+    ("early_return", "every thread must reach every barrier"),
     ("divergent_barrier", "divergent barriers"),
     ("deadlock", "deadlock"),
     ("shuffle_mask", "mask"),
