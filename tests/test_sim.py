@@ -32,6 +32,7 @@ CONV_SHAPES = [
     (9, 8, 1, 4, 3),  # tiny images, 16 per block: one block, 9 of 16 images; C_out 1
     (1, 18, 17, 3, 34),  # 17 channels: two groups of 16; 34 columns: two 32-column tiles
     (4, 2, 3, 1, 1),  # 1x1 images
+    (2, 100, 3, 5, 6),  # 100 input channels: several passes through shared memory
 ]
 DTYPES = [torch.float64, torch.float32]
 
