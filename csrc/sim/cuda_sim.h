@@ -1173,8 +1173,9 @@ inline unsigned __brev(unsigned x) {
 }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((1ull * a * b) >> 32); }
 inline int __mulhi(int a, int b) { return static_cast<int>((1ll * a * b) >> 32); }
+__extension__ typedef unsigned __int128 cae_sim_u128;  // __extension__: quiet under -Wpedantic
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+  return static_cast<unsigned long long>((static_cast<cae_sim_u128>(a) * b) >> 64);
 }
 
 // CUDA's global min/max overloads (device code calls them unqualified).
