@@ -6,7 +6,8 @@
 #   __syncthreads / __syncwarp: a data race must be reported),
 #   and, when nvcc is installed, a compile-only check of the same kernels.
 # Environment: CXX (default g++), CAE_SIM_BUILD_DIR (default build/sim_selftest),
-#              CAE_SIM_SKIP_NVCC=1 to skip the nvcc check.
+#              CAE_SIM_SKIP_NVCC=1 to skip the nvcc check,
+#              CAE_SIM_TORCH_CHECK=1 (+ PYTHON) to also compile against torch headers.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CXX="${CXX:-g++}"
@@ -104,6 +105,22 @@ if [ "${CAE_SIM_SKIP_NVCC:-0}" != 1 ] && command -v nvcc >/dev/null 2>&1; then
   fi
 else
   echo "  (nvcc not found: skipping the nvcc compile check)"
+fi
+
+# Optional (about a minute): cuda_sim.h next to the torch headers, both orders.
+if [ "${CAE_SIM_TORCH_CHECK:-0}" = 1 ]; then
+  PY="${PYTHON:-python3}"
+  TORCH_INC="$("$PY" -c 'import torch.utils.cpp_extension as c; print(" ".join("-isystem" + p for p in c.include_paths()))' 2>/dev/null)"
+  PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  for order in "" "-DCAE_SIM_FIRST"; do
+    # shellcheck disable=SC2086
+    if "$CXX" -std=c++20 -O1 -fPIC -Wall -Wextra -Werror -DCAE_SIM $order -I"$ROOT" $TORCH_INC -isystem "$PY_INC" \
+        -c tests/sim/torch_include_check.cpp -o "$OUT/torch_check.o" >"$OUT/torch$order.log" 2>&1; then
+      pass "compiles with torch headers ${order:-(sim after torch)}"
+    else
+      fail "compiles with torch headers ${order:-(sim after torch)}"; head -30 "$OUT/torch$order.log"
+    fi
+  done
 fi
 
 if [ "$failures" -eq 0 ]; then echo "cuda_sim self-test: all modes passed"; else echo "cuda_sim self-test: $failures failure(s)"; fi
