@@ -8,7 +8,9 @@
 //     g++ -std=c++17 -x c++ -DCAE_SIM -include csrc/sim/cuda_sim.h kernels.cu
 //
 // (or, as the project does, csrc/cuda/common.cuh includes this header when
-// CAE_SIM is defined).  Each CUDA thread becomes a fiber (a small private stack
+// CAE_SIM is defined).  Needs C++17 or later; translation units that include
+// torch headers need -std=c++20 (torch requires it).  Works before or after
+// <torch/extension.h>.  Each CUDA thread becomes a fiber (a small private stack
 // with cooperative switching); the blocks of a grid run one after another on
 // the calling OS thread.  A fiber runs until it blocks in a barrier
 // (__syncthreads, a *_sync warp intrinsic) or returns, so execution is fast and
@@ -296,6 +298,7 @@ inline void tsan_acquire(void*) {}
 // ---------------------------------------------------------------------------
 enum class St : unsigned char { Runnable, AtBarrier, AtWarp, Done, Aborted };
 enum class WK : unsigned char { Sync, Idx, Up, Down, Xor, Ballot, Any, All };
+enum class Bar : unsigned char { Plain, Count, And, Or };
 
 struct Fiber {  // one CUDA thread
   void* sp = nullptr;  // saved stack pointer (hand-written switch)
@@ -349,6 +352,7 @@ struct Launch {
   unsigned done = 0, first_exited = 0;
   // __syncthreads state of the current generation
   unsigned bar_arrived = 0;
+  Bar bar_kind = Bar::Plain;
   const char* bar_what = "";
   const char* bar_file = "";
   int bar_line = 0, bar_count = 0, bar_and = 1, bar_or = 0;
@@ -495,7 +499,7 @@ inline bool same_site(const char* f1, int l1, const char* f2, int l2) {
 // ---------------------------------------------------------------------------
 // Block barrier: __syncthreads and its _count/_and/_or variants
 // ---------------------------------------------------------------------------
-inline int block_barrier(const char* what, int pred, const char* file, int line) {
+inline int block_barrier(Bar kind, const char* what, int pred, const char* file, int line) {
   Fiber* f = cur_fiber();
   Quiet q(&f->quiet);
   Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
@@ -506,9 +510,9 @@ inline int block_barrier(const char* what, int pred, const char* file, int line)
          what, file, line, e.x, e.y, e.z);
   }
   if (L->bar_arrived == 0) {
-    L->bar_what = what, L->bar_file = file, L->bar_line = line;
+    L->bar_kind = kind, L->bar_what = what, L->bar_file = file, L->bar_line = line;
     L->bar_count = 0, L->bar_and = 1, L->bar_or = 0;
-  } else if (std::strcmp(what, L->bar_what) != 0 || !same_site(file, line, L->bar_file, L->bar_line)) {
+  } else if (kind != L->bar_kind || !same_site(file, line, L->bar_file, L->bar_line)) {
     fail("reached %s at %s:%d while other threads of the block wait at %s at %s:%d (divergent barriers)", what,
          file, line, L->bar_what, L->bar_file, L->bar_line);
   }
@@ -519,9 +523,7 @@ inline int block_barrier(const char* what, int pred, const char* file, int line)
   f->wait_what = what, f->wait_file = file, f->wait_line = line;
   tsan_release(&L->tsan_bar);
   if (++L->bar_arrived == L->nthreads) {  // last one in: release everybody
-    const int result = std::strcmp(what, "__syncthreads_count") == 0 ? L->bar_count
-                       : std::strcmp(what, "__syncthreads_and") == 0 ? L->bar_and
-                                                                     : L->bar_or;
+    const int result = kind == Bar::Count ? L->bar_count : kind == Bar::And ? L->bar_and : L->bar_or;
     for (Fiber& g : L->fibers) g.state = St::Runnable, g.bar_result = result;
     L->bar_arrived = 0;
   }
@@ -1009,16 +1011,16 @@ inline void set_schedule(const char* spec) {
 
 // Barriers: default arguments record the call site for error messages.
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  ::cae_sim::detail::block_barrier("__syncthreads", 0, file, line);
+  ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Plain, "__syncthreads", 0, file, line);
 }
 inline int __syncthreads_count(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return ::cae_sim::detail::block_barrier("__syncthreads_count", pred, file, line);
+  return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Count, "__syncthreads_count", pred, file, line);
 }
 inline int __syncthreads_and(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return ::cae_sim::detail::block_barrier("__syncthreads_and", pred, file, line);
+  return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::And, "__syncthreads_and", pred, file, line);
 }
 inline int __syncthreads_or(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return ::cae_sim::detail::block_barrier("__syncthreads_or", pred, file, line);
+  return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Or, "__syncthreads_or", pred, file, line);
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   bool p;
@@ -1173,8 +1175,9 @@ inline unsigned __brev(unsigned x) {
 }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((1ull * a * b) >> 32); }
 inline int __mulhi(int a, int b) { return static_cast<int>((1ll * a * b) >> 32); }
+__extension__ typedef unsigned __int128 cae_sim_u128;  // __extension__: quiet under -Wpedantic
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+  return static_cast<unsigned long long>((static_cast<cae_sim_u128>(a) * b) >> 64);
 }
 
 // CUDA's global min/max overloads (device code calls them unqualified).

@@ -4,10 +4,14 @@
 //   g++ -std=c++17 -O1 -DCAE_SIM -I<repo> tests/sim/test_cuda_sim.cpp
 // Usage:
 //   test_cuda_sim            run every check, print "N passed, M failed"
-//   test_cuda_sim --race     only launch the kernel with a missing
-//                            __syncthreads (ThreadSanitizer must report it)
-//   test_cuda_sim --bench    time a 128-block, 256-thread 3x3 convolution
+//   test_cuda_sim --race            launch only a kernel missing a __syncthreads
+//   test_cuda_sim --race-warp       launch only a kernel missing a __syncwarp
+//                                   (ThreadSanitizer must report both)
+//   test_cuda_sim --asan-overrun    write past dynamic shared memory (ASan must report)
+//   test_cuda_sim --stack-overflow  overflow a fiber stack (must crash on the guard page)
+//   test_cuda_sim --bench [reps]    time a 128-block, 256-thread 3x3 convolution
 #include "csrc/cuda/common.cuh"
+#include "tests/sim/sim_kernels.cuh"
 
 #include <chrono>
 #include <cmath>
@@ -45,216 +49,6 @@ static void expect_error(const std::function<void()>& f, std::vector<std::string
   }
   std::printf("    expected a std::runtime_error, none thrown\n");
   ++g_failures_in_test;
-}
-
-// ---------------------------------------------------------------------------
-// Kernels
-// ---------------------------------------------------------------------------
-struct Rec {
-  uint3 t, b;
-  dim3 bd, gd;
-};
-
-__global__ void record_indices(Rec* out) {
-  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
-  const unsigned block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  out[block * threads + t] = Rec{threadIdx, blockIdx, blockDim, gridDim};
-}
-
-template <class T, int BLOCK>
-__global__ void block_sum(const T* __restrict__ x, T* __restrict__ out) {
-  __shared__ T s[BLOCK];
-  const int t = threadIdx.x;
-  s[t] = x[blockIdx.x * BLOCK + t];
-  __syncthreads();
-  for (int st = BLOCK / 2; st > 0; st >>= 1) {
-    if (t < st) s[t] += s[t + st];
-    __syncthreads();
-  }
-  if (t == 0) out[blockIdx.x] = s[0];
-}
-
-// BUG on purpose: no __syncthreads between filling s and the first step.
-__global__ void block_sum_missing_barrier(const float* __restrict__ x, float* __restrict__ out) {
-  __shared__ float s[256];
-  const int t = threadIdx.x;
-  s[t] = x[blockIdx.x * 256 + t];
-  for (int st = 128; st > 0; st >>= 1) {
-    if (t < st) s[t] += s[t + st];
-    __syncthreads();
-  }
-  if (t == 0) out[blockIdx.x] = s[0];
-}
-
-template <class T>
-__device__ __forceinline__ T warp_sum_down(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <class T, int WIDTH>
-__device__ __forceinline__ T segment_sum_xor(T v) {
-  for (int o = WIDTH / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, WIDTH);
-  return v;
-}
-
-template <class T>
-__global__ void warp_shuffles(const T* __restrict__ x, T* __restrict__ down, T* __restrict__ xor32,
-                              T* __restrict__ xor16, T* __restrict__ scan8, T* __restrict__ bcast8) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  const int lane = threadIdx.x % 32;
-  const T v = x[i];
-  down[i] = warp_sum_down(v);  // meaningful in lane 0 only
-  xor32[i] = segment_sum_xor<T, 32>(v);
-  xor16[i] = segment_sum_xor<T, 16>(v);
-  T s = v;  // inclusive scan inside segments of 8 lanes
-  for (int o = 1; o < 8; o <<= 1) {
-    const T u = __shfl_up_sync(0xffffffffu, s, o, 8);
-    if (lane % 8 >= o) s += u;
-  }
-  scan8[i] = s;
-  bcast8[i] = __shfl_sync(0xffffffffu, v, 3, 8);  // lane 3 of each group of 8
-}
-
-// Lanes 0..15 shuffle among themselves, lanes 16..31 likewise (disjoint masks
-// in flight at the same time); lane k of the low half asks for lane k+16,
-// which is absent from its mask.
-__global__ void absent_lanes(float* outf, double* outd, int* outi, unsigned long long* outu, float* same_half) {
-  const unsigned lane = threadIdx.x;
-  const unsigned mask = lane < 16 ? 0x0000ffffu : 0xffff0000u;
-  const float f = __shfl_sync(mask, 1.0f + lane, lane ^ 16);
-  const double d = __shfl_sync(mask, 2.0 + lane, lane ^ 16);
-  const int i = __shfl_sync(mask, static_cast<int>(lane), lane ^ 16);
-  const unsigned long long u = __shfl_sync(mask, 5ull + lane, lane ^ 16);
-  same_half[lane] = __shfl_sync(mask, 100.0f + lane, (lane & 16) | 1);
-  outf[lane] = f, outd[lane] = d, outi[lane] = i, outu[lane] = u;
-}
-
-__global__ void votes(unsigned* ballot, int* any, int* all, int* any_none, int* all_sub) {
-  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  ballot[threadIdx.x] = __ballot_sync(0xffffffffu, lane % 3 == 0);
-  any[threadIdx.x] = __any_sync(0xffffffffu, lane == 7);
-  all[threadIdx.x] = __all_sync(0xffffffffu, lane < 31);
-  any_none[threadIdx.x] = __any_sync(0xffffffffu, 0);
-  int a = -1;
-  if (lane < 8) a = __all_sync(0x000000ffu, lane < 8);  // only the lanes that take part
-  all_sub[threadIdx.x] = a;
-  __syncwarp();
-  (void)warp;
-}
-
-__global__ void sync_counts(int* cnt, int* land, int* lor) {
-  const int t = threadIdx.x;
-  cnt[t] = __syncthreads_count(t % 4 == 0);
-  land[t] = __syncthreads_and(t < 1000);
-  lor[t] = __syncthreads_or(t == 77);
-}
-
-__global__ void atomics(float* f, double* d, int* i, unsigned long long* u, int* mx, int* mn, unsigned* cas_hits,
-                        unsigned* cas_word) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  atomicAdd(f, 1.0f);
-  atomicAdd(d, 0.5);
-  atomicAdd(i, 2);
-  atomicAdd(u, 3ull);
-  atomicMax(mx, g);
-  atomicMin(mn, -g);
-  if (atomicCAS(cas_word, 0u, 1u) == 0u) atomicAdd(cas_hits, 1u);  // exactly one winner
-}
-
-__global__ void dyn_smem(float* out, int n) {
-  CAE_DYNAMIC_SHARED(float, buf);
-  const int t = threadIdx.x;
-  if (t < n && t % 2 == 0) buf[t] = static_cast<float>(t + blockIdx.x);
-  __syncthreads();
-  if (t < n) out[blockIdx.x * n + t] = buf[t];
-}
-
-__global__ void early_return_before_barrier(float* out) {
-  __shared__ float s[64];
-  if (threadIdx.x == 5) return;  // BUG: thread 5 never reaches the barrier
-  s[threadIdx.x] = 1.0f;
-  __syncthreads();
-  out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
-}
-
-__global__ void warp_vs_block_deadlock(int* out) {
-  if (threadIdx.x < 16)
-    __syncwarp();  // waits for lanes 16..31, which wait at __syncthreads
-  else
-    __syncthreads();
-  out[threadIdx.x] = 1;
-}
-
-__global__ void divergent_barriers(int* out) {
-  if (threadIdx.x < 32) {
-    __syncthreads();
-  } else {
-    __syncthreads();
-  }
-  out[threadIdx.x] = 1;
-}
-
-__global__ void lane_not_in_mask(int* out) {
-  out[threadIdx.x] = __shfl_sync(0x1u, 7, 0);  // lanes 1..31 are not in the mask
-}
-
-__global__ void full_mask_partial_warp(int* out) {
-  out[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), 0);  // block of 48 threads
-}
-
-__global__ void trap_kernel(int* out) {
-  if (blockIdx.x == 2 && threadIdx.x == 3) __trap();
-  out[threadIdx.x] = 0;
-}
-
-__global__ void params_are_private(int n, int* out) {
-  n += threadIdx.x;  // each thread owns its copy
-  __syncthreads();
-  out[threadIdx.x] = n;
-}
-
-__global__ void warps_in_3d_block(unsigned* first_linear, unsigned* lane_of) {
-  const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  first_linear[linear] = __shfl_sync(0xffffffffu, linear, 0);
-  lane_of[linear] = __popc(__ballot_sync(0xffffffffu, 1) & ((1u << (linear % 32)) - 1u));  // lane id via ballot
-}
-
-__global__ void noarg_kernel() {}
-
-// --- A realistic templated kernel: 3x3 convolution, padding 1, stride S, with
-// an input tile plus halo in shared memory; one block = TILE x TILE outputs of
-// one (image, output channel).
-constexpr int TILE = 16;
-
-template <class T, int S>
-__global__ void __launch_bounds__(TILE* TILE)
-    conv3x3_tiled(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ y,
-                  int Cin, int H, int W, int Cout, int Ho, int Wo) {
-  constexpr int IT = (TILE - 1) * S + 3;  // input tile side, halo included
-  __shared__ T tile[IT][IT + 1];          // +1: avoid bank conflicts on the GPU
-  __shared__ T wsh[9];
-  const int n = blockIdx.z / Cout, co = blockIdx.z % Cout;
-  const int ox = blockIdx.x * TILE + threadIdx.x, oy = blockIdx.y * TILE + threadIdx.y;
-  const int ix0 = static_cast<int>(blockIdx.x) * TILE * S - 1, iy0 = static_cast<int>(blockIdx.y) * TILE * S - 1;
-  const int tid = threadIdx.y * TILE + threadIdx.x;
-  const bool active = ox < Wo && oy < Ho;  // guard flag: every thread reaches every barrier
-  T acc = bias[co];
-  for (int ci = 0; ci < Cin; ++ci) {
-    const T* xp = x + (static_cast<size_t>(n) * Cin + ci) * H * W;
-    for (int i = tid; i < IT * IT; i += TILE * TILE) {
-      const int ty = i / IT, tx = i % IT, gy = iy0 + ty, gx = ix0 + tx;
-      tile[ty][tx] = (gy >= 0 && gy < H && gx >= 0 && gx < W) ? __ldg(xp + gy * W + gx) : T(0);
-    }
-    if (tid < 9) wsh[tid] = w[(static_cast<size_t>(co) * Cin + ci) * 9 + tid];
-    __syncthreads();
-    if (active)
-      for (int ky = 0; ky < 3; ++ky)
-        for (int kx = 0; kx < 3; ++kx) acc += wsh[ky * 3 + kx] * tile[threadIdx.y * S + ky][threadIdx.x * S + kx];
-    __syncthreads();
-  }
-  if (active) y[((static_cast<size_t>(n) * Cout + co) * Ho + oy) * Wo + ox] = acc;
 }
 
 template <class T>
@@ -354,7 +148,7 @@ static std::vector<float> missing_barrier_inputs() {
   return x;
 }
 
-static void test_missing_barrier_detected() {
+[[maybe_unused]] static void test_missing_barrier_detected() {  // not run under TSan
   const std::vector<float> x = missing_barrier_inputs();
   const float correct = 256.0f * 257.0f / 2.0f;
   bool wrong_somewhere = false;
@@ -480,6 +274,8 @@ static void test_errors() {
   expect_error([&] { CAE_LAUNCH(divergent_barriers, 1, 64, 0, 0, ibuf.data()); }, {"divergent barriers", "thread ("});
   expect_error([&] { CAE_LAUNCH(lane_not_in_mask, 1, 32, 0, 0, ibuf.data()); }, {"not in the mask", "thread ("});
   expect_error([&] { CAE_LAUNCH(full_mask_partial_warp, 1, 48, 0, 0, ibuf.data()); }, {"do not exist"});
+  expect_error([&] { CAE_LAUNCH(mismatched_warp_intrinsics, 1, 32, 0, 0, ibuf.data()); },
+               {"__ballot_sync", "__syncwarp", "mask=0xffffffff"});
   expect_error([&] { CAE_LAUNCH(trap_kernel, 4, 32, 0, 0, ibuf.data()); },
                {"__trap", "block (2,0,0)", "thread (3,0,0)"});
   // invalid configurations
@@ -503,6 +299,12 @@ static void test_params_and_warps() {
   CAE_LAUNCH(noarg_kernel, 2, 2, 0, 0);
 }
 
+static void test_warp_smem_exchange() {
+  std::vector<int> out(64);
+  CAE_LAUNCH(warp_smem_exchange, 3, 64, 0, 0, out.data(), true);
+  for (int t = 0; t < 64; ++t) CHECK(out[t] == (t ^ 1) * 10);
+}
+
 static void test_conv() {
   run_conv<float, 1>(2, 3, 37, 29, 4, 1, true);
   run_conv<float, 2>(2, 3, 37, 29, 4, 1, true);
@@ -517,6 +319,24 @@ int main(int argc, char** argv) {
     std::vector<float> out(2);
     CAE_LAUNCH(block_sum_missing_barrier, 2, 256, 0, 0, x.data(), out.data());
     std::printf("missing-barrier kernel ran: %g %g\n", out[0], out[1]);
+    return 0;
+  }
+  if (mode == "--race-warp") {
+    std::vector<int> out(64);
+    CAE_LAUNCH(warp_smem_exchange, 1, 64, 0, 0, out.data(), false);
+    std::printf("missing-__syncwarp kernel ran: %d %d\n", out[0], out[1]);
+    return 0;
+  }
+  if (mode == "--asan-overrun") {
+    std::vector<float> out(32);
+    CAE_LAUNCH(dyn_smem_overrun, 1, 32, 31 * sizeof(float), 0, out.data());
+    std::printf("overrun not detected\n");
+    return 0;
+  }
+  if (mode == "--stack-overflow") {
+    std::vector<int> out(32);
+    CAE_LAUNCH(stack_hog, 1, 32, 0, 0, out.data(), 4096);
+    std::printf("stack overflow not detected\n");
     return 0;
   }
   if (mode == "--bench") {
@@ -542,6 +362,7 @@ int main(int argc, char** argv) {
       {"dynamic shared memory, unwritten reads are NaN", test_dynamic_shared},
       {"errors: deadlock, divergence, masks, trap, bad config", test_errors},
       {"private parameters, warps of a 3-D block", test_params_and_warps},
+      {"shared-memory exchange ordered by __syncwarp", test_warp_smem_exchange},
       {"templated 3x3 convolution vs naive loop", test_conv},
   };
   int passed = 0, failed = 0;
