@@ -21,9 +21,10 @@
 //   CAE_DYNAMIC_SHARED(T, name);   inside a kernel: declares `T* name`
 //     pointing at the block's dynamic shared memory (smem_bytes of CAE_LAUNCH).
 //
-// Host glue for the .cu files (the only torch-dependent part, and only in the
-// nvcc build): CAE_DISPATCH_KEY, CAE_DEVICE_GUARD(tensor),
-// CAE_CURRENT_STREAM(), CAE_KERNEL_LAUNCH_CHECK().
+// Host glue for the .cu files: CAE_DISPATCH_KEY, CAE_DEVICE_GUARD(tensor),
+// CAE_CURRENT_STREAM(), CAE_KERNEL_LAUNCH_CHECK(). In the nvcc build they name
+// c10 CUDA classes, whose headers kernels.h includes; under CAE_SIM they are
+// no-ops. This header includes nothing of torch in either build.
 //
 // Everything below the launch section is torch-free device/host code shared by
 // the *_kernels.cuh headers: index types, vector loads, compile-time dispatch.
@@ -57,10 +58,8 @@
   extern __shared__ __align__(16) unsigned char cae_smem_raw[]; \
   T* name = reinterpret_cast<T*>(cae_smem_raw)
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
+// Host glue: expanded only in the .cu files' host code, which includes the
+// c10 headers (kernels.h); this header itself stays torch-free.
 #define CAE_DISPATCH_KEY CUDA
 #define CAE_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard cae_device_guard_((tensor).device())
 // = at::cuda::getCurrentCUDAStream(), without ATen/cuda/CUDAContext.h (cuBLAS,

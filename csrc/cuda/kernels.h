@@ -17,6 +17,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#ifndef CAE_SIM
+// What common.cuh's CAE_DEVICE_GUARD / CAE_CURRENT_STREAM /
+// CAE_KERNEL_LAUNCH_CHECK name in the nvcc build.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <limits>
 #include <optional>
