@@ -370,6 +370,8 @@ struct Launch {
   void* asan_main_fake = nullptr;
   void* tsan_main = nullptr;
   char tsan_bar = 0, tsan_block_begin = 0, tsan_block_end = 0;
+  char tsan_bar_gen[2] = {0, 0};
+  unsigned bar_gen = 0;
   // fiber stacks: cached across launches, one guard page below each
   char* stacks = nullptr;
   size_t stack_count = 0, stack_size = 0, stack_stride = 0;
@@ -521,14 +523,16 @@ inline int block_barrier(Bar kind, const char* what, int pred, const char* file,
   L->bar_or |= pred != 0;
   f->state = St::AtBarrier;
   f->wait_what = what, f->wait_file = file, f->wait_line = line;
-  tsan_release(&L->tsan_bar);
+  const unsigned gen = L->bar_gen;
+  tsan_release(&L->tsan_bar_gen[gen & 1]);
   if (++L->bar_arrived == L->nthreads) {  // last one in: release everybody
+    ++L->bar_gen;
     const int result = kind == Bar::Count ? L->bar_count : kind == Bar::And ? L->bar_and : L->bar_or;
     for (Fiber& g : L->fibers) g.state = St::Runnable, g.bar_result = result;
     L->bar_arrived = 0;
   }
   yield_to_scheduler(L, f, false);  // even the last one yields: others resume in schedule order
-  tsan_acquire(&L->tsan_bar);
+  tsan_acquire(&L->tsan_bar_gen[gen & 1]);
   return f->bar_result;
 }
 
@@ -825,6 +829,8 @@ inline void run_block(Launch& L) {
       // host code).  Threads that did not finish last released at a barrier.
       tsan_acquire(&L.tsan_block_end);
       tsan_acquire(&L.tsan_bar);
+      tsan_acquire(&L.tsan_bar_gen[0]);
+      tsan_acquire(&L.tsan_bar_gen[1]);
       for (unsigned i = 0; i < L.nthreads; ++i) tsan_acquire(&L.fibers[i].tsan_lane);
     }
   } cleanup{L};
