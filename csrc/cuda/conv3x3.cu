@@ -1,0 +1,81 @@
+// Host side of the 3x3 correlation (conv3x3 forward, conv_transpose3x3 input
+// gradient), the weight gradient of both, and the bias gradient.
+#include "kernels.h"
+
+#include "conv3x3_kernels.cuh"
+
+namespace cae {
+
+void CudaKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
+                            const Tensor& w, const OptTensor& bias, int64_t stride,
+                            bool relu, bool nhwc) {
+  CAE_DEVICE_GUARD(x);
+  const cudaStream_t stream = CAE_CURRENT_STREAM();
+  CAE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_correlate_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const cuda::CorrelateArgs<scalar_t> a{
+        out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(x_gate), w.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(bias), cuda::to_int(x.size(0), "batch"),
+        cuda::to_int(x.size(1), "channels"), cuda::to_int(x.size(2), "height"),
+        cuda::to_int(x.size(3), "width"), cuda::to_int(out.size(1), "channels"),
+        cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
+    const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    cuda::check_grid(plan.blocks, "correlate");
+    cuda::launch_correlate<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
+    CAE_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTensor& a_gate,
+                              const Tensor& b_t, const OptTensor& b_gate, int64_t stride,
+                              bool nhwc) {
+  CAE_DEVICE_GUARD(a_t);
+  const cudaStream_t stream = CAE_CURRENT_STREAM();
+  CAE_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "cae_weight_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const cuda::WeightGradArgs<scalar_t> a{
+        out.mutable_data_ptr<scalar_t>(), a_t.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(a_gate), b_t.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(b_gate), cuda::to_int(a_t.size(0), "batch"),
+        cuda::to_int(a_t.size(1), "channels"), cuda::to_int(a_t.size(2), "height"),
+        cuda::to_int(a_t.size(3), "width"), cuda::to_int(b_t.size(1), "channels"),
+        cuda::to_int(b_t.size(2), "height"), cuda::to_int(b_t.size(3), "width")};
+    const auto plan = cuda::plan_weight_grad<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    cuda::check_grid(plan.regions, "weight_grad");
+    const int64_t outputs = out.numel();
+    at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.blocks, outputs);
+    cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
+                                              partial.mutable_data_ptr<acc_t>(), stream);
+    CAE_KERNEL_LAUNCH_CHECK();
+    cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(),
+                                                  plan.blocks,
+                                                  cuda::to_int(outputs, "weight size"),
+                                                  out.mutable_data_ptr<scalar_t>(), stream);
+    CAE_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void CudaKernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
+                            bool nhwc) {
+  CAE_DEVICE_GUARD(g);
+  const cudaStream_t stream = CAE_CURRENT_STREAM();
+  TORCH_CHECK(nhwc || g.size(1) <= 65535, "cae: bias_grad supports at most 65535 channels in NCHW, got ",
+              g.size(1));
+  CAE_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_bias_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const cuda::BiasGradArgs<scalar_t> a{
+        out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(g_gate), cuda::to_int(g.size(0), "batch"),
+        cuda::to_int(g.size(1), "channels"), g.size(2) * g.size(3)};
+    const int chunks = cuda::plan_bias_chunks(g.size(0) * a.HW);
+    at::Tensor partial = cuda::scratch<acc_t>(g, chunks, a.C);
+    cuda::launch_bias_grad<scalar_t, acc_t>(a, chunks, nhwc, partial.mutable_data_ptr<acc_t>(), stream);
+    CAE_KERNEL_LAUNCH_CHECK();
+    cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(), chunks, a.C,
+                                                  out.mutable_data_ptr<scalar_t>(), stream);
+    CAE_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cae

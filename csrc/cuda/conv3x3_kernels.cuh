@@ -1,0 +1,689 @@
+// 3x3 correlation (the convolution's forward, the transposed convolution's
+// input gradient), the weight gradient of both, and the bias gradient: the
+// __global__ kernels and torch-free launchers (raw pointers, a stream). The
+// launchers compute grid, block and shared memory, so the nvcc build and the
+// emulated build (csrc/sim) run identical configurations.
+//
+// Layout of the work (see plan_output_tile): a block computes a tile of output
+// pixels of one or more images, one pixel per thread, and all output
+// channels of the block's channel group per thread in registers (COB of
+// them: 1, 4, 8 or 16). Input channels pass through shared memory in chunks:
+// the input tile with its 1-pixel halo (stride 2: 2 * tile + 1) and the
+// chunk's weights, both converted to the accumulation type once.
+#pragma once
+
+#include "common.cuh"
+
+namespace cae {
+namespace cuda {
+
+// ---------------------------------------------------------------------------
+// Staging an input tile in shared memory
+// ---------------------------------------------------------------------------
+
+// The input window of a block: `samples` images x rows x cols pixels starting
+// at (n0, y0, x0) (y0, x0 may be -1: the halo), channels [c0, c0 + count).
+struct Window {
+  int n0, y0, x0;
+  int c0, count;
+  int rows, cols;
+  int samples;
+  int channel_stride;  // shared-memory elements between channels (odd)
+  int sample_stride;   // shared-memory elements between samples
+};
+
+// Copies gate(x) over the window into dst[s * sample_stride + c *
+// channel_stride + r * cols + col], zero outside the image or batch.
+// NCHW: consecutive threads read consecutive columns of one row.
+template <typename Acc, typename T>
+CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
+                           int W, const Window& win, int tid) {
+  const int total = win.samples * win.count * win.rows * win.cols;
+  for (int i = tid; i < total; i += kThreads) {
+    const int col = i % win.cols;
+    int rest = i / win.cols;
+    const int r = rest % win.rows;
+    rest /= win.rows;
+    const int c = rest % win.count;
+    const int s = rest / win.count;
+    const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
+    Acc v = Acc(0);
+    if (n < N && y >= 0 && y < H && xx >= 0 && xx < W) {
+      v = load_gated<Acc>(x, gate, ((static_cast<index_t>(n) * C + win.c0 + c) * H + y) * W + xx);
+    }
+    dst[s * win.sample_stride + c * win.channel_stride + r * win.cols + col] = v;
+  }
+}
+
+// NHWC: consecutive threads read consecutive channels of one pixel, V of them
+// per thread as one vector load when `vec` (channel counts and pointers
+// aligned, see vector_ok), so a warp reads whole rows of pixels.
+template <int V, typename Acc, typename T>
+CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
+                           int W, const Window& win, bool vec, int tid) {
+  const int lanes = vec ? win.count / V : win.count;  // loads per pixel
+  const int width = vec ? V : 1;
+  const int total = win.samples * win.rows * win.cols * lanes;
+  for (int i = tid; i < total; i += kThreads) {
+    const int c = (i % lanes) * width;
+    int rest = i / lanes;
+    const int col = rest % win.cols;
+    rest /= win.cols;
+    const int r = rest % win.rows;
+    const int s = rest / win.rows;
+    const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
+    Acc* d = dst + s * win.sample_stride + c * win.channel_stride + r * win.cols + col;
+    const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
+    const index_t at = ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c;
+    if (vec) {
+      Vec<T, V> v, g;
+      if (inside) {
+        v = *reinterpret_cast<const Vec<T, V>*>(x + at);
+        if (gate != nullptr) g = *reinterpret_cast<const Vec<T, V>*>(gate + at);
+      }
+      CAE_UNROLL
+      for (int j = 0; j < V; ++j) {
+        Acc e = Acc(0);
+        if (inside) {
+          e = static_cast<Acc>(v.v[j]);
+          if (gate != nullptr) e = gated(e, static_cast<Acc>(g.v[j]));
+        }
+        d[j * win.channel_stride] = e;
+      }
+    } else {
+      *d = inside ? load_gated<Acc>(x, gate, at) : Acc(0);
+    }
+  }
+}
+
+// Stores the COB channels [co0, co0 + COB) of one output pixel (bias, ReLU
+// applied), skipping channels >= C. NHWC writes them as vectors when `vec`.
+template <int COB, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void store_pixel(T* __restrict__ out, const Acc (&acc)[COB], const T* __restrict__ bias, bool relu_out,
+                            int n, int co0, int C, int H, int W, int y, int xx, bool vec) {
+  Acc v[COB];
+  CAE_UNROLL
+  for (int j = 0; j < COB; ++j) {
+    const int co = co0 + j;
+    Acc r = acc[j];
+    if (bias != nullptr && co < C) r += static_cast<Acc>(bias[co]);
+    v[j] = relu_out ? relu(r) : r;
+  }
+  if (NHWC) {
+    T* dst = out + ((static_cast<index_t>(n) * H + y) * W + xx) * C + co0;
+    constexpr int V = vec_width<T, COB>();
+    if (V > 1 && vec) {  // C % V == 0: a vector is wholly inside or outside
+      CAE_UNROLL
+      for (int j = 0; j < COB; j += V) {
+        if (co0 + j < C) {
+          Vec<T, V> o;
+          CAE_UNROLL
+          for (int k = 0; k < V; ++k) o.v[k] = static_cast<T>(v[j + k]);
+          *reinterpret_cast<Vec<T, V>*>(dst + j) = o;
+        }
+      }
+    } else {
+      CAE_UNROLL
+      for (int j = 0; j < COB; ++j)
+        if (co0 + j < C) dst[j] = static_cast<T>(v[j]);
+    }
+  } else {
+    const index_t plane = static_cast<index_t>(H) * W;
+    T* dst = out + (static_cast<index_t>(n) * C + co0) * plane + static_cast<index_t>(y) * W + xx;
+    CAE_UNROLL
+    for (int j = 0; j < COB; ++j)
+      if (co0 + j < C) dst[j * plane] = static_cast<T>(v[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// correlate: out[n, co, oy, ox] = act(bias[co] + sum_{ci, ky, kx}
+//   gate(x)[n, ci, S*oy + ky - 1, S*ox + kx - 1] * w[co, ci, ky, kx])
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct CorrelateArgs {
+  T* out;            // [N, C_out, H_out, W_out]
+  const T* x;        // [N, C_in, H, W]
+  const T* x_gate;   // like x, or nullptr
+  const T* w;        // [C_out, C_in, 3, 3]
+  const T* bias;     // [C_out] or nullptr
+  int N, C_in, H, W, C_out, H_out, W_out;
+  bool relu;
+};
+
+// Tiling of an output of rows x cols pixels per image, and the shared memory
+// of a pass over `chunk` input channels: weights [chunk][9][COB] first, then
+// the input window [samples][chunk][in_rows][in_cols].
+struct ConvTiling {
+  int rows, cols, samples, tiles_y, tiles_x;
+  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile)
+  int in_rows, in_cols;  // the input window of a tile (with halo)
+  int chunk;             // input channels per pass
+  int channel_stride, sample_stride;
+  bool vec_in, vec_out;  // NHWC vector loads / stores allowed
+};
+
+struct ConvPlan {
+  ConvTiling t;
+  index_t blocks;  // the caller checks that it fits a grid (< 2^31)
+  size_t smem;
+};
+
+template <typename Acc>
+inline ConvPlan finish_conv_plan(ConvTiling t, const OutputTile& tile, int C_in, int co_block, int co_groups,
+                                 int in_align) {
+  const size_t window = static_cast<size_t>(t.in_rows) * t.in_cols;
+  // per channel: its window in every sample (+1 for the odd stride) and 9*COB weights
+  const size_t per_channel = (t.samples * (window + 1) + 9 * co_block) * sizeof(Acc);
+  t.chunk = plan_channel_chunk(C_in, per_channel, 0, kSmemBudget, in_align);
+  t.channel_stride = odd_stride(static_cast<int>(window));
+  t.sample_stride = t.chunk * t.channel_stride;
+  t.tile_blocks = static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
+  ConvPlan p;
+  p.t = t;
+  p.blocks = tile.blocks() * co_groups;
+  p.smem = (static_cast<size_t>(t.chunk) * 9 * co_block + static_cast<size_t>(t.samples) * t.sample_stride) * sizeof(Acc);
+  return p;
+}
+
+template <typename T, typename Acc>
+inline ConvPlan plan_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc) {
+  const OutputTile tile = plan_output_tile(a.N, a.H_out, a.W_out);
+  ConvTiling t{};
+  t.rows = tile.rows, t.cols = tile.cols, t.samples = tile.samples;
+  t.tiles_y = tile.tiles_y, t.tiles_x = tile.tiles_x;
+  t.in_rows = (tile.rows - 1) * stride + 3;
+  t.in_cols = (tile.cols - 1) * stride + 3;
+  constexpr int V = vec_width<T>();
+  const int cob = channel_block(a.C_out);
+  ConvPlan p = finish_conv_plan<Acc>(t, tile, a.C_in, cob, ceil_div(a.C_out, cob), nhwc ? V : 1);
+  p.t.vec_in = nhwc && p.t.chunk % V == 0 && vector_ok<V>(a.x, a.C_in, a.C_in) &&
+               (a.x_gate == nullptr || vector_ok<V>(a.x_gate, a.C_in, a.C_in));
+  const int vo = cob < V ? cob : V;
+  p.t.vec_out = nhwc && vo > 1 && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
+  return p;
+}
+
+template <typename T, typename Acc, int S, int COB, bool NHWC>
+__global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a, ConvTiling t) {
+  CAE_DYNAMIC_SHARED(Acc, smem);
+  Acc* w_s = smem;                           // [chunk][9][COB]
+  Acc* in_s = smem + t.chunk * 9 * COB;      // [samples][chunk][in_rows][in_cols]
+  const int tid = threadIdx.x;
+  const TileOrigin o = tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
+  // This thread's output pixel (its tile may overhang the image: then it
+  // stages and computes like the others but stores nothing).
+  const int px = tid % t.cols, py = (tid / t.cols) % t.rows, ps = tid / (t.cols * t.rows);
+  const int n = o.n0 + ps, oy = o.y0 + py, ox = o.x0 + px;
+
+  Acc acc[COB];
+  CAE_UNROLL
+  for (int j = 0; j < COB; ++j) acc[j] = Acc(0);
+
+  for (int c0 = 0; c0 < a.C_in; c0 += t.chunk) {
+    const int count = a.C_in - c0 < t.chunk ? a.C_in - c0 : t.chunk;
+    __syncthreads();  // the previous pass is done reading
+    for (int i = tid; i < count * 9 * COB; i += kThreads) {
+      const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
+      const int co = co0 + j;
+      w_s[i] = co < a.C_out ? static_cast<Acc>(a.w[(static_cast<index_t>(co) * a.C_in + c0 + c) * 9 + k]) : Acc(0);
+    }
+    const Window win{o.n0, o.y0 * S - 1, o.x0 * S - 1, c0, count, t.in_rows, t.in_cols,
+                     t.samples, t.channel_stride, t.sample_stride};
+    if (NHWC) {
+      stage_nhwc<vec_width<T>()>(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, t.vec_in, tid);
+    } else {
+      stage_nchw(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, tid);
+    }
+    __syncthreads();
+    const Acc* src = in_s + ps * t.sample_stride + py * S * t.in_cols + px * S;
+    for (int c = 0; c < count; ++c, src += t.channel_stride) {
+      const Acc* wc = w_s + c * 9 * COB;
+      CAE_UNROLL
+      for (int ky = 0; ky < 3; ++ky) {
+        CAE_UNROLL
+        for (int kx = 0; kx < 3; ++kx) {
+          const Acc v = src[ky * t.in_cols + kx];
+          const Acc* wk = wc + (ky * 3 + kx) * COB;  // same address in every thread: a broadcast
+          CAE_UNROLL
+          for (int j = 0; j < COB; ++j) acc[j] += v * wk[j];
+        }
+      }
+    }
+  }
+  if (n < a.N && oy < a.H_out && ox < a.W_out) {
+    store_pixel<COB, NHWC>(a.out, acc, a.bias, a.relu, n, co0, a.C_out, a.H_out, a.W_out, oy, ox, t.vec_out);
+  }
+}
+
+template <typename T, typename Acc>
+inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int stride, bool nhwc,
+                             cudaStream_t stream) {
+  with_stride(stride, [&](auto s) {
+    with_channel_block(a.C_out, [&](auto cob) {
+      with_bool(nhwc, [&](auto layout) {
+        const auto kernel = correlate_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
+        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic sums: per-block partial sums into a scratch buffer
+// [rows][cols], then one kernel adds the rows in a fixed order. No float
+// atomics anywhere, so gradients are bitwise reproducible run to run.
+// ---------------------------------------------------------------------------
+
+// out[c] = sum_r partial[r][c]: 32 columns per block (coalesced), 8 thread
+// rows each summing every 8th partial row in order, then the 8 in order.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const Acc* __restrict__ partial, int rows,
+                                                                   int cols, T* __restrict__ out) {
+  __shared__ Acc sums[kWarps][32];
+  const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
+  const int c = blockIdx.x * 32 + lane;
+  Acc s = Acc(0);
+  if (c < cols) {
+    for (int r = slice; r < rows; r += kWarps) s += partial[static_cast<index_t>(r) * cols + c];
+  }
+  sums[slice][lane] = s;
+  __syncthreads();
+  if (slice == 0 && c < cols) {
+    Acc total = sums[0][lane];
+    for (int k = 1; k < kWarps; ++k) total += sums[k][lane];
+    out[c] = static_cast<T>(total);
+  }
+}
+
+template <typename T, typename Acc>
+inline void launch_reduce_partials(const Acc* partial, int rows, int cols, T* out, cudaStream_t stream) {
+  const auto kernel = reduce_partials_kernel<T, Acc>;
+  CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(cols, 32))), kThreads, 0, stream, partial, rows, cols, out);
+}
+
+// Warp sum in a fixed tree (lane 0 holds the result).
+template <typename Acc>
+CAE_DEVICE Acc warp_sum(Acc v) {
+  CAE_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// ---------------------------------------------------------------------------
+// weight_grad: out[ca, cb, ky, kx] = sum_{n, oy, ox} gate(a)[n, ca, oy, ox] *
+//   gate(b)[n, cb, S*oy + ky - 1, S*ox + kx - 1]
+// a is the small (strided) side [N, C_a, H_a, W_a], b the large side.
+//
+// A GEMM [C_a] x [C_b * 9] with a reduction over N * H_a * W_a positions.
+// Each block owns regions of positions (`samples` images x a tile of up to
+// 32 x 32) and passes over channel chunks; in a pass each warp owns one
+// "unit": CA_R channels of a x one channel of b x 9 taps = 9 * CA_R
+// accumulators, over a share of the region's positions (lanes take
+// consecutive positions). Then: warp shuffles, shared memory across the warps
+// that split one unit's positions, and one partial sum per block into
+// scratch; reduce_partials adds the blocks in order.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct WeightGradArgs {
+  T* out;               // [C_a, C_b, 3, 3]
+  const T* a;           // [N, C_a, H_a, W_a]
+  const T* a_gate;      // like a, or nullptr
+  const T* b;           // [N, C_b, H, W]
+  const T* b_gate;      // like b, or nullptr
+  int N, C_a, H_a, W_a, C_b, H, W;
+};
+
+constexpr int kMaxPartialBlocks = 512;  // a fixed cap: the grid never depends on the device
+constexpr int kRegionPositions = 512;   // positions per region (at least)
+
+struct WeightGradTiling {
+  int rows, cols, samples, tiles_y, tiles_x;
+  int regions;
+  int b_rows, b_cols;          // the b window of a region (with halo)
+  int positions, a_stride;     // positions per region; a's channel stride in shared memory (odd)
+  int b_channel_stride;        // b's channel stride in shared memory (odd)
+  int groups, ca_chunk, cb_chunk;  // a pass: `groups` groups of CA_R a-channels x cb_chunk b-channels
+  int items, splits;           // units = items (groups * cb_chunk) x splits of the positions, <= kWarps
+  bool vec_a, vec_b;           // NHWC vector loads allowed
+};
+
+struct WeightGradPlan {
+  WeightGradTiling t;
+  index_t regions;  // the caller checks that it fits an int
+  int blocks;       // min(regions, kMaxPartialBlocks): rows of the partial sums
+  size_t smem;
+};
+
+inline int weight_grad_ca_block(int C_a) { return C_a >= 4 ? 4 : 1; }
+
+template <typename T, typename Acc>
+inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, bool nhwc) {
+  WeightGradTiling t{};
+  const int car = weight_grad_ca_block(a.C_a);
+  // The region: whole images up to 32 x 32 (several small ones together),
+  // halved until a pass over one a-channel group and one b-channel fits.
+  t.rows = a.H_a < 32 ? a.H_a : 32;
+  t.cols = a.W_a < 32 ? a.W_a : 32;
+  size_t fixed = 0;
+  for (;;) {
+    const int per_image = t.rows * t.cols;
+    t.samples = per_image >= kRegionPositions ? 1 : ceil_div(kRegionPositions, per_image);
+    if (t.samples > a.N) t.samples = a.N;
+    t.b_rows = (t.rows - 1) * stride + 3;
+    t.b_cols = (t.cols - 1) * stride + 3;
+    t.positions = t.samples * per_image;
+    t.a_stride = odd_stride(t.positions);
+    t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
+    fixed = static_cast<size_t>(t.positions) * sizeof(int) + kWarps * 9 * car * sizeof(Acc);
+    const size_t smallest = fixed + (static_cast<size_t>(car) * t.a_stride + t.b_channel_stride) * sizeof(Acc);
+    if (smallest <= kSmemBudget || (t.rows == 1 && t.cols == 1)) break;
+    if (t.rows >= t.cols) {
+      t.rows = ceil_div(t.rows, 2);
+    } else {
+      t.cols = ceil_div(t.cols, 2);
+    }
+  }
+  t.tiles_y = ceil_div(a.H_a, t.rows);
+  t.tiles_x = ceil_div(a.W_a, t.cols);
+  const index_t regions = static_cast<index_t>(ceil_div(a.N, t.samples)) * t.tiles_y * t.tiles_x;
+  t.regions = static_cast<int>(regions < (index_t{1} << 31) ? regions : (index_t{1} << 31) - 1);
+  // Pick the pass shape (groups x cb_chunk <= kWarps) with the fewest passes
+  // that fits the budget; ties: more units busy.
+  int best_passes = 0;
+  for (int groups = 1; groups <= kWarps; ++groups) {
+    for (int cb = 1; groups * cb <= kWarps; ++cb) {
+      const int ca_chunk = groups * car;
+      if (ca_chunk > car * ceil_div(a.C_a, car) || cb > a.C_b) continue;
+      const size_t bytes = fixed + (static_cast<size_t>(ca_chunk) * t.a_stride +
+                                    static_cast<size_t>(cb) * t.b_channel_stride) * sizeof(Acc);
+      if (bytes > kSmemBudget && !(groups == 1 && cb == 1)) continue;
+      const int passes = ceil_div(a.C_a, ca_chunk) * ceil_div(a.C_b, cb);
+      if (best_passes == 0 || passes < best_passes || (passes == best_passes && groups * cb > t.items)) {
+        best_passes = passes;
+        t.groups = groups, t.ca_chunk = ca_chunk, t.cb_chunk = cb, t.items = groups * cb;
+      }
+    }
+  }
+  t.splits = kWarps / t.items;
+  constexpr int V = vec_width<T>();
+  t.vec_a = nhwc && t.ca_chunk % V == 0 && vector_ok<V>(a.a, a.C_a, a.C_a) &&
+            (a.a_gate == nullptr || vector_ok<V>(a.a_gate, a.C_a, a.C_a));
+  t.vec_b = nhwc && t.cb_chunk % V == 0 && vector_ok<V>(a.b, a.C_b, a.C_b) &&
+            (a.b_gate == nullptr || vector_ok<V>(a.b_gate, a.C_b, a.C_b));
+  WeightGradPlan p;
+  p.t = t;
+  p.regions = regions;
+  p.blocks = static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
+  p.smem = static_cast<size_t>(t.positions) * sizeof(int) +
+           (kWarps * 9 * car + static_cast<size_t>(t.ca_chunk) * t.a_stride +
+            static_cast<size_t>(t.cb_chunk) * t.b_channel_stride) * sizeof(Acc);
+  return p;
+}
+
+// Stages gate(a) over a region: dst[c * a_stride + p], p = (s, y, x) row-major.
+template <int V, bool NHWC, typename Acc, typename T>
+CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
+                                int W, int n0, int y0, int x0, int c0, int count, int padded_count,
+                                const WeightGradTiling& t, bool vec, int tid) {
+  const int per_image = t.rows * t.cols;
+  if (NHWC) {
+    const int lanes = vec ? padded_count / V : padded_count;
+    const int width = vec ? V : 1;
+    for (int i = tid; i < t.positions * lanes; i += kThreads) {
+      const int c = (i % lanes) * width, p = i / lanes;
+      const int s = p / per_image, y = y0 + (p % per_image) / t.cols, xx = x0 + p % t.cols;
+      const int n = n0 + s;
+      // c < count: a short last chunk (count, a multiple of V when vec, is
+      // then below padded_count) stages zeros for the channels it lacks.
+      const bool inside = n < N && y < H && xx < W && c < count;
+      const index_t at = ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c;
+      if (vec) {
+        Vec<T, V> v, g;
+        if (inside) {
+          v = *reinterpret_cast<const Vec<T, V>*>(x + at);
+          if (gate != nullptr) g = *reinterpret_cast<const Vec<T, V>*>(gate + at);
+        }
+        CAE_UNROLL
+        for (int j = 0; j < V; ++j) {
+          Acc e = Acc(0);
+          if (inside) {
+            e = static_cast<Acc>(v.v[j]);
+            if (gate != nullptr) e = gated(e, static_cast<Acc>(g.v[j]));
+          }
+          dst[(c + j) * t.a_stride + p] = e;
+        }
+      } else {
+        dst[c * t.a_stride + p] = inside ? load_gated<Acc>(x, gate, at) : Acc(0);
+      }
+    }
+  } else {
+    for (int i = tid; i < t.positions * padded_count; i += kThreads) {
+      const int p = i % t.positions, c = i / t.positions;
+      const int s = p / per_image, y = y0 + (p % per_image) / t.cols, xx = x0 + p % t.cols;
+      const int n = n0 + s;
+      Acc v = Acc(0);
+      if (c < count && n < N && y < H && xx < W) {
+        v = load_gated<Acc>(x, gate, ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx);
+      }
+      dst[c * t.a_stride + p] = v;
+    }
+  }
+}
+
+template <typename T, typename Acc, int S, int CA_R, bool NHWC>
+__global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T> a, WeightGradTiling t,
+                                                               Acc* __restrict__ partial) {
+  constexpr int R = CA_R * 9;  // accumulators of a unit
+  CAE_DYNAMIC_SHARED(Acc, smem);
+  Acc* red_s = smem;                                 // [kWarps][R]
+  Acc* a_s = red_s + kWarps * R;                     // [ca_chunk][a_stride]
+  Acc* b_s = a_s + t.ca_chunk * t.a_stride;          // [cb_chunk][b_channel_stride]
+  int* offset_s = reinterpret_cast<int*>(b_s + t.cb_chunk * t.b_channel_stride);  // [positions]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int per_image = t.rows * t.cols;
+  const int b_image = t.b_rows * t.b_cols;
+
+  // Where position p's 3x3 window starts in the staged b.
+  for (int p = tid; p < t.positions; p += kThreads) {
+    const int s = p / per_image, y = (p % per_image) / t.cols, xx = p % t.cols;
+    offset_s[p] = s * b_image + y * S * t.b_cols + xx * S;
+  }
+
+  // This warp's unit: item (a-channel group, b-channel) and position split.
+  const bool busy = warp < t.items * t.splits;
+  const int item = warp % t.items, split = warp / t.items;
+  const int group = item / t.cb_chunk, cbl = item % t.cb_chunk;
+
+  for (int ca0 = 0; ca0 < a.C_a; ca0 += t.ca_chunk) {
+    const int ca_count = a.C_a - ca0 < t.ca_chunk ? a.C_a - ca0 : t.ca_chunk;
+    for (int cb0 = 0; cb0 < a.C_b; cb0 += t.cb_chunk) {
+      const int cb_count = a.C_b - cb0 < t.cb_chunk ? a.C_b - cb0 : t.cb_chunk;
+      const bool mine = busy && group * CA_R < ca_count && cbl < cb_count;
+      Acc acc[CA_R][9];
+      CAE_UNROLL
+      for (int r = 0; r < CA_R; ++r)
+        CAE_UNROLL
+        for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
+
+      for (int region = blockIdx.x; region < t.regions; region += gridDim.x) {
+        const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+        __syncthreads();  // the previous region (or pass) is done reading
+        stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0, ca0,
+                                              ca_count, t.ca_chunk, t, t.vec_a, tid);
+        const Window win{o.n0, o.y0 * S - 1, o.x0 * S - 1, cb0, cb_count, t.b_rows, t.b_cols,
+                         t.samples, t.b_channel_stride, b_image};
+        if (NHWC) {
+          stage_nhwc<vec_width<T>()>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win,
+                                     t.vec_b && cb_count % vec_width<T>() == 0, tid);
+        } else {
+          stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
+        }
+        __syncthreads();
+        if (mine) {
+          const Acc* av = a_s + group * CA_R * t.a_stride;
+          const Acc* bv = b_s + cbl * t.b_channel_stride;
+          for (int p = split * 32 + lane; p < t.positions; p += 32 * t.splits) {
+            Acc x[CA_R];
+            CAE_UNROLL
+            for (int r = 0; r < CA_R; ++r) x[r] = av[r * t.a_stride + p];
+            const Acc* win3 = bv + offset_s[p];
+            CAE_UNROLL
+            for (int ky = 0; ky < 3; ++ky) {
+              CAE_UNROLL
+              for (int kx = 0; kx < 3; ++kx) {
+                const Acc y = win3[ky * t.b_cols + kx];
+                CAE_UNROLL
+                for (int r = 0; r < CA_R; ++r) acc[r][ky * 3 + kx] += x[r] * y;
+              }
+            }
+          }
+        }
+      }
+      // Reduce: lanes (shuffles), then the warps that split the positions
+      // (shared memory, in split order), then one partial per block.
+      if (busy) {  // whole warps: the full mask is exact
+        CAE_UNROLL
+        for (int r = 0; r < CA_R; ++r) {
+          CAE_UNROLL
+          for (int k = 0; k < 9; ++k) {
+            const Acc s = warp_sum(acc[r][k]);
+            if (lane == 0) red_s[warp * R + r * 9 + k] = s;
+          }
+        }
+      }
+      __syncthreads();
+      for (int i = tid; i < t.items * R; i += kThreads) {
+        const int it = i / R, e = i % R;
+        const int g = it / t.cb_chunk, cb = cb0 + it % t.cb_chunk;
+        const int ca = ca0 + g * CA_R + e / 9;
+        if (ca < ca0 + ca_count && cb < cb0 + cb_count) {
+          Acc s = red_s[it * R + e];
+          for (int sp = 1; sp < t.splits; ++sp) s += red_s[(sp * t.items + it) * R + e];
+          partial[((static_cast<index_t>(blockIdx.x) * a.C_a + ca) * a.C_b + cb) * 9 + e % 9] = s;
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename Acc>
+inline void launch_weight_grad(const WeightGradArgs<T>& a, const WeightGradPlan& p, int stride, bool nhwc,
+                               Acc* partial, cudaStream_t stream) {
+  with_stride(stride, [&](auto s) {
+    with_bool(nhwc, [&](auto layout) {
+      if (weight_grad_ca_block(a.C_a) == 4) {
+        const auto kernel = weight_grad_kernel<T, Acc, decltype(s)::value, 4, decltype(layout)::value>;
+        CAE_LAUNCH(kernel, p.blocks, kThreads, p.smem, stream, a, p.t, partial);
+      } else {
+        const auto kernel = weight_grad_kernel<T, Acc, decltype(s)::value, 1, decltype(layout)::value>;
+        CAE_LAUNCH(kernel, p.blocks, kThreads, p.smem, stream, a, p.t, partial);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// bias_grad: out[c] = sum_{n, y, x} gate(g)[n, c, y, x]
+// The elements of each channel are split into `chunks` fixed ranges; a block
+// sums one range into partial[chunk][c], reduce_partials adds the chunks.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct BiasGradArgs {
+  T* out;           // [C]
+  const T* g;       // [N, C, H, W]
+  const T* g_gate;  // like g, or nullptr
+  int N, C;
+  index_t HW;
+};
+
+constexpr index_t kBiasChunkElements = 16384;  // per channel and block, at least
+constexpr int kMaxBiasChunks = 256;
+
+inline int plan_bias_chunks(index_t per_channel) {
+  const index_t chunks = ceil_div(per_channel, kBiasChunkElements);
+  return static_cast<int>(chunks < 1 ? 1 : chunks > kMaxBiasChunks ? kMaxBiasChunks : chunks);
+}
+
+// Block sum in a fixed order: warp trees, then the warps' sums in order.
+// Every thread must call it; the result is valid in thread 0.
+template <typename Acc>
+CAE_DEVICE Acc block_sum(Acc v, Acc* scratch /* kWarps */) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  Acc total = Acc(0);
+  if (threadIdx.x == 0) {
+    total = scratch[0];
+    for (int k = 1; k < kWarps; ++k) total += scratch[k];
+  }
+  return total;
+}
+
+// NCHW: block (chunk, c) walks the chunk's range of the flattened (n, y, x)
+// of channel c: consecutive threads, consecutive elements of one plane.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) bias_grad_nchw_kernel(BiasGradArgs<T> a, Acc* __restrict__ partial) {
+  __shared__ Acc scratch[kWarps];
+  const int c = blockIdx.y;
+  const index_t total = static_cast<index_t>(a.N) * a.HW;
+  const index_t begin = total * blockIdx.x / gridDim.x, end = total * (blockIdx.x + 1) / gridDim.x;
+  Acc s = Acc(0);
+  for (index_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    const index_t n = e / a.HW, p = e % a.HW;
+    s += load_gated<Acc>(a.g, a.g_gate, (n * a.C + c) * a.HW + p);
+  }
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) partial[static_cast<index_t>(blockIdx.x) * a.C + c] = s;
+}
+
+// NHWC: the tensor is a [N*H*W, C] matrix; block `chunk` sums a range of its
+// rows. Threads cover `lanes` consecutive channels x kThreads / lanes rows,
+// so a warp reads contiguous memory; then the rows are added in order.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) bias_grad_nhwc_kernel(BiasGradArgs<T> a, Acc* __restrict__ partial) {
+  __shared__ Acc sums[kThreads];
+  const index_t rows = static_cast<index_t>(a.N) * a.HW;
+  const index_t begin = rows * blockIdx.x / gridDim.x, end = rows * (blockIdx.x + 1) / gridDim.x;
+  const int tid = threadIdx.x;
+  for (int c0 = 0; c0 < a.C; c0 += kThreads) {
+    const int lanes = a.C - c0 < kThreads ? a.C - c0 : kThreads;
+    const int row_step = kThreads / lanes;
+    const int col = tid % lanes, r = tid / lanes;
+    Acc s = Acc(0);
+    if (r < row_step) {
+      for (index_t row = begin + r; row < end; row += row_step) {
+        s += load_gated<Acc>(a.g, a.g_gate, row * a.C + c0 + col);
+      }
+    }
+    __syncthreads();  // the previous channel chunk is done reading sums
+    sums[tid] = s;
+    __syncthreads();
+    if (tid < lanes) {
+      Acc total = sums[tid];
+      for (int k = 1; k < row_step; ++k) total += sums[k * lanes + tid];
+      partial[static_cast<index_t>(blockIdx.x) * a.C + c0 + tid] = total;
+    }
+  }
+}
+
+template <typename T, typename Acc>
+inline void launch_bias_grad(const BiasGradArgs<T>& a, int chunks, bool nhwc, Acc* partial, cudaStream_t stream) {
+  if (nhwc) {
+    const auto kernel = bias_grad_nhwc_kernel<T, Acc>;
+    CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks)), kThreads, 0, stream, a, partial);
+  } else {
+    const auto kernel = bias_grad_nchw_kernel<T, Acc>;
+    CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.C)), kThreads, 0, stream, a,
+               partial);
+  }
+}
+
+}  // namespace cuda
+}  // namespace cae

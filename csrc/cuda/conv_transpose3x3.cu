@@ -1,0 +1,31 @@
+// Host side of the 3x3 transposed correlation (conv_transpose3x3 forward,
+// conv3x3 input gradient).
+#include "kernels.h"
+
+#include "conv_transpose3x3_kernels.cuh"
+
+namespace cae {
+
+void CudaKernels::correlate_transpose(const Tensor& out, const Tensor& g,
+                                      const OptTensor& g_gate, const Tensor& w,
+                                      const OptTensor& bias, int64_t stride, bool relu,
+                                      bool nhwc) {
+  CAE_DEVICE_GUARD(g);
+  const cudaStream_t stream = CAE_CURRENT_STREAM();
+  CAE_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_correlate_transpose_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const cuda::CorrelateTransposeArgs<scalar_t> a{
+        out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(g_gate), w.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(bias), cuda::to_int(g.size(0), "batch"),
+        cuda::to_int(g.size(1), "channels"), cuda::to_int(g.size(2), "height"),
+        cuda::to_int(g.size(3), "width"), cuda::to_int(out.size(1), "channels"),
+        cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
+    const auto plan = cuda::plan_correlate_transpose<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    cuda::check_grid(plan.blocks, "correlate_transpose");
+    cuda::launch_correlate_transpose<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
+    CAE_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cae

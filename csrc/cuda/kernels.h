@@ -1,0 +1,94 @@
+// The CUDA backend: hand-written kernels (the *_kernels.cuh headers) behind
+// the static interface every backend has (csrc/ops.h, csrc/cpu/kernels.h).
+// Tensors arrive checked, contiguous in the layout named by `nhwc`, outputs
+// preallocated. Each entry point guards the device, launches on the current
+// stream and checks every launch.
+//
+// The same sources build twice: by nvcc (CUDA dispatch key of the cae ops),
+// and by g++ with -DCAE_SIM -DCAE_NAMESPACE=cae_sim, where csrc/sim/cuda_sim.h
+// runs the kernels on the CPU (CPU key of the cae_sim ops, see
+// cae_kernels/sim.py). Torch headers come first: common.cuh then brings in
+// either the CUDA runtime or the emulator.
+#pragma once
+
+// Lean includes on purpose: nvcc parses every header once per GPU
+// architecture, so the kernels see the Tensor class, not torch/library.h
+// (only register.cu needs that, through ../ops.h).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#ifndef CAE_SIM
+// What common.cuh's CAE_DEVICE_GUARD / CAE_CURRENT_STREAM /
+// CAE_KERNEL_LAUNCH_CHECK name in the nvcc build.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <limits>
+#include <optional>
+
+#include "common.cuh"
+
+// float32 and float64, and float16 / bfloat16 with float32 accumulation
+// (at::opmath_type).
+#define CAE_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+namespace cae {
+
+using at::Tensor;  // as in ../ops.h
+using OptTensor = std::optional<Tensor>;
+
+namespace cuda {
+
+template <typename T>
+inline const T* data_or_null(const OptTensor& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// Sizes of one dimension are int in the kernels (offsets are 64-bit).
+inline int to_int(int64_t v, const char* what) {
+  TORCH_CHECK(v <= std::numeric_limits<int>::max(), "cae: ", what, " of ", v,
+              " is too large for the CUDA kernels");
+  return static_cast<int>(v);
+}
+
+// A launch's block count must fit grid.x.
+inline void check_grid(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "cae: ", op, " needs ", blocks,
+              " CUDA blocks, more than a grid holds; split the batch");
+}
+
+// Scratch for per-block partial sums, in the accumulation type.
+template <typename Acc>
+inline at::Tensor scratch(const at::Tensor& like, int64_t rows, int64_t cols) {
+  return like.new_empty({rows, cols}, like.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+}
+
+}  // namespace cuda
+
+struct CudaKernels {
+  static constexpr const char* name = "CUDA";
+  static constexpr const char* supported_dtypes = "float32, float64, float16, bfloat16";
+  static bool supports(at::ScalarType t) {
+    return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  }
+  static void correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
+                        const Tensor& w, const OptTensor& bias, int64_t stride,
+                        bool relu, bool nhwc);
+  static void correlate_transpose(const Tensor& out, const Tensor& g,
+                                  const OptTensor& g_gate, const Tensor& w,
+                                  const OptTensor& bias, int64_t stride,
+                                  bool relu, bool nhwc);
+  static void weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
+                          const Tensor& b, const OptTensor& b_gate,
+                          int64_t stride, bool nhwc);
+  static void bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
+                        bool nhwc);
+  static void max_pool(const Tensor& out, const Tensor& x, bool nhwc);
+  static void max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,
+                            const Tensor& x, bool nhwc);
+};
+
+}  // namespace cae

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The one script a GPU machine runs (no network needed): build the CUDA kernels
+# for this GPU, run the CUDA tests and the op tests, run the benchmark suite if
+# there is one, keep every log, and print a short table last.
+#
+#   scripts/gpu_check.sh            results in ${OUT:-benchmarks/results/gpu-latest}
+#
+# Environment: OUT (results folder), PYTHON (default python3), CUDA_HOME (default
+# /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), MAX_JOBS
+# (default: the CPU count), BENCH_ARGS (extra benchmark arguments),
+# GPU_CHECK_BUDGET (seconds for the whole script, default 450: it must end within
+# 8 minutes; the benchmarks get what the build and tests leave).
+#
+# Files written (at most 8, flat): build.log (machine, versions, compiler output),
+# tests.log, tests.xml (JUnit), bench.log, bench.json, report.md and ratios.png
+# (benchmarks/report.py), summary.txt (the table printed last).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+OUT_DIR=${OUT:-benchmarks/results/gpu-latest}
+BUDGET=${GPU_CHECK_BUDGET:-450}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export FORCE_CUDA=1 PYTHONUNBUFFERED=1
+start=$SECONDS
+declare -A status seconds
+
+fail() {
+  echo "gpu_check: FAILED: $*" >&2
+  echo "gpu_check: logs in $OUT_DIR" >&2
+  exit 1
+}
+left() { echo $((BUDGET - (SECONDS - start))); }
+
+# --- 1. machine and build --------------------------------------------------
+t0=$SECONDS
+{
+  echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') $(uname -srm)"
+  nvidia-smi || echo "(nvidia-smi failed)"
+  "$PYTHON" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible")
+EOF
+  "$CUDA_HOME/bin/nvcc" --version | tail -2
+  echo "== build: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+} > "$OUT_DIR/build.log" 2>&1 || true
+"$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || fail "torch sees no CUDA GPU ($(grep -m1 '^python' "$OUT_DIR/build.log" || echo 'torch did not import'))"
+[ -x "$CUDA_HOME/bin/nvcc" ] || fail "no nvcc at $CUDA_HOME/bin/nvcc (set CUDA_HOME)"
+if ! timeout "$(left)" "$PYTHON" setup.py build_ext --inplace >> "$OUT_DIR/build.log" 2>&1; then
+  tail -30 "$OUT_DIR/build.log" >&2
+  fail "building the extension (see build.log)"
+fi
+"$PYTHON" -c "import cae_kernels, sys; sys.exit(0 if cae_kernels.with_cuda else 1)" \
+  || fail "cae_kernels was built without its CUDA kernels (see build.log)"
+status[build]=ok
+seconds[build]=$((SECONDS - t0))
+echo "gpu_check: built for sm ${TORCH_CUDA_ARCH_LIST} in ${seconds[build]} s"
+
+# --- 2. tests ----------------------------------------------------------------
+t0=$SECONDS
+tests=()
+for f in tests/test_cuda.py tests/test_ops.py; do [ -f "$f" ] && tests+=("$f"); done
+set +e
+timeout "$(left)" "$PYTHON" -m pytest "${tests[@]}" -q -p no:cacheprovider -rfE \
+  --junitxml="$OUT_DIR/tests.xml" > "$OUT_DIR/tests.log" 2>&1
+rc=$?
+set -e
+seconds[tests]=$((SECONDS - t0))
+case $rc in
+  0) status[tests]=ok ;;
+  124) status[tests]="TIMED OUT" ;;
+  *) status[tests]="FAILED (pytest exit $rc)" ;;
+esac
+tail -5 "$OUT_DIR/tests.log"
+
+# --- 3. benchmarks -----------------------------------------------------------
+t0=$SECONDS
+if compgen -G "benchmarks/bench_*.py" > /dev/null; then
+  budget=$(($(left) - 20))
+  if [ "$budget" -lt 30 ]; then
+    status[bench]="skipped (time)"
+  else
+    set +e
+    # shellcheck disable=SC2086
+    timeout "$budget" "$PYTHON" -m pytest benchmarks -q -p no:cacheprovider --device cuda \
+      --benchmark-json="$OUT_DIR/bench.json" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
+    rc=$?
+    set -e
+    case $rc in
+      0) status[bench]=ok ;;
+      124) status[bench]="TIMED OUT after $budget s (set BENCH_ARGS, e.g. --rounds 10)" ;;
+      *) status[bench]="FAILED (pytest exit $rc)" ;;
+    esac
+    if [ -f "$OUT_DIR/bench.json" ] && [ -f benchmarks/report.py ]; then
+      "$PYTHON" benchmarks/report.py "$OUT_DIR/bench.json" --out "$OUT_DIR" >> "$OUT_DIR/bench.log" 2>&1 \
+        || echo "gpu_check: benchmarks/report.py failed (see bench.log)"
+    fi
+  fi
+else
+  status[bench]="none (no benchmarks/bench_*.py)"
+fi
+seconds[bench]=$((SECONDS - t0))
+
+# --- 4. the table --------------------------------------------------------------
+"$PYTHON" - "$OUT_DIR" "${status[build]}" "${seconds[build]}" "${status[tests]}" "${seconds[tests]}" \
+  "${status[bench]}" "${seconds[bench]}" "$((SECONDS - start))" > "$OUT_DIR/summary.txt" <<'EOF' || true
+import json, math, os, sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+
+out, b_st, b_s, t_st, t_s, x_st, x_s, total = sys.argv[1:]
+lines = []
+try:
+    import torch
+    gpu = torch.cuda.get_device_name()
+except Exception:
+    gpu = "?"
+lines.append(f"gpu_check on {gpu}: {total} s")
+counts = ""
+try:
+    suites = ET.parse(os.path.join(out, "tests.xml")).getroot()
+    suites = [suites] if suites.tag == "testsuite" else list(suites)
+    n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts = f"{n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, {n['failures']} failed, " \
+             f"{n['errors']} errors, {n['skipped']} skipped"
+except Exception:
+    pass
+lines.append(f"{'step':<12}{'status':<40}{'seconds':>8}")
+lines.append(f"{'build':<12}{b_st:<40}{b_s:>8}")
+lines.append(f"{'tests':<12}{(t_st + (': ' + counts if counts else ''))[:60]:<40}{t_s:>8}")
+lines.append(f"{'benchmarks':<12}{x_st[:60]:<40}{x_s:>8}")
+try:
+    with open(os.path.join(out, "bench.json")) as f:
+        rows = [dict(b.get("extra_info", {}), median=b["stats"]["median"]) for b in json.load(f)["benchmarks"]]
+    ops = [r for r in rows if r.get("kind") == "op" and r.get("batch") == 256]
+    times = defaultdict(dict)
+    for r in ops:
+        times[(r["case"], r["layout"], r["direction"])][r["impl"]] = r["median"]
+    if times:
+        lines.append("")
+        lines.append(f"ops at batch 256, float32, median ms   {'cae':>8} {'torch':>8} {'cae/torch':>9}")
+        ratios = []
+        for (case, layout, direction), t in sorted(times.items()):
+            if "cae" in t and "torch" in t:
+                ratios.append(t["cae"] / t["torch"])
+                lines.append(f"{case[:22]:<22} {layout:<4} {direction[:10]:<10} {t['cae'] * 1e3:>8.3f} "
+                             f"{t['torch'] * 1e3:>8.3f} {t['cae'] / t['torch']:>9.2f}")
+        if ratios:
+            lines.append(f"geometric mean cae/torch over {len(ratios)} rows: "
+                         f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}")
+except FileNotFoundError:
+    pass
+except Exception as e:  # the table must not hide the logs
+    lines.append(f"(benchmark table unavailable: {e})")
+print("\n".join(lines))
+EOF
+echo
+cat "$OUT_DIR/summary.txt"
+echo "gpu_check: logs and results in $OUT_DIR"
+[ "${status[tests]}" = ok ] || fail "tests: ${status[tests]} (see tests.log)"
+case "${status[bench]}" in ok | none*) ;; *) fail "benchmarks: ${status[bench]} (see bench.log)" ;; esac
