@@ -78,7 +78,8 @@ def extensions():
     return [
         CUDAExtension(
             "cae_kernels._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            # csrc/cuda/*.cpp: host-only parts of the CUDA backend (no kernels)
+            sources + sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
             include_dirs=cuda_wheel_include_dirs(),
             define_macros=[("CAE_WITH_CUDA", None)],
             extra_compile_args={

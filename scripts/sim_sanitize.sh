@@ -41,9 +41,11 @@ SUBSET="not gradcheck and not many_regions"
 # about 2 min. Reproducibility across schedules is the schedules mode's job.
 TSAN_SUBSET="((test_conv3x3 or test_conv_transpose3x3) and relu and float64 and not 2-16-8-14 and not 4-2-3-1)"
 TSAN_SUBSET+=" or test_max_pool2x2 or gated or bugs"
+# --capture=sys: pytest captures Python's output only, so a sanitizer's report
+# (written to fd 2 just before it aborts the process) reaches the log.
 pytest_run() {
   # shellcheck disable=SC2086
-  "$PYTHON" -m pytest tests/test_sim.py -q -p no:cacheprovider -x -k "${1:-$SUBSET}" ${PYTEST_ARGS:-}
+  "$PYTHON" -m pytest tests/test_sim.py -q -p no:cacheprovider --capture=sys -x -k "${1:-$SUBSET}" ${PYTEST_ARGS:-}
 }
 
 runtime() {

@@ -178,6 +178,21 @@ def test_weight_grad_many_regions(fmt):
     torch.testing.assert_close(ours, ref, **tolerance(torch.float64))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shared_memory_plans_fit_every_shape(stride):
+    """The planners keep dynamic shared memory within the 48 KiB a launch may take
+    (the host refuses more): extreme shapes in float64, where it is tightest."""
+    cases = [(600, 2, 2, 1, 1), (1, 1, 1, 1, 200), (1, 1, 1, 200, 1), (2, 40, 3, 40, 40)]
+    for n, c_in, c_out, h, w in cases:
+        x = make((n, c_in, h, w), torch.float64)
+        weight = make((c_out, c_in, 3, 3), torch.float64, seed=2)
+        y = sim.conv3x3(x, weight, None, stride)
+        torch.testing.assert_close(y, F.conv2d(x, weight, None, stride, 1))
+        g = make(y.shape, torch.float64, seed=4).detach()
+        torch.testing.assert_close(sim.ops.conv3x3_grad_weight(g, None, x.detach(), stride),
+                                   torch.nn.grad.conv2d_weight(x.detach(), weight.shape, g, stride, 1))
+
+
 def test_gated_backward_ops():
     """The backward ops with a relu_output gate, directly (the autograd path passes it
     only when ReLU was fused)."""

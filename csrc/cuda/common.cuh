@@ -35,6 +35,29 @@
 #include <type_traits>
 #include <utility>
 
+// --- Dispatch key and host glue: macros only, for every file of both builds,
+// including the host-compiled register.cpp (CAE_HOST_ONLY).
+#if defined(CAE_SIM)
+// The emulated kernels are registered for the CPU key of the cae_sim ops and
+// run on CPU tensors; a failed launch throws, so there is nothing to check.
+#define CAE_DISPATCH_KEY CPU
+#define CAE_DEVICE_GUARD(tensor) ((void)(tensor))
+#define CAE_CURRENT_STREAM() (static_cast<cudaStream_t>(nullptr))
+#define CAE_KERNEL_LAUNCH_CHECK() ((void)0)
+#else
+// Expanded only in the .cu files' host code, which includes the c10 headers
+// (kernels.h); this header itself stays torch-free.
+#define CAE_DISPATCH_KEY CUDA
+#define CAE_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard cae_device_guard_((tensor).device())
+// = at::cuda::getCurrentCUDAStream(), without ATen/cuda/CUDAContext.h (cuBLAS,
+// cuSPARSE, ... headers that every architecture's pass would parse again).
+#define CAE_CURRENT_STREAM() (c10::cuda::getCurrentCUDAStream().stream())
+#define CAE_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#endif
+
+#ifndef CAE_HOST_ONLY
+
+// --- Launching kernels
 #if defined(CAE_SIM)
 
 #include "../sim/cuda_sim.h"
@@ -43,13 +66,6 @@
   ::cae_sim::launch(#kernel, (kernel), dim3(grid), dim3(block), (smem_bytes), (stream), ##__VA_ARGS__)
 #define CAE_DYNAMIC_SHARED(T, name) T* name = ::cae_sim::dynamic_shared<T>()
 
-// The emulated kernels are registered for the CPU key of the cae_sim ops and
-// run on CPU tensors; a failed launch throws, so there is nothing to check.
-#define CAE_DISPATCH_KEY CPU
-#define CAE_DEVICE_GUARD(tensor) ((void)(tensor))
-#define CAE_CURRENT_STREAM() (static_cast<cudaStream_t>(nullptr))
-#define CAE_KERNEL_LAUNCH_CHECK() ((void)0)
-
 #elif defined(__CUDACC__)
 
 #define CAE_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
@@ -57,15 +73,6 @@
 #define CAE_DYNAMIC_SHARED(T, name)                              \
   extern __shared__ __align__(16) unsigned char cae_smem_raw[]; \
   T* name = reinterpret_cast<T*>(cae_smem_raw)
-
-// Host glue: expanded only in the .cu files' host code, which includes the
-// c10 headers (kernels.h); this header itself stays torch-free.
-#define CAE_DISPATCH_KEY CUDA
-#define CAE_DEVICE_GUARD(tensor) const c10::cuda::CUDAGuard cae_device_guard_((tensor).device())
-// = at::cuda::getCurrentCUDAStream(), without ATen/cuda/CUDAContext.h (cuBLAS,
-// cuSPARSE, ... headers that every architecture's pass would parse again).
-#define CAE_CURRENT_STREAM() (c10::cuda::getCurrentCUDAStream().stream())
-#define CAE_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
 #else
 #error "common.cuh: compile with nvcc, or with a C++ compiler and -DCAE_SIM (CPU emulation)"
@@ -244,3 +251,5 @@ inline int odd_stride(int n) { return n | 1; }
 
 }  // namespace cuda
 }  // namespace cae
+
+#endif  // CAE_HOST_ONLY

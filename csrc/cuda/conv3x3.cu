@@ -22,6 +22,7 @@ void CudaKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor&
         cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
     const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate");
+    cuda::check_smem(plan.smem, "correlate");
     cuda::launch_correlate<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
@@ -43,6 +44,7 @@ void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTen
         cuda::to_int(b_t.size(2), "height"), cuda::to_int(b_t.size(3), "width")};
     const auto plan = cuda::plan_weight_grad<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.regions, "weight_grad");
+    cuda::check_smem(plan.smem, "weight_grad");
     const int64_t outputs = out.numel();
     at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.blocks, outputs);
     cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,

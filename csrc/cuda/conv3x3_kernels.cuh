@@ -365,13 +365,15 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
   WeightGradTiling t{};
   const int car = weight_grad_ca_block(a.C_a);
   // The region: whole images up to 32 x 32 (several small ones together),
-  // halved until a pass over one a-channel group and one b-channel fits.
+  // halved (tile first, then the image count) until a pass over one a-channel
+  // group and one b-channel fits.
   t.rows = a.H_a < 32 ? a.H_a : 32;
   t.cols = a.W_a < 32 ? a.W_a : 32;
+  int target = kRegionPositions;
   size_t fixed = 0;
   for (;;) {
     const int per_image = t.rows * t.cols;
-    t.samples = per_image >= kRegionPositions ? 1 : ceil_div(kRegionPositions, per_image);
+    t.samples = per_image >= target ? 1 : ceil_div(target, per_image);
     if (t.samples > a.N) t.samples = a.N;
     t.b_rows = (t.rows - 1) * stride + 3;
     t.b_cols = (t.cols - 1) * stride + 3;
@@ -380,8 +382,10 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
     t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
     fixed = static_cast<size_t>(t.positions) * sizeof(int) + kWarps * 9 * car * sizeof(Acc);
     const size_t smallest = fixed + (static_cast<size_t>(car) * t.a_stride + t.b_channel_stride) * sizeof(Acc);
-    if (smallest <= kSmemBudget || (t.rows == 1 && t.cols == 1)) break;
-    if (t.rows >= t.cols) {
+    if (smallest <= kSmemBudget || (t.rows == 1 && t.cols == 1 && t.samples == 1)) break;
+    if (t.rows * t.cols == 1) {
+      target = t.samples / 2;
+    } else if (t.rows >= t.cols) {
       t.rows = ceil_div(t.rows, 2);
     } else {
       t.cols = ceil_div(t.cols, 2);

@@ -23,6 +23,7 @@ void CudaKernels::correlate_transpose(const Tensor& out, const Tensor& g,
         cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
     const auto plan = cuda::plan_correlate_transpose<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate_transpose");
+    cuda::check_smem(plan.smem, "correlate_transpose");
     cuda::launch_correlate_transpose<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });

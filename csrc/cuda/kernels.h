@@ -60,6 +60,14 @@ inline void check_grid(int64_t blocks, const char* op) {
               " CUDA blocks, more than a grid holds; split the batch");
 }
 
+// Dynamic shared memory a launch may take without the opt-in attribute. The
+// planners stay under it by construction; this catches a planner bug on the
+// host (the emulator would accept more).
+inline void check_smem(size_t bytes, const char* op) {
+  TORCH_CHECK(bytes <= 48 * 1024, "cae: internal error: ", op, " planned ", bytes,
+              " bytes of shared memory per block (at most 49152)");
+}
+
 // Scratch for per-block partial sums, in the accumulation type.
 template <typename Acc>
 inline at::Tensor scratch(const at::Tensor& like, int64_t rows, int64_t cols) {
