@@ -71,8 +71,12 @@ def extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard it needs
     cxx_flags += cpu_arch_flags()
+    # at::parallel_for is an inline "#pragma omp parallel" in torch's headers:
+    # without -fopenmp it silently runs on one thread.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     if not want_cuda():
-        return [CppExtension("cae_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("cae_kernels._C", sources, extra_compile_args={"cxx": cxx_flags + openmp},
+                             extra_link_args=openmp)]
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     return [
@@ -83,9 +87,10 @@ def extensions():
             include_dirs=cuda_wheel_include_dirs(),
             define_macros=[("CAE_WITH_CUDA", None)],
             extra_compile_args={
-                "cxx": cxx_flags,
+                "cxx": cxx_flags + openmp,
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
+            extra_link_args=openmp,
         )
     ]
 
