@@ -26,6 +26,9 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export FORCE_CUDA=1 PYTHONUNBUFFERED=1
+# The package is built in place (nothing installed): every Python this script
+# starts, subprocesses of the benchmarks too, imports it from here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
 declare -A status seconds
 
@@ -147,18 +150,21 @@ lines.append(f"{'benchmarks':<12}{x_st[:60]:<40}{x_s:>8}")
 try:
     with open(os.path.join(out, "bench.json")) as f:
         rows = [dict(b.get("extra_info", {}), median=b["stats"]["median"]) for b in json.load(f)["benchmarks"]]
-    ops = [r for r in rows if r.get("kind") == "op" and r.get("batch") == 256]
+    ops = [r for r in rows if r.get("kind") == "op" and isinstance(r.get("batch"), int)]
+    batch = 256 if any(r["batch"] == 256 for r in ops) else max((r["batch"] for r in ops), default=0)
+    ops = [r for r in ops if r["batch"] == batch]
     times = defaultdict(dict)
     for r in ops:
         times[(r["case"], r["layout"], r["direction"])][r["impl"]] = r["median"]
     if times:
         lines.append("")
-        lines.append(f"ops at batch 256, float32, median ms   {'cae':>8} {'torch':>8} {'cae/torch':>9}")
+        lines.append(f"{'ops at batch ' + str(batch) + ', float32, median ms':<44} {'cae':>8} {'torch':>8} {'cae/torch':>9}")
         ratios = []
         for (case, layout, direction), t in sorted(times.items()):
             if "cae" in t and "torch" in t:
                 ratios.append(t["cae"] / t["torch"])
-                lines.append(f"{case[:22]:<22} {layout:<4} {direction[:10]:<10} {t['cae'] * 1e3:>8.3f} "
+                short = "fwd+bwd" if "backward" in direction else "fwd"
+                lines.append(f"{case[:31]:<31} {layout:<4} {short:<7} {t['cae'] * 1e3:>8.3f} "
                              f"{t['torch'] * 1e3:>8.3f} {t['cae'] / t['torch']:>9.2f}")
         if ratios:
             lines.append(f"geometric mean cae/torch over {len(ratios)} rows: "
