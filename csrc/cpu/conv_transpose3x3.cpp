@@ -23,7 +23,7 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
     std::vector<int64_t> a_rows, a_cols, b_rows;
   };
   std::vector<Phase> phases;
-  std::vector<T> w_nhwc;  // [tap][ca][cb]
+  Scratch<T> w_nhwc;  // [tap][ca][cb]
   if (nhwc) {
     w_nhwc.resize(9 * C_a * C_b);
     for (int64_t ca = 0; ca < C_a; ++ca)
@@ -56,7 +56,7 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
     }
   }
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(win.buffer_size()), result(P * C_b);
+    Scratch<T> buffer(win.buffer_size()), result(P * C_b);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * C_a * H_a * W_a;
       pad_sample<T, Gated>(g + offset, g_gate ? g_gate + offset : nullptr, win, buffer.data());

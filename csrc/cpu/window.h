@@ -48,40 +48,46 @@ struct Windows {
   }
 };
 
+// dst[i] = gate(x)[src + i] for i < n: one contiguous run, vectorized
+// (the gate on the bits; a plain copy is a memcpy).
+template <typename T, bool Gated>
+inline void copy_run(T* __restrict__ dst, const T* __restrict__ x, const T* __restrict__ x_gate,
+                     int64_t src, int64_t n) {
+  if constexpr (Gated) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = gate<true>(x[src + i], x_gate, src + i);
+  } else {
+    std::memcpy(dst, x + src, n * sizeof(T));
+  }
+}
+
 // The padded, phase-split copy of one sample of the large side, with the
-// ReLU gate applied on the way.
+// ReLU gate applied on the way. Copied in runs contiguous on both sides:
+// whole rows at stride 1, a pixel's channels (NHWC) or one element (NCHW)
+// at stride 2.
 template <typename T, bool Gated>
 void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Windows& w,
                 T* __restrict__ buffer) {
   std::fill(buffer, buffer + w.buffer_size(), T(0));
   const int64_t s = w.stride;
   const int64_t sc = w.nhwc ? 1 : w.H * w.W, sh = w.nhwc ? w.W * w.C : w.W, sw = w.nhwc ? w.C : 1;
+  const int64_t run = w.nhwc ? w.C : 1;  // elements per pixel, contiguous on both sides
   for (int64_t py = 0; py < s; ++py) {
     for (int64_t px = 0; px < s; ++px) {
       const int64_t phase = py * s + px;
       // a, b such that 0 <= s * a + p - 1 < size
-      const int64_t a_lo = py == 0 ? 1 : 0, a_hi = (w.H - py) / s + 1;
-      const int64_t b_lo = px == 0 ? 1 : 0, b_hi = (w.W - px) / s + 1;
-      const int64_t rows = std::min(a_hi, w.Hq), cols = std::min(b_hi, w.Wq);
-      if (w.nhwc) {  // channel runs
-        for (int64_t a = a_lo; a < rows; ++a) {
-          for (int64_t b = b_lo; b < cols; ++b) {
-            const int64_t src = (s * a + py - 1) * sh + (s * b + px - 1) * sw;
-            T* dst = buffer + w.offset(phase, 0, a, b);
-            for (int64_t c = 0; c < w.C; ++c) dst[c] = gate<Gated>(x[src + c], x_gate, src + c);
-          }
-        }
-      } else {  // rows of one channel
-        for (int64_t c = 0; c < w.C; ++c) {
-          for (int64_t a = a_lo; a < rows; ++a) {
-            const int64_t src = c * sc + (s * a + py - 1) * sh + px - 1;
-            T* dst = buffer + w.offset(phase, c, a, 0);
-            if (s == 1) {
-              for (int64_t b = b_lo; b < cols; ++b) dst[b] = gate<Gated>(x[src + b], x_gate, src + b);
-            } else {
-              for (int64_t b = b_lo; b < cols; ++b)
-                dst[b] = gate<Gated>(x[src + s * b], x_gate, src + s * b);
-            }
+      const int64_t a_lo = py == 0 ? 1 : 0, a_hi = std::min((w.H - py) / s + 1, w.Hq);
+      const int64_t b_lo = px == 0 ? 1 : 0, b_hi = std::min((w.W - px) / s + 1, w.Wq);
+      if (b_hi <= b_lo) continue;
+      for (int64_t c = 0; c < (w.nhwc ? 1 : w.C); ++c) {
+        for (int64_t a = a_lo; a < a_hi; ++a) {
+          const int64_t src = c * sc + (s * a + py - 1) * sh + (s * b_lo + px - 1) * sw;
+          T* dst = buffer + w.offset(phase, c, a, b_lo);
+          if (s == 1) {
+            copy_run<T, Gated>(dst, x, x_gate, src, (b_hi - b_lo) * run);
+          } else if (w.nhwc) {
+            for (int64_t b = 0; b < b_hi - b_lo; ++b) copy_run<T, Gated>(dst + b * run, x, x_gate, src + s * b * sw, run);
+          } else {
+            for (int64_t b = 0; b < b_hi - b_lo; ++b) dst[b] = gate<Gated>(x[src + s * b], x_gate, src + s * b);
           }
         }
       }
@@ -97,9 +103,7 @@ void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate,
   for (int64_t oy = 0; oy < w.Ho; ++oy) {
     std::fill(out + (oy * w.Wq + w.Wo) * C, out + (oy + 1) * w.Wq * C, T(0));
     if (w.nhwc) {
-      const int64_t src = oy * w.Wo * C;
-      for (int64_t i = 0; i < w.Wo * C; ++i)
-        out[oy * w.Wq * C + i] = gate<Gated>(a[src + i], a_gate, src + i);
+      copy_run<T, Gated>(out + oy * w.Wq * C, a, a_gate, oy * w.Wo * C, w.Wo * C);
     } else {  // read rows, write with a stride of C
       for (int64_t c = 0; c < C; ++c) {
         const int64_t src = (c * w.Ho + oy) * w.Wo;
@@ -127,14 +131,20 @@ void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int6
   rows = std::min(rows, (H - ry + step - 1) / step);
   cols = std::min(cols, (W - rx + step - 1) / step);
   if (nhwc) {
+    // At step 1 a row is one run of cols * C elements on both sides; at step
+    // 2 a pixel's C. The bias is repeated along the run so the loop is flat.
+    const int64_t run = step == 1 ? cols * C : C;
+    std::vector<T> add_run(run);
+    for (int64_t i = 0; i < run; ++i) add_run[i] = add[i % C];
+    const T* __restrict__ shift_run = add_run.data();
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t col = 0; col < cols; ++col) {
+      for (int64_t col = 0; col < cols; col += run / C) {
         const T* src = result + (r * Wq + col) * C;
         T* dst = out + ((step * r + ry) * W + step * col + rx) * C;
         if (apply_relu) {
-          for (int64_t c = 0; c < C; ++c) dst[c] = relu(src[c] + add[c]);
+          for (int64_t i = 0; i < run; ++i) dst[i] = relu(src[i] + shift_run[i]);
         } else {
-          for (int64_t c = 0; c < C; ++c) dst[c] = src[c] + add[c];
+          for (int64_t i = 0; i < run; ++i) dst[i] = src[i] + shift_run[i];
         }
       }
     }
