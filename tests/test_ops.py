@@ -111,6 +111,9 @@ def test_max_pool2x2_ties_and_nan_follow_pytorch(device, fmt):
     x[0, 1, 2, 3] = float("nan")
     x[1, 2, 4, 4] = float("-inf")
     x[1, 2, 8, 6] = float("nan")
+    x[0, 2, 0:2, 0:2] = float("-inf")  # a whole window of -inf: the first one wins
+    x[1, 0, 8, :] = float("-inf")  # the odd last row's partial windows, all -inf
+    x[1, 1, :, 6] = float("-inf")  # the odd last column's
     x = x.to(memory_format=FORMATS[fmt]).requires_grad_()
     ours = cae_kernels.max_pool2x2(x)
     ref = F.max_pool2d(x, 2, ceil_mode=True)

@@ -164,7 +164,7 @@ void bias_grad_impl(T* out, const T* g, const T* g_gate, int64_t N, int64_t C, i
       T* acc = partial.data() + chunk * C;
       for (int64_t n = chunk * N / chunks; n < (chunk + 1) * N / chunks; ++n) {
         const int64_t base = n * C * HW;
-        if (nhwc) {
+        if (nhwc && C > 1) {  // (one channel: the same memory as NCHW, which vectorizes)
           for (int64_t p = 0; p < HW; ++p)
             for (int64_t c = 0; c < C; ++c) acc[c] += gate<Gated>(g[base + p * C + c], g_gate, base + p * C + c);
         } else {

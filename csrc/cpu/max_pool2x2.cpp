@@ -3,6 +3,7 @@
 // Windows do not overlap and cover the input, so the backward writes every
 // input element exactly once (the winner's gradient, zeros elsewhere).
 #include <cmath>
+#include <limits>
 
 #include "gemm.h"
 #include "kernels.h"
@@ -26,9 +27,8 @@ inline auto beats_lanes(V v, V best) {
 }
 
 // `count` full windows side by side: candidates a, b, c, d (row-major) of
-// window j at index j * Step (Step 1: NHWC channels; 2: an NCHW row), its
-// output at j.
-template <typename T, bool Backward, int Step>
+// window j at index j (NHWC: the channels of one window), its output at j.
+template <typename T, bool Backward>
 inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* __restrict__ out,
                          const T* __restrict__ grad_out) {
   const T* __restrict__ a = in[0];
@@ -36,7 +36,7 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
   const T* __restrict__ c = in[2];
   const T* __restrict__ d = in[3];
   int64_t j = 0;
-  if constexpr (Backward && Step == 1) {
+  if constexpr (Backward) {
     using V = typename Vec<T, 32>::type;
     constexpr int L = Vec<T, 32>::lanes;
     for (; j + L <= count; j += L) {
@@ -54,18 +54,67 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
     }
   }
   for (; j < count; ++j) {
-    const int64_t i = j * Step;
-    T best = a[i];
+    T best = a[j];
     int winner = 0;
-    if (beats(b[i], best)) best = b[i], winner = 1;
-    if (beats(c[i], best)) best = c[i], winner = 2;
-    if (beats(d[i], best)) best = d[i], winner = 3;
+    if (beats(b[j], best)) best = b[j], winner = 1;
+    if (beats(c[j], best)) best = c[j], winner = 2;
+    if (beats(d[j], best)) best = d[j], winner = 3;
     if constexpr (Backward) {
       const T g = grad_out[j];
-      for (int e = 0; e < 4; ++e) grad[e][i] = e == winner ? g : T(0);
+      for (int e = 0; e < 4; ++e) grad[e][j] = e == winner ? g : T(0);
     } else {
       out[j] = best;
     }
+  }
+}
+
+// One NCHW plane. Its even rows and odd rows are staged side by side, each
+// padded with -inf to an even width and to whole vectors of windows (an odd
+// edge's missing candidates then never win, NaN included), so that window k
+// of the plane is (top[2k], top[2k + 1], bottom[2k], bottom[2k + 1]) for every
+// k: one vectorized loop over the whole plane, the pairs split by shuffles.
+template <typename T, bool Backward>
+void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ grad_in,
+                const T* __restrict__ grad_out, int64_t H, int64_t W, T* __restrict__ scratch) {
+  using V = typename Vec<T, 8 * sizeof(T)>::type;  // 8 windows
+  using V2 = typename Vec<T, 16 * sizeof(T)>::type;  // their 16 candidates of one row
+  const int64_t H_out = pool_output_size(H), W_out = pool_output_size(W);
+  const int64_t windows = H_out * W_out, padded = (windows + 7) / 8 * 8;
+  T* top = scratch;
+  T* bottom = scratch + 2 * padded;
+  T* result = scratch + 4 * padded;  // forward: the maxima; backward: the gradients' copy
+  std::fill(scratch, scratch + 4 * padded, -std::numeric_limits<T>::infinity());
+  for (int64_t iy = 0; iy < H; ++iy)
+    std::copy(x + iy * W, x + (iy + 1) * W, (iy % 2 ? bottom : top) + iy / 2 * 2 * W_out);
+  if constexpr (Backward) std::copy(grad_out, grad_out + windows, result);
+  for (int64_t k = 0; k < padded; k += 8) {
+    const V2 t = load<V2>(top + 2 * k), u = load<V2>(bottom + 2 * k);
+    const V va = __builtin_shufflevector(t, t, 0, 2, 4, 6, 8, 10, 12, 14);
+    const V vb = __builtin_shufflevector(t, t, 1, 3, 5, 7, 9, 11, 13, 15);
+    const V vc = __builtin_shufflevector(u, u, 0, 2, 4, 6, 8, 10, 12, 14);
+    const V vd = __builtin_shufflevector(u, u, 1, 3, 5, 7, 9, 11, 13, 15);
+    const auto tb = beats_lanes(vb, va);
+    const V m_b = tb ? vb : va;
+    const auto tc = beats_lanes(vc, m_b);
+    const V m_c = tc ? vc : m_b;
+    const auto td = beats_lanes(vd, m_c);
+    if constexpr (Backward) {
+      const V g = load<V>(result + k), zero = V{};
+      const V ga = (tb | tc | td) ? zero : g, gb = (tb & ~tc & ~td) ? g : zero;
+      const V gc = (tc & ~td) ? g : zero, gd = td ? g : zero;
+      store(top + 2 * k, V2(__builtin_shufflevector(ga, gb, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
+      store(bottom + 2 * k, V2(__builtin_shufflevector(gc, gd, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
+    } else {
+      store(result + k, td ? vd : m_c);
+    }
+  }
+  if constexpr (Backward) {
+    for (int64_t iy = 0; iy < H; ++iy) {
+      const T* row = (iy % 2 ? bottom : top) + iy / 2 * 2 * W_out;
+      std::copy(row, row + W, grad_in + iy * W);
+    }
+  } else {
+    std::copy(result, result + windows, out);
   }
 }
 
@@ -129,55 +178,20 @@ void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t 
           if (Backward) {
             for (int e = 0; e < 4; ++e) grad[e] = grad_in + (in[e] - x);
           }
-          full_windows<T, Backward, 1>(in, grad, C, Backward ? nullptr : out + o + ox * C,
+          full_windows<T, Backward>(in, grad, C, Backward ? nullptr : out + o + ox * C,
                                        Backward ? grad_out + o + ox * C : nullptr);
         }
         if (W % 2) window(n, 0, C, oy, W_out - 1);
       }
     });
   } else {
-    // A row of windows of one plane is vectorized like NHWC's channels: the
-    // "channel" step is then the window width, 2.
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> split;
+      Scratch<T> scratch(5 * ((H_out * W_out + 7) / 8 * 8));
       for (int64_t plane = begin; plane < end; ++plane) {
-        const T* x_plane = x + plane * H * W;
-        for (int64_t oy = 0; oy < H_out; ++oy) {
-          const T* in[4];
-          T* grad[4];
-          int count = 0;
-          for (int64_t iy = 2 * oy; iy < std::min(2 * oy + 2, H); ++iy) {
-            for (int64_t dx = 0; dx < 2; ++dx) {
-              in[count] = x_plane + iy * W + dx;
-              grad[count++] = Backward ? grad_in + plane * H * W + iy * W + dx : nullptr;
-            }
-          }
-          const int64_t o = plane * H_out * W_out + oy * W_out;
-          if (count == 4 && Backward) {
-            // Split the two rows into even and odd columns and run the
-            // vectorized channel-style loop on those runs.
-            const int64_t half = W / 2;
-            split.resize(8 * half);
-            const T* split_in[4];
-            T* split_grad[4];
-            for (int e = 0; e < 4; ++e) {
-              T* run = split.data() + e * half;
-              for (int64_t j = 0; j < half; ++j) run[j] = in[e][2 * j];
-              split_in[e] = run;
-              split_grad[e] = split.data() + (4 + e) * half;
-            }
-            full_windows<T, Backward, 1>(split_in, split_grad, half, nullptr, grad_out + o);
-            for (int e = 0; e < 4; ++e)
-              for (int64_t j = 0; j < half; ++j) grad[e][2 * j] = split_grad[e][j];
-          } else if (count == 4) {
-            full_windows<T, Backward, 2>(in, grad, W / 2, Backward ? nullptr : out + o,
-                                         Backward ? grad_out + o : nullptr);
-          } else {
-            any_window<T, Backward>(in, grad, count, W / 2, 2, Backward ? nullptr : out + o,
-                                    Backward ? grad_out + o : nullptr, 1);
-          }
-          if (W % 2) window(plane / C, plane % C, 1, oy, W_out - 1);
-        }
+        pool_plane<T, Backward>(x + plane * H * W, Backward ? nullptr : out + plane * H_out * W_out,
+                                Backward ? grad_in + plane * H * W : nullptr,
+                                Backward ? grad_out + plane * H_out * W_out : nullptr, H, W,
+                                scratch.data());
       }
     });
   }
