@@ -22,7 +22,7 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
     for (int64_t t = 0; t < 9; ++t) taps[nhwc ? t * C_in + ci : ci * 9 + t] = win.tap_offset(ci, t / 3, t % 3);
   Scratch<T> w_nhwc;  // [tap][ci][co]
   if (nhwc) {
-    w_nhwc.resize(K * C_out);
+    w_nhwc.resize(K * C_out + kReadPast);
     for (int64_t co = 0; co < C_out; ++co)
       for (int64_t ci = 0; ci < C_in; ++ci)
         for (int64_t t = 0; t < 9; ++t) w_nhwc[(t * C_in + ci) * C_out + co] = w[(co * C_in + ci) * 9 + t];
@@ -124,7 +124,7 @@ void weight_grad_impl(T* out, const T* a, const T* a_gate, const T* b, const T* 
   const auto a_rows = arange(P, C_a);
   Scratch<T> partial(chunks * chunk_size, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> buffer(win.buffer_size()), a_by_position(P * C_a);
+    Scratch<T> buffer(win.buffer_size()), a_by_position(P * C_a + kReadPast);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       T* sums = partial.data() + chunk * chunk_size;
       for (int64_t n = chunk * N / chunks; n < (chunk + 1) * N / chunks; ++n) {

@@ -25,7 +25,7 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
   std::vector<Phase> phases;
   Scratch<T> w_nhwc;  // [tap][ca][cb]
   if (nhwc) {
-    w_nhwc.resize(9 * C_a * C_b);
+    w_nhwc.resize(9 * C_a * C_b + kReadPast);
     for (int64_t ca = 0; ca < C_a; ++ca)
       for (int64_t cb = 0; cb < C_b; ++cb)
         for (int64_t t = 0; t < 9; ++t) w_nhwc[(t * C_a + ca) * C_b + cb] = w[(ca * C_b + cb) * 9 + t];

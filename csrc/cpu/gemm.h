@@ -40,6 +40,10 @@ struct CacheLineAllocator {
 template <typename T>
 using Scratch = std::vector<T, CacheLineAllocator<T>>;
 
+// Elements past its last row that a B operand must be readable for: a tile
+// at C's last columns reads whole vectors (their extra lanes are dropped).
+constexpr int64_t kReadPast = 64;
+
 template <typename T>
 struct Operand {
   const T* data;
@@ -133,28 +137,21 @@ void gemm_blocked(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Op
     }
   }
   if (n_full == N) return;
-  // The last columns: B's and C's slices copied into zero-padded buffers, so
-  // the tile reads and writes nothing outside them.
+  // The last columns: the tile reads B in place past column N (every B
+  // operand carries kReadPast elements of slack) and writes a tile on the
+  // stack, of which the valid columns are kept. (Copying B into a padded
+  // buffer instead cost more than the product on the 7x7 layers.)
   const int64_t n_valid = N - n_full;
-  Scratch<T> b_pad(K * width, T(0)), c_pad(MR * width);
-  std::vector<int64_t> b_pad_row(K);
-  for (int64_t k = 0; k < K; ++k) {
-    const T* src = b.data + b.row[k] + n_full;
-    std::copy(src, src + n_valid, b_pad.data() + k * width);
-    b_pad_row[k] = k * width;
-  }
+  alignas(64) T c_tile[MR * width];
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));
-    for (int m = 0; m < rows; ++m) {
-      const T* c = C + (m0 + m) * ldc + n_full;
-      std::fill(c_pad.data() + m * width, c_pad.data() + (m + 1) * width, T(0));
-      if (accumulate) std::copy(c, c + n_valid, c_pad.data() + m * width);
+    if (accumulate) {
+      for (int m = 0; m < rows; ++m)
+        std::copy_n(C + (m0 + m) * ldc + n_full, n_valid, c_tile + m * width);
     }
-    gemm_rows<T, Bytes, MR, NV, RowStep>(rows, K, a, m0, b_pad.data(), b_pad_row.data(), c_pad.data(),
-                                width, accumulate);
+    gemm_rows<T, Bytes, MR, NV, RowStep>(rows, K, a, m0, b.data + n_full, b.row, c_tile, width, accumulate);
     for (int m = 0; m < rows; ++m)
-      std::copy(c_pad.data() + m * width, c_pad.data() + m * width + n_valid,
-                C + (m0 + m) * ldc + n_full);
+      std::copy_n(c_tile + m * width, n_valid, C + (m0 + m) * ldc + n_full);
   }
 }
 

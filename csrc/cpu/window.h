@@ -37,7 +37,7 @@ struct Windows {
   int64_t positions() const { return Ho * Wq; }
   // Elements per position along q: channels are innermost in NHWC.
   int64_t position_step() const { return nhwc ? C : 1; }
-  int64_t buffer_size() const { return stride * stride * C * Hq * Wq + 2 * Wq * C + 16; }
+  int64_t buffer_size() const { return stride * stride * C * Hq * Wq + 2 * Wq * C + kReadPast; }
 
   int64_t offset(int64_t phase, int64_t c, int64_t a, int64_t b) const {
     return nhwc ? ((phase * Hq + a) * Wq + b) * C + c : ((phase * C + c) * Hq + a) * Wq + b;
