@@ -19,6 +19,9 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 CONV_SHAPES = [
     (1, 16, 28, 28), (16, 16, 28, 28), (16, 8, 14, 14), (8, 8, 7, 7), (8, 8, 4, 4),
     (8, 16, 16, 16), (16, 1, 32, 32), (3, 5, 1, 1), (3, 4, 7, 13), (1, 1, 13, 7),
+    # The CPU products' edges: rows not a multiple of the tile, columns short of a
+    # vector, 8 or 16 channels (one-register rows, paired k, tap-blocked weight grads).
+    (16, 1, 5, 7), (8, 3, 6, 5), (16, 5, 9, 7), (8, 8, 5, 9),
 ]
 
 

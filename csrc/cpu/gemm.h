@@ -12,10 +12,12 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace cae {
@@ -76,8 +78,9 @@ inline void store(void* p, const V& v) {
 template <typename T, int MR, int RowStep>
 struct RowPointers {
   const T* rows[RowStep ? 1 : MR];
-  RowPointers(const Operand<T>& a, int64_t m0) {
-    for (int m = 0; m < (RowStep ? 1 : MR); ++m) rows[m] = a.data + a.row[m0 + m];
+  // Rows past last_row (a short block) repeat it, so they are safe to read.
+  RowPointers(const Operand<T>& a, int64_t m0, int last_row = MR - 1) {
+    for (int m = 0; m < (RowStep ? 1 : MR); ++m) rows[m] = a.data + a.row[m0 + std::min(m, last_row)];
   }
   const T* operator[](int m) const { return RowStep ? rows[0] + m * RowStep : rows[m]; }
 };
@@ -155,31 +158,79 @@ void gemm_blocked(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Op
   }
 }
 
+// Sums of L vectors of L lanes, as one vector: log2(L) rounds, each adding
+// the halves of pairs of vectors (two shuffles and an add per pair), instead
+// of L horizontal sums. Lane j of the result holds the sum of vector
+// transpose_sum_order<L>()[j].
+template <int L, int H, typename V, size_t... J>
+inline V add_halves(const V& a, const V& b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, (J / H % 2 * L + J / H / 2 * 2 * H + J % H)...) +
+         __builtin_shufflevector(a, b, (J / H % 2 * L + J / H / 2 * 2 * H + J % H + H)...);
+}
+
+template <int L, int H = L / 2, typename V>
+inline V transpose_sum(V* v) {
+  for (int i = 0; i < H; ++i) v[i] = add_halves<L, H>(v[2 * i], v[2 * i + 1], std::make_index_sequence<L>{});
+  if constexpr (H > 1) {
+    return transpose_sum<L, H / 2>(v);
+  } else {
+    return v[0];
+  }
+}
+
+template <int L>
+constexpr std::array<int, L> transpose_sum_order() {
+  std::array<std::array<int, L>, L> source{};  // which vector each lane's sum came from
+  for (int i = 0; i < L; ++i) source[i].fill(i);
+  for (int h = L / 2, n = L; h >= 1; h /= 2, n /= 2)
+    for (int i = 0; i < n / 2; ++i) {
+      std::array<int, L> merged{};
+      for (int j = 0; j < L; ++j) merged[j] = source[2 * i + j / h % 2][j / h / 2 * 2 * h + j % h];
+      source[i] = merged;
+    }
+  return source[0];
+}
+
 // One column of C: vectorized along k instead, over the runs of k in which
-// both A's and B's elements are consecutive (a channel run of one tap).
-template <typename T>
+// both A's and B's elements are consecutive (a channel run of one tap), L
+// rows at a time so that their sums end in one transpose_sum.
+template <typename T, int RowStep>
 void gemv(int64_t M, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C, int64_t ldc,
           bool accumulate) {
   using V = typename Vec<T, 64>::type;
   constexpr int L = Vec<T, 64>::lanes;
+  constexpr auto order = transpose_sum_order<L>();
   std::vector<int64_t> run_start{0};
   for (int64_t k = 1; k < K; ++k)
     if (a.col[k] != a.col[k - 1] + 1 || b.row[k] != b.row[k - 1] + 1) run_start.push_back(k);
   run_start.push_back(K);
-  for (int64_t m = 0; m < M; ++m) {
-    const T* a_m = a.data + a.row[m];
-    V acc = V{};
-    T sum = 0;
-    for (size_t r = 0; r + 1 < run_start.size(); ++r) {
-      const T* x = a_m + a.col[run_start[r]];
-      const T* w = b.data + b.row[run_start[r]];
-      const int64_t len = run_start[r + 1] - run_start[r];
-      int64_t i = 0;
-      for (; i + L <= len; i += L) acc += load<V>(x + i) * load<V>(w + i);
-      for (; i < len; ++i) sum += x[i] * w[i];
+  for (int64_t m0 = 0; m0 < M; m0 += L) {
+    const int rows = static_cast<int>(std::min<int64_t>(L, M - m0));
+    if (rows < L && RowStep) {  // a short block: the general row table, no rows past M
+      gemv<T, 0>(rows, K, {a.data, a.row + m0, a.col}, b, C + m0 * ldc, ldc, accumulate);
+      break;
     }
-    for (int l = 0; l < L; ++l) sum += acc[l];
-    C[m * ldc] = accumulate ? C[m * ldc] + sum : sum;
+    const RowPointers<T, L, RowStep> a_rows(a, m0, rows - 1);
+    V acc[L] = {};
+    T tail[L] = {};
+    for (size_t run = 0; run + 1 < run_start.size(); ++run) {
+      const int64_t col = a.col[run_start[run]], len = run_start[run + 1] - run_start[run];
+      const T* w = b.data + b.row[run_start[run]];
+      int64_t i = 0;
+      for (; i + L <= len; i += L) {
+        const V w_i = load<V>(w + i);
+        for (int r = 0; r < L; ++r) acc[r] += load<V>(a_rows[r] + col + i) * w_i;
+      }
+      for (; i < len; ++i)
+        for (int r = 0; r < L; ++r) tail[r] += a_rows[r][col + i] * w[i];
+    }
+    const V sums = transpose_sum<L>(acc);
+    for (int j = 0; j < L; ++j) {
+      const int r = order[j];
+      if (r >= rows) continue;
+      T* c = C + (m0 + r) * ldc;
+      *c = (accumulate ? *c : T(0)) + (sums[j] + tail[r]);
+    }
   }
 }
 
@@ -270,7 +321,7 @@ void gemm_with_rows(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const 
     if (N == L / 2 && k_pairs_adjacent(K, a.col)) return gemm_paired<RowStep>(M, K, a, b, C, ldc, accumulate);
   }
   if (N == 1) {
-    gemv(M, K, a, b, C, ldc, accumulate);
+    gemv<T, RowStep>(M, K, a, b, C, ldc, accumulate);
   } else if (N <= L / 2) {
     gemm_blocked<T, 32, RowStep ? 16 : 12, 1, RowStep>(M, N, K, a, b, C, ldc, accumulate);
   } else if (N <= L) {
