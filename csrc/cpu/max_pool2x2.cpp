@@ -26,8 +26,8 @@ inline auto beats_lanes(V v, V best) {
   return (v > best) | (v != v);
 }
 
-// `count` full windows side by side: candidates a, b, c, d (row-major) of
-// window j at index j (NHWC: the channels of one window), its output at j.
+// The channels of one NHWC window side by side: candidates a, b, c, d
+// (row-major) of channel j at index j, its output at j.
 template <typename T, bool Backward>
 inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* __restrict__ out,
                          const T* __restrict__ grad_out) {
@@ -36,21 +36,23 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
   const T* __restrict__ c = in[2];
   const T* __restrict__ d = in[3];
   int64_t j = 0;
-  if constexpr (Backward) {
-    using V = typename Vec<T, 32>::type;
-    constexpr int L = Vec<T, 32>::lanes;
-    for (; j + L <= count; j += L) {
-      const V va = load<V>(a + j), vb = load<V>(b + j), vc = load<V>(c + j), vd = load<V>(d + j);
-      const auto tb = beats_lanes(vb, va);
-      const V m_b = tb ? vb : va;
-      const auto tc = beats_lanes(vc, m_b);
-      const V m_c = tc ? vc : m_b;
-      const auto td = beats_lanes(vd, m_c);
+  using V = typename Vec<T, 32>::type;
+  constexpr int L = Vec<T, 32>::lanes;
+  for (; j + L <= count; j += L) {
+    const V va = load<V>(a + j), vb = load<V>(b + j), vc = load<V>(c + j), vd = load<V>(d + j);
+    const auto tb = beats_lanes(vb, va);
+    const V m_b = tb ? vb : va;
+    const auto tc = beats_lanes(vc, m_b);
+    const V m_c = tc ? vc : m_b;
+    const auto td = beats_lanes(vd, m_c);
+    if constexpr (Backward) {
       const V g = load<V>(grad_out + j), zero = V{};
       store(grad[3] + j, td ? g : zero);
       store(grad[2] + j, (tc & ~td) ? g : zero);
       store(grad[1] + j, (tb & ~tc & ~td) ? g : zero);
       store(grad[0] + j, (tb | tc | td) ? zero : g);
+    } else {
+      store(out + j, td ? vd : m_c);
     }
   }
   for (; j < count; ++j) {
@@ -118,70 +120,34 @@ void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ gr
   }
 }
 
-// Any window (a partial one at an odd edge too): in[e] for its `count`
-// elements, grad[e] their gradient slots; `channels` channels channel_step
-// apart, their outputs out_step apart.
-template <typename T, bool Backward>
-void any_window(const T* const* in, T* const* grad, int count, int64_t channels,
-                int64_t channel_step, T* out, const T* grad_out, int64_t out_step) {
-  for (int64_t ch = 0; ch < channels; ++ch) {
-    const int64_t i = ch * channel_step;
-    T best = in[0][i];
-    int winner = 0;
-    for (int e = 1; e < count; ++e) {
-      if (beats(in[e][i], best)) best = in[e][i], winner = e;
-    }
-    if constexpr (Backward) {
-      for (int e = 0; e < count; ++e) grad[e][i] = e == winner ? grad_out[ch * out_step] : T(0);
-    } else {
-      out[ch * out_step] = best;
-    }
-  }
-}
-
 // Forward (out) or backward (grad_in from grad_out) over all windows. NHWC:
-// one task per output row, channels innermost; NCHW: one per plane.
+// one task per output row, channels innermost, a partial window at an odd
+// edge reading -inf (and writing a discarded gradient) for its missing
+// candidates, so every window takes the same vectorized path; NCHW: one task
+// per plane.
 template <typename T, bool Backward>
 void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t C, int64_t H,
           int64_t W, bool nhwc) {
   const int64_t H_out = pool_output_size(H), W_out = pool_output_size(W);
-  const int64_t sc = nhwc ? 1 : H * W, sh = nhwc ? W * C : W, sw = nhwc ? C : 1;
-  const int64_t osc = nhwc ? 1 : H_out * W_out, osh = nhwc ? W_out * C : W_out, osw = nhwc ? C : 1;
-  auto window = [&](int64_t n, int64_t c0, int64_t channels, int64_t oy, int64_t ox) {
-    const T* in[4];
-    T* grad[4];
-    int count = 0;
-    for (int64_t iy = 2 * oy; iy < std::min(2 * oy + 2, H); ++iy) {
-      for (int64_t ix = 2 * ox; ix < std::min(2 * ox + 2, W); ++ix) {
-        const int64_t offset = n * C * H * W + c0 * sc + iy * sh + ix * sw;
-        in[count] = x + offset;
-        grad[count++] = Backward ? grad_in + offset : nullptr;
-      }
-    }
-    const int64_t o = n * C * H_out * W_out + c0 * osc + oy * osh + ox * osw;
-    any_window<T, Backward>(in, grad, count, channels, sc, Backward ? nullptr : out + o,
-                            Backward ? grad_out + o : nullptr, osc);
-  };
   if (nhwc) {
     at::parallel_for(0, N * H_out, 1, [&](int64_t begin, int64_t end) {
+      Scratch<T> missing(C, -std::numeric_limits<T>::infinity()), discarded(C);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / H_out, oy = row % H_out;
-        if (2 * oy + 1 >= H) {  // the last row of an odd height: partial windows
-          for (int64_t ox = 0; ox < W_out; ++ox) window(n, 0, C, oy, ox);
-          continue;
-        }
-        const int64_t top = (n * H + 2 * oy) * W * C, o = row * W_out * C;
-        for (int64_t ox = 0; ox < W / 2; ++ox) {
-          const int64_t i = top + 2 * ox * C;
-          const T* in[4] = {x + i, x + i + C, x + i + W * C, x + i + W * C + C};
-          T* grad[4] = {};
-          if (Backward) {
-            for (int e = 0; e < 4; ++e) grad[e] = grad_in + (in[e] - x);
+        for (int64_t ox = 0; ox < W_out; ++ox) {
+          const T* in[4];
+          T* grad[4];
+          for (int e = 0; e < 4; ++e) {
+            const int64_t iy = 2 * oy + e / 2, ix = 2 * ox + e % 2;
+            const int64_t offset = ((n * H + iy) * W + ix) * C;
+            const bool inside = iy < H && ix < W;
+            in[e] = inside ? x + offset : missing.data();
+            grad[e] = !Backward ? nullptr : inside ? grad_in + offset : discarded.data();
           }
-          full_windows<T, Backward>(in, grad, C, Backward ? nullptr : out + o + ox * C,
-                                       Backward ? grad_out + o + ox * C : nullptr);
+          const int64_t o = (row * W_out + ox) * C;
+          full_windows<T, Backward>(in, grad, C, Backward ? nullptr : out + o,
+                                    Backward ? grad_out + o : nullptr);
         }
-        if (W % 2) window(n, 0, C, oy, W_out - 1);
       }
     });
   } else {
