@@ -19,12 +19,31 @@ inline bool beats(T v, T best) {
   return v > best || std::isnan(v);
 }
 
-// The rule on whole vectors: masks instead of branches (GCC does not
-// vectorize the scalar form of the backward).
+// The rule on vectors of windows, candidates a, b, c, d: each lane's maximum
+// and which candidate won, as masks instead of branches (GCC does not
+// vectorize the scalar form), and so the gradient each candidate receives.
 template <typename V>
-inline auto beats_lanes(V v, V best) {
-  return (v > best) | (v != v);
-}
+struct Contest {
+  using Mask = decltype(V{} > V{});
+  V best;
+  Mask won_b, won_c, won_d;
+
+  Contest(V a, V b, V c, V d) {
+    const auto beats = [](V v, V m) { return (v > m) | (v != v); };
+    const Mask tb = beats(b, a);
+    const V m_b = tb ? b : a;
+    const Mask tc = beats(c, m_b);
+    const V m_c = tc ? c : m_b;
+    won_d = beats(d, m_c);
+    best = won_d ? d : m_c;
+    won_c = tc & ~won_d;
+    won_b = tb & ~tc & ~won_d;
+  }
+  V to_a(V g) const { return (won_b | won_c | won_d) ? V{} : g; }
+  V to_b(V g) const { return won_b ? g : V{}; }
+  V to_c(V g) const { return won_c ? g : V{}; }
+  V to_d(V g) const { return won_d ? g : V{}; }
+};
 
 // The channels of one NHWC window side by side: candidates a, b, c, d
 // (row-major) of channel j at index j, its output at j.
@@ -39,20 +58,15 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
   using V = typename Vec<T, 32>::type;
   constexpr int L = Vec<T, 32>::lanes;
   for (; j + L <= count; j += L) {
-    const V va = load<V>(a + j), vb = load<V>(b + j), vc = load<V>(c + j), vd = load<V>(d + j);
-    const auto tb = beats_lanes(vb, va);
-    const V m_b = tb ? vb : va;
-    const auto tc = beats_lanes(vc, m_b);
-    const V m_c = tc ? vc : m_b;
-    const auto td = beats_lanes(vd, m_c);
+    const Contest<V> won(load<V>(a + j), load<V>(b + j), load<V>(c + j), load<V>(d + j));
     if constexpr (Backward) {
-      const V g = load<V>(grad_out + j), zero = V{};
-      store(grad[3] + j, td ? g : zero);
-      store(grad[2] + j, (tc & ~td) ? g : zero);
-      store(grad[1] + j, (tb & ~tc & ~td) ? g : zero);
-      store(grad[0] + j, (tb | tc | td) ? zero : g);
+      const V g = load<V>(grad_out + j);
+      store(grad[0] + j, won.to_a(g));
+      store(grad[1] + j, won.to_b(g));
+      store(grad[2] + j, won.to_c(g));
+      store(grad[3] + j, won.to_d(g));
     } else {
-      store(out + j, td ? vd : m_c);
+      store(out + j, won.best);
     }
   }
   for (; j < count; ++j) {
@@ -91,23 +105,17 @@ void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ gr
   if constexpr (Backward) std::copy(grad_out, grad_out + windows, result);
   for (int64_t k = 0; k < padded; k += 8) {
     const V2 t = load<V2>(top + 2 * k), u = load<V2>(bottom + 2 * k);
-    const V va = __builtin_shufflevector(t, t, 0, 2, 4, 6, 8, 10, 12, 14);
-    const V vb = __builtin_shufflevector(t, t, 1, 3, 5, 7, 9, 11, 13, 15);
-    const V vc = __builtin_shufflevector(u, u, 0, 2, 4, 6, 8, 10, 12, 14);
-    const V vd = __builtin_shufflevector(u, u, 1, 3, 5, 7, 9, 11, 13, 15);
-    const auto tb = beats_lanes(vb, va);
-    const V m_b = tb ? vb : va;
-    const auto tc = beats_lanes(vc, m_b);
-    const V m_c = tc ? vc : m_b;
-    const auto td = beats_lanes(vd, m_c);
-    if constexpr (Backward) {
-      const V g = load<V>(result + k), zero = V{};
-      const V ga = (tb | tc | td) ? zero : g, gb = (tb & ~tc & ~td) ? g : zero;
-      const V gc = (tc & ~td) ? g : zero, gd = td ? g : zero;
+    const Contest<V> won(__builtin_shufflevector(t, t, 0, 2, 4, 6, 8, 10, 12, 14),
+                         __builtin_shufflevector(t, t, 1, 3, 5, 7, 9, 11, 13, 15),
+                         __builtin_shufflevector(u, u, 0, 2, 4, 6, 8, 10, 12, 14),
+                         __builtin_shufflevector(u, u, 1, 3, 5, 7, 9, 11, 13, 15));
+    if constexpr (Backward) {  // interleaved back into the staged rows
+      const V g = load<V>(result + k);
+      const V ga = won.to_a(g), gb = won.to_b(g), gc = won.to_c(g), gd = won.to_d(g);
       store(top + 2 * k, V2(__builtin_shufflevector(ga, gb, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
       store(bottom + 2 * k, V2(__builtin_shufflevector(gc, gd, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
     } else {
-      store(result + k, td ? vd : m_c);
+      store(result + k, won.best);
     }
   }
   if constexpr (Backward) {
