@@ -1,7 +1,7 @@
 // The path from each registered op to a backend's kernels, written once.
 //
-// A backend is a struct of static kernel entry points (CpuKernels in
-// csrc/cpu/, CudaKernels in csrc/cuda/). Every op checks its arguments
+// A backend is a struct of static kernel entry points (backend.h; CpuKernels
+// in csrc/cpu/, CudaKernels in csrc/cuda/). Every op checks its arguments
 // (shapes.h), puts its tensors in one memory format, allocates the result and
 // hands the backend raw work:
 //
@@ -18,6 +18,7 @@
 
 #include <torch/library.h>
 
+#include "backend.h"
 #include "shapes.h"
 
 #ifndef CAE_NAMESPACE
@@ -32,9 +33,6 @@ inline constexpr const char* kOpNames[] = {
     "conv_transpose3x3_grad_weight", "bias_grad", "max_pool2x2",
     "max_pool2x2_grad_input"};
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
 template <class K>
 struct Ops {
   static void check_dtype(const Tensor& input) {
@@ -43,14 +41,26 @@ struct Ops {
                 " (supported: ", K::supported_dtypes, ")");
   }
 
-  static Tensor conv3x3(const Tensor& input, const Tensor& weight,
-                        const OptTensor& bias, int64_t stride, bool relu) {
+  // What every op of the two convolution families checks first: the input,
+  // its dtype on this backend, the stride, and (where given) the weight, whose
+  // input channels are dim 1 ([C_out, C_in, 3, 3]) or, transposed, dim 0.
+  static void check_input(const Tensor& input, int64_t stride) {
     check_activation(input, "input", input);
     check_dtype(input);
-    check_weight(weight, input, "[C_out, C_in, 3, 3]");
-    check_input_channels(input, weight.size(1), weight);
-    check_bias(bias, input, weight.size(0));
     check_stride(stride);
+  }
+
+  static void check_input_and_weight(const Tensor& input, int64_t stride, const Tensor& weight,
+                                     bool transposed) {
+    check_input(input, stride);
+    check_weight(weight, input, transposed ? "[C_in, C_out, 3, 3]" : "[C_out, C_in, 3, 3]");
+    check_input_channels(input, weight.size(transposed ? 0 : 1), weight);
+  }
+
+  static Tensor conv3x3(const Tensor& input, const Tensor& weight,
+                        const OptTensor& bias, int64_t stride, bool relu) {
+    check_input_and_weight(input, stride, weight, false);
+    check_bias(bias, input, weight.size(0));
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
     auto output = at::empty({input.size(0), weight.size(0),
@@ -68,11 +78,7 @@ struct Ops {
                                    const OptTensor& relu_output,
                                    const Tensor& weight, const Tensor& input,
                                    int64_t stride) {
-    check_activation(input, "input", input);
-    check_dtype(input);
-    check_weight(weight, input, "[C_out, C_in, 3, 3]");
-    check_input_channels(input, weight.size(1), weight);
-    check_stride(stride);
+    check_input_and_weight(input, stride, weight, false);
     check_activation(grad_output, "grad_output", input);
     check_same_shape(grad_output, "grad_output",
                      {input.size(0), weight.size(0),
@@ -94,9 +100,7 @@ struct Ops {
   static Tensor conv3x3_grad_weight(const Tensor& grad_output,
                                     const OptTensor& relu_output,
                                     const Tensor& input, int64_t stride) {
-    check_activation(input, "input", input);
-    check_dtype(input);
-    check_stride(stride);
+    check_input(input, stride);
     check_activation(grad_output, "grad_output", input);
     TORCH_CHECK(grad_output.size(0) == input.size(0) &&
                     grad_output.size(2) == conv_output_size(input.size(2), stride) &&
@@ -119,12 +123,8 @@ struct Ops {
   static Tensor conv_transpose3x3(const Tensor& input, const Tensor& weight,
                                   const OptTensor& bias, int64_t stride,
                                   bool relu) {
-    check_activation(input, "input", input);
-    check_dtype(input);
-    check_weight(weight, input, "[C_in, C_out, 3, 3]");
-    check_input_channels(input, weight.size(0), weight);
+    check_input_and_weight(input, stride, weight, true);
     check_bias(bias, input, weight.size(1));
-    check_stride(stride);
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
     auto output = at::empty({input.size(0), weight.size(1),
@@ -153,11 +153,7 @@ struct Ops {
                                              const Tensor& weight,
                                              const Tensor& input,
                                              int64_t stride) {
-    check_activation(input, "input", input);
-    check_dtype(input);
-    check_weight(weight, input, "[C_in, C_out, 3, 3]");
-    check_input_channels(input, weight.size(0), weight);
-    check_stride(stride);
+    check_input_and_weight(input, stride, weight, true);
     check_transpose_grad_output(grad_output, input, weight.size(1), stride);
     check_relu_output(relu_output, grad_output);
     const bool nhwc = is_channels_last(input);
@@ -175,9 +171,7 @@ struct Ops {
                                               const OptTensor& relu_output,
                                               const Tensor& input,
                                               int64_t stride) {
-    check_activation(input, "input", input);
-    check_dtype(input);
-    check_stride(stride);
+    check_input(input, stride);
     check_transpose_grad_output(grad_output, input, grad_output.size(1), stride);
     check_relu_output(relu_output, grad_output);
     const bool nhwc = is_channels_last(input);

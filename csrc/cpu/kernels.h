@@ -76,21 +76,7 @@ struct CpuKernels {
   static bool supports(at::ScalarType t) {
     return t == at::kFloat || t == at::kDouble;
   }
-  static void correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
-                        const Tensor& w, const OptTensor& bias, int64_t stride,
-                        bool relu, bool nhwc);
-  static void correlate_transpose(const Tensor& out, const Tensor& g,
-                                  const OptTensor& g_gate, const Tensor& w,
-                                  const OptTensor& bias, int64_t stride,
-                                  bool relu, bool nhwc);
-  static void weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
-                          const Tensor& b, const OptTensor& b_gate,
-                          int64_t stride, bool nhwc);
-  static void bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
-                        bool nhwc);
-  static void max_pool(const Tensor& out, const Tensor& x, bool nhwc);
-  static void max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,
-                            const Tensor& x, bool nhwc);
+  CAE_BACKEND_KERNELS
 };
 
 }  // namespace cae

@@ -1,5 +1,5 @@
 // The CUDA backend: hand-written kernels (the *_kernels.cuh headers) behind
-// the static interface every backend has (csrc/ops.h, csrc/cpu/kernels.h).
+// the static interface every backend has (csrc/backend.h).
 // Tensors arrive checked, contiguous in the layout named by `nhwc`, outputs
 // preallocated. Each entry point guards the device, launches on the current
 // stream and checks every launch.
@@ -17,6 +17,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+
+#include "../backend.h"
 #ifndef CAE_SIM
 // What common.cuh's CAE_DEVICE_GUARD / CAE_CURRENT_STREAM /
 // CAE_KERNEL_LAUNCH_CHECK name in the nvcc build.
@@ -36,10 +38,6 @@
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace cae {
-
-using at::Tensor;  // as in ../ops.h
-using OptTensor = std::optional<Tensor>;
-
 namespace cuda {
 
 template <typename T>
@@ -82,21 +80,7 @@ struct CudaKernels {
   static bool supports(at::ScalarType t) {
     return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
   }
-  static void correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
-                        const Tensor& w, const OptTensor& bias, int64_t stride,
-                        bool relu, bool nhwc);
-  static void correlate_transpose(const Tensor& out, const Tensor& g,
-                                  const OptTensor& g_gate, const Tensor& w,
-                                  const OptTensor& bias, int64_t stride,
-                                  bool relu, bool nhwc);
-  static void weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
-                          const Tensor& b, const OptTensor& b_gate,
-                          int64_t stride, bool nhwc);
-  static void bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
-                        bool nhwc);
-  static void max_pool(const Tensor& out, const Tensor& x, bool nhwc);
-  static void max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,
-                            const Tensor& x, bool nhwc);
+  CAE_BACKEND_KERNELS
 };
 
 }  // namespace cae
