@@ -61,12 +61,22 @@ def check_forward_backward(ours, ref, inputs, ref_inputs, dtype, fmt):
             assert_close(mine.grad, theirs.grad, dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("activation", [None, "relu"])
-@pytest.mark.parametrize("c_in,c_out,h,w", CONV_SHAPES)
+def every_conv_case(test):
+    """The grid both convolution families are tested over."""
+    marks = [
+        pytest.mark.parametrize("device", DEVICES),
+        pytest.mark.parametrize("dtype", CPU_DTYPES),
+        pytest.mark.parametrize("fmt", ["nchw", "nhwc"]),
+        pytest.mark.parametrize("stride", [1, 2]),
+        pytest.mark.parametrize("activation", [None, "relu"]),
+        pytest.mark.parametrize("c_in,c_out,h,w", CONV_SHAPES),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+@every_conv_case
 def test_conv3x3(device, dtype, fmt, stride, activation, c_in, c_out, h, w):
     x = make_input(3, c_in, h, w, dtype, device, fmt)
     weight = torch.randn(c_out, c_in, 3, 3, dtype=dtype, device=device, requires_grad=True)
@@ -77,12 +87,7 @@ def test_conv3x3(device, dtype, fmt, stride, activation, c_in, c_out, h, w):
     check_forward_backward(ours, ref, (x, weight, bias), ref_inputs, dtype, fmt)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("activation", [None, "relu"])
-@pytest.mark.parametrize("c_in,c_out,h,w", CONV_SHAPES)
+@every_conv_case
 def test_conv_transpose3x3(device, dtype, fmt, stride, activation, c_in, c_out, h, w):
     h, w = (math.ceil(h / stride), math.ceil(w / stride))  # keep outputs near the layer sizes
     x = make_input(3, c_in, h, w, dtype, device, fmt)
