@@ -29,6 +29,9 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
   }
   const auto rows = nhwc ? arange(P, C_in) : arange(C_out, K);
   const auto cols = nhwc ? arange(K, C_out) : arange(K, 1);
+  const ProductShape shape =
+      nhwc ? product_shape<T>(P, K, {nullptr, rows.data(), taps.data()}, {nullptr, cols.data(), nullptr})
+           : product_shape<T>(C_out, K, {w, rows.data(), cols.data()}, {nullptr, taps.data(), nullptr});
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> buffer(win.buffer_size()), result(P * C_out);
     for (int64_t n = begin; n < end; ++n) {
@@ -36,10 +39,10 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
       pad_sample<T, Gated>(x + offset, x_gate ? x_gate + offset : nullptr, win, buffer.data());
       if (nhwc) {
         gemm<T>(P, C_out, K, {buffer.data(), rows.data(), taps.data()},
-                {w_nhwc.data(), cols.data(), nullptr}, result.data(), C_out, false);
+                {w_nhwc.data(), cols.data(), nullptr}, result.data(), C_out, false, shape);
       } else {
         gemm<T>(C_out, P, K, {w, rows.data(), cols.data()}, {buffer.data(), taps.data(), nullptr},
-                result.data(), P, false);
+                result.data(), P, false, shape);
       }
       store_result(result.data(), H_out, W_out, win.Wq, C_out, nhwc, out + n * C_out * H_out * W_out,
                    H_out, W_out, 1, 0, 0, bias, apply_relu);
@@ -122,6 +125,8 @@ void weight_grad_impl(T* out, const T* a, const T* a_gate, const T* b, const T* 
     for (int64_t t = 0; t < 9; ++t) taps[cb * 9 + t] = win.tap_offset(cb, t / 3, t % 3);
   const auto positions = arange(P, win.position_step());
   const auto a_rows = arange(P, C_a);
+  const ProductShape shape =
+      product_shape<T>(M, P, {nullptr, taps.data(), positions.data()}, {nullptr, a_rows.data(), nullptr});
   Scratch<T> partial(chunks * chunk_size, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> buffer(win.buffer_size()), a_by_position(P * C_a + kReadPast);
@@ -138,7 +143,7 @@ void weight_grad_impl(T* out, const T* a, const T* a_gate, const T* b, const T* 
           tap_blocked<T, 32>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
         } else {
           gemm<T>(M, C_a, P, {buffer.data(), taps.data(), positions.data()},
-                  {a_by_position.data(), a_rows.data(), nullptr}, sums, C_a, true);
+                  {a_by_position.data(), a_rows.data(), nullptr}, sums, C_a, true, shape);
         }
       }
     }

@@ -21,6 +21,7 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
   struct Phase {
     int64_t ry, rx, K;
     std::vector<int64_t> a_rows, a_cols, b_rows;
+    ProductShape shape;
   };
   std::vector<Phase> phases;
   Scratch<T> w_nhwc;  // [tap][ca][cb]
@@ -32,7 +33,7 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
   }
   for (int64_t ry = 0; ry < 2; ++ry) {
     for (int64_t rx = 0; rx < 2; ++rx) {
-      Phase phase{ry, rx, 0, {}, {}, {}};
+      Phase phase{ry, rx, 0, {}, {}, {}, {}};
       // Output row 2a + ry takes tap ky from input row a + (ry + 1 - ky) / 2.
       for (int64_t ky = 0; ky < 3; ++ky) {
         if ((ry + 1 - ky) % 2 != 0) continue;
@@ -52,6 +53,8 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
       }
       phase.K = static_cast<int64_t>(phase.a_cols.size());
       phase.a_rows = nhwc ? arange(P, C_a) : arange(C_b, 9);
+      phase.shape = product_shape<T>(nhwc ? P : C_b, phase.K, {w, phase.a_rows.data(), phase.a_cols.data()},
+                                     {nullptr, phase.b_rows.data(), nullptr});
       phases.push_back(std::move(phase));
     }
   }
@@ -64,10 +67,10 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
       for (const Phase& ph : phases) {
         if (nhwc) {
           gemm<T>(P, C_b, ph.K, {buffer.data(), ph.a_rows.data(), ph.a_cols.data()},
-                  {w_nhwc.data(), ph.b_rows.data(), nullptr}, result.data(), C_b, false);
+                  {w_nhwc.data(), ph.b_rows.data(), nullptr}, result.data(), C_b, false, ph.shape);
         } else {
           gemm<T>(C_b, P, ph.K, {w, ph.a_rows.data(), ph.a_cols.data()},
-                  {buffer.data(), ph.b_rows.data(), nullptr}, result.data(), P, false);
+                  {buffer.data(), ph.b_rows.data(), nullptr}, result.data(), P, false, ph.shape);
         }
         store_result(result.data(), H_a, W_a, win.Wq, C_b, nhwc, y, H, W, 2, ph.ry, ph.rx, bias,
                      apply_relu);
