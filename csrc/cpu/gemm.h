@@ -269,7 +269,7 @@ inline void gemm_pair_tile(int64_t K, const Operand<float>& a, int64_t m0,
   const RowPointers<float, MR, RowStep> a_rows(a, m0);
   V acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = V{};
-  constexpr int Run = RowStep ? RowStep : 2;  // k per lookup of a.col (see gemm_tile)
+  constexpr int Run = RowStep >= 2 ? RowStep : 2;  // k per lookup of a.col (see gemm_tile)
   for (int64_t k0 = 0; k0 < K; k0 += Run) {
     const int64_t a_k = a.col[k0];
     for (int i = 0; i < Run; i += 2) {
@@ -323,13 +323,13 @@ void gemm_paired(int64_t M, int64_t K, const Operand<float>& a, const Operand<fl
 }
 
 // The shape of an NHWC product, for which the tiles are compiled with the
-// channel count as RowStep (8 or 16): A's rows (positions) RowStep apart, and
+// channel count as RowStep (1, 8 or 16): A's rows (positions) RowStep apart, and
 // k in runs of RowStep (the channels of one tap) along which A's columns
 // step by 1 and B's rows by one constant. Else 0.
 inline int row_step(int64_t M, int64_t K, const int64_t* a_row, const int64_t* a_col,
                     const int64_t* b_row) {
   const int64_t step = M > 1 ? a_row[1] - a_row[0] : 0;
-  if ((step != 8 && step != 16) || K % step != 0 || K < 2) return 0;
+  if ((step != 1 && step != 8 && step != 16) || K % step != 0 || K < 2) return 0;
   for (int64_t m = 1; m < M; ++m)
     if (a_row[m] - a_row[m - 1] != step) return 0;
   const int64_t ldb = b_row[1] - b_row[0];
@@ -383,6 +383,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>
           int64_t ldc, bool accumulate, const ProductShape& shape) {
   if (M <= 0 || N <= 0) return;
   switch (shape.row_step) {
+    case 1: return gemm_with_rows<T, 1>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
     case 8: return gemm_with_rows<T, 8>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
     case 16: return gemm_with_rows<T, 16>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
     default: return gemm_with_rows<T, 0>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
