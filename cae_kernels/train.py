@@ -89,7 +89,7 @@ class Config:
     data_dir: str | None = None
     limit: int | None = None
     backend: str = "cae"
-    memory_format: str = "nchw"
+    memory_format: str = "nhwc"  # the faster layout on the CPU, both backends (benchmarks/results)
     device: str = "cpu"
 
     def __post_init__(self):  # normalize, so that equal settings compare equal
