@@ -70,6 +70,9 @@ def cuda_wheel_include_dirs():
 def extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard it needs
+    # GCC notes that passing vectors wider than -march's registers changes the
+    # ABI: our vector helpers are inline, internal to each kernel.
+    cxx_flags += ["-Wno-psabi"]
     cxx_flags += cpu_arch_flags()
     # at::parallel_for is an inline "#pragma omp parallel" in torch's headers:
     # without -fopenmp it silently runs on one thread.

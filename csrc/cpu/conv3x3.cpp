@@ -73,9 +73,12 @@ void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__
     for (int c = 0; c < CA; ++c) a_c[c] = V{} + a_q[c];
     for (int t = 0; t < 9; ++t) {
       V b_t = load<V>(b_q + tap[t]);
+#if defined(__AVX512F__) && defined(__GNUC__)
       // Held in a register: otherwise GCC folds the load into each of the CA
-      // FMAs, and the loop becomes bound by loads.
+      // FMAs, and the loop becomes bound by loads. (Only where a vector of
+      // these fits one register, as it does with AVX-512.)
       asm("" : "+v"(b_t));
+#endif
       for (int c = 0; c < CA; ++c) acc[c][t] += a_c[c] * b_t;
     }
   }
