@@ -76,6 +76,25 @@ void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Win
   // elements, where one fill beats thousands of small ones (measured).
   const bool zero_rows = w.nhwc;
   if (!zero_rows) std::fill(buffer, buffer + w.buffer_size(), T(0));
+  if (s == 2 && !w.nhwc) {
+    // One pass over each source row fills both column phases: even columns
+    // land in phase px = 1 at b = ix / 2, odd ones in px = 0 at b = (ix + 1) / 2
+    // (per phase and row, the rows of 14 elements cost more in loop overhead
+    // than in copying).
+    for (int64_t c = 0; c < w.C; ++c) {
+      for (int64_t iy = 0; iy < w.H; ++iy) {
+        const int64_t py = (iy + 1) % 2, a = (iy + 1) / 2, src = c * sc + iy * w.W;
+        T* __restrict__ even = buffer + w.offset(py * 2 + 1, c, a, 0);
+        T* __restrict__ odd = buffer + w.offset(py * 2, c, a, 1);
+        for (int64_t b = 0; b < w.W / 2; ++b) {
+          even[b] = gate<Gated>(x[src + 2 * b], x_gate, src + 2 * b);
+          odd[b] = gate<Gated>(x[src + 2 * b + 1], x_gate, src + 2 * b + 1);
+        }
+        if (w.W % 2) even[w.W / 2] = gate<Gated>(x[src + w.W - 1], x_gate, src + w.W - 1);
+      }
+    }
+    return;
+  }
   for (int64_t py = 0; py < s; ++py) {
     for (int64_t px = 0; px < s; ++px) {
       const int64_t phase = py * s + px;
