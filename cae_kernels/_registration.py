@@ -50,12 +50,13 @@ def _fake_grad_input(grad_output, relu_output, weight, input, stride):
     return _empty(input, input.shape)
 
 
+# The weight gradient ops return the bias's gradient too (one pass over the samples).
 def _fake_conv3x3_grad_weight(grad_output, relu_output, input, stride):
-    return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3))
+    return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3)), _fake_bias_grad(grad_output, relu_output)
 
 
 def _fake_conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride):
-    return input.new_empty((input.shape[1], grad_output.shape[1], 3, 3))
+    return input.new_empty((input.shape[1], grad_output.shape[1], 3, 3)), _fake_bias_grad(grad_output, relu_output)
 
 
 def _fake_bias_grad(grad_output, relu_output):
@@ -94,9 +95,11 @@ def register(namespace):
             grad_input = grad_weight = grad_bias = None
             if needs_input:
                 grad_input = grad_input_op(grad_output, relu_output, weight, input, ctx.stride)
-            if needs_weight:
-                grad_weight = grad_weight_op(grad_output, relu_output, input, ctx.stride)
-            if needs_bias and ctx.has_bias:
+            needs_bias = needs_bias and ctx.has_bias
+            if needs_weight:  # the bias's gradient comes with it
+                grad_weight, bias_sum = grad_weight_op(grad_output, relu_output, input, ctx.stride)
+                grad_bias = bias_sum if needs_bias else None
+            elif needs_bias:
                 grad_bias = ops.bias_grad(grad_output, relu_output)
             return grad_input, grad_weight, grad_bias, None, None
 

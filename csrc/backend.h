@@ -23,7 +23,7 @@ using OptTensor = std::optional<Tensor>;
                                   bool relu, bool nhwc);                                    \
   static void weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,      \
                           const Tensor& b, const OptTensor& b_gate, int64_t stride,         \
-                          bool nhwc);                                                       \
+                          bool nhwc, const Tensor& bias_out, bool bias_of_b);               \
   static void bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,        \
                         bool nhwc);                                                         \
   static void max_pool(const Tensor& out, const Tensor& x, bool nhwc);                      \

@@ -10,10 +10,10 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   // such an op; gradients pass only where it is positive.
   m.def("conv3x3(Tensor input, Tensor weight, Tensor? bias, int stride, bool relu) -> Tensor");
   m.def("conv3x3_grad_input(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, int stride) -> Tensor");
-  m.def("conv3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> Tensor");
+  m.def("conv3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> (Tensor, Tensor)");
   m.def("conv_transpose3x3(Tensor input, Tensor weight, Tensor? bias, int stride, bool relu) -> Tensor");
   m.def("conv_transpose3x3_grad_input(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, int stride) -> Tensor");
-  m.def("conv_transpose3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> Tensor");
+  m.def("conv_transpose3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> (Tensor, Tensor)");
   m.def("bias_grad(Tensor grad_output, Tensor? relu_output) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def("max_pool2x2_grad_input(Tensor grad_output, Tensor input) -> Tensor");

@@ -7,7 +7,8 @@
 //
 //   correlate            y = act(bias + conv3x3_stride(gate(x), w))
 //   correlate_transpose  x = act(bias + conv3x3_stride^T(gate(y), w))
-//   weight_grad          dw[r, c] = sum gate(a)[r] * shifted gate(b)[c]
+//   weight_grad          dw[r, c] = sum gate(a)[r] * shifted gate(b)[c], and in
+//                        the same pass db = sum gate(a) (or gate(b): bias_of_b)
 //   bias_grad            db[c] = sum gate(g)[c]
 //   max_pool, max_pool_grad
 //
@@ -17,6 +18,8 @@
 #pragma once
 
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "backend.h"
 #include "shapes.h"
@@ -97,9 +100,37 @@ struct Ops {
     return grad_input;
   }
 
-  static Tensor conv3x3_grad_weight(const Tensor& grad_output,
-                                    const OptTensor& relu_output,
-                                    const Tensor& input, int64_t stride) {
+  // The weight's gradient and, from the same pass over the samples, the
+  // bias's: the gated grad_output summed per channel (alone where the weight
+  // has nothing to sum over). grad_output is weight_grad's a (convolution)
+  // or b (transposed convolution).
+  static std::tuple<Tensor, Tensor> weight_and_bias_grads(Tensor grad_weight,
+                                                          const Tensor& grad_output,
+                                                          const OptTensor& relu_output,
+                                                          const Tensor& input, int64_t stride,
+                                                          bool transposed) {
+    const bool nhwc = is_channels_last(input);
+    const auto format = memory_format(nhwc);
+    auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
+    if (grad_output.numel() == 0) return {grad_weight.zero_(), grad_bias.zero_()};
+    const Tensor g = grad_output.contiguous(format);
+    const OptTensor gate = contiguous_in(relu_output, format);
+    if (input.numel() == 0) {
+      K::bias_grad(grad_bias, g, gate, nhwc);
+      return {grad_weight.zero_(), grad_bias};
+    }
+    const Tensor x = input.contiguous(format);
+    if (transposed) {
+      K::weight_grad(grad_weight, x, std::nullopt, g, gate, stride, nhwc, grad_bias, true);
+    } else {
+      K::weight_grad(grad_weight, g, gate, x, std::nullopt, stride, nhwc, grad_bias, false);
+    }
+    return {grad_weight, grad_bias};
+  }
+
+  static std::tuple<Tensor, Tensor> conv3x3_grad_weight(const Tensor& grad_output,
+                                                        const OptTensor& relu_output,
+                                                        const Tensor& input, int64_t stride) {
     check_input(input, stride);
     check_activation(grad_output, "grad_output", input);
     TORCH_CHECK(grad_output.size(0) == input.size(0) &&
@@ -109,15 +140,9 @@ struct Ops {
                 " does not match a stride-", stride,
                 " convolution of input of sizes ", input.sizes());
     check_relu_output(relu_output, grad_output);
-    const bool nhwc = is_channels_last(input);
-    const auto format = memory_format(nhwc);
-    auto grad_weight = at::empty({grad_output.size(1), input.size(1), 3, 3},
-                                 input.options());
-    if (grad_output.numel() == 0 || input.numel() == 0) return grad_weight.zero_();
-    K::weight_grad(grad_weight, grad_output.contiguous(format),
-                   contiguous_in(relu_output, format), input.contiguous(format),
-                   std::nullopt, stride, nhwc);
-    return grad_weight;
+    return weight_and_bias_grads(
+        at::empty({grad_output.size(1), input.size(1), 3, 3}, input.options()), grad_output,
+        relu_output, input, stride, false);
   }
 
   static Tensor conv_transpose3x3(const Tensor& input, const Tensor& weight,
@@ -167,22 +192,16 @@ struct Ops {
     return grad_input;
   }
 
-  static Tensor conv_transpose3x3_grad_weight(const Tensor& grad_output,
-                                              const OptTensor& relu_output,
-                                              const Tensor& input,
-                                              int64_t stride) {
+  static std::tuple<Tensor, Tensor> conv_transpose3x3_grad_weight(const Tensor& grad_output,
+                                                                  const OptTensor& relu_output,
+                                                                  const Tensor& input,
+                                                                  int64_t stride) {
     check_input(input, stride);
     check_transpose_grad_output(grad_output, input, grad_output.size(1), stride);
     check_relu_output(relu_output, grad_output);
-    const bool nhwc = is_channels_last(input);
-    const auto format = memory_format(nhwc);
-    auto grad_weight = at::empty({input.size(1), grad_output.size(1), 3, 3},
-                                 input.options());
-    if (grad_output.numel() == 0 || input.numel() == 0) return grad_weight.zero_();
-    K::weight_grad(grad_weight, input.contiguous(format), std::nullopt,
-                   grad_output.contiguous(format),
-                   contiguous_in(relu_output, format), stride, nhwc);
-    return grad_weight;
+    return weight_and_bias_grads(
+        at::empty({input.size(1), grad_output.size(1), 3, 3}, input.options()), grad_output,
+        relu_output, input, stride, true);
   }
 
   static Tensor bias_grad(const Tensor& grad_output, const OptTensor& relu_output) {

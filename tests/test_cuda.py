@@ -251,7 +251,7 @@ def test_weight_grad_many_regions():
     """More weight-gradient regions than partial-sum blocks (512): 2048 images of 28x28."""
     x = make((2048, 8, 28, 28), torch.float32)
     g = make((2048, 16, 28, 28), torch.float32, seed=5)
-    ours = torch.ops.cae.conv3x3_grad_weight(g, None, x, 1)
+    ours, _ = torch.ops.cae.conv3x3_grad_weight(g, None, x, 1)
     ref = torch.nn.grad.conv2d_weight(x.detach().double(), (16, 8, 3, 3), g.detach().double(), 1, 1)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 

@@ -232,6 +232,27 @@ def opcheck_samples(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("c_in,c_out", [(0, 5), (3, 5), (16, 8), (8, 16), (16, 1)])
+def test_weight_grad_ops_return_the_bias_gradient(device, fmt, stride, transposed, c_in, c_out):
+    """The weight-gradient ops sum the gated output gradient per channel in the same
+    pass (with no input channels, alone)."""
+    x = make_input(2, c_in, 7, 6, torch.float64, device, fmt).detach()
+    if transposed:
+        op, out_shape = torch.ops.cae.conv_transpose3x3_grad_weight, (2, c_out, 7 * stride, 6 * stride)
+    else:
+        op, out_shape = torch.ops.cae.conv3x3_grad_weight, (2, c_out, math.ceil(7 / stride), math.ceil(6 / stride))
+    g = make_input(*out_shape, torch.float64, device, fmt).detach()
+    relu_output = make_input(*out_shape, torch.float64, device, fmt).detach().relu()
+    for gate in (relu_output, None):
+        _, grad_bias = op(g, gate, x, stride)
+        gated = g if gate is None else g * (gate > 0)
+        assert_close(grad_bias, gated.sum((0, 2, 3)), torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for op, args in opcheck_samples(device):
         torch.library.opcheck(op, args)

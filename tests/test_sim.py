@@ -173,9 +173,10 @@ def test_weight_grad_many_regions(fmt):
     regions. 520 images of 24 x 24 (one region each), NCHW and channels_last."""
     x = make((520, 1, 24, 24), torch.float64, fmt)
     g = make((520, 2, 24, 24), torch.float64, fmt, seed=5)
-    ours = sim.ops.conv3x3_grad_weight(g, None, x, 1)
+    ours, ours_bias = sim.ops.conv3x3_grad_weight(g, None, x, 1)
     ref = torch.nn.grad.conv2d_weight(x.detach(), (2, 1, 3, 3), g.detach(), 1, 1)
     torch.testing.assert_close(ours, ref, **tolerance(torch.float64))
+    torch.testing.assert_close(ours_bias, g.detach().sum((0, 2, 3)), **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -189,7 +190,7 @@ def test_shared_memory_plans_fit_every_shape(stride):
         y = sim.conv3x3(x, weight, None, stride)
         torch.testing.assert_close(y, F.conv2d(x, weight, None, stride, 1))
         g = make(y.shape, torch.float64, seed=4).detach()
-        torch.testing.assert_close(sim.ops.conv3x3_grad_weight(g, None, x.detach(), stride),
+        torch.testing.assert_close(sim.ops.conv3x3_grad_weight(g, None, x.detach(), stride)[0],
                                    torch.nn.grad.conv2d_weight(x.detach(), weight.shape, g, stride, 1))
 
 
@@ -202,8 +203,9 @@ def test_gated_backward_ops():
     relu_out = torch.relu(y).contiguous(memory_format=torch.channels_last)
     g = make(y.shape, torch.float64, "nhwc", seed=6).detach()
     gated = g * (relu_out > 0)
-    torch.testing.assert_close(sim.ops.conv3x3_grad_weight(g, relu_out, x.detach(), 2),
-                               torch.nn.grad.conv2d_weight(x.detach(), w.shape, gated, 2, 1))
+    grad_weight, grad_bias = sim.ops.conv3x3_grad_weight(g, relu_out, x.detach(), 2)
+    torch.testing.assert_close(grad_weight, torch.nn.grad.conv2d_weight(x.detach(), w.shape, gated, 2, 1))
+    torch.testing.assert_close(grad_bias, gated.sum((0, 2, 3)))
     torch.testing.assert_close(sim.ops.conv3x3_grad_input(g, relu_out, w.detach(), x.detach(), 2),
                                torch.nn.grad.conv2d_input(x.shape, w.detach(), gated, 2, 1))
     torch.testing.assert_close(sim.ops.bias_grad(g, relu_out), gated.sum((0, 2, 3)))

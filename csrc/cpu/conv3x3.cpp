@@ -111,10 +111,20 @@ void tap_blocked(int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b,
 // gate(b) under that tap: per sample one product [9 C_b, positions] x
 // [positions, C_a], accumulated per fixed batch chunk, the chunks then summed
 // in order.
+// sum[j] += rows[i * width + j] for i < count.
+template <typename T>
+void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, int64_t width) {
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = 0; j < width; ++j) sum[j] += rows[i * width + j];
+}
+
+// The bias's gradient comes from the same pass: the sum of gate(a) (the
+// convolution's output gradient) from its [position][channel] copy, or of
+// gate(b) (the transposed convolution's) from its padded copy, zeros around.
 template <typename T, bool GatedA, bool GatedB>
-void weight_grad_impl(T* out, const T* a, const T* a_gate, const T* b, const T* b_gate,
-                      int64_t stride, bool nhwc, int64_t N, int64_t C_a, int64_t H_a,
-                      int64_t W_a, int64_t C_b, int64_t H, int64_t W) {
+void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* a_gate, const T* b,
+                      const T* b_gate, int64_t stride, bool nhwc, int64_t N, int64_t C_a,
+                      int64_t H_a, int64_t W_a, int64_t C_b, int64_t H, int64_t W) {
   const Windows win(C_b, H, W, stride, H_a, W_a, nhwc);
   const int64_t M = 9 * C_b, P = win.positions(), size = M * C_a;
   const int64_t chunks = std::min(N, kBatchChunks);
@@ -131,10 +141,13 @@ void weight_grad_impl(T* out, const T* a, const T* a_gate, const T* b, const T* 
   const ProductShape shape =
       product_shape<T>(M, P, {nullptr, taps.data(), positions.data()}, {nullptr, a_rows.data(), nullptr});
   Scratch<T> partial(chunks * chunk_size, T(0));
+  const int64_t C_bias = bias_of_b ? C_b : C_a, planes = stride * stride;
+  Scratch<T> bias_partial(chunks * C_bias, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> buffer(win.buffer_size()), a_by_position(P * C_a + kReadPast);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       T* sums = partial.data() + chunk * chunk_size;
+      T* bias_sums = bias_partial.data() + chunk * C_bias;
       for (int64_t n = chunk * N / chunks; n < (chunk + 1) * N / chunks; ++n) {
         const int64_t b_offset = n * C_b * H * W, a_offset = n * C_a * H_a * W_a;
         pad_sample<T, GatedB>(b + b_offset, b_gate ? b_gate + b_offset : nullptr, win, buffer.data());
@@ -148,9 +161,24 @@ void weight_grad_impl(T* out, const T* a, const T* a_gate, const T* b, const T* 
           gemm<T>(M, C_a, P, {buffer.data(), taps.data(), positions.data()},
                   {a_by_position.data(), a_rows.data(), nullptr}, sums, C_a, true, shape);
         }
+        if (!bias_of_b) {
+          add_rows(bias_sums, a_by_position.data(), P, C_a);
+        } else if (nhwc) {
+          add_rows(bias_sums, buffer.data(), planes * win.Hq * win.Wq, C_b);
+        } else {
+          for (int64_t phase = 0; phase < planes; ++phase)
+            for (int64_t cb = 0; cb < C_b; ++cb)
+              bias_sums[cb] += gated_sum<T, false>(buffer.data() + win.offset(phase, cb, 0, 0), nullptr,
+                                                   win.Hq * win.Wq);
+        }
       }
     }
   });
+  for (int64_t c = 0; c < C_bias; ++c) {
+    T sum = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += bias_partial[chunk * C_bias + c];
+    bias_out[c] = sum;
+  }
   at::parallel_for(0, size, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {  // i indexes out: [ca][cb][tap]
       const int64_t ca = i / M, cb = i % M / 9, t = i % 9;
@@ -206,13 +234,14 @@ void CpuKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& 
 }
 
 void CpuKernels::weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
-                             const Tensor& b, const OptTensor& b_gate,
-                             int64_t stride, bool nhwc) {
+                             const Tensor& b, const OptTensor& b_gate, int64_t stride, bool nhwc,
+                             const Tensor& bias_out, bool bias_of_b) {
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cae_weight_grad_cpu", [&] {
     cpu::with_gate(a_gate, [&](auto gated_a) {
       cpu::with_gate(b_gate, [&](auto gated_b) {
         cpu::weight_grad_impl<scalar_t, decltype(gated_a)::value, decltype(gated_b)::value>(
-            out.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(a_gate),
+            out.data_ptr<scalar_t>(), bias_out.data_ptr<scalar_t>(), bias_of_b, a.data_ptr<scalar_t>(),
+            cpu::data_or_null<scalar_t>(a_gate),
             b.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_gate), stride, nhwc, a.size(0),
             a.size(1), a.size(2), a.size(3), b.size(1), b.size(2), b.size(3));
       });

@@ -30,7 +30,7 @@ void CudaKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor&
 
 void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTensor& a_gate,
                               const Tensor& b_t, const OptTensor& b_gate, int64_t stride,
-                              bool nhwc) {
+                              bool nhwc, const Tensor& bias_out, bool bias_of_b) {
   CAE_DEVICE_GUARD(a_t);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   CAE_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "cae_weight_grad_cuda", [&] {
@@ -56,6 +56,9 @@ void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTen
                                                   out.mutable_data_ptr<scalar_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
+  // The bias's gradient by its own kernel (the CPU's weight kernel sums it on
+  // the way).
+  bias_grad(bias_out, bias_of_b ? b_t : a_t, bias_of_b ? b_gate : a_gate, nhwc);
 }
 
 void CudaKernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
