@@ -53,7 +53,20 @@ struct Windows {
 template <typename T, bool Gated>
 inline void copy_run(T* __restrict__ dst, const T* __restrict__ x, const T* __restrict__ x_gate,
                      int64_t src, int64_t n) {
-  if constexpr (Gated) {
+  using V = typename Vec<T, 64>::type;
+  constexpr int64_t L = Vec<T, 64>::lanes;
+  if (n % L == 0 && n <= 4 * L) {
+    // A pixel's channels (NHWC, stride 2): whole vectors inline, not a call
+    // to memcpy (or a loop of unknown length) per pixel.
+    for (int64_t i = 0; i < n; i += L) {
+      const V v = load<V>(x + src + i);
+      if constexpr (Gated) {
+        store(dst + i, load<V>(x_gate + src + i) > T(0) ? v : V{});  // selects, as gate() does
+      } else {
+        store(dst + i, v);
+      }
+    }
+  } else if constexpr (Gated) {
     for (int64_t i = 0; i < n; ++i) dst[i] = gate<true>(x[src + i], x_gate, src + i);
   } else {
     std::memcpy(dst, x + src, n * sizeof(T));
