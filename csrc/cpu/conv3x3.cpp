@@ -107,10 +107,6 @@ void tap_blocked(int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b,
     tap_blocked_rows<T, Bytes, 3>(0, P, C_a, C_b, a, b, tap_offsets, out, cb0);
 }
 
-// out[ca, cb, tap] = sum over samples and positions of gate(a)[ca, p] times
-// gate(b) under that tap: per sample one product [9 C_b, positions] x
-// [positions, C_a], accumulated per fixed batch chunk, the chunks then summed
-// in order.
 // sum[j] += rows[i * width + j] for i < count.
 template <typename T>
 void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, int64_t width) {
@@ -118,9 +114,13 @@ void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, in
     for (int64_t j = 0; j < width; ++j) sum[j] += rows[i * width + j];
 }
 
-// The bias's gradient comes from the same pass: the sum of gate(a) (the
-// convolution's output gradient) from its [position][channel] copy, or of
-// gate(b) (the transposed convolution's) from its padded copy, zeros around.
+// out[ca, cb, tap] = sum over samples and positions of gate(a)[ca, p] times
+// gate(b) under that tap: per sample one product [9 C_b, positions] x
+// [positions, C_a], accumulated per fixed batch chunk, the chunks then summed
+// in order. The bias's gradient comes from the same pass: the sum of gate(a)
+// (the convolution's output gradient) from its [position][channel] copy, or
+// of gate(b) (the transposed convolution's) from its padded copy, zeros
+// around.
 template <typename T, bool GatedA, bool GatedB>
 void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* a_gate, const T* b,
                       const T* b_gate, int64_t stride, bool nhwc, int64_t N, int64_t C_a,
@@ -142,12 +142,13 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
       product_shape<T>(M, P, {nullptr, taps.data(), positions.data()}, {nullptr, a_rows.data(), nullptr});
   Scratch<T> partial(chunks * chunk_size, T(0));
   const int64_t C_bias = bias_of_b ? C_b : C_a, planes = stride * stride;
-  Scratch<T> bias_partial(chunks * C_bias, T(0));
+  const int64_t bias_chunk_size = (C_bias + 15) / 16 * 16;
+  Scratch<T> bias_partial(chunks * bias_chunk_size, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> buffer(win.buffer_size()), a_by_position(P * C_a + kReadPast);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       T* sums = partial.data() + chunk * chunk_size;
-      T* bias_sums = bias_partial.data() + chunk * C_bias;
+      T* bias_sums = bias_partial.data() + chunk * bias_chunk_size;
       for (int64_t n = chunk * N / chunks; n < (chunk + 1) * N / chunks; ++n) {
         const int64_t b_offset = n * C_b * H * W, a_offset = n * C_a * H_a * W_a;
         pad_sample<T, GatedB>(b + b_offset, b_gate ? b_gate + b_offset : nullptr, win, buffer.data());
@@ -176,7 +177,7 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
   });
   for (int64_t c = 0; c < C_bias; ++c) {
     T sum = 0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += bias_partial[chunk * C_bias + c];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += bias_partial[chunk * bias_chunk_size + c];
     bias_out[c] = sum;
   }
   at::parallel_for(0, size, 64, [&](int64_t begin, int64_t end) {

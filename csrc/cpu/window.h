@@ -75,8 +75,8 @@ inline void copy_run(T* __restrict__ dst, const T* __restrict__ x, const T* __re
 
 // The padded, phase-split copy of one sample of the large side, with the
 // ReLU gate applied on the way. Copied in runs contiguous on both sides:
-// whole rows at stride 1, a pixel's channels (NHWC) or one element (NCHW)
-// at stride 2.
+// whole rows at stride 1, a pixel's channels at stride 2 (NHWC); NCHW at
+// stride 2 splits each source row into its two column phases.
 template <typename T, bool Gated>
 void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Windows& w,
                 T* __restrict__ buffer) {
@@ -130,10 +130,8 @@ void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Win
           const int64_t src = c * sc + (s * a + py - 1) * sh + (s * b_lo + px - 1) * sw;
           if (s == 1) {
             copy_run<T, Gated>(dst, x, x_gate, src, (b_hi - b_lo) * run);
-          } else if (w.nhwc) {
+          } else {  // NHWC at stride 2 (NCHW's took the path above)
             for (int64_t b = 0; b < b_hi - b_lo; ++b) copy_run<T, Gated>(dst + b * run, x, x_gate, src + s * b * sw, run);
-          } else {
-            for (int64_t b = 0; b < b_hi - b_lo; ++b) dst[b] = gate<Gated>(x[src + s * b], x_gate, src + s * b);
           }
         }
       }
