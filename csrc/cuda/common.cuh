@@ -133,6 +133,27 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// x[at], ..., x[at + N - 1] by one vector load, each gated like load_gated;
+// zeros where !inside (a halo, or channels past a short last chunk).
+template <typename Acc, int N, typename T>
+CAE_DEVICE void load_gated_vec(Acc (&out)[N], const T* __restrict__ x, const T* __restrict__ gate,
+                               index_t at, bool inside) {
+  Vec<T, N> v, g;
+  if (inside) {
+    v = *reinterpret_cast<const Vec<T, N>*>(x + at);
+    if (gate != nullptr) g = *reinterpret_cast<const Vec<T, N>*>(gate + at);
+  }
+  CAE_UNROLL
+  for (int j = 0; j < N; ++j) {
+    Acc e = Acc(0);
+    if (inside) {
+      e = static_cast<Acc>(v.v[j]);
+      if (gate != nullptr) e = gated(e, static_cast<Acc>(g.v[j]));
+    }
+    out[j] = e;
+  }
+}
+
 // Widest vector of T that is at most 16 bytes, and at most `limit` elements.
 template <typename T, int limit = 16>
 constexpr int vec_width() {

@@ -76,20 +76,10 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
     const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
     const index_t at = ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c;
     if (vec) {
-      Vec<T, V> v, g;
-      if (inside) {
-        v = *reinterpret_cast<const Vec<T, V>*>(x + at);
-        if (gate != nullptr) g = *reinterpret_cast<const Vec<T, V>*>(gate + at);
-      }
+      Acc e[V];
+      load_gated_vec<Acc>(e, x, gate, at, inside);
       CAE_UNROLL
-      for (int j = 0; j < V; ++j) {
-        Acc e = Acc(0);
-        if (inside) {
-          e = static_cast<Acc>(v.v[j]);
-          if (gate != nullptr) e = gated(e, static_cast<Acc>(g.v[j]));
-        }
-        d[j * win.channel_stride] = e;
-      }
+      for (int j = 0; j < V; ++j) d[j * win.channel_stride] = e[j];
     } else {
       *d = inside ? load_gated<Acc>(x, gate, at) : Acc(0);
     }
@@ -446,20 +436,10 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
       const bool inside = n < N && y < H && xx < W && c < count;
       const index_t at = ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c;
       if (vec) {
-        Vec<T, V> v, g;
-        if (inside) {
-          v = *reinterpret_cast<const Vec<T, V>*>(x + at);
-          if (gate != nullptr) g = *reinterpret_cast<const Vec<T, V>*>(gate + at);
-        }
+        Acc e[V];
+        load_gated_vec<Acc>(e, x, gate, at, inside);
         CAE_UNROLL
-        for (int j = 0; j < V; ++j) {
-          Acc e = Acc(0);
-          if (inside) {
-            e = static_cast<Acc>(v.v[j]);
-            if (gate != nullptr) e = gated(e, static_cast<Acc>(g.v[j]));
-          }
-          dst[(c + j) * t.a_stride + p] = e;
-        }
+        for (int j = 0; j < V; ++j) dst[(c + j) * t.a_stride + p] = e[j];
       } else {
         dst[c * t.a_stride + p] = inside ? load_gated<Acc>(x, gate, at) : Acc(0);
       }
