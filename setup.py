@@ -2,7 +2,11 @@
 
 Environment:
   CAE_NO_CUDA=1   build the CPU kernels only, even where CUDA is available.
-  CAE_CPU_ARCH    -march for the CPU kernels: native (default), generic, or a name.
+  CAE_CPU_ARCH    unset (default): a portable build whose CPU kernels are compiled
+                  once per instruction-set level (baseline, AVX2, AVX-512) and
+                  chosen at run time (csrc/cpu/capability.h). native, or any other
+                  -march value: the whole extension for that CPU only, for
+                  people who build where they run.
   FORCE_CUDA=1    fail unless the CUDA kernels can be built.
   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: the GPUs
                   visible at build time, or sm_75 to sm_90 plus PTX when none is).
@@ -46,11 +50,11 @@ def want_cuda():
 
 
 def cpu_arch_flags():
-    """The CPU kernels are vectorized by the compiler, for this machine's vector
-    width by default (the extension is built where it runs). CAE_CPU_ARCH=generic
-    builds for any x86-64 (or other) CPU instead; any other value is passed to -march."""
-    arch = os.environ.get("CAE_CPU_ARCH", "native")
-    if arch == "generic":
+    """-march for the whole extension: none by default (the levels in
+    csrc/cpu/level_*.cpp bring their own targets, so one build runs well on any
+    CPU); CAE_CPU_ARCH=native (or another -march value) as an opt-in."""
+    arch = os.environ.get("CAE_CPU_ARCH", "").strip()
+    if arch in ("", "generic"):
         return []
     return [f"-march={arch}"]
 
@@ -74,12 +78,15 @@ def extensions():
     # ABI: our vector helpers are inline, internal to each kernel.
     cxx_flags += ["-Wno-psabi"]
     cxx_flags += cpu_arch_flags()
+    # With -march, even the baseline level uses that CPU's instructions
+    # (cae_kernels._C.cpu_portable_build says which kind of build this is).
+    macros = [] if cpu_arch_flags() else [("CAE_CPU_PORTABLE_BUILD", None)]
     # at::parallel_for is an inline "#pragma omp parallel" in torch's headers:
     # without -fopenmp it silently runs on one thread.
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     if not want_cuda():
-        return [CppExtension("cae_kernels._C", sources, extra_compile_args={"cxx": cxx_flags + openmp},
-                             extra_link_args=openmp)]
+        return [CppExtension("cae_kernels._C", sources, define_macros=macros,
+                             extra_compile_args={"cxx": cxx_flags + openmp}, extra_link_args=openmp)]
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     return [
@@ -88,7 +95,7 @@ def extensions():
             # csrc/cuda/*.cpp: host-only parts of the CUDA backend (no kernels)
             sources + sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
             include_dirs=cuda_wheel_include_dirs(),
-            define_macros=[("CAE_WITH_CUDA", None)],
+            define_macros=macros + [("CAE_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags + openmp,
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],

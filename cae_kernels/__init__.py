@@ -5,7 +5,18 @@ below or the layers of ``cae_kernels.nn``.
 """
 
 from . import nn
+from ._registration import cpu_capabilities, cpu_capability, set_cpu_capability
 from .functional import conv3x3, conv_transpose3x3, max_pool2x2, with_cuda
 
 __version__ = "0.1.0"
-__all__ = ["conv3x3", "conv_transpose3x3", "max_pool2x2", "nn", "with_cuda", "__version__"]
+__all__ = [
+    "conv3x3",
+    "conv_transpose3x3",
+    "max_pool2x2",
+    "nn",
+    "with_cuda",
+    "cpu_capability",
+    "cpu_capabilities",
+    "set_cpu_capability",
+    "__version__",
+]

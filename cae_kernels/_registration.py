@@ -144,4 +144,24 @@ def register(namespace):
 from . import _C  # noqa: E402  (loads the library: schemas and device kernels)
 
 with_cuda = bool(_C.with_cuda)
+
+
+def cpu_capability():
+    """The instruction-set level of the CPU kernels in use: ``"baseline"``,
+    ``"avx2"`` or ``"avx512"`` (the best this CPU runs, unless lowered by the
+    ``CAE_CPU_CAPABILITY`` environment variable or :func:`set_cpu_capability`)."""
+    return _C.cpu_capability()
+
+
+def cpu_capabilities():
+    """The levels this CPU can run, lowest first."""
+    return list(_C.cpu_capabilities())
+
+
+def set_cpu_capability(name):
+    """Runs the CPU kernels of level ``name`` from now on (one of
+    :func:`cpu_capabilities`); raises ValueError for a level this CPU lacks."""
+    _C.set_cpu_capability(name)
+
+
 register("cae")

@@ -39,16 +39,64 @@ TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CUDA, m) {
 #endif
 
 #ifndef CAE_SIM
+#include "cpu/capability.h"
+
+namespace {
+// The CPU kernels' instruction-set level (csrc/cpu/capability.h), for Python.
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(cae::cpu::capability_name(cae::cpu::active_capability()));
+}
+
+PyObject* cpu_capabilities(PyObject*, PyObject*) {
+  const auto levels = cae::cpu::supported_capabilities();
+  PyObject* names = PyList_New(static_cast<Py_ssize_t>(levels.size()));
+  for (size_t i = 0; names != nullptr && i < levels.size(); ++i)
+    PyList_SET_ITEM(names, i, PyUnicode_FromString(cae::cpu::capability_name(levels[i])));
+  return names;
+}
+
+PyObject* set_cpu_capability(PyObject*, PyObject* name) {
+  const char* text = PyUnicode_AsUTF8(name);
+  if (text == nullptr) return nullptr;
+  try {
+    cae::cpu::set_capability(text);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU kernels' instruction-set level in use."},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "The levels this CPU runs, lowest first."},
+    {"set_cpu_capability", set_cpu_capability, METH_O, "Selects the CPU kernels' level by name."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 // Importing cae_kernels._C loads the library, which registers the ops.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 #ifdef CAE_WITH_CUDA
   const long with_cuda = 1;
 #else
   const long with_cuda = 0;
 #endif
+#ifdef CAE_CPU_PORTABLE_BUILD
+  const long portable = 1;
+#else
+  const long portable = 0;
+#endif
+  // A bad CAE_CPU_CAPABILITY fails the import with its message, not a later op.
+  try {
+    cae::cpu::active_capability();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "with_cuda", with_cuda) != 0) {
+  if (m != nullptr && (PyModule_AddIntConstant(m, "with_cuda", with_cuda) != 0 ||
+                       PyModule_AddIntConstant(m, "cpu_portable_build", portable) != 0)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,31 +1,48 @@
 // The CPU backend: hand-written C++ kernels, parallel over the batch with
 // at::parallel_for, inner loops written for the compiler's vectorizer.
 // Tensors arrive checked, contiguous in the layout named by `nhwc`.
+//
+// CpuKernels hands each call to the kernels of the instruction-set level in
+// use (capability.h). This header is also the prelude of every level's
+// translation unit: everything from torch and the standard library is
+// included here, before the level's target switch, so that only our own
+// kernels are compiled for a wider instruction set (an inline function of a
+// header compiled for AVX2 in one unit could be the copy the linker keeps
+// for all of them).
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
+#include <new>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "../ops.h"
+#include "capability.h"
+
+// Compiles the functions that follow for target t (a GCC/Clang target
+// string), until CAE_CPU_TARGET_END.
+#define CAE_CPU_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define CAE_CPU_TARGET_BEGIN(t) \
+  CAE_CPU_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define CAE_CPU_TARGET_END CAE_CPU_PRAGMA(clang attribute pop)
+#else
+#define CAE_CPU_TARGET_BEGIN(t) CAE_CPU_PRAGMA(GCC push_options) CAE_CPU_PRAGMA(GCC target(t))
+#define CAE_CPU_TARGET_END CAE_CPU_PRAGMA(GCC pop_options)
+#endif
 
 namespace cae {
 namespace cpu {
-
-// [lo, hi): the output positions o whose tap k reads input position
-// stride * o + k - 1 inside [0, input_size).
-inline std::pair<int64_t, int64_t> tap_range(int64_t k, int64_t stride,
-                                             int64_t input_size,
-                                             int64_t output_size) {
-  const int64_t lo = k == 0 ? 1 : 0;
-  const int64_t last_input = input_size - k;  // stride * o <= input_size - k
-  const int64_t hi = last_input < 0 ? 0 : std::min(output_size, last_input / stride + 1);
-  return {lo, std::max(lo, hi)};
-}
 
 // relu_output gate: a gradient passes where the fused ReLU's output is
 // positive. Done on the bits (value AND all-ones-or-zero), so it never

@@ -6,22 +6,19 @@
 // The offset tables let the product read a 3x3 window straight out of a padded
 // copy of the input (window.h): A's or B's "rows" are shifted views of one
 // buffer, so no im2col matrix is ever written. Registers hold an MR x NV tile
-// of C as GCC/Clang vector types (AVX-512 with -march=native on such a CPU;
-// the compiler splits them into AVX2 or SSE elsewhere); each A element is
+// of C as GCC/Clang vector types, one register each at this level's vector
+// width (kVectorBytes, see csrc/cpu/capability.h); each A element is
 // broadcast once against NV vectors of B.
+//
+// Compiled once per instruction-set level, in namespace cae::cpu::<level>
+// (csrc/cpu/level_*.cpp): the level sets kVectorBytes and kVectorRegisters.
 #pragma once
 
-#include <algorithm>
-#include <array>
-#include <cstdint>
-#include <cstring>
-#include <new>
-#include <type_traits>
-#include <utility>
-#include <vector>
+#include "../kernels.h"
 
 namespace cae {
 namespace cpu {
+namespace CAE_CPU_LEVEL {
 
 // Scratch memory on 64-byte boundaries: a vector load of a 64-byte row that
 // straddles two cache lines costs two loads (measured: the weight gradient's
@@ -216,8 +213,8 @@ constexpr std::array<int, L> transpose_sum_order() {
 template <typename T, int RowStep>
 void gemv(int64_t M, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C, int64_t ldc,
           bool accumulate) {
-  using V = typename Vec<T, 64>::type;
-  constexpr int L = Vec<T, 64>::lanes;
+  using V = typename Vec<T, kVectorBytes>::type;
+  constexpr int L = Vec<T, kVectorBytes>::lanes;
   constexpr auto order = transpose_sum_order<L>();
   std::vector<int64_t> run_start{0};
   for (int64_t k = 1; k < K; ++k)
@@ -253,8 +250,9 @@ void gemv(int64_t M, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C, 
   }
 }
 
-// C as wide as half a float vector (8 channels): two consecutive k share each
-// vector, so no lane idles. A's pair (k, k + 1) is broadcast as one 64-bit
+// C as wide as half an AVX-512 float vector (8 channels): two consecutive k
+// share each vector, so no lane idles (narrower levels hold 8 channels in
+// one whole vector). A's pair (k, k + 1) is broadcast as one 64-bit
 // element, B is repacked to match, and lanes 2j and 2j + 1 of a tile row hold
 // column j's sums over even and odd k, added when the tile is stored.
 // Needs K even and A's elements of each pair adjacent (two channels of one
@@ -340,28 +338,40 @@ inline int row_step(int64_t M, int64_t K, const int64_t* a_row, const int64_t* a
   return static_cast<int>(step);
 }
 
-// Picks the tile for the width of C: wide rows get several vectors per tile
-// row, narrow ones (a few channels) more rows per tile: 16 where one register
-// addresses them all (measured best of 12 to 24 on AVX-512), else 12.
+// Rows of a tile NV vectors wide: its MR x NV accumulators, NV vectors of B
+// and a broadcast of A must fit this level's registers (with AVX2's 16, tiles
+// sized for AVX-512's 32 spilled: 5-16x slower). One-vector tiles take at
+// most 16 rows where one register addresses them all (measured best of 12 to
+// 24 on AVX-512), else 12; wider tiles at most 8.
+constexpr int tile_rows(int nv, bool rows_in_one_register) {
+  const int fit = (kVectorRegisters - nv - 1) / nv;
+  const int cap = nv > 1 ? 8 : rows_in_one_register ? 16 : 12;
+  return fit < cap ? fit : cap;
+}
+
+// Picks the tile for the width of C: narrow rows (a few channels) get one
+// vector per tile row and many rows, wide ones several vectors.
 template <typename T, int RowStep>
 void gemm_with_rows(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C,
                     int64_t ldc, bool accumulate, bool k_pairs) {
-  constexpr int64_t L = Vec<T, 64>::lanes;
-  if constexpr (std::is_same_v<T, float>) {
+  constexpr int Bytes = kVectorBytes;
+  constexpr int64_t L = Vec<T, Bytes>::lanes;
+  if constexpr (std::is_same_v<T, float> && Bytes == 64) {
     if (N == L / 2 && k_pairs) return gemm_paired<RowStep>(M, K, a, b, C, ldc, accumulate);
   }
   if (N == 1) {
     gemv<T, RowStep>(M, K, a, b, C, ldc, accumulate);
-  } else if (N <= L / 2) {
-    gemm_blocked<T, 32, RowStep ? 16 : 12, 1, RowStep>(M, N, K, a, b, C, ldc, accumulate);
+  } else if (N <= L / 2 && Bytes > 16) {
+    gemm_blocked<T, Bytes / 2, tile_rows(1, RowStep), 1, RowStep>(M, N, K, a, b, C, ldc, accumulate);
   } else if (N <= L) {
-    gemm_blocked<T, 64, RowStep ? 16 : 12, 1, RowStep>(M, N, K, a, b, C, ldc, accumulate);
+    gemm_blocked<T, Bytes, tile_rows(1, RowStep), 1, RowStep>(M, N, K, a, b, C, ldc, accumulate);
   } else if (N <= 2 * L) {
-    gemm_blocked<T, 64, 8, 2, 0>(M, N, K, a, b, C, ldc, accumulate);
-  } else if (M % 8 == 0) {  // NCHW with 8 or 16 output channels: no short tile
-    gemm_blocked<T, 64, 8, 3, 0>(M, N, K, a, b, C, ldc, accumulate);
+    gemm_blocked<T, Bytes, tile_rows(2, RowStep), 2, RowStep>(M, N, K, a, b, C, ldc, accumulate);
+  } else if (M % tile_rows(3, false) == 0) {  // NCHW with 8 or 16 output channels: no short tile
+    gemm_blocked<T, Bytes, tile_rows(3, false), 3, 0>(M, N, K, a, b, C, ldc, accumulate);
   } else {
-    gemm_blocked<T, 64, 6, 4, 0>(M, N, K, a, b, C, ldc, accumulate);
+    constexpr int NV = kVectorRegisters >= 32 ? 4 : 2;
+    gemm_blocked<T, Bytes, tile_rows(NV, false), NV, 0>(M, N, K, a, b, C, ldc, accumulate);
   }
 }
 
@@ -394,8 +404,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>
 // and vectorized (a plain float sum loop would not be, without fast-math).
 template <typename T, bool Gated>
 T gated_sum(const T* __restrict__ x, const T* __restrict__ x_gate, int64_t n) {
-  using V = typename Vec<T, 64>::type;
-  constexpr int L = Vec<T, 64>::lanes;
+  using V = typename Vec<T, kVectorBytes>::type;
+  constexpr int L = Vec<T, kVectorBytes>::lanes;
   V acc = V{};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
@@ -416,5 +426,6 @@ inline std::vector<int64_t> arange(int64_t count, int64_t step, int64_t start = 
   return v;
 }
 
+}  // namespace CAE_CPU_LEVEL
 }  // namespace cpu
 }  // namespace cae

@@ -6,6 +6,7 @@
 
 namespace cae {
 namespace cpu {
+namespace CAE_CPU_LEVEL {
 namespace {
 
 // Stride 2, one sample at a time: each of the four output phases (row and
@@ -80,9 +81,8 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
 }
 
 }  // namespace
-}  // namespace cpu
 
-void CpuKernels::correlate_transpose(const Tensor& out, const Tensor& g,
+void Kernels::correlate_transpose(const Tensor& out, const Tensor& g,
                                      const OptTensor& g_gate, const Tensor& w,
                                      const OptTensor& bias, int64_t stride,
                                      bool relu, bool nhwc) {
@@ -93,13 +93,15 @@ void CpuKernels::correlate_transpose(const Tensor& out, const Tensor& g,
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_correlate_transpose_cpu", [&] {
-    cpu::with_gate(g_gate, [&](auto gated) {
-      cpu::correlate_transpose_impl<scalar_t, decltype(gated)::value>(
-          out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(g_gate),
-          w.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(bias), relu, nhwc, g.size(0),
+    with_gate(g_gate, [&](auto gated) {
+      correlate_transpose_impl<scalar_t, decltype(gated)::value>(
+          out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), data_or_null<scalar_t>(g_gate),
+          w.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), relu, nhwc, g.size(0),
           g.size(1), g.size(2), g.size(3), out.size(1), out.size(2), out.size(3));
     });
   });
 }
 
+}  // namespace CAE_CPU_LEVEL
+}  // namespace cpu
 }  // namespace cae

@@ -5,6 +5,7 @@
 
 namespace cae {
 namespace cpu {
+namespace CAE_CPU_LEVEL {
 namespace {
 
 // y = act(bias + correlate(gate(x), w)), one sample at a time: a padded copy,
@@ -73,12 +74,12 @@ void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__
     for (int c = 0; c < CA; ++c) a_c[c] = V{} + a_q[c];
     for (int t = 0; t < 9; ++t) {
       V b_t = load<V>(b_q + tap[t]);
-#if defined(__AVX512F__) && defined(__GNUC__)
-      // Held in a register: otherwise GCC folds the load into each of the CA
-      // FMAs, and the loop becomes bound by loads. (Only where a vector of
-      // these fits one register, as it does with AVX-512.)
-      asm("" : "+v"(b_t));
-#endif
+      if constexpr (CA > 1 && Bytes == kVectorBytes) {
+        // Held in a register: otherwise GCC folds the load into each of the
+        // CA FMAs, and the loop becomes bound by loads. (Only where a vector
+        // of these fits one register.)
+        asm("" : "+v"(b_t));
+      }
       for (int c = 0; c < CA; ++c) acc[c][t] += a_c[c] * b_t;
     }
   }
@@ -103,8 +104,11 @@ void tap_blocked_rows(int64_t ca0, int64_t P, int64_t C_a, int64_t C_b, const T*
 template <typename T, int Bytes>
 void tap_blocked(int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b,
                  const int64_t* tap_offsets, T* out) {
-  for (int64_t cb0 = 0; cb0 < C_b; cb0 += Vec<T, Bytes>::lanes)  // 3: 27 accumulators of 32 registers
-    tap_blocked_rows<T, Bytes, 3>(0, P, C_a, C_b, a, b, tap_offsets, out, cb0);
+  // CA x 9 accumulators, CA broadcasts and a vector of b in registers: 3
+  // channels with 32 registers, 1 with 16.
+  constexpr int CA = (kVectorRegisters - 1) / 10;
+  for (int64_t cb0 = 0; cb0 < C_b; cb0 += Vec<T, Bytes>::lanes)
+    tap_blocked_rows<T, Bytes, CA>(0, P, C_a, C_b, a, b, tap_offsets, out, cb0);
 }
 
 // sum[j] += rows[i * width + j] for i < count.
@@ -131,8 +135,11 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
   const int64_t chunk_size = (size + 15) / 16 * 16;  // each chunk's partial sums on a cache line
   // NHWC with b's channels in whole vectors: the tap-blocked product, its
   // partial sums [ca][tap][cb]; otherwise gemm's, [cb][tap][ca].
-  constexpr int64_t lanes64 = Vec<T, 64>::lanes, lanes32 = Vec<T, 32>::lanes;
-  const int vector_bytes = !nhwc ? 0 : C_b % lanes64 == 0 ? 64 : C_b % lanes32 == 0 ? 32 : 0;
+  constexpr int64_t lanes = Vec<T, kVectorBytes>::lanes;
+  const int vector_bytes = !nhwc ? 0
+                           : C_b % lanes == 0 ? kVectorBytes
+                           : C_b % (lanes / 2) == 0 && kVectorBytes > 16 ? kVectorBytes / 2
+                                                                        : 0;
   std::vector<int64_t> taps(M);  // m = cb * 9 + tap
   for (int64_t cb = 0; cb < C_b; ++cb)
     for (int64_t t = 0; t < 9; ++t) taps[cb * 9 + t] = win.tap_offset(cb, t / 3, t % 3);
@@ -154,10 +161,10 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
         pad_sample<T, GatedB>(b + b_offset, b_gate ? b_gate + b_offset : nullptr, win, buffer.data());
         positions_by_channel<T, GatedA>(a + a_offset, a_gate ? a_gate + a_offset : nullptr, C_a, win,
                                         a_by_position.data());
-        if (vector_bytes == 64) {
-          tap_blocked<T, 64>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
-        } else if (vector_bytes == 32) {
-          tap_blocked<T, 32>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
+        if (vector_bytes == kVectorBytes) {
+          tap_blocked<T, kVectorBytes>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
+        } else if (vector_bytes == kVectorBytes / 2 && kVectorBytes > 16) {
+          tap_blocked<T, kVectorBytes / 2>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
         } else {
           gemm<T>(M, C_a, P, {buffer.data(), taps.data(), positions.data()},
                   {a_by_position.data(), a_rows.data(), nullptr}, sums, C_a, true, shape);
@@ -219,47 +226,48 @@ void bias_grad_impl(T* out, const T* g, const T* g_gate, int64_t N, int64_t C, i
 }
 
 }  // namespace
-}  // namespace cpu
 
-void CpuKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
+void Kernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
                            const Tensor& w, const OptTensor& bias, int64_t stride,
                            bool relu, bool nhwc) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_correlate_cpu", [&] {
-    cpu::with_gate(x_gate, [&](auto gated) {
-      cpu::correlate_impl<scalar_t, decltype(gated)::value>(
-          out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(x_gate),
-          w.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(bias), stride, relu, nhwc,
+    with_gate(x_gate, [&](auto gated) {
+      correlate_impl<scalar_t, decltype(gated)::value>(
+          out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(x_gate),
+          w.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), stride, relu, nhwc,
           x.size(0), x.size(1), x.size(2), x.size(3), out.size(1), out.size(2), out.size(3));
     });
   });
 }
 
-void CpuKernels::weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
+void Kernels::weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
                              const Tensor& b, const OptTensor& b_gate, int64_t stride, bool nhwc,
                              const Tensor& bias_out, bool bias_of_b) {
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cae_weight_grad_cpu", [&] {
-    cpu::with_gate(a_gate, [&](auto gated_a) {
-      cpu::with_gate(b_gate, [&](auto gated_b) {
-        cpu::weight_grad_impl<scalar_t, decltype(gated_a)::value, decltype(gated_b)::value>(
+    with_gate(a_gate, [&](auto gated_a) {
+      with_gate(b_gate, [&](auto gated_b) {
+        weight_grad_impl<scalar_t, decltype(gated_a)::value, decltype(gated_b)::value>(
             out.data_ptr<scalar_t>(), bias_out.data_ptr<scalar_t>(), bias_of_b, a.data_ptr<scalar_t>(),
-            cpu::data_or_null<scalar_t>(a_gate),
-            b.data_ptr<scalar_t>(), cpu::data_or_null<scalar_t>(b_gate), stride, nhwc, a.size(0),
+            data_or_null<scalar_t>(a_gate),
+            b.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_gate), stride, nhwc, a.size(0),
             a.size(1), a.size(2), a.size(3), b.size(1), b.size(2), b.size(3));
       });
     });
   });
 }
 
-void CpuKernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
+void Kernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
                            bool nhwc) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_bias_grad_cpu", [&] {
-    cpu::with_gate(g_gate, [&](auto gated) {
-      cpu::bias_grad_impl<scalar_t, decltype(gated)::value>(
+    with_gate(g_gate, [&](auto gated) {
+      bias_grad_impl<scalar_t, decltype(gated)::value>(
           out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-          cpu::data_or_null<scalar_t>(g_gate), g.size(0), g.size(1),
+          data_or_null<scalar_t>(g_gate), g.size(0), g.size(1),
           g.size(2) * g.size(3), nhwc);
     });
   });
 }
 
+}  // namespace CAE_CPU_LEVEL
+}  // namespace cpu
 }  // namespace cae

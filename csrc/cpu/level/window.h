@@ -14,15 +14,11 @@
 // than Wo): the columns ox >= Wo are scratch that the copy back drops.
 #pragma once
 
-#include <algorithm>
-#include <cstdint>
-#include <vector>
-
 #include "gemm.h"
-#include "kernels.h"
 
 namespace cae {
 namespace cpu {
+namespace CAE_CPU_LEVEL {
 
 struct Windows {
   int64_t C, H, W, stride, Ho, Wo;
@@ -53,8 +49,8 @@ struct Windows {
 template <typename T, bool Gated>
 inline void copy_run(T* __restrict__ dst, const T* __restrict__ x, const T* __restrict__ x_gate,
                      int64_t src, int64_t n) {
-  using V = typename Vec<T, 64>::type;
-  constexpr int64_t L = Vec<T, 64>::lanes;
+  using V = typename Vec<T, kVectorBytes>::type;
+  constexpr int64_t L = Vec<T, kVectorBytes>::lanes;
   if (n % L == 0 && n <= 4 * L) {
     // A pixel's channels (NHWC, stride 2): whole vectors inline, not a call
     // to memcpy (or a loop of unknown length) per pixel.
@@ -216,5 +212,6 @@ void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int6
   }
 }
 
+}  // namespace CAE_CPU_LEVEL
 }  // namespace cpu
 }  // namespace cae

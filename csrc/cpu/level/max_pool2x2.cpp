@@ -6,10 +6,10 @@
 #include <limits>
 
 #include "gemm.h"
-#include "kernels.h"
 
 namespace cae {
 namespace cpu {
+namespace CAE_CPU_LEVEL {
 namespace {
 
 // PyTorch's rule, scanning a window row by row: a later element wins if it
@@ -172,22 +172,23 @@ void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t 
 }
 
 }  // namespace
-}  // namespace cpu
 
-void CpuKernels::max_pool(const Tensor& out, const Tensor& x, bool nhwc) {
+void Kernels::max_pool(const Tensor& out, const Tensor& x, bool nhwc) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_max_pool_cpu", [&] {
-    cpu::pool<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr, nullptr,
+    pool<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr, nullptr,
                                x.size(0), x.size(1), x.size(2), x.size(3), nhwc);
   });
 }
 
-void CpuKernels::max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,
+void Kernels::max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,
                                const Tensor& x, bool nhwc) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_max_pool_grad_cpu", [&] {
-    cpu::pool<scalar_t, true>(x.data_ptr<scalar_t>(), nullptr, grad_input.data_ptr<scalar_t>(),
+    pool<scalar_t, true>(x.data_ptr<scalar_t>(), nullptr, grad_input.data_ptr<scalar_t>(),
                               grad_output.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2),
                               x.size(3), nhwc);
   });
 }
 
+}  // namespace CAE_CPU_LEVEL
+}  // namespace cpu
 }  // namespace cae
