@@ -1,5 +1,6 @@
 """The ops against torch.nn.functional, forward and backward, on every backend built
-and present here (CPU always, CUDA with a GPU)."""
+and present here (the CPU kernels at every instruction-set level this CPU runs, CUDA
+with a GPU)."""
 
 import math
 
@@ -8,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import cae_kernels
+from backends import device, on_every_backend  # noqa: F401  (device: the fixture)
 from cae_kernels import nn as cnn
 
 CPU_DTYPES = (torch.float32, torch.float64)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and cae_kernels.with_cuda else [])
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 # (C_in, C_out, H, W): the autoencoder's own layers at 28x28 (encoder 1->16->16->8...,
@@ -64,7 +65,7 @@ def check_forward_backward(ours, ref, inputs, ref_inputs, dtype, fmt):
 def every_conv_case(test):
     """The grid both convolution families are tested over."""
     marks = [
-        pytest.mark.parametrize("device", DEVICES),
+        on_every_backend,
         pytest.mark.parametrize("dtype", CPU_DTYPES),
         pytest.mark.parametrize("fmt", ["nchw", "nhwc"]),
         pytest.mark.parametrize("stride", [1, 2]),
@@ -100,7 +101,7 @@ def test_conv_transpose3x3(device, dtype, fmt, stride, activation, c_in, c_out, 
     check_forward_backward(ours, ref, (x, weight, bias), ref_inputs, dtype, fmt)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 @pytest.mark.parametrize("c,h,w", [(16, 28, 28), (16, 14, 14), (8, 7, 7), (1, 1, 1), (3, 13, 8), (5, 2, 9)])
@@ -112,7 +113,7 @@ def test_max_pool2x2(device, dtype, fmt, c, h, w):
     check_forward_backward(ours, ref, (x,), ref_inputs, dtype, fmt)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_max_pool2x2_ties_and_nan_follow_pytorch(device, fmt):
     x = torch.randint(-2, 3, (2, 3, 9, 7), dtype=torch.float64, device=device)  # many ties
@@ -132,7 +133,7 @@ def test_max_pool2x2_ties_and_nan_follow_pytorch(device, fmt):
     torch.testing.assert_close(ours_grad, ref_grad)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("op", ["conv3x3", "conv_transpose3x3", "max_pool2x2"])
 def test_noncontiguous_inputs(device, op):
     x = make_input(2, 4, 9, 6, torch.float64, device, "nchw", noncontiguous=True)
@@ -153,7 +154,7 @@ def test_noncontiguous_inputs(device, op):
     check_forward_backward(ours, ref, (x, weight, bias), ref_inputs, torch.float64, "nchw")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_batch_zero_gives_empty_output_and_zero_gradients(device, fmt):
     x = make_input(0, 3, 8, 8, torch.float32, device, fmt)
@@ -172,7 +173,7 @@ def test_batch_zero_gives_empty_output_and_zero_gradients(device, fmt):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("needs", ["input", "weight", "bias"])
 def test_only_needed_gradients_are_computed(device, needs):
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device, requires_grad=needs == "input")
@@ -184,7 +185,7 @@ def test_only_needed_gradients_are_computed(device, needs):
 
 
 # Small shapes, float64: gradcheck on every op and option, both layouts.
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -199,7 +200,7 @@ def test_conv_gradcheck(device, fmt, stride, activation, with_bias, transposed):
     assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, stride, activation), (x, weight, bias))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_max_pool_gradcheck(device, fmt):
     x = make_input(2, 3, 7, 6, torch.float64, device, fmt)
@@ -231,7 +232,7 @@ def opcheck_samples(device):
         yield ops.max_pool2x2_grad_input, (t(2, 3, 4, 3, fmt=fmt).detach(), x.detach())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("transposed", [False, True])
@@ -252,7 +253,7 @@ def test_weight_grad_ops_return_the_bias_gradient(device, fmt, stride, transpose
         assert_close(grad_bias, gated.sum((0, 2, 3)), torch.float64)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@on_every_backend
 def test_opcheck(device):
     for op, args in opcheck_samples(device):
         torch.library.opcheck(op, args)
