@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cae_kernels.cli import build_parser, main
+from cae_kernels.app import checkpoints
+from cae_kernels.app.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_train_writes_the_model_dir(trained):
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout and "img/s" in proc.stdout
     config = json.loads((model_dir / "config.json").read_text())["config"]
     assert config["backend"] == "cae" and config["filters"] == [16, 8, 8] and config["noise_factor"] == 0.3
-    checkpoint = torch.load(model_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(checkpoints.latest(model_dir), weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (2, 8)
 
     train_events = events(model_dir)
@@ -76,14 +77,14 @@ def test_train_writes_the_model_dir(trained):
 
 
 def _eval_labels(limit):
-    from cae_kernels.data import load_data
+    from cae_kernels.app.data import load_data
 
     return load_data().eval.labels[:limit].tolist()
 
 
 def test_evaluate_encode_reconstruct(trained):
     model_dir, _ = trained
-    checkpoint = torch.load(model_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(checkpoints.latest(model_dir), weights_only=True)
     proc = cae("evaluate", "--model-dir", model_dir, "--backend", "torch")
     assert "eval loss" in proc.stdout and "epoch 2, step 8" in proc.stdout
     loss = float(proc.stdout.split("eval loss ")[1].split()[0])
@@ -116,7 +117,7 @@ def test_resume_and_refusal_through_the_cli(trained):
     assert "filters: stored 16,8,8, given 32,8" in proc.stderr
     proc = cae("train", "--model-dir", model_dir, "--epochs", 3, "--backend", "torch")
     assert "resuming ConvAutoencoder" in proc.stdout and "epoch 3/3" in proc.stdout
-    assert torch.load(model_dir / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(checkpoints.latest(model_dir), weights_only=True)["epoch"] == 3
 
 
 def test_user_files_are_not_overwritten(trained, tmp_path):

@@ -1,7 +1,6 @@
 """Training: the loss goes down, resume is bitwise, checkpoints are atomic, DDP agrees."""
 
 import io
-import math
 import os
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cae_kernels.train as training
-from cae_kernels.data import Split, load_data
-from cae_kernels.models import ConvAutoencoder
-from cae_kernels.train import Config, ConfigError, atomic_write, build_model, evaluate, load_model, train
+import cae_kernels.app.training as training
+from cae_kernels.app import build_model, checkpoints, evaluate, evaluation, load_model, train
+from cae_kernels.app.data import Split, load_data
+from cae_kernels.app.models import ConvAutoencoder
+from cae_kernels.app.rundir import Config, ConfigError, atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("cae", "torch")
@@ -28,7 +28,7 @@ def run(model_dir, **options):
 
 
 def state(model_dir):
-    return torch.load(Path(model_dir) / "checkpoint.pt", weights_only=True)
+    return torch.load(checkpoints.latest(model_dir), weights_only=True)
 
 
 def assert_same_weights(a: dict, b: dict):
@@ -59,7 +59,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, backend)
     a, b = state(tmp_path / "whole"), state(tmp_path / "split")
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (6, 2)
     assert_same_weights(a["model"], b["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [h["eval_loss"] for h in a["history"]] == [h["eval_loss"] for h in b["history"]]
 
@@ -101,11 +101,11 @@ def test_interrupt_keeps_the_checkpoint_and_resume_completes(tmp_path, monkeypat
 
 def test_a_finished_run_is_left_alone(tmp_path):
     run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 1})
-    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    before = checkpoints.latest(tmp_path / "run").read_bytes()
     out = io.StringIO()
     train(tmp_path / "run", out=out, progress=False, epochs=1)
     assert "nothing to do" in out.getvalue()
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert checkpoints.latest(tmp_path / "run").read_bytes() == before
 
 
 def test_another_configuration_is_refused_naming_the_keys(tmp_path):
@@ -175,11 +175,26 @@ def test_weight_decay_is_half_the_squared_weights_without_biases():
     torch.testing.assert_close(training._weight_penalty(weights, 1e-5), expected)
 
 
-def test_noise_is_added_to_inputs_only_and_clipped():
+def test_noise_is_added_to_inputs_only_and_clipped(tmp_path, monkeypatch):
     x = torch.rand(8, 1, 28, 28)
-    noisy = training._noisy(x, 0.5, torch.Generator().manual_seed(0))
+    noisy = evaluation.noisy(x, 0.5, torch.Generator().manual_seed(0))
     assert noisy.min() >= 0 and noisy.max() <= 1 and not torch.equal(noisy, x)
-    assert training._noisy(x, 0.0, torch.Generator()) is x
+    assert evaluation.noisy(x, 0.0, torch.Generator()) is x
+
+    # In training, the step gets noisy inputs and the clean images as its targets.
+    steps, real_step = [], training._train_step
+
+    def spy(model, optimizer, weights, inputs, target, weight_decay):
+        steps.append((inputs.clone(), target.clone()))
+        return real_step(model, optimizer, weights, inputs, target, weight_decay)
+
+    monkeypatch.setattr(training, "_train_step", spy)
+    run(tmp_path / "run", backend="torch", limit=64, batch_size=64, epochs=1, noise_factor=0.5, seed=0)
+    ((inputs, target),) = steps
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))  # the run's data order
+    assert torch.equal(target, load_data().train.images[:64][order].float() / 255)
+    changed = (inputs != target).float().mean().item()
+    assert changed > 0.5 and inputs.min() >= 0 and inputs.max() <= 1
 
 
 def test_evaluate_is_mean_cross_entropy_and_rmse():
@@ -202,14 +217,14 @@ def test_cuda_device_gives_a_clear_error_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match="CUDA is not available"):
-        training.resolve_device("cuda:1")
+        evaluation.resolve_device("cuda:1")
     with pytest.raises(ConfigError, match="unknown device"):
-        training.resolve_device("gpu")
+        evaluation.resolve_device("gpu")
 
 
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    from cae_kernels.train import train
+    from cae_kernels.app import train
     result = train(sys.argv[1], progress=False, backend="cae", limit=256, batch_size=64, epochs=2,
                    noise_factor=0.2)
     torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))

@@ -22,7 +22,9 @@ import torch
 
 from . import viz
 from .data import DataError, load_data
-from .train import Config, ConfigError, atomic_write, encode_split, evaluate, load_model, reconstruct, train
+from .evaluation import encode_split, evaluate, load_model, reconstruct
+from .rundir import Config, ConfigError, atomic_write, show
+from .training import train
 
 DEFAULT_MODEL_DIR = "runs/mnist"
 
@@ -57,15 +59,11 @@ _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a probability in [0, 1
 _non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
 
 
-def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
 
     def default(name: str) -> str:
-        return f"(default: {_show(getattr(defaults, name))})"
+        return f"(default: {show(getattr(defaults, name))})"
 
     parser = argparse.ArgumentParser(
         prog="cae",
