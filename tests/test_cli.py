@@ -174,3 +174,40 @@ def test_help_explains_every_flag_with_its_default(capsys):
         assert f"(default: {default}" in after[:400] or f"default: the {default}" in after[:400], flag
     for command in ("evaluate", "encode", "reconstruct"):
         assert build_parser().parse_args([command]).command == command
+
+
+def test_keep_checkpoints_option(tmp_path):
+    assert build_parser().parse_args(["train"]).keep_checkpoints == 5
+    assert build_parser().parse_args(["train", "--keep-checkpoints", "2"]).keep_checkpoints == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--keep-checkpoints", "0"])
+
+
+def _copy(model_dir, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(model_dir, tmp_path / "copy"))
+
+
+def test_a_truncated_checkpoint_falls_back_with_a_warning(trained, tmp_path):
+    model_dir = _copy(trained[0], tmp_path)
+    newest, before = checkpoints.checkpoint_paths(model_dir)[:2]  # epoch 2 or 3: other tests train on
+    newest.write_bytes(newest.read_bytes()[:1000])
+    epoch = torch.load(before, weights_only=True)["epoch"]
+    proc = cae("evaluate", "--model-dir", model_dir)
+    assert "Traceback" not in proc.stderr and f"epoch {epoch}, step {4 * epoch}" in proc.stdout
+    assert proc.stderr.strip().count("\n") == 0
+    assert newest.name in proc.stderr and f"using {before.name}" in proc.stderr
+
+
+def test_no_intact_checkpoint_is_one_error_line(trained, tmp_path):
+    model_dir = _copy(trained[0], tmp_path)
+    for path in model_dir.glob("checkpoint_epoch_*.pt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    for command in (("evaluate",), ("train", "--epochs", 3)):
+        proc = cae(*command, "--model-dir", model_dir, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+        assert proc.stderr.startswith(f"cae {command[0]}: error: no intact checkpoint in {model_dir}: ")
+        assert "checkpoint_epoch_0002.pt (" in proc.stderr and "checkpoint_epoch_0001.pt (" in proc.stderr
+        assert "Move the damaged file(s) away" in proc.stderr

@@ -248,3 +248,68 @@ def test_two_process_gloo_training_ends_with_identical_weights(tmp_path):
     assert len(checkpoint["rng"]["ranks"]) == 2
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1  # written once, by rank 0
     assert proc.stdout.count("epoch 2/2") == 1
+
+
+# --- checkpoints: the last few kept, verified, and a damaged one falls back ----------------
+
+
+def checkpoint_names(model_dir):
+    return [p.name for p in checkpoints.checkpoint_paths(model_dir)]
+
+
+def test_the_last_checkpoints_are_kept(tmp_path):
+    run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 3}, keep_checkpoints=2)
+    assert checkpoint_names(tmp_path / "run") == ["checkpoint_epoch_0003.pt", "checkpoint_epoch_0002.pt"]
+    run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 4})  # 5 by default: none deleted now
+    assert checkpoint_names(tmp_path / "run") == [f"checkpoint_epoch_{e:04d}.pt" for e in (4, 3, 2)]
+    with pytest.raises(ConfigError, match="keep_checkpoints must be at least 1, got 0"):
+        run(tmp_path / "run", epochs=5, keep_checkpoints=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, damage):
+    options = dict(backend="torch", **TINY)
+    whole = run(tmp_path / "whole", **options)
+    run(tmp_path / "run", **options)
+    newest = tmp_path / "run" / "checkpoint_epoch_0002.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":  # torch.load alone would not notice: the SHA-256 does
+        data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data[:len(data) // 2] if damage == "truncate" else b"" if damage == "empty" else data))
+
+    _, _, checkpoint = load_model(tmp_path / "run")
+    err = capsys.readouterr().err
+    assert checkpoint["epoch"] == 1
+    assert err.count("\n") == 1 and err.startswith("warning: skipped damaged checkpoint(s)")
+    assert "checkpoint_epoch_0002.pt" in err and "using checkpoint_epoch_0001.pt (epoch 1, step 3)" in err
+
+    resumed = run(tmp_path / "run", **options)  # trains epoch 2 again, to the same weights
+    assert "checkpoint_epoch_0002.pt" in capsys.readouterr().err
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert state(tmp_path / "run")["epoch"] == 2
+
+
+def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
+    run(tmp_path / "run", backend="torch", **TINY)
+    for path in checkpoints.checkpoint_paths(tmp_path / "run"):
+        path.write_bytes(path.read_bytes()[:100])
+    message = r"no intact checkpoint in .*run: checkpoint_epoch_0002.pt \(.*\); checkpoint_epoch_0001.pt \(.*\)"
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        load_model(tmp_path / "run")
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        run(tmp_path / "run", epochs=3)
+
+
+def test_a_run_directory_with_only_checkpoint_pt_still_loads_and_resumes(tmp_path):
+    """Run directories of the previous version: one checkpoint.pt, no checkpoints.json."""
+    options = dict(backend="torch", **TINY)
+    whole = run(tmp_path / "whole", **options)
+    old = tmp_path / "old"
+    run(old, **{**options, "epochs": 1})
+    (old / "checkpoint_epoch_0001.pt").rename(old / "checkpoint.pt")
+    (old / "checkpoints.json").unlink()
+    model, _, checkpoint = load_model(old)
+    assert checkpoint["epoch"] == 1
+    resumed = run(old, **options)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert checkpoint_names(old) == ["checkpoint_epoch_0002.pt", "checkpoint.pt"]

@@ -5,7 +5,7 @@ One module per concern:
 - ``models``: ``ConvAutoencoder`` (on this package's kernels or on ``torch.nn``) and ``FCAutoencoder``;
 - ``data``: MNIST-format IDX files and the bundled 5,000-digit sample;
 - ``rundir``: a model directory's configuration and atomic writes;
-- ``checkpoints``: the run's checkpoint;
+- ``checkpoints``: the last few checkpoints, verified when loaded;
 - ``distributed``: data parallelism under ``torchrun``;
 - ``training``: ``train``; ``evaluation``: ``load_model``, ``evaluate``, ``reconstruct``, ``encode_split``;
 - ``summaries``: TensorBoard event files and the run's pictures; ``viz``: the pictures themselves;

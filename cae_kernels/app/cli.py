@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import viz
+from . import checkpoints, viz
 from .data import DataError, load_data
 from .evaluation import encode_split, evaluate, load_model, reconstruct
 from .rundir import Config, ConfigError, atomic_write, show
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"target stays the clean image {default('noise_factor')}")
     hyper.add_argument("--seed", type=int,
                        help=f"seed of the weights, data order, noise and dropout {default('seed')}")
+    hyper.add_argument("--keep-checkpoints", type=_positive_int, default=checkpoints.DEFAULT_KEEP, metavar="N",
+                       help="keep the last N checkpoints; a damaged newest one falls back to the one "
+                            f"before (default: {checkpoints.DEFAULT_KEEP})")
     hyper.add_argument("--log-every", type=_positive_int, default=10, metavar="STEPS",
                        help="write train scalars to TensorBoard every STEPS steps (default: 10)")
     hyper.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
@@ -183,7 +186,8 @@ _TRAIN_OPTIONS = ("model", "filters", "downsample", "hidden", "dropout", "epochs
 
 def _train(args) -> int:
     options = {name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None}
-    train(args.model_dir, progress=not args.no_progress, log_every=args.log_every, **options)
+    train(args.model_dir, progress=not args.no_progress, log_every=args.log_every,
+          keep_checkpoints=args.keep_checkpoints, **options)
     return 0
 
 

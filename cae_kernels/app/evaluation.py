@@ -63,9 +63,10 @@ def parameter_table(model: nn.Module) -> str:
 
 def load_model(model_dir, backend: str | None = None, device: str | None = None,
                memory_format: str | None = None) -> tuple[nn.Module, Config, dict]:
-    """The model of a model directory with its checkpoint's weights, in eval mode.
+    """The model of a model directory with its newest intact checkpoint's weights, in eval mode.
 
-    ``backend``, ``device`` and ``memory_format`` default to the stored ones.
+    ``backend``, ``device`` and ``memory_format`` default to the stored ones.  A damaged
+    newest checkpoint is skipped with a warning on stderr (``checkpoints.load``).
     """
     model_dir = Path(model_dir)
     overrides = {k: v for k, v in (("backend", backend), ("device", device),

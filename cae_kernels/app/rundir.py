@@ -90,7 +90,7 @@ RUN_KEYS = ("model", "filters", "downsample", "hidden", "dropout", "batch_size",
             "weight_decay", "noise_factor", "seed", "data_dir", "limit")
 
 #: Files and folders ``cae train`` writes; a directory without our config must hold none.
-OUTPUT_NAMES = ("checkpoint.pt", "loss.png", "reconstructions.gif", "reconstructions", "eval")
+OUTPUT_NAMES = ("checkpoint.pt", "checkpoints.json", "loss.png", "reconstructions.gif", "reconstructions", "eval")
 
 
 def _read_config(model_dir: Path) -> dict | None:
@@ -143,6 +143,7 @@ def show(value) -> str:
 def _refuse_foreign_files(model_dir: Path) -> None:
     """A directory without our config must not hold files we would overwrite."""
     clashes = [name for name in OUTPUT_NAMES if (model_dir / name).exists()]
+    clashes += sorted(p.name for p in model_dir.glob("checkpoint_epoch_*.pt"))
     if clashes:
         raise ConfigError(f"{model_dir} has no {CONFIG_FILE} but already holds {', '.join(clashes)}; "
                           f"refusing to overwrite files `cae train` did not write. Use another --model-dir.")

@@ -1,7 +1,7 @@
 """Training, estimator style: one run per model directory, resumable bit for bit.
 
-Training into an existing model directory (``rundir``) resumes from its checkpoint
-(``checkpoints``) and ends with the same weights, bit for bit on the CPU, as
+Training into an existing model directory (``rundir``) resumes from its newest intact
+checkpoint (``checkpoints``) and ends with the same weights, bit for bit on the CPU, as
 one uninterrupted run: the checkpoint holds the model, optimizer, step, epoch, the RNG
 states (data order, noise, dropout) and the per-epoch history.  Under ``torchrun``
 training is data parallel (``distributed``); rank 0 alone writes files.
@@ -84,14 +84,17 @@ def _set_rng_state(state: dict, noise: torch.Generator, device: torch.device) ->
 
 
 def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
-          dataset: Dataset | None = None, **options) -> TrainResult:
+          keep_checkpoints: int = checkpoints.DEFAULT_KEEP, dataset: Dataset | None = None,
+          **options) -> TrainResult:
     """Train (or resume training) the run in ``model_dir``; ``options`` are ``Config`` fields.
 
     Only the options given explicitly are checked against an existing run's stored
-    configuration.  Writes config, checkpoint, event files and pictures into
-    ``model_dir`` (rank 0 only).  On KeyboardInterrupt the last checkpoint stays
+    configuration.  Writes config, checkpoints (the last ``keep_checkpoints``), event
+    files and pictures into ``model_dir`` (rank 0 only).  On KeyboardInterrupt the last checkpoint stays
     whole, a note on how to resume is printed and the interrupt is re-raised.
     """
+    if keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {keep_checkpoints}")
     model_dir = Path(model_dir)
     config, _ = resolve_config(model_dir, options)
     world, device = join_world(resolve_device(config.device))
@@ -100,7 +103,7 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the {world.size} processes")
         data = dataset if dataset is not None else load_data(config.data_dir)
         trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout)
-        return trainer.run(progress, log_every)
+        return trainer.run(progress, log_every, keep_checkpoints)
     finally:
         world.leave()
 
@@ -133,8 +136,8 @@ class _Trainer:
             print(text, file=self.out, flush=True)
 
     def restore(self) -> None:
-        """Continue from the checkpoint, if any."""
-        found = checkpoints.load(self.model_dir)
+        """Continue from the newest intact checkpoint, if any (a damaged newer one is skipped, warned)."""
+        found = checkpoints.load(self.model_dir, warn=checkpoints.warn_stderr if self.world.main else None)
         if found is None:
             return
         path, checkpoint = found
@@ -162,7 +165,7 @@ class _Trainer:
                  + (f", {world.size} processes" if world.size > 1 else ""))
         self.say(parameter_table(self.model))
 
-    def run(self, progress: bool, log_every: int) -> TrainResult:
+    def run(self, progress: bool, log_every: int, keep: int) -> TrainResult:
         config, world = self.config, self.world
         self.restore()
         if self.epoch >= config.epochs:
@@ -182,7 +185,7 @@ class _Trainer:
             for epoch in range(self.epoch + 1, config.epochs + 1):
                 self.epoch = epoch
                 record = self.train_epoch(net, writers, progress and world.main, log_every)
-                self.end_epoch(record, writers)
+                self.end_epoch(record, writers, keep)
             if world.main:
                 codes_split = self.eval_split.head(EMBEDDING_POINTS)
                 codes = encode_split(self.model, codes_split, config.batch_size, self.device)
@@ -235,7 +238,7 @@ class _Trainer:
                 "learning_rate": _learning_rate(config, self.step), "seconds": seconds,
                 "images_per_second": len(split) / seconds}
 
-    def end_epoch(self, record: dict, writers: Writers | None) -> None:
+    def end_epoch(self, record: dict, writers: Writers | None, keep: int) -> None:
         """Evaluate, then (rank 0) checkpoint, log, draw and report the epoch."""
         config, world, epoch, step = self.config, self.world, self.epoch, self.step
         rng = {"data_order": self.order_generator.get_state(),
@@ -251,7 +254,7 @@ class _Trainer:
         path = checkpoints.save(self.model_dir, {
             "config": config.to_json(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "step": step, "epoch": epoch,
-            "history": self.history, "rng": rng})
+            "history": self.history, "rng": rng}, keep)
         self.saved = (path, epoch, step)
         write_pictures(self.model_dir, self.history)
         self.say(f"epoch {epoch}/{config.epochs}  step {step}  train loss {record['train_loss']:.4f}  "
