@@ -211,3 +211,31 @@ def test_no_intact_checkpoint_is_one_error_line(trained, tmp_path):
         assert proc.stderr.startswith(f"cae {command[0]}: error: no intact checkpoint in {model_dir}: ")
         assert "checkpoint_epoch_0002.pt (" in proc.stderr and "checkpoint_epoch_0001.pt (" in proc.stderr
         assert "Move the damaged file(s) away" in proc.stderr
+
+
+def test_a_model_dir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for command in ("train", "evaluate", "encode", "reconstruct"):
+        assert main([command, "--model-dir", str(afile)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"cae {command}: error: --model-dir {afile} is a file, not a directory; " \
+                      f"name a new or existing model directory\n"
+
+
+def test_a_held_model_dir_is_one_error_line(tmp_path, capsys):
+    from cae_kernels.app import rundir
+
+    with rundir.lock(tmp_path / "run"):
+        assert main(["train", "--model-dir", str(tmp_path / "run"), "--backend", "torch", "--limit", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"cae train: error: {tmp_path / 'run'} is in use by another `cae train` (process {os.getpid()}); "
+                   f"wait for it to finish, or train into another --model-dir\n")
+
+
+def test_an_unwritable_output_is_one_error_line(trained, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["reconstruct", "--model-dir", str(trained[0]), "--output", str(afile / "r.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cae reconstruct: error: ") and err.count("\n") == 1 and str(afile) in err

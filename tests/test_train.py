@@ -313,3 +313,52 @@ def test_a_run_directory_with_only_checkpoint_pt_still_loads_and_resumes(tmp_pat
     resumed = run(old, **options)
     assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
     assert checkpoint_names(old) == ["checkpoint_epoch_0002.pt", "checkpoint.pt"]
+
+
+# --- one trainer per model directory ------------------------------------------------------
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from cae_kernels.app import rundir
+    with rundir.lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_second_trainer_is_refused_while_the_first_holds_the_directory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run")], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = rf"{tmp_path / 'run'} is in use by another `cae train` \(process {holder.pid}\)"
+        with pytest.raises(training.rundir.RunDirBusyError, match=message):
+            run(tmp_path / "run", backend="torch", **TINY)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without unlocking: the OS dropped its lock, the directory is free.
+    assert run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 1}).step == 3
+
+
+def test_the_lock_refuses_a_second_open_file_description_in_the_same_process(tmp_path):
+    with training.rundir.lock(tmp_path / "run"):
+        with pytest.raises(training.rundir.RunDirBusyError, match="in use by another `cae train`"):
+            with training.rundir.lock(tmp_path / "run"):
+                pass
+    with training.rundir.lock(tmp_path / "run"):  # released on exit
+        pass
+
+
+def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match=r"--model-dir .*afile is a file, not a directory"):
+        run(afile, backend="torch", **TINY)
+    with pytest.raises(ConfigError, match=r"--model-dir .*afile/run: .*afile is a file, not a directory"):
+        run(afile / "run", backend="torch", **TINY)
+    with pytest.raises(ConfigError, match=r"afile is a file, not a directory"):
+        load_model(afile)
+    assert afile.read_text() == "mine"

@@ -285,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileExistsError) as exc:
+    except (DataError, ConfigError) as exc:
         print(f"cae {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path the command cannot write or read: one line too
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        print(f"cae {args.command}: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.command != "train":  # train says itself what the checkpoint holds

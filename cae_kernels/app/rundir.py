@@ -1,19 +1,23 @@
-"""The model directory of a run: its configuration and atomic file writes.
+"""The model directory of a run: its configuration, atomic file writes, and the trainer's lock.
 
 A *model directory* (like a TensorFlow Estimator's ``model_dir``) holds one run.  Its
 ``config.json`` keeps the configuration the run was made with; options that change what
 is trained (``RUN_KEYS``) must match it on every later ``cae train``, the others (epochs,
-backend, memory format, device) may change between runs.
+backend, memory format, device) may change between runs.  One trainer at a time holds a
+directory: ``lock()`` takes an OS lock (``flock``) on its ``.lock`` file, which the
+kernel releases when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +25,20 @@ import torch
 
 __all__ = [
     "CONFIG_FILE",
+    "LOCK_FILE",
     "MEMORY_FORMATS",
     "RUN_KEYS",
     "Config",
     "ConfigError",
+    "RunDirBusyError",
     "atomic_write",
+    "lock",
     "resolve_config",
     "write_config",
 ]
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 CONFIG_FORMAT = "cae_kernels.train/1"
 
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -38,6 +46,10 @@ MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 class ConfigError(ValueError):
     """An unusable configuration or model directory."""
+
+
+class RunDirBusyError(ConfigError):
+    """Another trainer holds the model directory."""
 
 
 @dataclass
@@ -93,6 +105,18 @@ RUN_KEYS = ("model", "filters", "downsample", "hidden", "dropout", "batch_size",
 OUTPUT_NAMES = ("checkpoint.pt", "checkpoints.json", "loss.png", "reconstructions.gif", "reconstructions", "eval")
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """``model_dir`` must be a directory, or not exist yet (below a directory)."""
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ConfigError(f"--model-dir {model_dir} is a file, not a directory; "
+                          f"name a new or existing model directory")
+    for parent in model_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--model-dir {model_dir}: {parent} is a file, not a directory")
+            break
+
+
 def _read_config(model_dir: Path) -> dict | None:
     path = model_dir / CONFIG_FILE
     if not path.exists():
@@ -114,6 +138,7 @@ def resolve_config(model_dir, overrides: dict) -> tuple[Config, bool]:
     error naming every differing key.  Returns ``(config, exists)``.
     """
     model_dir = Path(model_dir)
+    check_model_dir(model_dir)
     fields = {f.name for f in dataclasses.fields(Config)}
     if set(overrides) - fields:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(set(overrides) - fields))}")
@@ -181,3 +206,43 @@ def atomic_write(path: Path, write: Callable) -> None:
 def write_config(model_dir: Path, config: Config) -> None:
     text = json.dumps({"format": CONFIG_FORMAT, "config": config.to_json()}, indent=2) + "\n"
     atomic_write(model_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
+
+
+def make_model_dir(model_dir: Path) -> None:
+    check_model_dir(model_dir)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create model directory {model_dir}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def lock(model_dir) -> Iterator[None]:
+    """Hold ``model_dir`` for one trainer: a second one gets ``RunDirBusyError``.
+
+    The lock is ``flock`` on ``model_dir/.lock`` (created if need be), so the kernel drops
+    it when the holder exits or crashes; the file itself stays and holds the last
+    holder's process id, for the error message.
+    """
+    model_dir = Path(model_dir)
+    make_model_dir(model_dir)
+    path = model_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise RunDirBusyError(f"{model_dir} is in use by another `cae train`{by}; wait for it to "
+                              f"finish, or train into another --model-dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

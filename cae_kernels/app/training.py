@@ -3,12 +3,14 @@
 Training into an existing model directory (``rundir``) resumes from its newest intact
 checkpoint (``checkpoints``) and ends with the same weights, bit for bit on the CPU, as
 one uninterrupted run: the checkpoint holds the model, optimizer, step, epoch, the RNG
-states (data order, noise, dropout) and the per-epoch history.  Under ``torchrun``
-training is data parallel (``distributed``); rank 0 alone writes files.
+states (data order, noise, dropout) and the per-epoch history.  One trainer at a time
+holds a directory (``rundir.lock``).  Under ``torchrun`` training is data parallel
+(``distributed``); rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -90,7 +92,8 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
 
     Only the options given explicitly are checked against an existing run's stored
     configuration.  Writes config, checkpoints (the last ``keep_checkpoints``), event
-    files and pictures into ``model_dir`` (rank 0 only).  On KeyboardInterrupt the last checkpoint stays
+    files and pictures into ``model_dir`` (rank 0 only), which it holds locked: a second
+    trainer gets ``RunDirBusyError``.  On KeyboardInterrupt the last checkpoint stays
     whole, a note on how to resume is printed and the interrupt is re-raised.
     """
     if keep_checkpoints < 1:
@@ -102,8 +105,10 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
         if config.batch_size % world.size:
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the {world.size} processes")
         data = dataset if dataset is not None else load_data(config.data_dir)
-        trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout)
-        return trainer.run(progress, log_every, keep_checkpoints)
+        with rundir.lock(model_dir) if world.main else contextlib.nullcontext():
+            config, _ = resolve_config(model_dir, options)  # again, now that no other trainer can write it
+            trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout)
+            return trainer.run(progress, log_every, keep_checkpoints)
     finally:
         world.leave()
 
@@ -173,7 +178,6 @@ class _Trainer:
                      f"nothing to do (raise --epochs to train on)")
             return TrainResult(self.model.eval(), config, self.history, self.step)
         if world.main:
-            self.model_dir.mkdir(parents=True, exist_ok=True)
             rundir.write_config(self.model_dir, config)
         self.announce()
         net = self.model
