@@ -111,7 +111,8 @@ def test_init_is_deterministic_given_the_seed_and_the_same_for_both_backends():
     torch.manual_seed(7)
     b = ConvAutoencoder(backend="cae")
     c = ConvAutoencoder(backend="torch")  # the RNG moved on: other weights
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    states = a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    for (name, pa), pb, pc in zip(*states, strict=True):
         assert torch.equal(pa, pb), name
         if name.endswith("weight"):
             assert not torch.equal(pa, pc), name
@@ -148,7 +149,7 @@ def test_backends_agree_on_outputs_and_gradients(memory_format, downsample, dtyp
         (out_ours, acts_ours), (out_theirs, acts_theirs) = forward_recording(ours, x), forward_recording(theirs, x)
         torch.testing.assert_close(out_ours, out_theirs, **tol)
         ties = 0
-        for a, b in zip(acts_ours, acts_theirs):
+        for a, b in zip(acts_ours, acts_theirs, strict=True):
             torch.testing.assert_close(a, b, **tol)
             flipped = (a > 0) != (b > 0)
             assert (a[flipped].abs() < 1e-5).all() and (b[flipped].abs() < 1e-5).all(), "not a tie"
@@ -164,7 +165,7 @@ def test_backends_agree_on_outputs_and_gradients(memory_format, downsample, dtyp
     theirs.zero_grad()
     F.binary_cross_entropy_with_logits(out_ours, target).backward()
     F.binary_cross_entropy_with_logits(out_theirs, target).backward()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
