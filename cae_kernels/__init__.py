@@ -7,5 +7,6 @@ below or the layers of ``cae_kernels.nn``.
 from . import nn
 from .functional import conv3x3, conv_transpose3x3, max_pool2x2, with_cuda
 
+# The one place the version is written: pyproject.toml reads this literal (without importing).
 __version__ = "0.1.0"
 __all__ = ["conv3x3", "conv_transpose3x3", "max_pool2x2", "nn", "with_cuda", "__version__"]

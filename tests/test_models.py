@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cae_kernels.models import ConvAutoencoder, FCAutoencoder, he_init_
+from cae_kernels.app.models import ConvAutoencoder, FCAutoencoder, he_init_
 
 BACKENDS = ("cae", "torch")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -184,9 +184,26 @@ def test_every_layer_runs_in_the_chosen_memory_format(backend, memory_format):
     assert layouts and all(a and b for a, b in layouts.values()), layouts
 
 
-def test_layouts_agree():
-    nchw = ConvAutoencoder(backend="torch")
-    nhwc = ConvAutoencoder(backend="torch", memory_format=torch.channels_last)
+@pytest.mark.parametrize("backend", ["cae", "torch"])
+def test_layouts_agree(backend):
+    nchw = ConvAutoencoder(backend=backend)
+    nhwc = ConvAutoencoder(backend=backend, memory_format=torch.channels_last)
     nhwc.load_state_dict(nchw.state_dict())
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(nchw(x), nhwc(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_models_stay_importable_from_cae_kernels_models():
+    import cae_kernels.models as alias
+
+    assert alias.ConvAutoencoder is ConvAutoencoder and alias.FCAutoencoder is FCAutoencoder
+    assert set(alias.__all__) >= {"ConvAutoencoder", "FCAutoencoder", "LayerSpec", "LayerShape", "he_init_"}
+
+
+def test_the_kernel_library_does_not_import_the_application():
+    import subprocess
+    import sys
+
+    code = ("import sys, cae_kernels, cae_kernels.nn, cae_kernels.functional; "
+            "sys.exit(any(m.startswith('cae_kernels.app') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

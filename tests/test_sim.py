@@ -315,5 +315,12 @@ def test_batch_zero_and_empty():
 
 @pytest.mark.skipif(os.environ.get("CAE_SIM_SANITIZE") is None, reason="a sanitizer build only")
 def test_sanitizer_build_is_loaded():
-    """Under scripts/sim_sanitize.sh the tests above run in the sanitized build."""
-    assert os.environ["CAE_SIM_SANITIZE"] in ("address", "thread")
+    """Under scripts/sim_sanitize.sh the tests above ran in the sanitized build, with its runtime."""
+    sanitize = os.environ["CAE_SIM_SANITIZE"].strip().lower()
+    sim.max_pool2x2(torch.randn(1, 1, 2, 2))  # the emulated ops are loaded
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[-1].rsplit("/", 1)[-1] for line in maps if "/" in line}
+    name = sim._build_options()[0]
+    assert name.startswith(f"{sim.NAMESPACE}_{sanitize}") and f"{name}.so" in mapped, sorted(mapped)
+    assert f"{sim.NAMESPACE}.so" not in mapped  # not the plain build
+    assert any(lib.startswith(f"lib{sanitize[0]}san.so") for lib in mapped), sorted(mapped)
