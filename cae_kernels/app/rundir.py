@@ -39,7 +39,7 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
-CONFIG_FORMAT = "cae_kernels.train/1"
+CONFIG_FORMAT = "cae_kernels.train/1"  # the name it had when written first: run directories keep it
 
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
