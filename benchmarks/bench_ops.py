@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cae_kernels
+
 from shapes import op_cases
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from cae_kernels import data, train
+from cae_kernels.app import data
+from cae_kernels.app import training as train
 
 MODELS = {
     "conv-pool": {"model": "conv", "downsample": "pool"},

@@ -9,7 +9,6 @@ row). DIR defaults to the JSON's folder.
 
 import argparse
 import json
-import math
 import os
 from collections import defaultdict
 

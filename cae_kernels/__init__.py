@@ -8,6 +8,7 @@ from . import nn
 from ._registration import cpu_capabilities, cpu_capability, set_cpu_capability
 from .functional import conv3x3, conv_transpose3x3, max_pool2x2, with_cuda
 
+# The one place the version is written: pyproject.toml reads this literal (without importing).
 __version__ = "0.1.0"
 __all__ = [
     "conv3x3",

@@ -9,6 +9,9 @@ backward ops of the same namespace. ``register("cae")`` runs on import;
 
 import torch
 
+from . import _checks
+from ._checks import conv_output_size, kernels_by_device, pool_output_size
+
 try:
     from torch._prims_common import suggest_memory_format as _suggest_memory_format
 except ImportError:  # older torch: the same rule, spelled out
@@ -27,49 +30,55 @@ def _empty(like, shape):
     )
 
 
-# Output sizes, as csrc/shapes.h computes them for the kernels.
-def _conv_size(size, stride):
-    return (size + stride - 1) // stride
+def _fakes(checks):
+    """The fake kernels: each checks its arguments as the C++ op does (``_checks``), then
+    returns an empty result of the kernel's shape, dtype and layout."""
 
+    def conv3x3(input, weight, bias, stride, relu):
+        checks.conv3x3(input, weight, bias, stride)
+        n, _, h, w = input.shape
+        return _empty(input, (n, weight.shape[0], conv_output_size(h, stride), conv_output_size(w, stride)))
 
-def _pool_size(size):
-    return (size + 1) // 2
+    def conv_transpose3x3(input, weight, bias, stride, relu):
+        checks.conv_transpose3x3(input, weight, bias, stride)
+        n, _, h, w = input.shape
+        return _empty(input, (n, weight.shape[1], h * stride, w * stride))
 
+    def conv3x3_grad_input(grad_output, relu_output, weight, input, stride):
+        checks.conv3x3_grad_input(grad_output, relu_output, weight, input, stride)
+        return _empty(input, input.shape)
 
-def _fake_conv3x3(input, weight, bias, stride, relu):
-    n, _, h, w = input.shape
-    return _empty(input, (n, weight.shape[0], _conv_size(h, stride), _conv_size(w, stride)))
+    def conv_transpose3x3_grad_input(grad_output, relu_output, weight, input, stride):
+        checks.conv_transpose3x3_grad_input(grad_output, relu_output, weight, input, stride)
+        return _empty(input, input.shape)
 
+    # The weight gradient ops return the bias's gradient too (one pass over the samples).
+    def conv3x3_grad_weight(grad_output, relu_output, input, stride):
+        checks.conv3x3_grad_weight(grad_output, relu_output, input, stride)
+        weight_shape = (grad_output.shape[1], input.shape[1], 3, 3)
+        return input.new_empty(weight_shape), grad_output.new_empty((grad_output.shape[1],))
 
-def _fake_conv_transpose3x3(input, weight, bias, stride, relu):
-    n, _, h, w = input.shape
-    return _empty(input, (n, weight.shape[1], h * stride, w * stride))
+    def conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride):
+        checks.conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride)
+        weight_shape = (input.shape[1], grad_output.shape[1], 3, 3)
+        return input.new_empty(weight_shape), grad_output.new_empty((grad_output.shape[1],))
 
+    def bias_grad(grad_output, relu_output):
+        checks.bias_grad(grad_output, relu_output)
+        return grad_output.new_empty((grad_output.shape[1],))
 
-def _fake_grad_input(grad_output, relu_output, weight, input, stride):
-    return _empty(input, input.shape)
+    def max_pool2x2(input):
+        checks.max_pool2x2(input)
+        n, c, h, w = input.shape
+        return _empty(input, (n, c, pool_output_size(h), pool_output_size(w)))
 
+    def max_pool2x2_grad_input(grad_output, input):
+        checks.max_pool2x2_grad_input(grad_output, input)
+        return _empty(input, input.shape)
 
-# The weight gradient ops return the bias's gradient too (one pass over the samples).
-def _fake_conv3x3_grad_weight(grad_output, relu_output, input, stride):
-    return input.new_empty((grad_output.shape[1], input.shape[1], 3, 3)), _fake_bias_grad(grad_output, relu_output)
-
-
-def _fake_conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride):
-    return input.new_empty((input.shape[1], grad_output.shape[1], 3, 3)), _fake_bias_grad(grad_output, relu_output)
-
-
-def _fake_bias_grad(grad_output, relu_output):
-    return grad_output.new_empty((grad_output.shape[1],))
-
-
-def _fake_max_pool2x2(input):
-    n, c, h, w = input.shape
-    return _empty(input, (n, c, _pool_size(h), _pool_size(w)))
-
-
-def _fake_max_pool2x2_grad_input(grad_output, input):
-    return _empty(input, input.shape)
+    return {fake.__name__: fake for fake in (
+        conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv_transpose3x3, conv_transpose3x3_grad_input,
+        conv_transpose3x3_grad_weight, bias_grad, max_pool2x2, max_pool2x2_grad_input)}
 
 
 def _setup_conv(ctx, inputs, output):
@@ -84,8 +93,13 @@ def _setup_max_pool(ctx, inputs, output):
     ctx.save_for_backward(input)
 
 
-def register(namespace):
-    """Registers fake kernels and autograd for every op of ``torch.ops.<namespace>``."""
+def register(namespace, kernels=kernels_by_device):
+    """Registers fake kernels and autograd for every op of ``torch.ops.<namespace>``.
+
+    ``kernels(tensor)`` says which kernels run a tensor there (their dtypes), for the
+    fakes' checks: by its device for ``cae``; the emulated CUDA kernels of ``cae_sim``
+    run CUDA's on CPU tensors.
+    """
     ops = getattr(torch.ops, namespace)
 
     def conv_backward(grad_input_op, grad_weight_op):
@@ -111,18 +125,7 @@ def register(namespace):
             return None
         return ops.max_pool2x2_grad_input(grad_output, input)
 
-    fakes = {
-        "conv3x3": _fake_conv3x3,
-        "conv3x3_grad_input": _fake_grad_input,
-        "conv3x3_grad_weight": _fake_conv3x3_grad_weight,
-        "conv_transpose3x3": _fake_conv_transpose3x3,
-        "conv_transpose3x3_grad_input": _fake_grad_input,
-        "conv_transpose3x3_grad_weight": _fake_conv_transpose3x3_grad_weight,
-        "bias_grad": _fake_bias_grad,
-        "max_pool2x2": _fake_max_pool2x2,
-        "max_pool2x2_grad_input": _fake_max_pool2x2_grad_input,
-    }
-    for name, fake in fakes.items():
+    for name, fake in _fakes(_checks.OpChecks(kernels)).items():
         torch.library.register_fake(f"{namespace}::{name}")(fake)
 
     torch.library.register_autograd(

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-from . import _registration
+from . import _checks, _registration
 from .functional import _Functions
 
 NAMESPACE = "cae_sim"
@@ -132,7 +132,8 @@ def _build():
 def _load():
     if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "conv3x3"):
         _build()
-    return _registration.register(NAMESPACE)
+    # The emulated CUDA kernels run on CPU tensors: CUDA's dtypes.
+    return _registration.register(NAMESPACE, kernels=lambda tensor: _checks.CUDA)
 
 
 if __name__ == "__main__":  # python -m cae_kernels.sim --build

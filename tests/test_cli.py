@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cae_kernels.cli import build_parser, main
+from cae_kernels.app import checkpoints
+from cae_kernels.app.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_train_writes_the_model_dir(trained):
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout and "img/s" in proc.stdout
     config = json.loads((model_dir / "config.json").read_text())["config"]
     assert config["backend"] == "cae" and config["filters"] == [16, 8, 8] and config["noise_factor"] == 0.3
-    checkpoint = torch.load(model_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(checkpoints.latest(model_dir), weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (2, 8)
 
     train_events = events(model_dir)
@@ -76,14 +77,14 @@ def test_train_writes_the_model_dir(trained):
 
 
 def _eval_labels(limit):
-    from cae_kernels.data import load_data
+    from cae_kernels.app.data import load_data
 
     return load_data().eval.labels[:limit].tolist()
 
 
 def test_evaluate_encode_reconstruct(trained):
     model_dir, _ = trained
-    checkpoint = torch.load(model_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(checkpoints.latest(model_dir), weights_only=True)
     proc = cae("evaluate", "--model-dir", model_dir, "--backend", "torch")
     assert "eval loss" in proc.stdout and "epoch 2, step 8" in proc.stdout
     loss = float(proc.stdout.split("eval loss ")[1].split()[0])
@@ -116,7 +117,7 @@ def test_resume_and_refusal_through_the_cli(trained):
     assert "filters: stored 16,8,8, given 32,8" in proc.stderr
     proc = cae("train", "--model-dir", model_dir, "--epochs", 3, "--backend", "torch")
     assert "resuming ConvAutoencoder" in proc.stdout and "epoch 3/3" in proc.stdout
-    assert torch.load(model_dir / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(checkpoints.latest(model_dir), weights_only=True)["epoch"] == 3
 
 
 def test_user_files_are_not_overwritten(trained, tmp_path):
@@ -173,3 +174,68 @@ def test_help_explains_every_flag_with_its_default(capsys):
         assert f"(default: {default}" in after[:400] or f"default: the {default}" in after[:400], flag
     for command in ("evaluate", "encode", "reconstruct"):
         assert build_parser().parse_args([command]).command == command
+
+
+def test_keep_checkpoints_option(tmp_path):
+    assert build_parser().parse_args(["train"]).keep_checkpoints == 5
+    assert build_parser().parse_args(["train", "--keep-checkpoints", "2"]).keep_checkpoints == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--keep-checkpoints", "0"])
+
+
+def _copy(model_dir, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(model_dir, tmp_path / "copy"))
+
+
+def test_a_truncated_checkpoint_falls_back_with_a_warning(trained, tmp_path):
+    model_dir = _copy(trained[0], tmp_path)
+    newest, before = checkpoints.checkpoint_paths(model_dir)[:2]  # epoch 2 or 3: other tests train on
+    newest.write_bytes(newest.read_bytes()[:1000])
+    epoch = torch.load(before, weights_only=True)["epoch"]
+    proc = cae("evaluate", "--model-dir", model_dir)
+    assert "Traceback" not in proc.stderr and f"epoch {epoch}, step {4 * epoch}" in proc.stdout
+    assert proc.stderr.strip().count("\n") == 0
+    assert newest.name in proc.stderr and f"using {before.name}" in proc.stderr
+
+
+def test_no_intact_checkpoint_is_one_error_line(trained, tmp_path):
+    model_dir = _copy(trained[0], tmp_path)
+    for path in model_dir.glob("checkpoint_epoch_*.pt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    for command in (("evaluate",), ("train", "--epochs", 3)):
+        proc = cae(*command, "--model-dir", model_dir, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+        assert proc.stderr.startswith(f"cae {command[0]}: error: no intact checkpoint in {model_dir}: ")
+        assert "checkpoint_epoch_0002.pt (" in proc.stderr and "checkpoint_epoch_0001.pt (" in proc.stderr
+        assert "Move the damaged file(s) away" in proc.stderr
+
+
+def test_a_model_dir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for command in ("train", "evaluate", "encode", "reconstruct"):
+        assert main([command, "--model-dir", str(afile)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"cae {command}: error: --model-dir {afile} is a file, not a directory; " \
+                      f"name a new or existing model directory\n"
+
+
+def test_a_held_model_dir_is_one_error_line(tmp_path, capsys):
+    from cae_kernels.app import rundir
+
+    with rundir.lock(tmp_path / "run"):
+        assert main(["train", "--model-dir", str(tmp_path / "run"), "--backend", "torch", "--limit", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"cae train: error: {tmp_path / 'run'} is in use by another `cae train` (process {os.getpid()}); "
+                   f"wait for it to finish, or train into another --model-dir\n")
+
+
+def test_an_unwritable_output_is_one_error_line(trained, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["reconstruct", "--model-dir", str(trained[0]), "--output", str(afile / "r.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cae reconstruct: error: ") and err.count("\n") == 1 and str(afile) in err

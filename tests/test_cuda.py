@@ -78,7 +78,7 @@ def compare_with_reference(ours_fn, ref_fn, inputs, dtype, relu=False):
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
     ours_grads = torch.autograd.grad(out, inputs, grad.to(dtype))
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad)
-    for name, mine, theirs in zip("xwb", ours_grads, ref_grads):
+    for name, mine, theirs in zip("xwb", ours_grads, ref_grads, strict=True):
         s = max(1.0, theirs.abs().max().item())
         torch.testing.assert_close(mine.double(), theirs, rtol=tol["rtol"], atol=tol["atol"] * s,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")
@@ -175,8 +175,9 @@ def test_cuda_matches_cpu_kernels(stride, fmt, dtype):
             p = cae_kernels.max_pool2x2(y)
             grads = torch.autograd.grad(p.square().sum(), (x, w, b))
             results[device] = [t.detach().cpu() for t in (y, p) + grads]
-        for mine, theirs in zip(results["cuda"], results["cpu"]):
-            torch.testing.assert_close(mine, theirs, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, theirs.abs().max().item()))
+        for mine, theirs in zip(results["cuda"], results["cpu"], strict=True):
+            atol = tol["atol"] * max(1.0, theirs.abs().max().item())
+            torch.testing.assert_close(mine, theirs, rtol=tol["rtol"], atol=atol)
 
 
 @pytest.mark.parametrize("op", ["conv3x3", "conv_transpose3x3"])
@@ -243,7 +244,7 @@ def test_bitwise_deterministic(fmt, dtype):
     first = model_step(fmt, dtype)
     for _ in range(2):
         again = model_step(fmt, dtype)
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cae_kernels.data import (DataError, DataFileNotFoundError, IDXFormatError, load_data, read_idx,
-                              stratified_split)
+from cae_kernels.app.data import DataError, DataFileNotFoundError, IDXFormatError, load_data, read_idx, stratified_split
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
@@ -24,7 +23,7 @@ def write_set(folder, prefix, n, compress=True, seed=0, image_stem=None, label_s
     labels = rng.integers(0, 10, size=n, dtype=np.uint8)
     folder.mkdir(parents=True, exist_ok=True)
     stems = (image_stem or f"{prefix}images-idx3-ubyte", label_stem or f"{prefix}labels-idx1-ubyte")
-    for stem, array in zip(stems, (images, labels)):
+    for stem, array in zip(stems, (images, labels), strict=True):
         data = idx_bytes(array)
         if compress:
             (folder / f"{stem}.gz").write_bytes(gzip.compress(data))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cae_kernels.models import ConvAutoencoder, FCAutoencoder, he_init_
+from cae_kernels.app.models import ConvAutoencoder, FCAutoencoder, he_init_
 
 BACKENDS = ("cae", "torch")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -111,7 +111,8 @@ def test_init_is_deterministic_given_the_seed_and_the_same_for_both_backends():
     torch.manual_seed(7)
     b = ConvAutoencoder(backend="cae")
     c = ConvAutoencoder(backend="torch")  # the RNG moved on: other weights
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    states = a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    for (name, pa), pb, pc in zip(*states, strict=True):
         assert torch.equal(pa, pb), name
         if name.endswith("weight"):
             assert not torch.equal(pa, pc), name
@@ -148,7 +149,7 @@ def test_backends_agree_on_outputs_and_gradients(memory_format, downsample, dtyp
         (out_ours, acts_ours), (out_theirs, acts_theirs) = forward_recording(ours, x), forward_recording(theirs, x)
         torch.testing.assert_close(out_ours, out_theirs, **tol)
         ties = 0
-        for a, b in zip(acts_ours, acts_theirs):
+        for a, b in zip(acts_ours, acts_theirs, strict=True):
             torch.testing.assert_close(a, b, **tol)
             flipped = (a > 0) != (b > 0)
             assert (a[flipped].abs() < 1e-5).all() and (b[flipped].abs() < 1e-5).all(), "not a tie"
@@ -164,7 +165,7 @@ def test_backends_agree_on_outputs_and_gradients(memory_format, downsample, dtyp
     theirs.zero_grad()
     F.binary_cross_entropy_with_logits(out_ours, target).backward()
     F.binary_cross_entropy_with_logits(out_theirs, target).backward()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -183,9 +184,26 @@ def test_every_layer_runs_in_the_chosen_memory_format(backend, memory_format):
     assert layouts and all(a and b for a, b in layouts.values()), layouts
 
 
-def test_layouts_agree():
-    nchw = ConvAutoencoder(backend="torch")
-    nhwc = ConvAutoencoder(backend="torch", memory_format=torch.channels_last)
+@pytest.mark.parametrize("backend", ["cae", "torch"])
+def test_layouts_agree(backend):
+    nchw = ConvAutoencoder(backend=backend)
+    nhwc = ConvAutoencoder(backend=backend, memory_format=torch.channels_last)
     nhwc.load_state_dict(nchw.state_dict())
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(nchw(x), nhwc(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_models_stay_importable_from_cae_kernels_models():
+    import cae_kernels.models as alias
+
+    assert alias.ConvAutoencoder is ConvAutoencoder and alias.FCAutoencoder is FCAutoencoder
+    assert set(alias.__all__) >= {"ConvAutoencoder", "FCAutoencoder", "LayerSpec", "LayerShape", "he_init_"}
+
+
+def test_the_kernel_library_does_not_import_the_application():
+    import subprocess
+    import sys
+
+    code = ("import sys, cae_kernels, cae_kernels.nn, cae_kernels.functional; "
+            "sys.exit(any(m.startswith('cae_kernels.app') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -74,7 +74,7 @@ def run_and_compare(ours_fn, ref_fn, inputs, dtype, fmt, relu=False):
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours_grads = torch.autograd.grad(out, inputs, grad.to(dtype))
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad)
-    for name, mine, theirs in zip("xwb", ours_grads, ref_grads):
+    for name, mine, theirs in zip("xwb", ours_grads, ref_grads, strict=True):
         scale = max(1.0, theirs.abs().max().item())
         torch.testing.assert_close(mine.double(), theirs, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
@@ -249,7 +249,8 @@ def forward_backward(fmt, dtype=torch.float32):
 def bitwise_equal(a, b):
     """Same bits (float32), not merely equal values."""
     bits = lambda t: t.contiguous().view(-1).view(torch.int32)  # noqa: E731
-    return all(s.shape == t.shape and s.stride() == t.stride() and torch.equal(bits(s), bits(t)) for s, t in zip(a, b))
+    return len(a) == len(b) and all(s.shape == t.shape and s.stride() == t.stride() and torch.equal(bits(s), bits(t))
+                                    for s, t in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -314,5 +315,12 @@ def test_batch_zero_and_empty():
 
 @pytest.mark.skipif(os.environ.get("CAE_SIM_SANITIZE") is None, reason="a sanitizer build only")
 def test_sanitizer_build_is_loaded():
-    """Under scripts/sim_sanitize.sh the tests above run in the sanitized build."""
-    assert os.environ["CAE_SIM_SANITIZE"] in ("address", "thread")
+    """Under scripts/sim_sanitize.sh the tests above ran in the sanitized build, with its runtime."""
+    sanitize = os.environ["CAE_SIM_SANITIZE"].strip().lower()
+    sim.max_pool2x2(torch.randn(1, 1, 2, 2))  # the emulated ops are loaded
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[-1].rsplit("/", 1)[-1] for line in maps if "/" in line}
+    name = sim._build_options()[0]
+    assert name.startswith(f"{sim.NAMESPACE}_{sanitize}") and f"{name}.so" in mapped, sorted(mapped)
+    assert f"{sim.NAMESPACE}.so" not in mapped  # not the plain build
+    assert any(lib.startswith(f"lib{sanitize[0]}san.so") for lib in mapped), sorted(mapped)

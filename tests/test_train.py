@@ -1,7 +1,6 @@
 """Training: the loss goes down, resume is bitwise, checkpoints are atomic, DDP agrees."""
 
 import io
-import math
 import os
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cae_kernels.train as training
-from cae_kernels.data import Split, load_data
-from cae_kernels.models import ConvAutoencoder
-from cae_kernels.train import Config, ConfigError, atomic_write, build_model, evaluate, load_model, train
+import cae_kernels.app.training as training
+from cae_kernels.app import build_model, checkpoints, evaluate, evaluation, load_model, train
+from cae_kernels.app.data import Split, load_data
+from cae_kernels.app.models import ConvAutoencoder
+from cae_kernels.app.rundir import Config, ConfigError, atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("cae", "torch")
@@ -28,7 +28,7 @@ def run(model_dir, **options):
 
 
 def state(model_dir):
-    return torch.load(Path(model_dir) / "checkpoint.pt", weights_only=True)
+    return torch.load(checkpoints.latest(model_dir), weights_only=True)
 
 
 def assert_same_weights(a: dict, b: dict):
@@ -59,7 +59,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, backend)
     a, b = state(tmp_path / "whole"), state(tmp_path / "split")
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (6, 2)
     assert_same_weights(a["model"], b["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [h["eval_loss"] for h in a["history"]] == [h["eval_loss"] for h in b["history"]]
 
@@ -101,11 +101,11 @@ def test_interrupt_keeps_the_checkpoint_and_resume_completes(tmp_path, monkeypat
 
 def test_a_finished_run_is_left_alone(tmp_path):
     run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 1})
-    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    before = checkpoints.latest(tmp_path / "run").read_bytes()
     out = io.StringIO()
     train(tmp_path / "run", out=out, progress=False, epochs=1)
     assert "nothing to do" in out.getvalue()
-    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert checkpoints.latest(tmp_path / "run").read_bytes() == before
 
 
 def test_another_configuration_is_refused_naming_the_keys(tmp_path):
@@ -175,11 +175,26 @@ def test_weight_decay_is_half_the_squared_weights_without_biases():
     torch.testing.assert_close(training._weight_penalty(weights, 1e-5), expected)
 
 
-def test_noise_is_added_to_inputs_only_and_clipped():
+def test_noise_is_added_to_inputs_only_and_clipped(tmp_path, monkeypatch):
     x = torch.rand(8, 1, 28, 28)
-    noisy = training._noisy(x, 0.5, torch.Generator().manual_seed(0))
+    noisy = evaluation.noisy(x, 0.5, torch.Generator().manual_seed(0))
     assert noisy.min() >= 0 and noisy.max() <= 1 and not torch.equal(noisy, x)
-    assert training._noisy(x, 0.0, torch.Generator()) is x
+    assert evaluation.noisy(x, 0.0, torch.Generator()) is x
+
+    # In training, the step gets noisy inputs and the clean images as its targets.
+    steps, real_step = [], training._train_step
+
+    def spy(model, optimizer, weights, inputs, target, weight_decay):
+        steps.append((inputs.clone(), target.clone()))
+        return real_step(model, optimizer, weights, inputs, target, weight_decay)
+
+    monkeypatch.setattr(training, "_train_step", spy)
+    run(tmp_path / "run", backend="torch", limit=64, batch_size=64, epochs=1, noise_factor=0.5, seed=0)
+    ((inputs, target),) = steps
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))  # the run's data order
+    assert torch.equal(target, load_data().train.images[:64][order].float() / 255)
+    changed = (inputs != target).float().mean().item()
+    assert changed > 0.5 and inputs.min() >= 0 and inputs.max() <= 1
 
 
 def test_evaluate_is_mean_cross_entropy_and_rmse():
@@ -202,14 +217,14 @@ def test_cuda_device_gives_a_clear_error_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match="CUDA is not available"):
-        training.resolve_device("cuda:1")
+        evaluation.resolve_device("cuda:1")
     with pytest.raises(ConfigError, match="unknown device"):
-        training.resolve_device("gpu")
+        evaluation.resolve_device("gpu")
 
 
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    from cae_kernels.train import train
+    from cae_kernels.app import train
     result = train(sys.argv[1], progress=False, backend="cae", limit=256, batch_size=64, epochs=2,
                    noise_factor=0.2)
     torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
@@ -233,3 +248,117 @@ def test_two_process_gloo_training_ends_with_identical_weights(tmp_path):
     assert len(checkpoint["rng"]["ranks"]) == 2
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1  # written once, by rank 0
     assert proc.stdout.count("epoch 2/2") == 1
+
+
+# --- checkpoints: the last few kept, verified, and a damaged one falls back ----------------
+
+
+def checkpoint_names(model_dir):
+    return [p.name for p in checkpoints.checkpoint_paths(model_dir)]
+
+
+def test_the_last_checkpoints_are_kept(tmp_path):
+    run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 3}, keep_checkpoints=2)
+    assert checkpoint_names(tmp_path / "run") == ["checkpoint_epoch_0003.pt", "checkpoint_epoch_0002.pt"]
+    run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 4})  # 5 by default: none deleted now
+    assert checkpoint_names(tmp_path / "run") == [f"checkpoint_epoch_{e:04d}.pt" for e in (4, 3, 2)]
+    with pytest.raises(ConfigError, match="keep_checkpoints must be at least 1, got 0"):
+        run(tmp_path / "run", epochs=5, keep_checkpoints=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, damage):
+    options = dict(backend="torch", **TINY)
+    whole = run(tmp_path / "whole", **options)
+    run(tmp_path / "run", **options)
+    newest = tmp_path / "run" / "checkpoint_epoch_0002.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":  # torch.load alone would not notice: the SHA-256 does
+        data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data[:len(data) // 2] if damage == "truncate" else b"" if damage == "empty" else data))
+
+    _, _, checkpoint = load_model(tmp_path / "run")
+    err = capsys.readouterr().err
+    assert checkpoint["epoch"] == 1
+    assert err.count("\n") == 1 and err.startswith("warning: skipped damaged checkpoint(s)")
+    assert "checkpoint_epoch_0002.pt" in err and "using checkpoint_epoch_0001.pt (epoch 1, step 3)" in err
+
+    resumed = run(tmp_path / "run", **options)  # trains epoch 2 again, to the same weights
+    assert "checkpoint_epoch_0002.pt" in capsys.readouterr().err
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert state(tmp_path / "run")["epoch"] == 2
+
+
+def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
+    run(tmp_path / "run", backend="torch", **TINY)
+    for path in checkpoints.checkpoint_paths(tmp_path / "run"):
+        path.write_bytes(path.read_bytes()[:100])
+    message = r"no intact checkpoint in .*run: checkpoint_epoch_0002.pt \(.*\); checkpoint_epoch_0001.pt \(.*\)"
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        load_model(tmp_path / "run")
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        run(tmp_path / "run", epochs=3)
+
+
+def test_a_run_directory_with_only_checkpoint_pt_still_loads_and_resumes(tmp_path):
+    """Run directories of the previous version: one checkpoint.pt, no checkpoints.json."""
+    options = dict(backend="torch", **TINY)
+    whole = run(tmp_path / "whole", **options)
+    old = tmp_path / "old"
+    run(old, **{**options, "epochs": 1})
+    (old / "checkpoint_epoch_0001.pt").rename(old / "checkpoint.pt")
+    (old / "checkpoints.json").unlink()
+    model, _, checkpoint = load_model(old)
+    assert checkpoint["epoch"] == 1
+    resumed = run(old, **options)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert checkpoint_names(old) == ["checkpoint_epoch_0002.pt", "checkpoint.pt"]
+
+
+# --- one trainer per model directory ------------------------------------------------------
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from cae_kernels.app import rundir
+    with rundir.lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_second_trainer_is_refused_while_the_first_holds_the_directory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "run")], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = rf"{tmp_path / 'run'} is in use by another `cae train` \(process {holder.pid}\)"
+        with pytest.raises(training.rundir.RunDirBusyError, match=message):
+            run(tmp_path / "run", backend="torch", **TINY)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without unlocking: the OS dropped its lock, the directory is free.
+    assert run(tmp_path / "run", backend="torch", **{**TINY, "epochs": 1}).step == 3
+
+
+def test_the_lock_refuses_a_second_open_file_description_in_the_same_process(tmp_path):
+    with training.rundir.lock(tmp_path / "run"):
+        with pytest.raises(training.rundir.RunDirBusyError, match="in use by another `cae train`"):
+            with training.rundir.lock(tmp_path / "run"):
+                pass
+    with training.rundir.lock(tmp_path / "run"):  # released on exit
+        pass
+
+
+def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match=r"--model-dir .*afile is a file, not a directory"):
+        run(afile, backend="torch", **TINY)
+    with pytest.raises(ConfigError, match=r"--model-dir .*afile/run: .*afile is a file, not a directory"):
+        run(afile / "run", backend="torch", **TINY)
+    with pytest.raises(ConfigError, match=r"afile is a file, not a directory"):
+        load_model(afile)
+    assert afile.read_text() == "mine"

@@ -13,7 +13,7 @@
 
 // Lean includes on purpose: nvcc parses every header once per GPU
 // architecture, so the kernels see the Tensor class, not torch/library.h
-// (only register.cu needs that, through ../ops.h).
+// (only register.cpp needs that, through ../ops.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>

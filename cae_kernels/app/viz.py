@@ -8,7 +8,7 @@ through its object API (no pyplot global state, no display needed).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

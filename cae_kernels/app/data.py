@@ -24,8 +24,8 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from importlib.resources.abc import Traversable  # pathlib.Path is one too
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int | None) -> "Split":
+    def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all when ``n`` is None)."""
         return self if n is None else Split(self.images[:n], self.labels[:n])
 
@@ -138,7 +138,7 @@ class Dataset:
 
 def bundled_data_dir() -> Traversable:
     """The bundled 5,000-digit MNIST sample (package data)."""
-    return importlib.resources.files("cae_kernels").joinpath("data").joinpath("mnist-5k")
+    return importlib.resources.files("cae_kernels.app").joinpath("bundled").joinpath("mnist-5k")
 
 
 def _find(folder: Traversable, stems: list[str]):

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import viz
+from . import checkpoints, viz
 from .data import DataError, load_data
-from .train import Config, ConfigError, atomic_write, encode_split, evaluate, load_model, reconstruct, train
+from .evaluation import encode_split, evaluate, load_model, reconstruct
+from .rundir import Config, ConfigError, atomic_write, show
+from .training import train
 
 DEFAULT_MODEL_DIR = "runs/mnist"
 
@@ -57,15 +59,11 @@ _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a probability in [0, 1
 _non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
 
 
-def _show(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
 
     def default(name: str) -> str:
-        return f"(default: {_show(getattr(defaults, name))})"
+        return f"(default: {show(getattr(defaults, name))})"
 
     parser = argparse.ArgumentParser(
         prog="cae",
@@ -131,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"target stays the clean image {default('noise_factor')}")
     hyper.add_argument("--seed", type=int,
                        help=f"seed of the weights, data order, noise and dropout {default('seed')}")
+    hyper.add_argument("--keep-checkpoints", type=_positive_int, default=checkpoints.DEFAULT_KEEP, metavar="N",
+                       help="keep the last N checkpoints; a damaged newest one falls back to the one "
+                            f"before (default: {checkpoints.DEFAULT_KEEP})")
     hyper.add_argument("--log-every", type=_positive_int, default=10, metavar="STEPS",
                        help="write train scalars to TensorBoard every STEPS steps (default: 10)")
     hyper.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
@@ -185,7 +186,8 @@ _TRAIN_OPTIONS = ("model", "filters", "downsample", "hidden", "dropout", "epochs
 
 def _train(args) -> int:
     options = {name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None}
-    train(args.model_dir, progress=not args.no_progress, log_every=args.log_every, **options)
+    train(args.model_dir, progress=not args.no_progress, log_every=args.log_every,
+          keep_checkpoints=args.keep_checkpoints, **options)
     return 0
 
 
@@ -283,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileExistsError) as exc:
+    except (DataError, ConfigError) as exc:
         print(f"cae {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path the command cannot write or read: one line too
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        print(f"cae {args.command}: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.command != "train":  # train says itself what the checkpoint holds

@@ -1,0 +1,193 @@
+"""The argument checks of the ops, in Python, for their fake kernels.
+
+Under ``torch.compile`` and ``FakeTensorMode`` the C++ kernels never run: the fake
+kernels (``_registration``) compute the output shapes instead.  They check their
+arguments first with the rules below, which mirror the C++ checks of ``csrc/shapes.h``
+and ``csrc/ops.h`` in order and wording, so that a bad argument gives the same
+``RuntimeError`` message traced as run eagerly.  Change them together.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# ScalarType names, as C++ prints them in the messages.
+_DTYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+class Kernels(NamedTuple):
+    """What a backend's kernels accept (``CpuKernels`` / ``CudaKernels`` in C++)."""
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    supported: str
+
+
+CPU = Kernels("CPU", (torch.float32, torch.float64), "float32, float64")
+CUDA = Kernels("CUDA", (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+               "float32, float64, float16, bfloat16")
+
+
+def kernels_by_device(t: torch.Tensor) -> Kernels | None:
+    """The kernels that run a tensor of ``t``'s device (None for meta tensors: no kernels)."""
+    return {"cpu": CPU, "cuda": CUDA}.get(t.device.type)
+
+
+def _check(condition, *parts) -> None:
+    if not condition:
+        raise RuntimeError("".join(map(str, parts)))
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _sizes(sizes) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def conv_output_size(size, stride):
+    """3x3 convolution, padding 1: ceil(size / stride)."""
+    return (size + stride - 1) // stride
+
+
+def pool_output_size(size):
+    """2x2 max-pool with ceil_mode: odd sizes round up (7 -> 4)."""
+    return (size + 1) // 2
+
+
+def check_stride(stride) -> None:
+    _check(stride in (1, 2), "cae: stride must be 1 or 2, got ", stride)
+
+
+def check_like(t, name, input) -> None:
+    _check(t.dtype == input.dtype, "cae: ", name, " has dtype ", _dtype(t.dtype), " but input has dtype ",
+           _dtype(input.dtype))
+    _check(t.device == input.device, "cae: ", name, " is on device ", t.device, " but input is on device ",
+           input.device)
+
+
+def check_activation(t, name, input) -> None:
+    _check(t.dim() == 4, "cae: ", name, " must be a 4-D (N, C, H, W) tensor, got ", t.dim(),
+           "-D with sizes ", _sizes(t.shape))
+    check_like(t, name, input)
+
+
+def check_same_shape(t, name, expected, what) -> None:
+    _check(tuple(t.shape) == tuple(expected), "cae: ", name, " must have sizes ", _sizes(expected), " (", what,
+           "), got ", _sizes(t.shape))
+
+
+def check_weight(weight, input, layout) -> None:
+    _check(weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3, "cae: weight must be ", layout,
+           ", got sizes ", _sizes(weight.shape))
+    check_like(weight, "weight", input)
+
+
+def check_bias(bias, input, channels) -> None:
+    if bias is None:
+        return
+    _check(bias.dim() == 1 and bias.shape[0] == channels, "cae: bias must have sizes [", channels, "], got ",
+           _sizes(bias.shape))
+    check_like(bias, "bias", input)
+
+
+def check_relu_output(relu_output, grad_output) -> None:
+    if relu_output is None:
+        return
+    check_activation(relu_output, "relu_output", grad_output)
+    check_same_shape(relu_output, "relu_output", grad_output.shape, "the shape of grad_output")
+
+
+def check_input_channels(input, expected, weight) -> None:
+    _check(input.shape[1] == expected, "cae: input has ", input.shape[1], " channels but weight of sizes ",
+           _sizes(weight.shape), " expects ", expected)
+
+
+class OpChecks:
+    """Every op's checks, as ``Ops<K>`` of csrc/ops.h runs them; ``kernels`` picks K for a tensor."""
+
+    def __init__(self, kernels=kernels_by_device):
+        self.kernels = kernels
+
+    def dtype(self, input) -> None:
+        k = self.kernels(input)
+        if k is not None:
+            _check(input.dtype in k.dtypes, "cae: the ", k.name, " kernels do not support dtype ",
+                   _dtype(input.dtype), " (supported: ", k.supported, ")")
+
+    def input(self, input, stride) -> None:
+        check_activation(input, "input", input)
+        self.dtype(input)
+        check_stride(stride)
+
+    def input_and_weight(self, input, stride, weight, transposed) -> None:
+        self.input(input, stride)
+        check_weight(weight, input, "[C_in, C_out, 3, 3]" if transposed else "[C_out, C_in, 3, 3]")
+        check_input_channels(input, weight.shape[0 if transposed else 1], weight)
+
+    def conv3x3(self, input, weight, bias, stride) -> None:
+        self.input_and_weight(input, stride, weight, False)
+        check_bias(bias, input, weight.shape[0])
+
+    def conv3x3_grad_input(self, grad_output, relu_output, weight, input, stride) -> None:
+        self.input_and_weight(input, stride, weight, False)
+        check_activation(grad_output, "grad_output", input)
+        n, _, h, w = input.shape
+        check_same_shape(grad_output, "grad_output",
+                         (n, weight.shape[0], conv_output_size(h, stride), conv_output_size(w, stride)),
+                         "the convolution's output")
+        check_relu_output(relu_output, grad_output)
+
+    def conv3x3_grad_weight(self, grad_output, relu_output, input, stride) -> None:
+        self.input(input, stride)
+        check_activation(grad_output, "grad_output", input)
+        n, _, h, w = input.shape
+        _check(grad_output.shape[0] == n and grad_output.shape[2] == conv_output_size(h, stride)
+               and grad_output.shape[3] == conv_output_size(w, stride),
+               "cae: grad_output of sizes ", _sizes(grad_output.shape), " does not match a stride-", stride,
+               " convolution of input of sizes ", _sizes(input.shape))
+        check_relu_output(relu_output, grad_output)
+
+    def conv_transpose3x3(self, input, weight, bias, stride) -> None:
+        self.input_and_weight(input, stride, weight, True)
+        check_bias(bias, input, weight.shape[1])
+
+    def _transpose_grad_output(self, grad_output, input, channels, stride) -> None:
+        check_activation(grad_output, "grad_output", input)
+        n, _, h, w = input.shape
+        check_same_shape(grad_output, "grad_output", (n, channels, h * stride, w * stride),
+                         "the transposed convolution's output")
+
+    def conv_transpose3x3_grad_input(self, grad_output, relu_output, weight, input, stride) -> None:
+        self.input_and_weight(input, stride, weight, True)
+        self._transpose_grad_output(grad_output, input, weight.shape[1], stride)
+        check_relu_output(relu_output, grad_output)
+
+    def conv_transpose3x3_grad_weight(self, grad_output, relu_output, input, stride) -> None:
+        self.input(input, stride)
+        check_activation(grad_output, "grad_output", input)
+        self._transpose_grad_output(grad_output, input, grad_output.shape[1], stride)
+        check_relu_output(relu_output, grad_output)
+
+    def bias_grad(self, grad_output, relu_output) -> None:
+        check_activation(grad_output, "grad_output", grad_output)
+        self.dtype(grad_output)
+        check_relu_output(relu_output, grad_output)
+
+    def max_pool2x2(self, input) -> None:
+        check_activation(input, "input", input)
+        self.dtype(input)
+
+    def max_pool2x2_grad_input(self, grad_output, input) -> None:
+        self.max_pool2x2(input)
+        check_activation(grad_output, "grad_output", input)
+        n, c, h, w = input.shape
+        check_same_shape(grad_output, "grad_output", (n, c, pool_output_size(h), pool_output_size(w)),
+                         "the max-pool's output")

@@ -1,0 +1,267 @@
+"""Training, estimator style: one run per model directory, resumable bit for bit.
+
+Training into an existing model directory (``rundir``) resumes from its newest intact
+checkpoint (``checkpoints``) and ends with the same weights, bit for bit on the CPU, as
+one uninterrupted run: the checkpoint holds the model, optimizer, step, epoch, the RNG
+states (data order, noise, dropout) and the per-epoch history.  One trainer at a time
+holds a directory (``rundir.lock``).  Under ``torchrun`` training is data parallel
+(``distributed``); rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoints, rundir
+from .data import Dataset, load_data
+from .distributed import World, gather, join_world, mean_over_ranks
+from .evaluation import build_model, encode_split, evaluate, noisy, parameter_table, reconstruct, resolve_device, scaled
+from .rundir import Config, ConfigError, resolve_config
+from .summaries import Writers, save_frame, write_pictures
+
+__all__ = ["TrainResult", "train"]
+
+LR_DECAY_RATE = 0.96
+LR_DECAY_STEPS = 1000
+GRID_IMAGES = 10
+EMBEDDING_POINTS = 1000
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    config: Config
+    history: list[dict] = field(default_factory=list)
+    step: int = 0
+
+
+def _learning_rate(config: Config, step: int) -> float:
+    """Exponential decay, staircase: lr * 0.96 ** (step // 1000), as the original."""
+    return config.learning_rate * LR_DECAY_RATE ** (step // LR_DECAY_STEPS)
+
+
+def _weight_penalty(weights: Sequence[torch.Tensor], weight_decay: float) -> torch.Tensor:
+    """L2 weight decay as TF's l2_regularizer: weight_decay * sum(w^2) / 2, biases excluded."""
+    return weight_decay * sum(w.square().sum() for w in weights) / 2
+
+
+def _train_step(model, optimizer, weights, x, target, weight_decay) -> tuple[float, float, float]:
+    """One Adam step; returns the batch's cross-entropy, RMSE and gradient norm."""
+    logits = model(x)
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    total = loss + _weight_penalty(weights, weight_decay) if weight_decay else loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    optimizer.step()
+    with torch.no_grad():
+        rmse = (torch.sigmoid(logits) - target).square().mean().sqrt()
+    return loss.item(), rmse.item(), grad_norm.item()
+
+
+def _rng_state(noise: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, noise: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    noise.set_state(state["noise"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
+          keep_checkpoints: int = checkpoints.DEFAULT_KEEP, dataset: Dataset | None = None,
+          **options) -> TrainResult:
+    """Train (or resume training) the run in ``model_dir``; ``options`` are ``Config`` fields.
+
+    Only the options given explicitly are checked against an existing run's stored
+    configuration.  Writes config, checkpoints (the last ``keep_checkpoints``), event
+    files and pictures into ``model_dir`` (rank 0 only), which it holds locked: a second
+    trainer gets ``RunDirBusyError``.  On KeyboardInterrupt the last checkpoint stays
+    whole, a note on how to resume is printed and the interrupt is re-raised.
+    """
+    if keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {keep_checkpoints}")
+    model_dir = Path(model_dir)
+    config, _ = resolve_config(model_dir, options)
+    world, device = join_world(resolve_device(config.device))
+    try:
+        if config.batch_size % world.size:
+            raise ConfigError(f"batch size {config.batch_size} is not divisible by the {world.size} processes")
+        data = dataset if dataset is not None else load_data(config.data_dir)
+        with rundir.lock(model_dir) if world.main else contextlib.nullcontext():
+            config, _ = resolve_config(model_dir, options)  # again, now that no other trainer can write it
+            trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout)
+            return trainer.run(progress, log_every, keep_checkpoints)
+    finally:
+        world.leave()
+
+
+class _Trainer:
+    """One call of ``train``: the model, optimizer and generators, restored, then the epochs."""
+
+    def __init__(self, model_dir: Path, config: Config, world: World, device: torch.device, data: Dataset,
+                 out):
+        self.model_dir, self.config, self.world, self.device, self.data, self.out = (
+            model_dir, config, world, device, data, out)
+        self.train_split = data.train.head(config.limit)
+        self.eval_split = data.eval.head(config.limit)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config).to(device)
+        if world.rank:  # different dropout masks on each rank
+            torch.manual_seed(config.seed + 7919 * world.rank)
+        self.order_generator = torch.Generator().manual_seed(config.seed)
+        self.noise_generator = torch.Generator().manual_seed(self._noise_seed())
+        self.weights = self.model.weights()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.step, self.epoch, self.history = 0, 0, []
+        self.saved: tuple[Path, int, int] | None = None  # the newest checkpoint on disk: path, epoch, step
+
+    def _noise_seed(self) -> int:
+        return self.config.seed + 104729 * (self.world.rank + 1)
+
+    def say(self, text: str) -> None:
+        if self.world.main:
+            print(text, file=self.out, flush=True)
+
+    def restore(self) -> None:
+        """Continue from the newest intact checkpoint, if any (a damaged newer one is skipped, warned)."""
+        found = checkpoints.load(self.model_dir, warn=checkpoints.warn_stderr if self.world.main else None)
+        if found is None:
+            return
+        path, checkpoint = found
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.step, self.epoch, self.history = checkpoint["step"], checkpoint["epoch"], checkpoint["history"]
+        self.saved = (path, self.epoch, self.step)
+        self.order_generator.set_state(checkpoint["rng"]["data_order"])
+        ranks = checkpoint["rng"]["ranks"]
+        if len(ranks) == self.world.size:
+            _set_rng_state(ranks[self.world.rank], self.noise_generator, self.device)
+        else:
+            self.say(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
+                     f"{self.world.size}; noise and dropout restart from fresh seeds (not bitwise resumable)")
+            self.noise_generator.manual_seed(self._noise_seed() + self.epoch)
+
+    def announce(self) -> None:
+        config, world = self.config, self.world
+        self.say(f"{'resuming' if self.step else 'training'} {type(self.model).__name__} in {self.model_dir} "
+                 f"at epoch {self.epoch + 1}/{config.epochs}, step {self.step}")
+        self.say(f"data: {self.data.describe()}" + (f" (limited to {len(self.train_split)}/{len(self.eval_split)})"
+                                                    if config.limit else ""))
+        self.say(f"backend: {config.backend if config.model == 'conv' else 'torch (nn.Linear)'}, "
+                 f"memory format: {config.memory_format}, device: {self.device}"
+                 + (f", {world.size} processes" if world.size > 1 else ""))
+        self.say(parameter_table(self.model))
+
+    def run(self, progress: bool, log_every: int, keep: int) -> TrainResult:
+        config, world = self.config, self.world
+        self.restore()
+        if self.epoch >= config.epochs:
+            self.say(f"{self.model_dir}: already trained for {self.epoch} epoch(s) (step {self.step}); "
+                     f"nothing to do (raise --epochs to train on)")
+            return TrainResult(self.model.eval(), config, self.history, self.step)
+        if world.main:
+            rundir.write_config(self.model_dir, config)
+        self.announce()
+        net = self.model
+        if world.size > 1:
+            net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        writers = Writers(self.model_dir, self.step if self.step else None) if world.main else None
+        try:
+            for epoch in range(self.epoch + 1, config.epochs + 1):
+                self.epoch = epoch
+                record = self.train_epoch(net, writers, progress and world.main, log_every)
+                self.end_epoch(record, writers, keep)
+            if world.main:
+                codes_split = self.eval_split.head(EMBEDDING_POINTS)
+                codes = encode_split(self.model, codes_split, config.batch_size, self.device)
+                writers.embedding(self.step, codes, codes_split)
+        except KeyboardInterrupt:
+            if world.main:
+                kept = (f"{self.saved[0]} holds epoch {self.saved[1]} (step {self.saved[2]}), intact"
+                        if self.saved else "no checkpoint was written yet")
+                print(f"\ninterrupted in epoch {self.epoch}; {kept}. Resume with the same command, or: "
+                      f"cae train --model-dir {self.model_dir} --epochs {config.epochs}", file=self.out, flush=True)
+            raise
+        finally:
+            if writers:
+                writers.close()
+        return TrainResult(self.model.eval(), config, self.history, self.step)
+
+    def train_epoch(self, net: nn.Module, writers: Writers | None, progress: bool, log_every: int) -> dict:
+        """One pass over the shuffled training split; returns the epoch's record (without eval)."""
+        config, world, split = self.config, self.world, self.train_split
+        net.train()
+        started = time.perf_counter()
+        steps_per_epoch = math.ceil(len(split) / config.batch_size)
+        # disable=None: drawn on a terminal only.
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {self.epoch}/{config.epochs}", unit="step",
+                   leave=False, file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
+        order = torch.randperm(len(split), generator=self.order_generator)
+        loss_sum, seen = 0.0, 0
+        with bar:
+            for index, start in enumerate(range(0, len(order), config.batch_size), 1):
+                batch = order[start:start + config.batch_size]
+                if len(batch) < world.size:
+                    continue  # too few for every rank to get one; skipped on all ranks alike
+                target = scaled(split.images[batch[world.rank::world.size]], self.device)
+                lr = _learning_rate(config, self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, rmse, grad_norm = _train_step(net, self.optimizer, self.weights,
+                                                    noisy(target, config.noise_factor, self.noise_generator),
+                                                    target, config.weight_decay)
+                self.step += 1
+                loss_sum += loss * len(target)
+                seen += len(target)
+                rate = seen * world.size / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} img/s", refresh=False)
+                bar.update(1)
+                if writers and (self.step % log_every == 0 or index == steps_per_epoch):
+                    writers.train_scalars(self.step, loss=loss, rmse=rmse, learning_rate=lr, grad_norm=grad_norm)
+        seconds = time.perf_counter() - started
+        return {"epoch": self.epoch, "step": self.step, "train_loss": mean_over_ranks(loss_sum, seen, world),
+                "learning_rate": _learning_rate(config, self.step), "seconds": seconds,
+                "images_per_second": len(split) / seconds}
+
+    def end_epoch(self, record: dict, writers: Writers | None, keep: int) -> None:
+        """Evaluate, then (rank 0) checkpoint, log, draw and report the epoch."""
+        config, world, epoch, step = self.config, self.world, self.epoch, self.step
+        rng = {"data_order": self.order_generator.get_state(),
+               "ranks": gather(_rng_state(self.noise_generator, self.device), world)}
+        if not world.main:
+            return
+        metrics = evaluate(self.model, self.eval_split, config.batch_size, config.noise_factor, self.device)
+        record.update(eval_loss=metrics["loss"], eval_rmse=metrics["rmse"])
+        self.history.append(record)
+        rows = reconstruct(self.model, self.eval_split.images[:GRID_IMAGES], config.noise_factor, self.device)
+        writers.epoch_end(step, record, rows)
+        save_frame(self.model_dir, epoch, rows)
+        path = checkpoints.save(self.model_dir, {
+            "config": config.to_json(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "step": step, "epoch": epoch,
+            "history": self.history, "rng": rng}, keep)
+        self.saved = (path, epoch, step)
+        write_pictures(self.model_dir, self.history)
+        self.say(f"epoch {epoch}/{config.epochs}  step {step}  train loss {record['train_loss']:.4f}  "
+                 f"eval loss {record['eval_loss']:.4f}  eval rmse {record['eval_rmse']:.4f}  "
+                 f"lr {record['learning_rate']:.2e}  {record['seconds']:.1f}s "
+                 f"({record['images_per_second']:,.0f} img/s)")
