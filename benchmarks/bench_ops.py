@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 import cae_kernels
 
+from conftest import LOWER_CPU_LEVELS, cpu_level_of
 from shapes import op_cases
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # "torch-tf32": cuDNN as users get it on a GPU (TF32 tensor cores for float32);
 # "torch": like for like, TF32 off.
-IMPLS = ["cae", "torch", "torch-tf32"]
+IMPLS = ["cae", "torch", "torch-tf32"] + [f"cae@{level}" for level in LOWER_CPU_LEVELS]
 
 
 def ours(case):
@@ -40,8 +41,10 @@ def pytorch(case):
 def test_op(benchmark, settings, batch, case, impl, layout, direction):
     if impl == "torch-tf32" and (settings.device.type != "cuda" or case.op == "max_pool2x2"):
         pytest.skip("TF32 applies to convolutions on a GPU")
+    if "@" in impl and settings.device.type != "cpu":
+        pytest.skip("CPU levels apply to the CPU kernels")
     case = case._replace(input_shape=(batch, *case.input_shape[1:]), output_shape=(batch, *case.output_shape[1:]))
-    fn = ours(case) if impl == "cae" else pytorch(case)
+    fn = ours(case) if impl.startswith("cae") else pytorch(case)
     backward = direction == "forward+backward"
     dtype, device, memory_format = torch.float32, settings.device, LAYOUTS[layout]
 
@@ -66,11 +69,13 @@ def test_op(benchmark, settings, batch, case, impl, layout, direction):
     benchmark.extra_info.update(
         kind="op", op=case.op, case=case.id, impl=impl, layout=layout, direction=direction,
         batch=batch, dtype="float32", device=device.type, tf32=impl == "torch-tf32",
+        cpu_level=cae_kernels.cpu_capability() if impl == "cae" else impl.partition("@")[2] or None,
         flops=case.flops(backward), min_bytes=case.min_bytes(backward, 4),
     )
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = impl == "torch-tf32"
     try:
-        settings.run(benchmark, step, inputs)
+        with cpu_level_of(impl):
+            settings.run(benchmark, step, inputs)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32

@@ -13,6 +13,8 @@ import torch
 from cae_kernels.app import data
 from cae_kernels.app import training as train
 
+from conftest import LOWER_CPU_LEVELS, cpu_level_of
+
 MODELS = {
     "conv-pool": {"model": "conv", "downsample": "pool"},
     "conv-stride": {"model": "conv", "downsample": "stride"},
@@ -24,7 +26,7 @@ IMPLS = {
     "torch": ("torch", None),
     "torch-compile": ("torch", "default"),
     "torch-compile-reduce-overhead": ("torch", "reduce-overhead"),
-}
+} | {f"cae@{level}": ("cae", None) for level in LOWER_CPU_LEVELS}
 LAYOUTS = ("nchw", "nhwc")
 
 
@@ -52,7 +54,9 @@ def make_step(model_name, impl, layout, batch, device):
 
 
 def skip_unless_applicable(settings, model_name, impl, layout):
-    if model_name == "fc" and (impl == "cae" or layout == "nhwc"):
+    if "@" in impl and settings.device.type != "cpu":
+        pytest.skip("CPU levels apply to the CPU kernels")
+    if model_name == "fc" and (impl.startswith("cae") or layout == "nhwc"):
         pytest.skip("the FC autoencoder has no convolutions: one layout, PyTorch's linear layers")
     if settings.quick and impl.startswith("torch-compile") and (model_name, layout, impl) != ("conv-pool", "nchw", "torch-compile"):
         pytest.skip("--quick compiles one configuration only")
@@ -90,7 +94,8 @@ def test_train_step(benchmark, settings, batch, model_name, impl, layout):
         kind="train", model=model_name, impl=impl, layout=layout, batch=batch, device=settings.device.type,
         peak_memory_bytes=peak_memory_bytes(settings, model_name, impl, layout, batch),
     )
-    settings.run(benchmark, step, inputs)
+    with cpu_level_of(impl):
+        settings.run(benchmark, step, inputs)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -131,8 +136,9 @@ def _memory_main(model_name, impl, layout, batch):
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     base = _rss_kib("VmRSS")
-    for x in inputs:
-        step(*x)
+    with cpu_level_of(impl):
+        for x in inputs:
+            step(*x)
     print(json.dumps({"peak_memory_bytes": (_rss_kib("VmHWM") - base) * 1024}))
 
 

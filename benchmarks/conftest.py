@@ -5,6 +5,7 @@ on a GPU), then ``python benchmarks/report.py bench.json``. ``--quick`` runs eve
 benchmark once on tiny batches: it checks that the suite executes, nothing more.
 """
 
+import contextlib
 import os
 import platform
 import sys
@@ -14,7 +15,41 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import cae_kernels  # noqa: E402
+
 import ceiling  # noqa: E402
+
+# Our CPU kernels also at each lower instruction-set level this CPU runs, as
+# implementations "cae@<level>" beside "cae" (the level in use), so that one run
+# compares them side by side.
+LOWER_CPU_LEVELS = [level for level in cae_kernels.cpu_capabilities() if level != cae_kernels.cpu_capability()]
+
+
+@contextlib.contextmanager
+def cpu_level_of(impl):
+    """Runs the CPU kernels at the level an implementation "cae@<level>" names."""
+    if "@" not in impl:
+        yield
+        return
+    previous = cae_kernels.cpu_capability()
+    cae_kernels.set_cpu_capability(impl.split("@", 1)[1])
+    try:
+        yield
+    finally:
+        cae_kernels.set_cpu_capability(previous)
+
+
+def cpu_model():
+    """The CPU's model name, with its family and model numbers (a VM may show only
+    "AMD EPYC": family 25 model 1 is Zen 3, family 6 model 143 Sapphire Rapids)."""
+    fields = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def pytest_addoption(parser):
@@ -72,12 +107,13 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    import cae_kernels
-
     settings = Settings(config)
     machine_info["torch"] = torch.__version__
     machine_info["cae_kernels"] = cae_kernels.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cpu_model"] = cpu_model()
+    machine_info["cpu_capability"] = cae_kernels.cpu_capability()
+    machine_info["cpu_capabilities"] = cae_kernels.cpu_capabilities()
     machine_info["command"] = " ".join(["python -m pytest"] + sys.argv[1:])
     if settings.device.type == "cuda":
         machine_info["gpu"] = torch.cuda.get_device_name(settings.device)

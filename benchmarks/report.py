@@ -52,10 +52,13 @@ def op_table(rows, machine):
     if not order:
         return [], []
     gpu = any(impl == "torch-tf32" for g in groups.values() for impl, _ in g)
+    # Ours at lower CPU levels ("cae@<level>"), beside the level in use.
+    levels = sorted({impl.split("@")[1] for g in groups.values() for impl, _ in g if "@" in impl})
     ceiling = machine.get("ceiling", {})
     head = ["op", "pass", "batch"]
     for layout in ("nchw", "nhwc"):
         head += [f"ours {layout} ms", f"PyTorch {layout} ms", f"ours/PyTorch {layout}"]
+        head += [f"{level}/PyTorch {layout}" for level in levels]
         if gpu:
             head += [f"ours/PyTorch-TF32 {layout}"]
     head += ["ours NHWC/NCHW", "ours GFLOP/s (best)", "% of peak FLOP/s", "% of peak bandwidth"]
@@ -68,6 +71,7 @@ def op_table(rows, machine):
         for layout in ("nchw", "nhwc"):
             r = ratio(get("cae", layout), get("torch", layout))
             cells += [ms(get("cae", layout)), ms(get("torch", layout)), fmt_ratio(r)]
+            cells += [fmt_ratio(ratio(get(f"cae@{level}", layout), get("torch", layout))) for level in levels]
             if gpu:
                 cells += [fmt_ratio(ratio(get("cae", layout), get("torch-tf32", layout)))]
             summary.append((f"{key[0]} {key[1]} {layout}", r))
@@ -170,6 +174,9 @@ def main(argv=None):
     ceiling = machine.get("ceiling", {})
     text = [f"# {title}", "",
             f"- machine: {device}; {machine.get('platform', '')}; torch threads {machine.get('torch_threads')}",
+            f"- CPU: {machine.get('cpu_model', '?')}; our CPU kernels' level: {machine.get('cpu_capability', '?')} "
+            f"(this CPU runs: {', '.join(machine.get('cpu_capabilities', []))}); "
+            "columns <level>/PyTorch: ours forced to that lower level, same run",
             f"- versions: torch {machine.get('torch')}, cae_kernels {machine.get('cae_kernels')}"
             + (f", CUDA {machine.get('cuda')}, cuDNN {machine.get('cudnn')}" if machine.get("cuda") else ""),
             f"- command: `{machine.get('command', '')}`, then `python benchmarks/report.py {os.path.basename(args.json)}`",

@@ -78,7 +78,7 @@ def compare_with_reference(ours_fn, ref_fn, inputs, dtype, relu=False):
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
     ours_grads = torch.autograd.grad(out, inputs, grad.to(dtype))
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad)
-    for name, mine, theirs in zip("xwb", ours_grads, ref_grads, strict=True):
+    for name, mine, theirs in zip("xwb"[: len(ours_grads)], ours_grads, ref_grads, strict=True):
         s = max(1.0, theirs.abs().max().item())
         torch.testing.assert_close(mine.double(), theirs, rtol=tol["rtol"], atol=tol["atol"] * s,
                                    msg=lambda m, name=name: f"gradient of {name}: {m}")

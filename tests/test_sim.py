@@ -74,7 +74,7 @@ def run_and_compare(ours_fn, ref_fn, inputs, dtype, fmt, relu=False):
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ours_grads = torch.autograd.grad(out, inputs, grad.to(dtype))
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad)
-    for name, mine, theirs in zip("xwb", ours_grads, ref_grads, strict=True):
+    for name, mine, theirs in zip("xwb"[: len(ours_grads)], ours_grads, ref_grads, strict=True):
         scale = max(1.0, theirs.abs().max().item())
         torch.testing.assert_close(mine.double(), theirs, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")

@@ -52,27 +52,27 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
 }
 
 // The NHWC weight gradient when b's channels fill whole vectors: CA
-// channels of a and all 9 taps accumulate at once, so one broadcast of a
-// serves 9 FMAs and one load of b serves CA (the plain product of gemm.h
-// broadcasts once per FMA: this ran 1.1x to 2x faster on the autoencoder's
-// shapes).
+// channels of a and Taps taps at once, so one broadcast of a serves Taps
+// FMAs and one load of b serves CA (the plain product of gemm.h broadcasts
+// once per FMA: this ran 1.1x to 2x faster on the autoencoder's shapes).
 //   out[(ca * 9 + t) * C_b + cb] += sum_q a[q * C_a + ca] * b[q * C_b + tap[t] + cb]
-template <typename T, int Bytes, int CA>
+// for t in [t0, t0 + Taps).
+template <typename T, int Bytes, int CA, int Taps>
 void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__ a,
                       const T* __restrict__ b, const int64_t* tap_offsets, T* __restrict__ out,
-                      int64_t ca0, int64_t cb0) {
+                      int64_t ca0, int64_t cb0, int t0) {
   using V = typename Vec<T, Bytes>::type;
-  int64_t tap[9];
-  for (int t = 0; t < 9; ++t) tap[t] = tap_offsets[t] + cb0;
-  V acc[CA][9];
+  int64_t tap[Taps];
+  for (int t = 0; t < Taps; ++t) tap[t] = tap_offsets[t0 + t] + cb0;
+  V acc[CA][Taps];
   for (int c = 0; c < CA; ++c)
-    for (int t = 0; t < 9; ++t) acc[c][t] = V{};
+    for (int t = 0; t < Taps; ++t) acc[c][t] = V{};
   const T* a_q = a + ca0;
   const T* b_q = b;
   for (int64_t q = 0; q < P; ++q, a_q += C_a, b_q += C_b) {
     V a_c[CA];
-    for (int c = 0; c < CA; ++c) a_c[c] = V{} + a_q[c];
-    for (int t = 0; t < 9; ++t) {
+    for (int c = 0; c < CA; ++c) a_c[c] = splat<V>(a_q[c]);
+    for (int t = 0; t < Taps; ++t) {
       V b_t = load<V>(b_q + tap[t]);
       if constexpr (CA > 1 && Bytes == kVectorBytes) {
         // Held in a register: otherwise GCC folds the load into each of the
@@ -84,31 +84,42 @@ void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__
     }
   }
   for (int c = 0; c < CA; ++c) {
-    for (int t = 0; t < 9; ++t) {
-      T* o = out + ((ca0 + c) * 9 + t) * C_b + cb0;
+    for (int t = 0; t < Taps; ++t) {
+      T* o = out + ((ca0 + c) * 9 + t0 + t) * C_b + cb0;
       store(o, load<V>(o) + acc[c][t]);
     }
   }
 }
 
 // Channels of a from ca0 on, CA at a time, then the rest with fewer.
-template <typename T, int Bytes, int CA>
+template <typename T, int Bytes, int CA, int Taps>
 void tap_blocked_rows(int64_t ca0, int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b,
-                      const int64_t* tap_offsets, T* out, int64_t cb0) {
-  for (; ca0 + CA <= C_a; ca0 += CA) tap_blocked_tile<T, Bytes, CA>(P, C_a, C_b, a, b, tap_offsets, out, ca0, cb0);
+                      const int64_t* tap_offsets, T* out, int64_t cb0, int t0) {
+  for (; ca0 + CA <= C_a; ca0 += CA)
+    tap_blocked_tile<T, Bytes, CA, Taps>(P, C_a, C_b, a, b, tap_offsets, out, ca0, cb0, t0);
   if constexpr (CA > 1) {
-    if (ca0 < C_a) tap_blocked_rows<T, Bytes, CA - 1>(ca0, P, C_a, C_b, a, b, tap_offsets, out, cb0);
+    if (ca0 < C_a) tap_blocked_rows<T, Bytes, CA - 1, Taps>(ca0, P, C_a, C_b, a, b, tap_offsets, out, cb0, t0);
   }
 }
 
+// Tiles of CA x Taps accumulators, CA broadcasts and a vector of b: with 32
+// registers 3 channels x all 9 taps (31), with 16 3 channels x one row of 3
+// taps (13; 1 x 9 kept the loop bound by its 10 loads per 9 FMAs). Positions
+// are taken in blocks whose rows of a and b stay in the L1 cache while every
+// tile passes over them (a tile reads a cache line of a per position).
 template <typename T, int Bytes>
 void tap_blocked(int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b,
                  const int64_t* tap_offsets, T* out) {
-  // CA x 9 accumulators, CA broadcasts and a vector of b in registers: 3
-  // channels with 32 registers, 1 with 16.
-  constexpr int CA = (kVectorRegisters - 1) / 10;
-  for (int64_t cb0 = 0; cb0 < C_b; cb0 += Vec<T, Bytes>::lanes)
-    tap_blocked_rows<T, Bytes, CA>(0, P, C_a, C_b, a, b, tap_offsets, out, cb0);
+  constexpr int Taps = kVectorRegisters >= 32 ? 9 : 3;
+  constexpr int CA = (kVectorRegisters - 1) / (Taps + 1);
+  constexpr int64_t kBlock = 128;
+  for (int64_t q0 = 0; q0 < P; q0 += kBlock) {
+    const int64_t count = std::min(kBlock, P - q0);
+    for (int t0 = 0; t0 < 9; t0 += Taps)
+      for (int64_t cb0 = 0; cb0 < C_b; cb0 += Vec<T, Bytes>::lanes)
+        tap_blocked_rows<T, Bytes, CA, Taps>(0, count, C_a, C_b, a + q0 * C_a, b + q0 * C_b, tap_offsets, out,
+                                             cb0, t0);
+  }
 }
 
 // sum[j] += rows[i * width + j] for i < count.

@@ -56,6 +56,18 @@ struct Vec {
   static constexpr int lanes = Bytes / sizeof(T);
 };
 
+// x in every lane: one broadcast (V{} + x would be an add, which also turns
+// -0.0 into +0.0; a loop over the lanes became a chain of inserts).
+template <typename V, typename T, size_t... I>
+inline V splat(T x, std::index_sequence<I...>) {
+  return V{((void)I, x)...};
+}
+
+template <typename V, typename T>
+inline V splat(T x) {
+  return splat<V>(x, std::make_index_sequence<sizeof(V) / sizeof(T)>{});
+}
+
 template <typename V>
 inline V load(const void* p) {
   V v;
@@ -367,6 +379,10 @@ void gemm_with_rows(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const 
     gemm_blocked<T, Bytes, tile_rows(1, RowStep), 1, RowStep>(M, N, K, a, b, C, ldc, accumulate);
   } else if (N <= 2 * L) {
     gemm_blocked<T, Bytes, tile_rows(2, RowStep), 2, RowStep>(M, N, K, a, b, C, ldc, accumulate);
+  } else if (kVectorRegisters < 32 && N <= 3 * L) {  // 16 or 24 channels in 4- or 8-lane vectors:
+    gemm_blocked<T, Bytes, tile_rows(3, RowStep), 3, RowStep>(M, N, K, a, b, C, ldc, accumulate);
+  } else if (kVectorRegisters < 32 && N <= 4 * L) {  // whole vectors, no tail through the stack
+    gemm_blocked<T, Bytes, tile_rows(4, RowStep), 4, RowStep>(M, N, K, a, b, C, ldc, accumulate);
   } else if (M % tile_rows(3, false) == 0) {  // NCHW with 8 or 16 output channels: no short tile
     gemm_blocked<T, Bytes, tile_rows(3, false), 3, 0>(M, N, K, a, b, C, ldc, accumulate);
   } else {

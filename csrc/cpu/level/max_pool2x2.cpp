@@ -12,6 +12,11 @@ namespace cpu {
 namespace CAE_CPU_LEVEL {
 namespace {
 
+// Vectors of the pool: 32 bytes (8 float windows in the NCHW pass) where
+// the level has them, else the level's own (4 with SSE2 or NEON).
+constexpr int kPoolBytes = kVectorBytes < 32 ? kVectorBytes : 32;
+constexpr int kPoolWindows = kVectorBytes < 32 ? 4 : 8;
+
 // PyTorch's rule, scanning a window row by row: a later element wins if it
 // is greater, or NaN (so the first maximum wins, and NaN propagates).
 template <typename T>
@@ -55,8 +60,8 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
   const T* __restrict__ c = in[2];
   const T* __restrict__ d = in[3];
   int64_t j = 0;
-  using V = typename Vec<T, 32>::type;
-  constexpr int L = Vec<T, 32>::lanes;
+  using V = typename Vec<T, kPoolBytes>::type;
+  constexpr int L = Vec<T, kPoolBytes>::lanes;
   for (; j + L <= count; j += L) {
     const Contest<V> won(load<V>(a + j), load<V>(b + j), load<V>(c + j), load<V>(d + j));
     if constexpr (Backward) {
@@ -89,13 +94,34 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
 // edge's missing candidates then never win, NaN included), so that window k
 // of the plane is (top[2k], top[2k + 1], bottom[2k], bottom[2k + 1]) for every
 // k: one vectorized loop over the whole plane, the pairs split by shuffles.
+// Candidates of kPoolWindows windows side by side: (lane i of) a, b, c and d
+// from one row's 2 * kPoolWindows candidates, and the gradients interleaved
+// back.
+template <typename V2, size_t... I>
+inline auto even_lanes(const V2& t, std::index_sequence<I...>) {
+  return __builtin_shufflevector(t, t, (2 * I)...);
+}
+
+template <typename V2, size_t... I>
+inline auto odd_lanes(const V2& t, std::index_sequence<I...>) {
+  return __builtin_shufflevector(t, t, (2 * I + 1)...);
+}
+
+template <typename V, size_t... I>
+inline auto interleave(const V& x, const V& y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, (I % 2 * sizeof...(I) / 2 + I / 2)...);
+}
+
 template <typename T, bool Backward>
 void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ grad_in,
                 const T* __restrict__ grad_out, int64_t H, int64_t W, T* __restrict__ scratch) {
-  using V = typename Vec<T, 8 * sizeof(T)>::type;  // 8 windows
-  using V2 = typename Vec<T, 16 * sizeof(T)>::type;  // their 16 candidates of one row
+  constexpr int64_t K = kPoolWindows;
+  using V = typename Vec<T, K * sizeof(T)>::type;       // K windows
+  using V2 = typename Vec<T, 2 * K * sizeof(T)>::type;  // their 2K candidates of one row
+  const auto windows_of = std::make_index_sequence<K>{};
+  const auto candidates_of = std::make_index_sequence<2 * K>{};
   const int64_t H_out = pool_output_size(H), W_out = pool_output_size(W);
-  const int64_t windows = H_out * W_out, padded = (windows + 7) / 8 * 8;
+  const int64_t windows = H_out * W_out, padded = (windows + K - 1) / K * K;
   T* top = scratch;
   T* bottom = scratch + 2 * padded;
   T* result = scratch + 4 * padded;  // forward: the maxima; backward: the gradients' copy
@@ -103,17 +129,15 @@ void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ gr
   for (int64_t iy = 0; iy < H; ++iy)
     std::copy(x + iy * W, x + (iy + 1) * W, (iy % 2 ? bottom : top) + iy / 2 * 2 * W_out);
   if constexpr (Backward) std::copy(grad_out, grad_out + windows, result);
-  for (int64_t k = 0; k < padded; k += 8) {
+  for (int64_t k = 0; k < padded; k += K) {
     const V2 t = load<V2>(top + 2 * k), u = load<V2>(bottom + 2 * k);
-    const Contest<V> won(__builtin_shufflevector(t, t, 0, 2, 4, 6, 8, 10, 12, 14),
-                         __builtin_shufflevector(t, t, 1, 3, 5, 7, 9, 11, 13, 15),
-                         __builtin_shufflevector(u, u, 0, 2, 4, 6, 8, 10, 12, 14),
-                         __builtin_shufflevector(u, u, 1, 3, 5, 7, 9, 11, 13, 15));
+    const Contest<V> won(even_lanes(t, windows_of), odd_lanes(t, windows_of), even_lanes(u, windows_of),
+                         odd_lanes(u, windows_of));
     if constexpr (Backward) {  // interleaved back into the staged rows
       const V g = load<V>(result + k);
       const V ga = won.to_a(g), gb = won.to_b(g), gc = won.to_c(g), gd = won.to_d(g);
-      store(top + 2 * k, V2(__builtin_shufflevector(ga, gb, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
-      store(bottom + 2 * k, V2(__builtin_shufflevector(gc, gd, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15)));
+      store(top + 2 * k, V2(interleave(ga, gb, candidates_of)));
+      store(bottom + 2 * k, V2(interleave(gc, gd, candidates_of)));
     } else {
       store(result + k, won.best);
     }
@@ -160,7 +184,7 @@ void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t 
     });
   } else {
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      Scratch<T> scratch(5 * ((H_out * W_out + 7) / 8 * 8));
+      Scratch<T> scratch(5 * ((H_out * W_out + kPoolWindows - 1) / kPoolWindows * kPoolWindows));
       for (int64_t plane = begin; plane < end; ++plane) {
         pool_plane<T, Backward>(x + plane * H * W, Backward ? nullptr : out + plane * H_out * W_out,
                                 Backward ? grad_in + plane * H * W : nullptr,
