@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import cae_kernels
 from cae_kernels.app import checkpoints
 from cae_kernels.app.cli import build_parser, main
 
@@ -46,6 +47,7 @@ def test_train_writes_the_model_dir(trained):
     model_dir, proc = trained
     assert "total" in proc.stdout and "7,873" in proc.stdout  # the parameter table
     assert "epoch 1/2" in proc.stdout and "epoch 2/2" in proc.stdout and "img/s" in proc.stdout
+    assert f"device: cpu (CPU kernels: {cae_kernels.cpu_capability()})" in proc.stdout
     config = json.loads((model_dir / "config.json").read_text())["config"]
     assert config["backend"] == "cae" and config["filters"] == [16, 8, 8] and config["noise_factor"] == 0.3
     checkpoint = torch.load(checkpoints.latest(model_dir), weights_only=True)

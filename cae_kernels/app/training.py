@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import cae_kernels
+
 from . import checkpoints, rundir
 from .data import Dataset, load_data
 from .distributed import World, gather, join_world, mean_over_ranks
@@ -165,8 +167,10 @@ class _Trainer:
                  f"at epoch {self.epoch + 1}/{config.epochs}, step {self.step}")
         self.say(f"data: {self.data.describe()}" + (f" (limited to {len(self.train_split)}/{len(self.eval_split)})"
                                                     if config.limit else ""))
+        uses_cpu_kernels = config.model == "conv" and config.backend == "cae" and self.device.type == "cpu"
         self.say(f"backend: {config.backend if config.model == 'conv' else 'torch (nn.Linear)'}, "
                  f"memory format: {config.memory_format}, device: {self.device}"
+                 + (f" (CPU kernels: {cae_kernels.cpu_capability()})" if uses_cpu_kernels else "")
                  + (f", {world.size} processes" if world.size > 1 else ""))
         self.say(parameter_table(self.model))
 
