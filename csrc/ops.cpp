@@ -1,6 +1,7 @@
 // Every op's schema, once. The emulated-CUDA test build compiles this same
 // file with CAE_NAMESPACE=cae_sim so that its ops have identical schemas.
 #include <Python.h>
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -17,6 +18,59 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   m.def("bias_grad(Tensor grad_output, Tensor? relu_output) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def("max_pool2x2_grad_input(Tensor grad_output, Tensor input) -> Tensor");
+}
+
+// Autocast: the convolutions run in the autocast region's lower precision
+// (float16 or bfloat16, computed with float32 accumulation), as PyTorch's own
+// convolutions do; max-pool keeps its input's dtype (the autocast keys fall
+// through for it). The CUDA kernels serve cae on CUDA tensors; the emulated
+// ones (cae_sim) run on CPU tensors, so theirs is the CPU's autocast, which
+// is how the tests check this without a GPU. The CPU kernels (float32 and
+// float64 only) are left out of CPU autocast.
+namespace {
+#ifdef CAE_SIM
+constexpr c10::DeviceType kAutocastDevice = c10::DeviceType::CPU;
+#define CAE_AUTOCAST_KEY AutocastCPU
+#else
+constexpr c10::DeviceType kAutocastDevice = c10::DeviceType::CUDA;
+#define CAE_AUTOCAST_KEY AutocastCUDA
+#endif
+#define CAE_STRINGIFY(x) #x
+#define CAE_OP_NAME(ns, op) CAE_STRINGIFY(ns) "::" op
+
+using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool);
+
+at::Tensor autocast_conv(const c10::TypedOperatorHandle<ConvSignature>& op, const at::Tensor& input,
+                         const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride,
+                         bool relu) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(kAutocastDevice));
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
+  return op.call(at::autocast::cached_cast(dtype, input, kAutocastDevice),
+                 at::autocast::cached_cast(dtype, weight, kAutocastDevice),
+                 at::autocast::cached_cast(dtype, bias, kAutocastDevice), stride, relu);
+}
+
+at::Tensor conv3x3_autocast(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t stride, bool relu) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(CAE_OP_NAME(CAE_NAMESPACE, "conv3x3"), "")
+                             .typed<ConvSignature>();
+  return autocast_conv(op, input, weight, bias, stride, relu);
+}
+
+at::Tensor conv_transpose3x3_autocast(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t stride, bool relu) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(CAE_OP_NAME(CAE_NAMESPACE, "conv_transpose3x3"), "")
+                             .typed<ConvSignature>();
+  return autocast_conv(op, input, weight, bias, stride, relu);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
+  m.impl("conv3x3", &conv3x3_autocast);
+  m.impl("conv_transpose3x3", &conv_transpose3x3_autocast);
 }
 
 #if !defined(CAE_WITH_CUDA) && !defined(CAE_SIM)
