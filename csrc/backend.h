@@ -1,7 +1,8 @@
 // What every backend (csrc/cpu/, csrc/cuda/) hands the ops of ops.h: a struct
 // of static kernel entry points, its set declared once here by
-// CAE_BACKEND_KERNELS. Tensors arrive checked, contiguous in the layout named
-// by `nhwc`, outputs preallocated; ops.h says what each kernel computes.
+// CAE_BACKEND_KERNELS, each taking one params struct with named fields.
+// Tensors arrive checked, contiguous in the layout named by `nhwc`, outputs
+// preallocated; ops.h says what each kernel computes.
 // Lean on purpose: nvcc parses it once per GPU architecture (cuda/kernels.h).
 #pragma once
 
@@ -12,20 +13,69 @@
 namespace cae {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+// Every kernel reads the large side (the convolution's input, the transposed
+// convolution's output) through 3x3 windows of stride `stride`, whose
+// positions make the small side. A gate is a fused ReLU's output: the
+// tensor it gates passes where the gate is positive (the backward's mask).
+
+// correlate:           out (small side) = act(bias + correlate(gate(input), weight))
+// correlate_transpose: out (large side) = act(bias + correlate^T(gate(input), weight))
+struct CorrelateParams {
+  Tensor out;
+  Tensor input;
+  OptTensor input_gate;
+  Tensor weight;   // [C_small, C_large, 3, 3] read as the correlation needs it
+  OptTensor bias;  // [C_out]
+  int64_t stride;
+  bool relu;
+  bool nhwc;
+};
+
+// grad_weight[c_small, c_large, ky, kx] = sum of gate(small)[c_small] times
+// gate(large)[c_large] under tap (ky, kx), over samples and positions; in the
+// same pass grad_bias = the per-channel sum of the gated output gradient,
+// which is the large side for a transposed convolution, else the small.
+struct WeightGradParams {
+  Tensor grad_weight;
+  Tensor grad_bias;
+  Tensor small;
+  OptTensor small_gate;
+  Tensor large;
+  OptTensor large_gate;
+  int64_t stride;
+  bool nhwc;
+  bool grad_output_is_large;
+};
+
+// grad_bias[c] = sum of gate(grad_output)[:, c] (a bias trained without its weight).
+struct BiasGradParams {
+  Tensor grad_bias;
+  Tensor grad_output;
+  OptTensor gate;
+  bool nhwc;
+};
+
+// out = max_pool2x2(input), ceil mode; with grad_output set, grad_input gets
+// each window's gradient at its winner instead (max_pool_grad).
+struct MaxPoolParams {
+  Tensor out;
+  Tensor input;
+  bool nhwc;
+};
+
+struct MaxPoolGradParams {
+  Tensor grad_input;
+  Tensor grad_output;
+  Tensor input;
+  bool nhwc;
+};
 }  // namespace cae
 
-#define CAE_BACKEND_KERNELS                                                                 \
-  static void correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,        \
-                        const Tensor& w, const OptTensor& bias, int64_t stride, bool relu,  \
-                        bool nhwc);                                                         \
-  static void correlate_transpose(const Tensor& out, const Tensor& g, const OptTensor& g_gate, \
-                                  const Tensor& w, const OptTensor& bias, int64_t stride,   \
-                                  bool relu, bool nhwc);                                    \
-  static void weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,      \
-                          const Tensor& b, const OptTensor& b_gate, int64_t stride,         \
-                          bool nhwc, const Tensor& bias_out, bool bias_of_b);               \
-  static void bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,        \
-                        bool nhwc);                                                         \
-  static void max_pool(const Tensor& out, const Tensor& x, bool nhwc);                      \
-  static void max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,            \
-                            const Tensor& x, bool nhwc);
+#define CAE_BACKEND_KERNELS                                  \
+  static void correlate(const CorrelateParams& p);           \
+  static void correlate_transpose(const CorrelateParams& p); \
+  static void weight_grad(const WeightGradParams& p);        \
+  static void bias_grad(const BiasGradParams& p);            \
+  static void max_pool(const MaxPoolParams& p);              \
+  static void max_pool_grad(const MaxPoolGradParams& p);

@@ -10,11 +10,19 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   // relu: fuse max(0, .) into the output. relu_output: the forward output of
   // such an op; gradients pass only where it is positive.
   m.def("conv3x3(Tensor input, Tensor weight, Tensor? bias, int stride, bool relu) -> Tensor");
-  m.def("conv3x3_grad_input(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, int stride) -> Tensor");
-  m.def("conv3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> (Tensor, Tensor)");
+  m.def(
+      "conv3x3_grad_input(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, int stride) "
+      "-> Tensor");
+  m.def(
+      "conv3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> (Tensor, "
+      "Tensor)");
   m.def("conv_transpose3x3(Tensor input, Tensor weight, Tensor? bias, int stride, bool relu) -> Tensor");
-  m.def("conv_transpose3x3_grad_input(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, int stride) -> Tensor");
-  m.def("conv_transpose3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> (Tensor, Tensor)");
+  m.def(
+      "conv_transpose3x3_grad_input(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, "
+      "int stride) -> Tensor");
+  m.def(
+      "conv_transpose3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> "
+      "(Tensor, Tensor)");
   m.def("bias_grad(Tensor grad_output, Tensor? relu_output) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def("max_pool2x2_grad_input(Tensor grad_output, Tensor input) -> Tensor");
@@ -38,7 +46,8 @@ constexpr c10::DeviceType kAutocastDevice = c10::DeviceType::CUDA;
 #define CAE_STRINGIFY(x) #x
 #define CAE_OP_NAME(ns, op) CAE_STRINGIFY(ns) "::" op
 
-using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool);
+using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 int64_t, bool);
 
 at::Tensor autocast_conv(const c10::TypedOperatorHandle<ConvSignature>& op, const at::Tensor& input,
                          const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride,

@@ -3,12 +3,14 @@
 // A backend is a struct of static kernel entry points (backend.h; CpuKernels
 // in csrc/cpu/, CudaKernels in csrc/cuda/). Every op checks its arguments
 // (shapes.h), puts its tensors in one memory format, allocates the result and
-// hands the backend raw work:
+// hands the backend raw work, one params struct with named fields a kernel
+// (backend.h):
 //
 //   correlate            y = act(bias + conv3x3_stride(gate(x), w))
 //   correlate_transpose  x = act(bias + conv3x3_stride^T(gate(y), w))
-//   weight_grad          dw[r, c] = sum gate(a)[r] * shifted gate(b)[c], and in
-//                        the same pass db = sum gate(a) (or gate(b): bias_of_b)
+//   weight_grad          dw[s, l] = sum gate(small)[s] * shifted gate(large)[l],
+//                        and in the same pass db = the sum of the gated output
+//                        gradient (the large side when grad_output_is_large)
 //   bias_grad            db[c] = sum gate(g)[c]
 //   max_pool, max_pool_grad
 //
@@ -30,18 +32,21 @@
 
 namespace cae {
 
-inline constexpr const char* kOpNames[] = {
-    "conv3x3", "conv3x3_grad_input", "conv3x3_grad_weight",
-    "conv_transpose3x3", "conv_transpose3x3_grad_input",
-    "conv_transpose3x3_grad_weight", "bias_grad", "max_pool2x2",
-    "max_pool2x2_grad_input"};
+inline constexpr const char* kOpNames[] = {"conv3x3",
+                                           "conv3x3_grad_input",
+                                           "conv3x3_grad_weight",
+                                           "conv_transpose3x3",
+                                           "conv_transpose3x3_grad_input",
+                                           "conv_transpose3x3_grad_weight",
+                                           "bias_grad",
+                                           "max_pool2x2",
+                                           "max_pool2x2_grad_input"};
 
 template <class K>
 struct Ops {
   static void check_dtype(const Tensor& input) {
-    TORCH_CHECK(K::supports(input.scalar_type()), "cae: the ", K::name,
-                " kernels do not support dtype ", input.scalar_type(),
-                " (supported: ", K::supported_dtypes, ")");
+    TORCH_CHECK(K::supports(input.scalar_type()), "cae: the ", K::name, " kernels do not support dtype ",
+                input.scalar_type(), " (supported: ", K::supported_dtypes, ")");
   }
 
   // What every op of the two convolution families checks first: the input,
@@ -60,32 +65,33 @@ struct Ops {
     check_input_channels(input, weight.size(transposed ? 0 : 1), weight);
   }
 
-  static Tensor conv3x3(const Tensor& input, const Tensor& weight,
-                        const OptTensor& bias, int64_t stride, bool relu) {
+  static Tensor conv3x3(const Tensor& input, const Tensor& weight, const OptTensor& bias, int64_t stride,
+                        bool relu) {
     check_input_and_weight(input, stride, weight, false);
     check_bias(bias, input, weight.size(0));
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
-    auto output = at::empty({input.size(0), weight.size(0),
-                             conv_output_size(input.size(2), stride),
+    auto output = at::empty({input.size(0), weight.size(0), conv_output_size(input.size(2), stride),
                              conv_output_size(input.size(3), stride)},
                             input.options().memory_format(format));
     if (output.numel() == 0) return output;
-    K::correlate(output, input.contiguous(format), std::nullopt,
-                 weight.contiguous(), contiguous_in(bias, at::MemoryFormat::Contiguous),
-                 stride, relu, nhwc);
+    K::correlate({.out = output,
+                  .input = input.contiguous(format),
+                  .input_gate = std::nullopt,
+                  .weight = weight.contiguous(),
+                  .bias = contiguous_in(bias, at::MemoryFormat::Contiguous),
+                  .stride = stride,
+                  .relu = relu,
+                  .nhwc = nhwc});
     return output;
   }
 
-  static Tensor conv3x3_grad_input(const Tensor& grad_output,
-                                   const OptTensor& relu_output,
-                                   const Tensor& weight, const Tensor& input,
-                                   int64_t stride) {
+  static Tensor conv3x3_grad_input(const Tensor& grad_output, const OptTensor& relu_output,
+                                   const Tensor& weight, const Tensor& input, int64_t stride) {
     check_input_and_weight(input, stride, weight, false);
     check_activation(grad_output, "grad_output", input);
     check_same_shape(grad_output, "grad_output",
-                     {input.size(0), weight.size(0),
-                      conv_output_size(input.size(2), stride),
+                     {input.size(0), weight.size(0), conv_output_size(input.size(2), stride),
                       conv_output_size(input.size(3), stride)},
                      "the convolution's output");
     check_relu_output(relu_output, grad_output);
@@ -94,21 +100,24 @@ struct Ops {
     auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
     if (grad_input.numel() == 0) return grad_input;
     if (grad_output.numel() == 0) return grad_input.zero_();
-    K::correlate_transpose(grad_input, grad_output.contiguous(format),
-                           contiguous_in(relu_output, format),
-                           weight.contiguous(), std::nullopt, stride, false, nhwc);
+    K::correlate_transpose({.out = grad_input,
+                            .input = grad_output.contiguous(format),
+                            .input_gate = contiguous_in(relu_output, format),
+                            .weight = weight.contiguous(),
+                            .bias = std::nullopt,
+                            .stride = stride,
+                            .relu = false,
+                            .nhwc = nhwc});
     return grad_input;
   }
 
   // The weight's gradient and, from the same pass over the samples, the
   // bias's: the gated grad_output summed per channel (alone where the weight
-  // has nothing to sum over). grad_output is weight_grad's a (convolution)
-  // or b (transposed convolution).
-  static std::tuple<Tensor, Tensor> weight_and_bias_grads(Tensor grad_weight,
-                                                          const Tensor& grad_output,
-                                                          const OptTensor& relu_output,
-                                                          const Tensor& input, int64_t stride,
-                                                          bool transposed) {
+  // has nothing to sum over). grad_output is weight_grad's small side
+  // (convolution) or large side (transposed convolution).
+  static std::tuple<Tensor, Tensor> weight_and_bias_grads(Tensor grad_weight, const Tensor& grad_output,
+                                                          const OptTensor& relu_output, const Tensor& input,
+                                                          int64_t stride, bool transposed) {
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
     auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
@@ -116,68 +125,68 @@ struct Ops {
     const Tensor g = grad_output.contiguous(format);
     const OptTensor gate = contiguous_in(relu_output, format);
     if (input.numel() == 0) {
-      K::bias_grad(grad_bias, g, gate, nhwc);
+      K::bias_grad({.grad_bias = grad_bias, .grad_output = g, .gate = gate, .nhwc = nhwc});
       return {grad_weight.zero_(), grad_bias};
     }
     const Tensor x = input.contiguous(format);
-    if (transposed) {
-      K::weight_grad(grad_weight, x, std::nullopt, g, gate, stride, nhwc, grad_bias, true);
-    } else {
-      K::weight_grad(grad_weight, g, gate, x, std::nullopt, stride, nhwc, grad_bias, false);
-    }
+    const OptTensor no_gate;
+    K::weight_grad({.grad_weight = grad_weight,
+                    .grad_bias = grad_bias,
+                    .small = transposed ? x : g,
+                    .small_gate = transposed ? no_gate : gate,
+                    .large = transposed ? g : x,
+                    .large_gate = transposed ? gate : no_gate,
+                    .stride = stride,
+                    .nhwc = nhwc,
+                    .grad_output_is_large = transposed});
     return {grad_weight, grad_bias};
   }
 
   static std::tuple<Tensor, Tensor> conv3x3_grad_weight(const Tensor& grad_output,
-                                                        const OptTensor& relu_output,
-                                                        const Tensor& input, int64_t stride) {
+                                                        const OptTensor& relu_output, const Tensor& input,
+                                                        int64_t stride) {
     check_input(input, stride);
     check_activation(grad_output, "grad_output", input);
     TORCH_CHECK(grad_output.size(0) == input.size(0) &&
                     grad_output.size(2) == conv_output_size(input.size(2), stride) &&
                     grad_output.size(3) == conv_output_size(input.size(3), stride),
-                "cae: grad_output of sizes ", grad_output.sizes(),
-                " does not match a stride-", stride,
+                "cae: grad_output of sizes ", grad_output.sizes(), " does not match a stride-", stride,
                 " convolution of input of sizes ", input.sizes());
     check_relu_output(relu_output, grad_output);
-    return weight_and_bias_grads(
-        at::empty({grad_output.size(1), input.size(1), 3, 3}, input.options()), grad_output,
-        relu_output, input, stride, false);
+    return weight_and_bias_grads(at::empty({grad_output.size(1), input.size(1), 3, 3}, input.options()),
+                                 grad_output, relu_output, input, stride, false);
   }
 
-  static Tensor conv_transpose3x3(const Tensor& input, const Tensor& weight,
-                                  const OptTensor& bias, int64_t stride,
-                                  bool relu) {
+  static Tensor conv_transpose3x3(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                                  int64_t stride, bool relu) {
     check_input_and_weight(input, stride, weight, true);
     check_bias(bias, input, weight.size(1));
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
-    auto output = at::empty({input.size(0), weight.size(1),
-                             input.size(2) * stride, input.size(3) * stride},
+    auto output = at::empty({input.size(0), weight.size(1), input.size(2) * stride, input.size(3) * stride},
                             input.options().memory_format(format));
     if (output.numel() == 0) return output;
-    K::correlate_transpose(output, input.contiguous(format), std::nullopt,
-                           weight.contiguous(),
-                           contiguous_in(bias, at::MemoryFormat::Contiguous),
-                           stride, relu, nhwc);
+    K::correlate_transpose({.out = output,
+                            .input = input.contiguous(format),
+                            .input_gate = std::nullopt,
+                            .weight = weight.contiguous(),
+                            .bias = contiguous_in(bias, at::MemoryFormat::Contiguous),
+                            .stride = stride,
+                            .relu = relu,
+                            .nhwc = nhwc});
     return output;
   }
 
-  static void check_transpose_grad_output(const Tensor& grad_output,
-                                          const Tensor& input,
-                                          int64_t channels, int64_t stride) {
+  static void check_transpose_grad_output(const Tensor& grad_output, const Tensor& input, int64_t channels,
+                                          int64_t stride) {
     check_activation(grad_output, "grad_output", input);
     check_same_shape(grad_output, "grad_output",
-                     {input.size(0), channels, input.size(2) * stride,
-                      input.size(3) * stride},
+                     {input.size(0), channels, input.size(2) * stride, input.size(3) * stride},
                      "the transposed convolution's output");
   }
 
-  static Tensor conv_transpose3x3_grad_input(const Tensor& grad_output,
-                                             const OptTensor& relu_output,
-                                             const Tensor& weight,
-                                             const Tensor& input,
-                                             int64_t stride) {
+  static Tensor conv_transpose3x3_grad_input(const Tensor& grad_output, const OptTensor& relu_output,
+                                             const Tensor& weight, const Tensor& input, int64_t stride) {
     check_input_and_weight(input, stride, weight, true);
     check_transpose_grad_output(grad_output, input, weight.size(1), stride);
     check_relu_output(relu_output, grad_output);
@@ -186,22 +195,25 @@ struct Ops {
     auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
     if (grad_input.numel() == 0) return grad_input;
     if (grad_output.numel() == 0) return grad_input.zero_();
-    K::correlate(grad_input, grad_output.contiguous(format),
-                 contiguous_in(relu_output, format), weight.contiguous(),
-                 std::nullopt, stride, false, nhwc);
+    K::correlate({.out = grad_input,
+                  .input = grad_output.contiguous(format),
+                  .input_gate = contiguous_in(relu_output, format),
+                  .weight = weight.contiguous(),
+                  .bias = std::nullopt,
+                  .stride = stride,
+                  .relu = false,
+                  .nhwc = nhwc});
     return grad_input;
   }
 
   static std::tuple<Tensor, Tensor> conv_transpose3x3_grad_weight(const Tensor& grad_output,
                                                                   const OptTensor& relu_output,
-                                                                  const Tensor& input,
-                                                                  int64_t stride) {
+                                                                  const Tensor& input, int64_t stride) {
     check_input(input, stride);
     check_transpose_grad_output(grad_output, input, grad_output.size(1), stride);
     check_relu_output(relu_output, grad_output);
-    return weight_and_bias_grads(
-        at::empty({input.size(1), grad_output.size(1), 3, 3}, input.options()), grad_output,
-        relu_output, input, stride, true);
+    return weight_and_bias_grads(at::empty({input.size(1), grad_output.size(1), 3, 3}, input.options()),
+                                 grad_output, relu_output, input, stride, true);
   }
 
   static Tensor bias_grad(const Tensor& grad_output, const OptTensor& relu_output) {
@@ -212,8 +224,10 @@ struct Ops {
     const auto format = memory_format(nhwc);
     auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
     if (grad_output.numel() == 0) return grad_bias.zero_();
-    K::bias_grad(grad_bias, grad_output.contiguous(format),
-                 contiguous_in(relu_output, format), nhwc);
+    K::bias_grad({.grad_bias = grad_bias,
+                  .grad_output = grad_output.contiguous(format),
+                  .gate = contiguous_in(relu_output, format),
+                  .nhwc = nhwc});
     return grad_bias;
   }
 
@@ -222,31 +236,30 @@ struct Ops {
     check_dtype(input);
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
-    auto output = at::empty({input.size(0), input.size(1),
-                             pool_output_size(input.size(2)),
-                             pool_output_size(input.size(3))},
-                            input.options().memory_format(format));
+    auto output = at::empty(
+        {input.size(0), input.size(1), pool_output_size(input.size(2)), pool_output_size(input.size(3))},
+        input.options().memory_format(format));
     if (output.numel() == 0) return output;
-    K::max_pool(output, input.contiguous(format), nhwc);
+    K::max_pool({.out = output, .input = input.contiguous(format), .nhwc = nhwc});
     return output;
   }
 
-  static Tensor max_pool2x2_grad_input(const Tensor& grad_output,
-                                       const Tensor& input) {
+  static Tensor max_pool2x2_grad_input(const Tensor& grad_output, const Tensor& input) {
     check_activation(input, "input", input);
     check_dtype(input);
     check_activation(grad_output, "grad_output", input);
-    check_same_shape(grad_output, "grad_output",
-                     {input.size(0), input.size(1),
-                      pool_output_size(input.size(2)),
-                      pool_output_size(input.size(3))},
-                     "the max-pool's output");
+    check_same_shape(
+        grad_output, "grad_output",
+        {input.size(0), input.size(1), pool_output_size(input.size(2)), pool_output_size(input.size(3))},
+        "the max-pool's output");
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
     auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
     if (grad_input.numel() == 0) return grad_input;
-    K::max_pool_grad(grad_input, grad_output.contiguous(format),
-                     input.contiguous(format), nhwc);
+    K::max_pool_grad({.grad_input = grad_input,
+                      .grad_output = grad_output.contiguous(format),
+                      .input = input.contiguous(format),
+                      .nhwc = nhwc});
     return grad_input;
   }
 

@@ -33,7 +33,8 @@ constexpr Capability kAllLevels[] = {Capability::baseline, Capability::avx2, Cap
 
 std::string level_names() {
   std::string names;
-  for (Capability level : kAllLevels) names += std::string(names.empty() ? "" : ", ") + capability_name(level);
+  for (Capability level : kAllLevels)
+    names += std::string(names.empty() ? "" : ", ") + capability_name(level);
   return names;
 }
 
@@ -41,7 +42,8 @@ Capability parse(const std::string& name) {
   for (Capability level : kAllLevels) {
     if (name != capability_name(level)) continue;
     std::string supported;
-    for (Capability s : supported_capabilities()) supported += std::string(supported.empty() ? "" : ", ") + capability_name(s);
+    for (Capability s : supported_capabilities())
+      supported += std::string(supported.empty() ? "" : ", ") + capability_name(s);
     TORCH_CHECK(cpu_has(level), "cae: CPU capability '", name, "' is not available on this CPU",
 #ifndef CAE_CPU_X86
                 " (this build's architecture has only the baseline level)",
@@ -99,7 +101,9 @@ std::vector<Capability> supported_capabilities() {
   return levels;
 }
 
-Capability active_capability() { return static_cast<Capability>(active_level().load(std::memory_order_relaxed)); }
+Capability active_capability() {
+  return static_cast<Capability>(active_level().load(std::memory_order_relaxed));
+}
 
 void set_capability(const std::string& name) {
   active_level().store(static_cast<int>(parse(name)), std::memory_order_relaxed);
@@ -107,35 +111,28 @@ void set_capability(const std::string& name) {
 
 }  // namespace cpu
 
-void CpuKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
-                           const Tensor& w, const OptTensor& bias, int64_t stride, bool relu,
-                           bool nhwc) {
-  cpu::with_level([&](auto k) { k.correlate(out, x, x_gate, w, bias, stride, relu, nhwc); });
+void CpuKernels::correlate(const CorrelateParams& p) {
+  cpu::with_level([&](auto k) { k.correlate(p); });
 }
 
-void CpuKernels::correlate_transpose(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
-                                     const Tensor& w, const OptTensor& bias, int64_t stride,
-                                     bool relu, bool nhwc) {
-  cpu::with_level([&](auto k) { k.correlate_transpose(out, g, g_gate, w, bias, stride, relu, nhwc); });
+void CpuKernels::correlate_transpose(const CorrelateParams& p) {
+  cpu::with_level([&](auto k) { k.correlate_transpose(p); });
 }
 
-void CpuKernels::weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
-                             const Tensor& b, const OptTensor& b_gate, int64_t stride, bool nhwc,
-                             const Tensor& bias_out, bool bias_of_b) {
-  cpu::with_level([&](auto k) { k.weight_grad(out, a, a_gate, b, b_gate, stride, nhwc, bias_out, bias_of_b); });
+void CpuKernels::weight_grad(const WeightGradParams& p) {
+  cpu::with_level([&](auto k) { k.weight_grad(p); });
 }
 
-void CpuKernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate, bool nhwc) {
-  cpu::with_level([&](auto k) { k.bias_grad(out, g, g_gate, nhwc); });
+void CpuKernels::bias_grad(const BiasGradParams& p) {
+  cpu::with_level([&](auto k) { k.bias_grad(p); });
 }
 
-void CpuKernels::max_pool(const Tensor& out, const Tensor& x, bool nhwc) {
-  cpu::with_level([&](auto k) { k.max_pool(out, x, nhwc); });
+void CpuKernels::max_pool(const MaxPoolParams& p) {
+  cpu::with_level([&](auto k) { k.max_pool(p); });
 }
 
-void CpuKernels::max_pool_grad(const Tensor& grad_input, const Tensor& grad_output, const Tensor& x,
-                               bool nhwc) {
-  cpu::with_level([&](auto k) { k.max_pool_grad(grad_input, grad_output, x, nhwc); });
+void CpuKernels::max_pool_grad(const MaxPoolGradParams& p) {
+  cpu::with_level([&](auto k) { k.max_pool_grad(p); });
 }
 
 }  // namespace cae

@@ -90,9 +90,7 @@ inline const T* data_or_null(const OptTensor& t) {
 struct CpuKernels {
   static constexpr const char* name = "CPU";
   static constexpr const char* supported_dtypes = "float32, float64";
-  static bool supports(at::ScalarType t) {
-    return t == at::kFloat || t == at::kDouble;
-  }
+  static bool supports(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
   CAE_BACKEND_KERNELS
 };
 

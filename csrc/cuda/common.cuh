@@ -70,7 +70,7 @@
 
 #define CAE_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
   kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__)
-#define CAE_DYNAMIC_SHARED(T, name)                              \
+#define CAE_DYNAMIC_SHARED(T, name)                             \
   extern __shared__ __align__(16) unsigned char cae_smem_raw[]; \
   T* name = reinterpret_cast<T*>(cae_smem_raw)
 
@@ -136,8 +136,8 @@ struct alignas(sizeof(T) * N) Vec {
 // x[at], ..., x[at + N - 1] by one vector load, each gated like load_gated;
 // zeros where !inside (a halo, or channels past a short last chunk).
 template <typename Acc, int N, typename T>
-CAE_DEVICE void load_gated_vec(Acc (&out)[N], const T* __restrict__ x, const T* __restrict__ gate,
-                               index_t at, bool inside) {
+CAE_DEVICE void load_gated_vec(Acc (&out)[N], const T* __restrict__ x, const T* __restrict__ gate, index_t at,
+                               bool inside) {
   Vec<T, N> v, g;
   if (inside) {
     v = *reinterpret_cast<const Vec<T, N>*>(x + at);
@@ -189,15 +189,25 @@ inline void with_stride(int stride, F&& f) {
 
 // Output channels per thread: the channel counts of the autoencoder (1, 8,
 // 16) each get an exact block; other counts round up (16: several groups).
-inline int channel_block(int channels) { return channels <= 1 ? 1 : channels <= 4 ? 4 : channels <= 8 ? 8 : 16; }
+inline int channel_block(int channels) {
+  return channels <= 1 ? 1 : channels <= 4 ? 4 : channels <= 8 ? 8 : 16;
+}
 
 template <class F>
 inline void with_channel_block(int channels, F&& f) {
   switch (channel_block(channels)) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: f(std::integral_constant<int, 16>{}); break;
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    default:
+      f(std::integral_constant<int, 16>{});
+      break;
   }
 }
 
@@ -241,7 +251,8 @@ struct TileOrigin {
   int n0, y0, x0;
 };
 
-CAE_HOST_DEVICE TileOrigin tile_origin(index_t block, int tiles_x, int tiles_y, int rows, int cols, int samples) {
+CAE_HOST_DEVICE TileOrigin tile_origin(index_t block, int tiles_x, int tiles_y, int rows, int cols,
+                                       int samples) {
   const int tx = static_cast<int>(block % tiles_x);
   block /= tiles_x;
   const int ty = static_cast<int>(block % tiles_y);
@@ -253,7 +264,8 @@ CAE_HOST_DEVICE TileOrigin tile_origin(index_t block, int tiles_x, int tiles_y, 
 // `budget` given the per-channel and fixed costs (in elements), balanced so
 // that every pass but the last has the same count, and a multiple of `align`
 // (the vector width) when the channel count is.
-inline int plan_channel_chunk(int channels, size_t per_channel_bytes, size_t fixed_bytes, size_t budget, int align) {
+inline int plan_channel_chunk(int channels, size_t per_channel_bytes, size_t fixed_bytes, size_t budget,
+                              int align) {
   size_t fit = budget > fixed_bytes ? (budget - fixed_bytes) / per_channel_bytes : 1;
   int max_chunk = static_cast<int>(fit < 1 ? 1 : (fit > static_cast<size_t>(channels) ? channels : fit));
   const int passes = ceil_div(channels, max_chunk);

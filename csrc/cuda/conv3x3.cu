@@ -6,20 +6,28 @@
 
 namespace cae {
 
-void CudaKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
-                            const Tensor& w, const OptTensor& bias, int64_t stride,
-                            bool relu, bool nhwc) {
+void CudaKernels::correlate(const CorrelateParams& p) {
+  const Tensor &out = p.out, &x = p.input, &w = p.weight;
+  const OptTensor &x_gate = p.input_gate, &bias = p.bias;
+  const int64_t stride = p.stride;
+  const bool relu = p.relu, nhwc = p.nhwc;
   CAE_DEVICE_GUARD(x);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   CAE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_correlate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const cuda::CorrelateArgs<scalar_t> a{
-        out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(x_gate), w.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(bias), cuda::to_int(x.size(0), "batch"),
-        cuda::to_int(x.size(1), "channels"), cuda::to_int(x.size(2), "height"),
-        cuda::to_int(x.size(3), "width"), cuda::to_int(out.size(1), "channels"),
-        cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
+    const cuda::CorrelateArgs<scalar_t> a{out.mutable_data_ptr<scalar_t>(),
+                                          x.const_data_ptr<scalar_t>(),
+                                          cuda::data_or_null<scalar_t>(x_gate),
+                                          w.const_data_ptr<scalar_t>(),
+                                          cuda::data_or_null<scalar_t>(bias),
+                                          cuda::to_int(x.size(0), "batch"),
+                                          cuda::to_int(x.size(1), "channels"),
+                                          cuda::to_int(x.size(2), "height"),
+                                          cuda::to_int(x.size(3), "width"),
+                                          cuda::to_int(out.size(1), "channels"),
+                                          cuda::to_int(out.size(2), "height"),
+                                          cuda::to_int(out.size(3), "width"),
+                                          relu};
     const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate");
     cuda::check_smem(plan.smem, "correlate");
@@ -28,20 +36,22 @@ void CudaKernels::correlate(const Tensor& out, const Tensor& x, const OptTensor&
   });
 }
 
-void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTensor& a_gate,
-                              const Tensor& b_t, const OptTensor& b_gate, int64_t stride,
-                              bool nhwc, const Tensor& bias_out, bool bias_of_b) {
+void CudaKernels::weight_grad(const WeightGradParams& p) {
+  const Tensor &out = p.grad_weight, &a_t = p.small, &b_t = p.large;
+  const OptTensor &a_gate = p.small_gate, &b_gate = p.large_gate;
+  const int64_t stride = p.stride;
+  const bool nhwc = p.nhwc;
   CAE_DEVICE_GUARD(a_t);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   CAE_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "cae_weight_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const cuda::WeightGradArgs<scalar_t> a{
-        out.mutable_data_ptr<scalar_t>(), a_t.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(a_gate), b_t.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(b_gate), cuda::to_int(a_t.size(0), "batch"),
+        out.mutable_data_ptr<scalar_t>(),      a_t.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(a_gate),  b_t.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(b_gate),  cuda::to_int(a_t.size(0), "batch"),
         cuda::to_int(a_t.size(1), "channels"), cuda::to_int(a_t.size(2), "height"),
-        cuda::to_int(a_t.size(3), "width"), cuda::to_int(b_t.size(1), "channels"),
-        cuda::to_int(b_t.size(2), "height"), cuda::to_int(b_t.size(3), "width")};
+        cuda::to_int(a_t.size(3), "width"),    cuda::to_int(b_t.size(1), "channels"),
+        cuda::to_int(b_t.size(2), "height"),   cuda::to_int(b_t.size(3), "width")};
     const auto plan = cuda::plan_weight_grad<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.regions, "weight_grad");
     cuda::check_smem(plan.smem, "weight_grad");
@@ -50,19 +60,23 @@ void CudaKernels::weight_grad(const Tensor& out, const Tensor& a_t, const OptTen
     cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
                                               partial.mutable_data_ptr<acc_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
-    cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(),
-                                                  plan.blocks,
+    cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(), plan.blocks,
                                                   cuda::to_int(outputs, "weight size"),
                                                   out.mutable_data_ptr<scalar_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
   // The bias's gradient by its own kernel (the CPU's weight kernel sums it on
   // the way).
-  bias_grad(bias_out, bias_of_b ? b_t : a_t, bias_of_b ? b_gate : a_gate, nhwc);
+  bias_grad({.grad_bias = p.grad_bias,
+             .grad_output = p.grad_output_is_large ? b_t : a_t,
+             .gate = p.grad_output_is_large ? b_gate : a_gate,
+             .nhwc = nhwc});
 }
 
-void CudaKernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
-                            bool nhwc) {
+void CudaKernels::bias_grad(const BiasGradParams& p) {
+  const Tensor &out = p.grad_bias, &g = p.grad_output;
+  const OptTensor& g_gate = p.gate;
+  const bool nhwc = p.nhwc;
   CAE_DEVICE_GUARD(g);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   TORCH_CHECK(nhwc || g.size(1) <= 65535, "cae: bias_grad supports at most 65535 channels in NCHW, got ",
@@ -70,9 +84,9 @@ void CudaKernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor&
   CAE_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_bias_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const cuda::BiasGradArgs<scalar_t> a{
-        out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(),     g.const_data_ptr<scalar_t>(),
         cuda::data_or_null<scalar_t>(g_gate), cuda::to_int(g.size(0), "batch"),
-        cuda::to_int(g.size(1), "channels"), g.size(2) * g.size(3)};
+        cuda::to_int(g.size(1), "channels"),  g.size(2) * g.size(3)};
     const int chunks = cuda::plan_bias_chunks(g.size(0) * a.HW);
     at::Tensor partial = cuda::scratch<acc_t>(g, chunks, a.C);
     cuda::launch_bias_grad<scalar_t, acc_t>(a, chunks, nhwc, partial.mutable_data_ptr<acc_t>(), stream);

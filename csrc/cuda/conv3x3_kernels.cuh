@@ -89,8 +89,8 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
 // Stores the COB channels [co0, co0 + COB) of one output pixel (bias, ReLU
 // applied), skipping channels >= C. NHWC writes them as vectors when `vec`.
 template <int COB, bool NHWC, typename T, typename Acc>
-CAE_DEVICE void store_pixel(T* __restrict__ out, const Acc (&acc)[COB], const T* __restrict__ bias, bool relu_out,
-                            int n, int co0, int C, int H, int W, int y, int xx, bool vec) {
+CAE_DEVICE void store_pixel(T* __restrict__ out, const Acc (&acc)[COB], const T* __restrict__ bias,
+                            bool relu_out, int n, int co0, int C, int H, int W, int y, int xx, bool vec) {
   Acc v[COB];
   CAE_UNROLL
   for (int j = 0; j < COB; ++j) {
@@ -133,11 +133,11 @@ CAE_DEVICE void store_pixel(T* __restrict__ out, const Acc (&acc)[COB], const T*
 
 template <typename T>
 struct CorrelateArgs {
-  T* out;            // [N, C_out, H_out, W_out]
-  const T* x;        // [N, C_in, H, W]
-  const T* x_gate;   // like x, or nullptr
-  const T* w;        // [C_out, C_in, 3, 3]
-  const T* bias;     // [C_out] or nullptr
+  T* out;           // [N, C_out, H_out, W_out]
+  const T* x;       // [N, C_in, H, W]
+  const T* x_gate;  // like x, or nullptr
+  const T* w;       // [C_out, C_in, 3, 3]
+  const T* bias;    // [C_out] or nullptr
   int N, C_in, H, W, C_out, H_out, W_out;
   bool relu;
 };
@@ -169,11 +169,13 @@ inline ConvPlan finish_conv_plan(ConvTiling t, const OutputTile& tile, int C_in,
   t.chunk = plan_channel_chunk(C_in, per_channel, 0, kSmemBudget, in_align);
   t.channel_stride = odd_stride(static_cast<int>(window));
   t.sample_stride = t.chunk * t.channel_stride;
-  t.tile_blocks = static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
+  t.tile_blocks =
+      static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
   ConvPlan p;
   p.t = t;
   p.blocks = tile.blocks() * co_groups;
-  p.smem = (static_cast<size_t>(t.chunk) * 9 * co_block + static_cast<size_t>(t.samples) * t.sample_stride) * sizeof(Acc);
+  p.smem = (static_cast<size_t>(t.chunk) * 9 * co_block + static_cast<size_t>(t.samples) * t.sample_stride) *
+           sizeof(Acc);
   return p;
 }
 
@@ -191,17 +193,19 @@ inline ConvPlan plan_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc)
   p.t.vec_in = nhwc && p.t.chunk % V == 0 && vector_ok<V>(a.x, a.C_in, a.C_in) &&
                (a.x_gate == nullptr || vector_ok<V>(a.x_gate, a.C_in, a.C_in));
   const int vo = cob < V ? cob : V;
-  p.t.vec_out = nhwc && vo > 1 && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
+  p.t.vec_out =
+      nhwc && vo > 1 && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
   return p;
 }
 
 template <typename T, typename Acc, int S, int COB, bool NHWC>
 __global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a, ConvTiling t) {
   CAE_DYNAMIC_SHARED(Acc, smem);
-  Acc* w_s = smem;                           // [chunk][9][COB]
-  Acc* in_s = smem + t.chunk * 9 * COB;      // [samples][chunk][in_rows][in_cols]
+  Acc* w_s = smem;                       // [chunk][9][COB]
+  Acc* in_s = smem + t.chunk * 9 * COB;  // [samples][chunk][in_rows][in_cols]
   const int tid = threadIdx.x;
-  const TileOrigin o = tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  const TileOrigin o =
+      tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
   const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
   // This thread's output pixel (its tile may overhang the image: then it
   // stages and computes like the others but stores nothing).
@@ -218,9 +222,10 @@ __global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a,
     for (int i = tid; i < count * 9 * COB; i += kThreads) {
       const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
       const int co = co0 + j;
-      w_s[i] = co < a.C_out ? static_cast<Acc>(a.w[(static_cast<index_t>(co) * a.C_in + c0 + c) * 9 + k]) : Acc(0);
+      w_s[i] =
+          co < a.C_out ? static_cast<Acc>(a.w[(static_cast<index_t>(co) * a.C_in + c0 + c) * 9 + k]) : Acc(0);
     }
-    const Window win{o.n0, o.y0 * S - 1, o.x0 * S - 1, c0, count, t.in_rows, t.in_cols,
+    const Window win{o.n0,      o.y0 * S - 1,     o.x0 * S - 1,   c0, count, t.in_rows, t.in_cols,
                      t.samples, t.channel_stride, t.sample_stride};
     if (NHWC) {
       stage_nhwc<vec_width<T>()>(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, t.vec_in, tid);
@@ -254,7 +259,8 @@ inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int s
   with_stride(stride, [&](auto s) {
     with_channel_block(a.C_out, [&](auto cob) {
       with_bool(nhwc, [&](auto layout) {
-        const auto kernel = correlate_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
+        const auto kernel =
+            correlate_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
         CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
       });
     });
@@ -270,8 +276,8 @@ inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int s
 // out[c] = sum_r partial[r][c]: 32 columns per block (coalesced), 8 thread
 // rows each summing every 8th partial row in order, then the 8 in order.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const Acc* __restrict__ partial, int rows,
-                                                                   int cols, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_partials_kernel(const Acc* __restrict__ partial, int rows, int cols, T* __restrict__ out) {
   __shared__ Acc sums[kWarps][32];
   const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
   const int c = blockIdx.x * 32 + lane;
@@ -291,7 +297,8 @@ __global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const Acc* __
 template <typename T, typename Acc>
 inline void launch_reduce_partials(const Acc* partial, int rows, int cols, T* out, cudaStream_t stream) {
   const auto kernel = reduce_partials_kernel<T, Acc>;
-  CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(cols, 32))), kThreads, 0, stream, partial, rows, cols, out);
+  CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(cols, 32))), kThreads, 0, stream, partial, rows,
+             cols, out);
 }
 
 // Warp sum in a fixed tree (lane 0 holds the result).
@@ -319,11 +326,11 @@ CAE_DEVICE Acc warp_sum(Acc v) {
 
 template <typename T>
 struct WeightGradArgs {
-  T* out;               // [C_a, C_b, 3, 3]
-  const T* a;           // [N, C_a, H_a, W_a]
-  const T* a_gate;      // like a, or nullptr
-  const T* b;           // [N, C_b, H, W]
-  const T* b_gate;      // like b, or nullptr
+  T* out;           // [C_a, C_b, 3, 3]
+  const T* a;       // [N, C_a, H_a, W_a]
+  const T* a_gate;  // like a, or nullptr
+  const T* b;       // [N, C_b, H, W]
+  const T* b_gate;  // like b, or nullptr
   int N, C_a, H_a, W_a, C_b, H, W;
 };
 
@@ -333,12 +340,12 @@ constexpr int kRegionPositions = 512;   // positions per region (at least)
 struct WeightGradTiling {
   int rows, cols, samples, tiles_y, tiles_x;
   int regions;
-  int b_rows, b_cols;          // the b window of a region (with halo)
-  int positions, a_stride;     // positions per region; a's channel stride in shared memory (odd)
-  int b_channel_stride;        // b's channel stride in shared memory (odd)
+  int b_rows, b_cols;              // the b window of a region (with halo)
+  int positions, a_stride;         // positions per region; a's channel stride in shared memory (odd)
+  int b_channel_stride;            // b's channel stride in shared memory (odd)
   int groups, ca_chunk, cb_chunk;  // a pass: `groups` groups of CA_R a-channels x cb_chunk b-channels
-  int items, splits;           // units = items (groups * cb_chunk) x splits of the positions, <= kWarps
-  bool vec_a, vec_b;           // NHWC vector loads allowed
+  int items, splits;               // units = items (groups * cb_chunk) x splits of the positions, <= kWarps
+  bool vec_a, vec_b;               // NHWC vector loads allowed
 };
 
 struct WeightGradPlan {
@@ -371,7 +378,8 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
     t.a_stride = odd_stride(t.positions);
     t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
     fixed = static_cast<size_t>(t.positions) * sizeof(int) + kWarps * 9 * car * sizeof(Acc);
-    const size_t smallest = fixed + (static_cast<size_t>(car) * t.a_stride + t.b_channel_stride) * sizeof(Acc);
+    const size_t smallest =
+        fixed + (static_cast<size_t>(car) * t.a_stride + t.b_channel_stride) * sizeof(Acc);
     if (smallest <= kSmemBudget || (t.rows == 1 && t.cols == 1 && t.samples == 1)) break;
     if (t.rows * t.cols == 1) {
       target = t.samples / 2;
@@ -393,7 +401,8 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
       const int ca_chunk = groups * car;
       if (ca_chunk > car * ceil_div(a.C_a, car) || cb > a.C_b) continue;
       const size_t bytes = fixed + (static_cast<size_t>(ca_chunk) * t.a_stride +
-                                    static_cast<size_t>(cb) * t.b_channel_stride) * sizeof(Acc);
+                                    static_cast<size_t>(cb) * t.b_channel_stride) *
+                                       sizeof(Acc);
       if (bytes > kSmemBudget && !(groups == 1 && cb == 1)) continue;
       const int passes = ceil_div(a.C_a, ca_chunk) * ceil_div(a.C_b, cb);
       if (best_passes == 0 || passes < best_passes || (passes == best_passes && groups * cb > t.items)) {
@@ -414,14 +423,15 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
   p.blocks = static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
   p.smem = static_cast<size_t>(t.positions) * sizeof(int) +
            (kWarps * 9 * car + static_cast<size_t>(t.ca_chunk) * t.a_stride +
-            static_cast<size_t>(t.cb_chunk) * t.b_channel_stride) * sizeof(Acc);
+            static_cast<size_t>(t.cb_chunk) * t.b_channel_stride) *
+               sizeof(Acc);
   return p;
 }
 
 // Stages gate(a) over a region: dst[c * a_stride + p], p = (s, y, x) row-major.
 template <int V, bool NHWC, typename Acc, typename T>
-CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
-                                int W, int n0, int y0, int x0, int c0, int count, int padded_count,
+CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C,
+                                int H, int W, int n0, int y0, int x0, int c0, int count, int padded_count,
                                 const WeightGradTiling& t, bool vec, int tid) {
   const int per_image = t.rows * t.cols;
   if (NHWC) {
@@ -459,13 +469,13 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
 }
 
 template <typename T, typename Acc, int S, int CA_R, bool NHWC>
-__global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T> a, WeightGradTiling t,
-                                                               Acc* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_kernel(WeightGradArgs<T> a, WeightGradTiling t, Acc* __restrict__ partial) {
   constexpr int R = CA_R * 9;  // accumulators of a unit
   CAE_DYNAMIC_SHARED(Acc, smem);
-  Acc* red_s = smem;                                 // [kWarps][R]
-  Acc* a_s = red_s + kWarps * R;                     // [ca_chunk][a_stride]
-  Acc* b_s = a_s + t.ca_chunk * t.a_stride;          // [cb_chunk][b_channel_stride]
+  Acc* red_s = smem;                         // [kWarps][R]
+  Acc* a_s = red_s + kWarps * R;             // [ca_chunk][a_stride]
+  Acc* b_s = a_s + t.ca_chunk * t.a_stride;  // [cb_chunk][b_channel_stride]
   int* offset_s = reinterpret_cast<int*>(b_s + t.cb_chunk * t.b_channel_stride);  // [positions]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int per_image = t.rows * t.cols;
@@ -489,17 +499,16 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
       const bool mine = busy && group * CA_R < ca_count && cbl < cb_count;
       Acc acc[CA_R][9];
       CAE_UNROLL
-      for (int r = 0; r < CA_R; ++r)
-        CAE_UNROLL
-        for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
+      for (int r = 0; r < CA_R; ++r) CAE_UNROLL
+      for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
 
       for (int region = blockIdx.x; region < t.regions; region += gridDim.x) {
         const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
         __syncthreads();  // the previous region (or pass) is done reading
-        stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0, ca0,
-                                              ca_count, t.ca_chunk, t, t.vec_a, tid);
-        const Window win{o.n0, o.y0 * S - 1, o.x0 * S - 1, cb0, cb_count, t.b_rows, t.b_cols,
-                         t.samples, t.b_channel_stride, b_image};
+        stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0,
+                                              ca0, ca_count, t.ca_chunk, t, t.vec_a, tid);
+        const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       cb0,    cb_count, t.b_rows,
+                         t.b_cols, t.samples,    t.b_channel_stride, b_image};
         if (NHWC) {
           stage_nhwc<vec_width<T>()>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win,
                                      t.vec_b && cb_count % vec_width<T>() == 0, tid);
@@ -613,7 +622,8 @@ CAE_DEVICE Acc block_sum(Acc v, Acc* scratch /* kWarps */) {
 // NCHW: block (chunk, c) walks the chunk's range of the flattened (n, y, x)
 // of channel c: consecutive threads, consecutive elements of one plane.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) bias_grad_nchw_kernel(BiasGradArgs<T> a, Acc* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    bias_grad_nchw_kernel(BiasGradArgs<T> a, Acc* __restrict__ partial) {
   __shared__ Acc scratch[kWarps];
   const int c = blockIdx.y;
   const index_t total = static_cast<index_t>(a.N) * a.HW;
@@ -631,7 +641,8 @@ __global__ void __launch_bounds__(kThreads) bias_grad_nchw_kernel(BiasGradArgs<T
 // rows. Threads cover `lanes` consecutive channels x kThreads / lanes rows,
 // so a warp reads contiguous memory; then the rows are added in order.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads) bias_grad_nhwc_kernel(BiasGradArgs<T> a, Acc* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    bias_grad_nhwc_kernel(BiasGradArgs<T> a, Acc* __restrict__ partial) {
   __shared__ Acc sums[kThreads];
   const index_t rows = static_cast<index_t>(a.N) * a.HW;
   const index_t begin = rows * blockIdx.x / gridDim.x, end = rows * (blockIdx.x + 1) / gridDim.x;
@@ -658,14 +669,15 @@ __global__ void __launch_bounds__(kThreads) bias_grad_nhwc_kernel(BiasGradArgs<T
 }
 
 template <typename T, typename Acc>
-inline void launch_bias_grad(const BiasGradArgs<T>& a, int chunks, bool nhwc, Acc* partial, cudaStream_t stream) {
+inline void launch_bias_grad(const BiasGradArgs<T>& a, int chunks, bool nhwc, Acc* partial,
+                             cudaStream_t stream) {
   if (nhwc) {
     const auto kernel = bias_grad_nhwc_kernel<T, Acc>;
     CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks)), kThreads, 0, stream, a, partial);
   } else {
     const auto kernel = bias_grad_nchw_kernel<T, Acc>;
-    CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.C)), kThreads, 0, stream, a,
-               partial);
+    CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.C)), kThreads, 0, stream,
+               a, partial);
   }
 }
 

@@ -6,21 +6,28 @@
 
 namespace cae {
 
-void CudaKernels::correlate_transpose(const Tensor& out, const Tensor& g,
-                                      const OptTensor& g_gate, const Tensor& w,
-                                      const OptTensor& bias, int64_t stride, bool relu,
-                                      bool nhwc) {
+void CudaKernels::correlate_transpose(const CorrelateParams& p) {
+  const Tensor &out = p.out, &g = p.input, &w = p.weight;
+  const OptTensor &g_gate = p.input_gate, &bias = p.bias;
+  const int64_t stride = p.stride;
+  const bool relu = p.relu, nhwc = p.nhwc;
   CAE_DEVICE_GUARD(g);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   CAE_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_correlate_transpose_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const cuda::CorrelateTransposeArgs<scalar_t> a{
-        out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(g_gate), w.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(bias), cuda::to_int(g.size(0), "batch"),
-        cuda::to_int(g.size(1), "channels"), cuda::to_int(g.size(2), "height"),
-        cuda::to_int(g.size(3), "width"), cuda::to_int(out.size(1), "channels"),
-        cuda::to_int(out.size(2), "height"), cuda::to_int(out.size(3), "width"), relu};
+    const cuda::CorrelateTransposeArgs<scalar_t> a{out.mutable_data_ptr<scalar_t>(),
+                                                   g.const_data_ptr<scalar_t>(),
+                                                   cuda::data_or_null<scalar_t>(g_gate),
+                                                   w.const_data_ptr<scalar_t>(),
+                                                   cuda::data_or_null<scalar_t>(bias),
+                                                   cuda::to_int(g.size(0), "batch"),
+                                                   cuda::to_int(g.size(1), "channels"),
+                                                   cuda::to_int(g.size(2), "height"),
+                                                   cuda::to_int(g.size(3), "width"),
+                                                   cuda::to_int(out.size(1), "channels"),
+                                                   cuda::to_int(out.size(2), "height"),
+                                                   cuda::to_int(out.size(3), "width"),
+                                                   relu};
     const auto plan = cuda::plan_correlate_transpose<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate_transpose");
     cuda::check_smem(plan.smem, "correlate_transpose");

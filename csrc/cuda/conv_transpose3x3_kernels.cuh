@@ -24,11 +24,11 @@ namespace cuda {
 
 template <typename T>
 struct CorrelateTransposeArgs {
-  T* out;            // [N, C_b, H, W]
-  const T* g;        // [N, C_a, H_a, W_a]
-  const T* g_gate;   // like g, or nullptr
-  const T* w;        // [C_a, C_b, 3, 3]
-  const T* bias;     // [C_b] or nullptr
+  T* out;           // [N, C_b, H, W]
+  const T* g;       // [N, C_a, H_a, W_a]
+  const T* g_gate;  // like g, or nullptr
+  const T* w;       // [C_a, C_b, 3, 3]
+  const T* bias;    // [C_b] or nullptr
   int N, C_a, H_a, W_a, C_b, H, W;
   bool relu;
 };
@@ -49,18 +49,21 @@ inline ConvPlan plan_correlate_transpose(const CorrelateTransposeArgs<T>& a, int
   p.t.vec_in = nhwc && p.t.chunk % V == 0 && vector_ok<V>(a.g, a.C_a, a.C_a) &&
                (a.g_gate == nullptr || vector_ok<V>(a.g_gate, a.C_a, a.C_a));
   const int vo = cob < V ? cob : V;
-  p.t.vec_out = nhwc && vo > 1 && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_b % vo == 0;
+  p.t.vec_out =
+      nhwc && vo > 1 && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_b % vo == 0;
   return p;
 }
 
 template <typename T, typename Acc, int S, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads) correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t) {
+__global__ void __launch_bounds__(kThreads)
+    correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t) {
   static_assert(S == 1 || S == 2, "stride 1 or 2");
   CAE_DYNAMIC_SHARED(Acc, smem);
   Acc* w_s = smem;                       // [chunk][9][COB]
   Acc* in_s = smem + t.chunk * 9 * COB;  // [samples][chunk][in_rows][in_cols]
   const int tid = threadIdx.x;
-  const TileOrigin o = tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  const TileOrigin o =
+      tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
   const int cb0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
 
   // This thread's output pixel (py, px) in the tile, of sample ps.
@@ -87,10 +90,19 @@ __global__ void __launch_bounds__(kThreads) correlate_transpose_kernel(Correlate
     for (int i = tid; i < count * 9 * COB; i += kThreads) {
       const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
       const int cb = cb0 + j;
-      w_s[i] = cb < a.C_b ? static_cast<Acc>(a.w[(static_cast<index_t>(c0 + c) * a.C_b + cb) * 9 + k]) : Acc(0);
+      w_s[i] =
+          cb < a.C_b ? static_cast<Acc>(a.w[(static_cast<index_t>(c0 + c) * a.C_b + cb) * 9 + k]) : Acc(0);
     }
-    const Window win{o.n0, S == 1 ? o.y0 - 1 : o.y0 / 2, S == 1 ? o.x0 - 1 : o.x0 / 2, c0, count,
-                     t.in_rows, t.in_cols, t.samples, t.channel_stride, t.sample_stride};
+    const Window win{o.n0,
+                     S == 1 ? o.y0 - 1 : o.y0 / 2,
+                     S == 1 ? o.x0 - 1 : o.x0 / 2,
+                     c0,
+                     count,
+                     t.in_rows,
+                     t.in_cols,
+                     t.samples,
+                     t.channel_stride,
+                     t.sample_stride};
     if (NHWC) {
       stage_nhwc<vec_width<T>()>(in_s, a.g, a.g_gate, a.N, a.C_a, a.H_a, a.W_a, win, t.vec_in, tid);
     } else {
@@ -123,13 +135,13 @@ __global__ void __launch_bounds__(kThreads) correlate_transpose_kernel(Correlate
 }
 
 template <typename T, typename Acc>
-inline void launch_correlate_transpose(const CorrelateTransposeArgs<T>& a, const ConvPlan& p, int stride, bool nhwc,
-                                       cudaStream_t stream) {
+inline void launch_correlate_transpose(const CorrelateTransposeArgs<T>& a, const ConvPlan& p, int stride,
+                                       bool nhwc, cudaStream_t stream) {
   with_stride(stride, [&](auto s) {
     with_channel_block(a.C_b, [&](auto cob) {
       with_bool(nhwc, [&](auto layout) {
-        const auto kernel =
-            correlate_transpose_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
+        const auto kernel = correlate_transpose_kernel<T, Acc, decltype(s)::value, decltype(cob)::value,
+                                                       decltype(layout)::value>;
         CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
       });
     });

@@ -19,9 +19,9 @@ namespace cuda {
 
 template <typename T>
 struct MaxPoolArgs {
-  T* out;               // forward: output [N, C, H_out, W_out]; backward: grad_input [N, C, H, W]
-  const T* x;           // input [N, C, H, W]
-  const T* grad_out;    // backward: [N, C, H_out, W_out]; forward: nullptr
+  T* out;             // forward: output [N, C, H_out, W_out]; backward: grad_input [N, C, H, W]
+  const T* x;         // input [N, C, H, W]
+  const T* grad_out;  // backward: [N, C, H_out, W_out]; forward: nullptr
   int N, C, H, W, H_out, W_out;
 };
 

@@ -220,14 +220,30 @@ struct dim3 {
   constexpr operator uint3() const { return uint3{x, y, z}; }
 };
 // Vector types with CUDA's alignment (vectorised loads rely on it).
-struct alignas(8) int2 { int x, y; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(8) uint2 { unsigned int x, y; };
-struct alignas(16) uint4 { unsigned int x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-struct float3 { float x, y, z; };
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(16) double2 { double x, y; };
+struct alignas(8) int2 {
+  int x, y;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned int x, y;
+};
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct float3 {
+  float x, y, z;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
 inline int2 make_int2(int x, int y) { return {x, y}; }
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return {x, y, z}; }
@@ -248,7 +264,9 @@ inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t e) {
-  return e == cudaSuccess ? "no error" : e == cudaErrorInvalidConfiguration ? "invalid configuration argument" : "error";
+  return e == cudaSuccess                     ? "no error"
+         : e == cudaErrorInvalidConfiguration ? "invalid configuration argument"
+                                              : "error";
 }
 
 namespace cae_sim {
@@ -266,8 +284,14 @@ namespace detail {
 // switched out (yield_to_scheduler closes and reopens them): TSan refuses to
 // destroy a fiber with ignores enabled, and an aborted block destroys fibers
 // blocked in a barrier.
-inline void quiet_begin() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__); AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
-inline void quiet_end() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); AnnotateIgnoreReadsEnd(__FILE__, __LINE__); }
+inline void quiet_begin() {
+  AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+  AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+}
+inline void quiet_end() {
+  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+  AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+}
 struct Quiet {
   int* depth;
   explicit Quiet(int* d) : depth(d) {
@@ -300,7 +324,7 @@ enum class St : unsigned char { Runnable, AtBarrier, AtWarp, Done, Aborted };
 enum class WK : unsigned char { Sync, Idx, Up, Down, Xor, Ballot, Any, All };
 enum class Bar : unsigned char { Plain, Count, And, Or };
 
-struct Fiber {  // one CUDA thread
+struct Fiber {         // one CUDA thread
   void* sp = nullptr;  // saved stack pointer (hand-written switch)
 #if CAE_SIM_USE_UCONTEXT
   ucontext_t ctx;
@@ -310,7 +334,7 @@ struct Fiber {  // one CUDA thread
   unsigned linear = 0;
   St state = St::Runnable;
   bool at_top = false;  // stack is at the top of fiber_main's loop (fresh or parked)
-  int bar_result = 0;  // value of __syncthreads_count/_and/_or
+  int bar_result = 0;   // value of __syncthreads_count/_and/_or
   // Warp collective in flight: this lane's input and, once complete, its output.
   uint64_t w_val = 0;
   int w_arg = 0;  // srcLane / delta / laneMask / predicate
@@ -442,7 +466,7 @@ inline void yield_to_scheduler(Launch* L, Fiber* f, bool final) {
 #if CAE_SIM_ASAN
   __sanitizer_finish_switch_fiber(f->asan_fake, &L->asan_main_bottom, &L->asan_main_size);
 #endif
-  (void)final;
+  (void) final;
 }
 
 // Scheduler -> fiber; returns when the fiber blocks, exits or aborts.
@@ -507,16 +531,17 @@ inline int block_barrier(Bar kind, const char* what, int pred, const char* file,
   Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
   if (L->done > 0) {
     const uint3 e = L->fibers[L->first_exited].tid;
-    fail("%s at %s:%d reached after thread (%u,%u,%u) of the block exited; every thread must reach every "
-         "barrier (do not return early before __syncthreads, use a guard flag)",
-         what, file, line, e.x, e.y, e.z);
+    fail(
+        "%s at %s:%d reached after thread (%u,%u,%u) of the block exited; every thread must reach every "
+        "barrier (do not return early before __syncthreads, use a guard flag)",
+        what, file, line, e.x, e.y, e.z);
   }
   if (L->bar_arrived == 0) {
     L->bar_kind = kind, L->bar_what = what, L->bar_file = file, L->bar_line = line;
     L->bar_count = 0, L->bar_and = 1, L->bar_or = 0;
   } else if (kind != L->bar_kind || !same_site(file, line, L->bar_file, L->bar_line)) {
-    fail("reached %s at %s:%d while other threads of the block wait at %s at %s:%d (divergent barriers)", what,
-         file, line, L->bar_what, L->bar_file, L->bar_line);
+    fail("reached %s at %s:%d while other threads of the block wait at %s at %s:%d (divergent barriers)",
+         what, file, line, L->bar_what, L->bar_file, L->bar_line);
   }
   L->bar_count += pred != 0;
   L->bar_and &= pred != 0;
@@ -554,11 +579,20 @@ inline void complete_warp_op(Launch* L, unsigned base, const WarpOp& op) {
     const unsigned seg = l & ~(w - 1), pos = l - seg;  // segment start, position inside it
     unsigned src = l;
     switch (op.kind) {
-      case WK::Sync: break;
-      case WK::Ballot: d.w_res = ballot; continue;
-      case WK::Any: d.w_res = ballot != 0; continue;
-      case WK::All: d.w_res = ballot == mask; continue;
-      case WK::Idx: src = seg + (static_cast<unsigned>(d.w_arg) & (w - 1)); break;
+      case WK::Sync:
+        break;
+      case WK::Ballot:
+        d.w_res = ballot;
+        continue;
+      case WK::Any:
+        d.w_res = ballot != 0;
+        continue;
+      case WK::All:
+        d.w_res = ballot == mask;
+        continue;
+      case WK::Idx:
+        src = seg + (static_cast<unsigned>(d.w_arg) & (w - 1));
+        break;
       case WK::Up: {
         const unsigned delta = static_cast<unsigned>(d.w_arg);
         src = pos >= delta ? l - delta : l;  // below the segment: own value
@@ -584,18 +618,20 @@ inline void complete_warp_op(Launch* L, unsigned base, const WarpOp& op) {
   }
 }
 
-inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, int arg, int width, bool* poison,
-                        const char* file, int line) {
+inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, int arg, int width,
+                        bool* poison, const char* file, int line) {
   Fiber* f = cur_fiber();
   Quiet q(&f->quiet);
   Launch* L = __atomic_load_n(&g_launch, __ATOMIC_RELAXED);
   const unsigned lane = f->linear & 31, warp = f->linear >> 5, base = warp * 32;
   const unsigned nlanes = std::min(32u, L->nthreads - base);
   const unsigned exist = nlanes == 32 ? ~0u : (1u << nlanes) - 1;
-  if (!(mask >> lane & 1)) fail("%s(mask=0x%08x) at %s:%d called by lane %u, which is not in the mask", what, mask, file, line, lane);
+  if (!(mask >> lane & 1))
+    fail("%s(mask=0x%08x) at %s:%d called by lane %u, which is not in the mask", what, mask, file, line,
+         lane);
   if (mask & ~exist)
-    fail("%s(mask=0x%08x) at %s:%d names lanes 0x%08x that do not exist (warp %u has %u threads)", what, mask, file,
-         line, mask & ~exist, warp, nlanes);
+    fail("%s(mask=0x%08x) at %s:%d names lanes 0x%08x that do not exist (warp %u has %u threads)", what, mask,
+         file, line, mask & ~exist, warp, nlanes);
   if (width < 1 || width > 32 || (width & (width - 1)))
     fail("%s at %s:%d: width %d is not a power of two in [1, 32]", what, file, line, width);
   for (unsigned l = 0; l < 32; ++l)
@@ -607,8 +643,10 @@ inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, 
     WarpOp& o = ops[k];
     if (o.mask == mask) {
       if (o.kind != kind || o.width != width)
-        fail("%s(mask=0x%08x, width=%d) at %s:%d while lanes 0x%08x wait in %s(mask=0x%08x, width=%d) at %s:%d", what,
-             mask, width, file, line, o.arrived, o.what, o.mask, o.width, o.file, o.line);
+        fail(
+            "%s(mask=0x%08x, width=%d) at %s:%d while lanes 0x%08x wait in %s(mask=0x%08x, width=%d) at "
+            "%s:%d",
+            what, mask, width, file, line, o.arrived, o.what, o.mask, o.width, o.file, o.line);
       break;
     }
     // A pending collective with an overlapping but different mask is legal
@@ -640,14 +678,15 @@ inline uint64_t warp_op(WK kind, const char* what, unsigned mask, uint64_t val, 
 inline void thread_exit(Launch* L, Fiber* f) {
   Quiet q(&f->quiet);
   if (L->bar_arrived > 0)
-    fail("returned while %u of %u threads wait at %s at %s:%d; every thread must reach every barrier (do not "
-         "return early before __syncthreads, use a guard flag)",
-         L->bar_arrived, L->nthreads, L->bar_what, L->bar_file, L->bar_line);
+    fail(
+        "returned while %u of %u threads wait at %s at %s:%d; every thread must reach every barrier (do not "
+        "return early before __syncthreads, use a guard flag)",
+        L->bar_arrived, L->nthreads, L->bar_what, L->bar_file, L->bar_line);
   const unsigned lane = f->linear & 31;
   for (const WarpOp& o : L->warp_ops[f->linear >> 5])
     if (o.mask >> lane & 1)
-      fail("returned while lanes 0x%08x wait for it in %s(mask=0x%08x) at %s:%d", o.arrived, o.what, o.mask, o.file,
-           o.line);
+      fail("returned while lanes 0x%08x wait for it in %s(mask=0x%08x) at %s:%d", o.arrived, o.what, o.mask,
+           o.file, o.line);
   f->state = St::Done;
   if (L->done++ == 0) L->first_exited = f->linear;
   tsan_release(&L->tsan_block_end);
@@ -710,7 +749,8 @@ inline void parse_schedule(Launch& L) {
     L.sched = Order::Shuffle;
     L.seed = s.size() > 8 ? std::strtoull(s.c_str() + 8, nullptr, 0) : 0;
   } else {
-    throw std::runtime_error("cae_sim: invalid CAE_SIM_SCHEDULE '" + s + "' (forward, reverse or shuffle:<seed>)");
+    throw std::runtime_error("cae_sim: invalid CAE_SIM_SCHEDULE '" + s +
+                             "' (forward, reverse or shuffle:<seed>)");
   }
 }
 
@@ -731,7 +771,8 @@ inline void ensure_stacks(Launch& L, unsigned n, size_t size) {
   L.stacks = nullptr;
   for (Fiber& f : L.fibers) f.at_top = false;  // their stacks are gone
   const size_t stride = size + page;
-  void* p = mmap(nullptr, n * stride, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* p =
+      mmap(nullptr, n * stride, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) throw std::runtime_error("cae_sim: cannot allocate fiber stacks");
   L.stacks = static_cast<char*>(p);
   L.stack_count = n, L.stack_size = size, L.stack_stride = stride;
@@ -781,8 +822,9 @@ inline std::string deadlock_message(const Launch& L) {
   if (L.bar_arrived > 0) {
     for (const Fiber& f : L.fibers)
       if (f.state == St::AtBarrier) {
-        m += " " + std::to_string(L.bar_arrived) + " of " + std::to_string(L.nthreads) + " threads (e.g. thread " +
-             tid_str(f.tid) + ") wait at " + L.bar_what + " at " + L.bar_file + ":" + std::to_string(L.bar_line) + ";";
+        m += " " + std::to_string(L.bar_arrived) + " of " + std::to_string(L.nthreads) +
+             " threads (e.g. thread " + tid_str(f.tid) + ") wait at " + L.bar_what + " at " + L.bar_file +
+             ":" + std::to_string(L.bar_line) + ";";
         break;
       }
   }
@@ -795,7 +837,8 @@ inline std::string deadlock_message(const Launch& L) {
            f.wait_file + ":" + std::to_string(f.wait_line) + ";";
     }
   if (L.done > 0)
-    m += " " + std::to_string(L.done) + " thread(s) exited, e.g. thread " + tid_str(L.fibers[L.first_exited].tid) + ".";
+    m += " " + std::to_string(L.done) + " thread(s) exited, e.g. thread " +
+         tid_str(L.fibers[L.first_exited].tid) + ".";
   return m;
 }
 
@@ -836,7 +879,8 @@ inline void run_block(Launch& L) {
   } cleanup{L};
 
   if (L.sched == Order::Shuffle) {
-    L.rng = L.seed ^ (0x9E3779B97F4A7C15ull * (1 + L.block_idx.x + 65536ull * (L.block_idx.y + 65536ull * L.block_idx.z)));
+    L.rng = L.seed ^ (0x9E3779B97F4A7C15ull *
+                      (1 + L.block_idx.x + 65536ull * (L.block_idx.y + 65536ull * L.block_idx.z)));
     for (unsigned i = 0; i < n; ++i) L.order[i] = i;
   }
   // Each pass runs every runnable fiber (in schedule order) until it blocks or
@@ -863,16 +907,22 @@ inline void run_block(Launch& L) {
 inline void check_config(const char* name, dim3 g, dim3 b, size_t smem) {
   std::string why;
   const unsigned long long threads = 1ull * b.x * b.y * b.z;
-  if (g.x == 0 || g.y == 0 || g.z == 0) why = "grid has a zero dimension";
-  else if (g.x > 2147483647u || g.y > 65535u || g.z > 65535u) why = "grid dimension too large";
-  else if (b.x == 0 || b.y == 0 || b.z == 0) why = "block has a zero dimension";
-  else if (b.x > 1024 || b.y > 1024 || b.z > 64 || threads > 1024) why = "more than 1024 threads per block (or block.z > 64)";
-  else if (smem > 227u * 1024u) why = "more than 227 KiB of dynamic shared memory";
+  if (g.x == 0 || g.y == 0 || g.z == 0)
+    why = "grid has a zero dimension";
+  else if (g.x > 2147483647u || g.y > 65535u || g.z > 65535u)
+    why = "grid dimension too large";
+  else if (b.x == 0 || b.y == 0 || b.z == 0)
+    why = "block has a zero dimension";
+  else if (b.x > 1024 || b.y > 1024 || b.z > 64 || threads > 1024)
+    why = "more than 1024 threads per block (or block.z > 64)";
+  else if (smem > 227u * 1024u)
+    why = "more than 227 KiB of dynamic shared memory";
   if (!why.empty())
-    throw std::runtime_error(std::string("cae_sim: invalid configuration argument launching '") + name + "' with grid (" +
-                             std::to_string(g.x) + "," + std::to_string(g.y) + "," + std::to_string(g.z) + "), block (" +
-                             std::to_string(b.x) + "," + std::to_string(b.y) + "," + std::to_string(b.z) + "), " +
-                             std::to_string(smem) + " bytes dynamic shared memory: " + why);
+    throw std::runtime_error(std::string("cae_sim: invalid configuration argument launching '") + name +
+                             "' with grid (" + std::to_string(g.x) + "," + std::to_string(g.y) + "," +
+                             std::to_string(g.z) + "), block (" + std::to_string(b.x) + "," +
+                             std::to_string(b.y) + "," + std::to_string(b.z) + "), " + std::to_string(smem) +
+                             " bytes dynamic shared memory: " + why);
 }
 
 inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*invoke)(const void*),
@@ -979,8 +1029,8 @@ T shfl(WK kind, const char* what, unsigned mask, T var, int arg, int width, cons
 // calling this directly.  Throws std::runtime_error on an invalid
 // configuration or on any error detected while the kernel runs.
 template <class... P, class... A>
-void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
-            A&&... args) {
+void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes,
+            cudaStream_t stream, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "CAE_LAUNCH: wrong number of kernel arguments");
   (void)stream;  // one OS thread, in order: every launch is synchronous
   struct Pack {
@@ -1020,7 +1070,8 @@ inline void __syncthreads(const char* file = __builtin_FILE(), int line = __buil
   ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Plain, "__syncthreads", 0, file, line);
 }
 inline int __syncthreads_count(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Count, "__syncthreads_count", pred, file, line);
+  return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Count, "__syncthreads_count", pred, file,
+                                          line);
 }
 inline int __syncthreads_and(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::And, "__syncthreads_and", pred, file, line);
@@ -1028,7 +1079,8 @@ inline int __syncthreads_and(int pred, const char* file = __builtin_FILE(), int 
 inline int __syncthreads_or(int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return ::cae_sim::detail::block_barrier(::cae_sim::detail::Bar::Or, "__syncthreads_or", pred, file, line);
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
   bool p;
   ::cae_sim::detail::warp_op(::cae_sim::detail::WK::Sync, "__syncwarp", mask, 0, 0, 32, &p, file, line);
 }
@@ -1036,39 +1088,44 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin
 template <class T>
 T __shfl_sync(unsigned mask, T var, int srcLane, int width = warpSize, const char* file = __builtin_FILE(),
               int line = __builtin_LINE()) {
-  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Idx, "__shfl_sync", mask, var, srcLane, width, file, line);
+  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Idx, "__shfl_sync", mask, var, srcLane, width, file,
+                                 line);
 }
 template <class T>
-T __shfl_up_sync(unsigned mask, T var, unsigned int delta, int width = warpSize, const char* file = __builtin_FILE(),
-                 int line = __builtin_LINE()) {
-  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Up, "__shfl_up_sync", mask, var, static_cast<int>(delta), width,
+T __shfl_up_sync(unsigned mask, T var, unsigned int delta, int width = warpSize,
+                 const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Up, "__shfl_up_sync", mask, var,
+                                 static_cast<int>(delta), width, file, line);
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T var, unsigned int delta, int width = warpSize,
+                   const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Down, "__shfl_down_sync", mask, var,
+                                 static_cast<int>(delta), width, file, line);
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = warpSize,
+                  const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Xor, "__shfl_xor_sync", mask, var, laneMask, width,
                                  file, line);
 }
-template <class T>
-T __shfl_down_sync(unsigned mask, T var, unsigned int delta, int width = warpSize, const char* file = __builtin_FILE(),
-                   int line = __builtin_LINE()) {
-  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Down, "__shfl_down_sync", mask, var, static_cast<int>(delta),
-                                 width, file, line);
-}
-template <class T>
-T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = warpSize, const char* file = __builtin_FILE(),
-                  int line = __builtin_LINE()) {
-  return ::cae_sim::detail::shfl(::cae_sim::detail::WK::Xor, "__shfl_xor_sync", mask, var, laneMask, width, file, line);
-}
-inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
   bool p;
-  return static_cast<unsigned>(
-      ::cae_sim::detail::warp_op(::cae_sim::detail::WK::Ballot, "__ballot_sync", mask, 0, pred != 0, 32, &p, file, line));
+  return static_cast<unsigned>(::cae_sim::detail::warp_op(::cae_sim::detail::WK::Ballot, "__ballot_sync",
+                                                          mask, 0, pred != 0, 32, &p, file, line));
 }
-inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
   bool p;
-  return static_cast<int>(
-      ::cae_sim::detail::warp_op(::cae_sim::detail::WK::Any, "__any_sync", mask, 0, pred != 0, 32, &p, file, line));
+  return static_cast<int>(::cae_sim::detail::warp_op(::cae_sim::detail::WK::Any, "__any_sync", mask, 0,
+                                                     pred != 0, 32, &p, file, line));
 }
-inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
   bool p;
-  return static_cast<int>(
-      ::cae_sim::detail::warp_op(::cae_sim::detail::WK::All, "__all_sync", mask, 0, pred != 0, 32, &p, file, line));
+  return static_cast<int>(::cae_sim::detail::warp_op(::cae_sim::detail::WK::All, "__all_sync", mask, 0,
+                                                     pred != 0, 32, &p, file, line));
 }
 
 [[noreturn]] inline void __trap() { ::cae_sim::detail::fail("__trap() called"); }
@@ -1079,7 +1136,9 @@ inline void __threadfence_block() { __asm__ __volatile__("" ::: "memory"); }
 inline void __threadfence_system() { __asm__ __volatile__("" ::: "memory"); }
 
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  return *p;
+}
 
 // ---------------------------------------------------------------------------
 // Atomics: real (relaxed) __atomic operations, so TSan sees them as atomic.
@@ -1099,22 +1158,22 @@ T atomic_update(T* addr, F f) {  // CAS loop for operations with no builtin
 }  // namespace detail
 }  // namespace cae_sim
 
-#define CAE_SIM_ATOMIC_INT(T)                                                                                       \
-  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }                              \
-  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_RELAXED); }                              \
-  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }                            \
-  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_RELAXED); }                              \
-  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_RELAXED); }                                \
-  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_RELAXED); }                              \
-  inline T atomicMax(T* a, T v) {                                                                                   \
-    return ::cae_sim::detail::atomic_update(a, [v](T o) { return o < v ? v : o; });                                \
-  }                                                                                                                 \
-  inline T atomicMin(T* a, T v) {                                                                                   \
-    return ::cae_sim::detail::atomic_update(a, [v](T o) { return v < o ? v : o; });                                 \
-  }                                                                                                                 \
-  inline T atomicCAS(T* a, T compare, T val) {                                                                      \
-    __atomic_compare_exchange_n(a, &compare, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);                       \
-    return compare; /* holds the old value either way */                                                            \
+#define CAE_SIM_ATOMIC_INT(T)                                                                 \
+  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }        \
+  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_RELAXED); }        \
+  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }      \
+  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_RELAXED); }        \
+  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_RELAXED); }          \
+  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_RELAXED); }        \
+  inline T atomicMax(T* a, T v) {                                                             \
+    return ::cae_sim::detail::atomic_update(a, [v](T o) { return o < v ? v : o; });           \
+  }                                                                                           \
+  inline T atomicMin(T* a, T v) {                                                             \
+    return ::cae_sim::detail::atomic_update(a, [v](T o) { return v < o ? v : o; });           \
+  }                                                                                           \
+  inline T atomicCAS(T* a, T compare, T val) {                                                \
+    __atomic_compare_exchange_n(a, &compare, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED); \
+    return compare; /* holds the old value either way */                                      \
   }
 CAE_SIM_ATOMIC_INT(int)
 CAE_SIM_ATOMIC_INT(unsigned int)
@@ -1122,7 +1181,9 @@ CAE_SIM_ATOMIC_INT(unsigned long long)
 CAE_SIM_ATOMIC_INT(long long)
 #undef CAE_SIM_ATOMIC_INT
 
-inline float atomicAdd(float* a, float v) { return ::cae_sim::detail::atomic_update(a, [v](float o) { return o + v; }); }
+inline float atomicAdd(float* a, float v) {
+  return ::cae_sim::detail::atomic_update(a, [v](float o) { return o + v; });
+}
 inline double atomicAdd(double* a, double v) {
   return ::cae_sim::detail::atomic_update(a, [v](double o) { return o + v; });
 }
@@ -1163,10 +1224,26 @@ inline int __float2int_rz(float x) { return static_cast<int>(x); }
 inline int __float2int_rd(float x) { return static_cast<int>(floorf(x)); }
 inline int __float2int_ru(float x) { return static_cast<int>(ceilf(x)); }
 inline float __int2float_rn(int x) { return static_cast<float>(x); }
-inline int __float_as_int(float x) { int i; std::memcpy(&i, &x, 4); return i; }
-inline unsigned __float_as_uint(float x) { unsigned i; std::memcpy(&i, &x, 4); return i; }
-inline float __int_as_float(int i) { float x; std::memcpy(&x, &i, 4); return x; }
-inline float __uint_as_float(unsigned i) { float x; std::memcpy(&x, &i, 4); return x; }
+inline int __float_as_int(float x) {
+  int i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline unsigned __float_as_uint(float x) {
+  unsigned i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float x;
+  std::memcpy(&x, &i, 4);
+  return x;
+}
+inline float __uint_as_float(unsigned i) {
+  float x;
+  std::memcpy(&x, &i, 4);
+  return x;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
@@ -1189,10 +1266,10 @@ inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b)
 // CUDA's global min/max overloads (device code calls them unqualified).
 // Non-template overloads in the global namespace: they neither hide nor make
 // std::min/std::max ambiguous, and headers parsed before are unaffected.
-#define CAE_SIM_MINMAX(R, A, B, MIN, MAX)           \
-  inline R min(A a, B b) { return MIN; }            \
+#define CAE_SIM_MINMAX(R, A, B, MIN, MAX) \
+  inline R min(A a, B b) { return MIN; }  \
   inline R max(A a, B b) { return MAX; }
-#define CAE_SIM_MINMAX_INT(R, A, B) \
+#define CAE_SIM_MINMAX_INT(R, A, B)                                                                        \
   CAE_SIM_MINMAX(R, A, B, (static_cast<R>(a) < static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b)), \
                  (static_cast<R>(a) > static_cast<R>(b) ? static_cast<R>(a) : static_cast<R>(b)))
 CAE_SIM_MINMAX_INT(int, int, int)

@@ -5,7 +5,8 @@
 #include "csrc/cuda/common.cuh"
 #include "tests/sim/sim_kernels.cuh"
 
-void launch_everything(float* f, double* d, int* i, unsigned* u, unsigned long long* ull, Rec* rec, cudaStream_t s) {
+void launch_everything(float* f, double* d, int* i, unsigned* u, unsigned long long* ull, Rec* rec,
+                       cudaStream_t s) {
   CAE_LAUNCH(record_indices, dim3(2, 2, 3), dim3(4, 3, 5), 0, s, rec);
   CAE_LAUNCH((block_sum<float, 256>), 4, 256, 0, s, f, f);
   CAE_LAUNCH((block_sum<long long, 128>), 3, 128, 0, s, reinterpret_cast<long long*>(ull),
@@ -24,6 +25,8 @@ void launch_everything(float* f, double* d, int* i, unsigned* u, unsigned long l
   CAE_LAUNCH(noarg_kernel, 2, 2, 0, s);
   CAE_LAUNCH(warp_smem_exchange, 3, 64, 0, s, i, true);
   CAE_LAUNCH(stack_hog, 1, 32, 0, s, i, 10);
-  CAE_LAUNCH((conv3x3_tiled<float, 1>), dim3(4, 4, 8), dim3(TILE, TILE), 0, s, f, f, f, f, 8, 64, 64, 4, 64, 64);
-  CAE_LAUNCH((conv3x3_tiled<double, 2>), dim3(2, 2, 3), dim3(TILE, TILE), 0, s, d, d, d, d, 2, 20, 33, 3, 10, 17);
+  CAE_LAUNCH((conv3x3_tiled<float, 1>), dim3(4, 4, 8), dim3(TILE, TILE), 0, s, f, f, f, f, 8, 64, 64, 4, 64,
+             64);
+  CAE_LAUNCH((conv3x3_tiled<double, 2>), dim3(2, 2, 3), dim3(TILE, TILE), 0, s, d, d, d, d, 2, 20, 33, 3, 10,
+             17);
 }

@@ -74,7 +74,8 @@ __global__ void warp_shuffles(const T* __restrict__ x, T* __restrict__ down, T* 
 // Lanes 0..15 shuffle among themselves, lanes 16..31 likewise (disjoint masks
 // in flight at the same time); lane k of the low half asks for lane k+16,
 // which is absent from its mask.
-__global__ void absent_lanes(float* outf, double* outd, int* outi, unsigned long long* outu, float* same_half) {
+__global__ void absent_lanes(float* outf, double* outd, int* outi, unsigned long long* outu,
+                             float* same_half) {
   const unsigned lane = threadIdx.x;
   const unsigned mask = lane < 16 ? 0x0000ffffu : 0xffff0000u;
   const float f = __shfl_sync(mask, 1.0f + lane, lane ^ 16);
@@ -105,8 +106,8 @@ __global__ void sync_counts(int* cnt, int* land, int* lor) {
   lor[t] = __syncthreads_or(t == 77);
 }
 
-__global__ void atomics(float* f, double* d, int* i, unsigned long long* u, int* mx, int* mn, unsigned* cas_hits,
-                        unsigned* cas_word) {
+__global__ void atomics(float* f, double* d, int* i, unsigned long long* u, int* mx, int* mn,
+                        unsigned* cas_hits, unsigned* cas_word) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   atomicAdd(f, 1.0f);
   atomicAdd(d, 0.5);
@@ -172,7 +173,8 @@ __global__ void params_are_private(int n, int* out) {
 __global__ void warps_in_3d_block(unsigned* first_linear, unsigned* lane_of) {
   const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   first_linear[linear] = __shfl_sync(0xffffffffu, linear, 0);
-  lane_of[linear] = __popc(__ballot_sync(0xffffffffu, 1) & ((1u << (linear % 32)) - 1u));  // lane id via ballot
+  lane_of[linear] =
+      __popc(__ballot_sync(0xffffffffu, 1) & ((1u << (linear % 32)) - 1u));  // lane id via ballot
 }
 
 __global__ void noarg_kernel() {}
@@ -184,14 +186,15 @@ constexpr int TILE = 16;
 
 template <class T, int S>
 __global__ void __launch_bounds__(TILE* TILE)
-    conv3x3_tiled(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ y,
-                  int Cin, int H, int W, int Cout, int Ho, int Wo) {
+    conv3x3_tiled(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                  T* __restrict__ y, int Cin, int H, int W, int Cout, int Ho, int Wo) {
   constexpr int IT = (TILE - 1) * S + 3;  // input tile side, halo included
   __shared__ T tile[IT][IT + 1];          // +1: avoid bank conflicts on the GPU
   __shared__ T wsh[9];
   const int n = blockIdx.z / Cout, co = blockIdx.z % Cout;
   const int ox = blockIdx.x * TILE + threadIdx.x, oy = blockIdx.y * TILE + threadIdx.y;
-  const int ix0 = static_cast<int>(blockIdx.x) * TILE * S - 1, iy0 = static_cast<int>(blockIdx.y) * TILE * S - 1;
+  const int ix0 = static_cast<int>(blockIdx.x) * TILE * S - 1,
+            iy0 = static_cast<int>(blockIdx.y) * TILE * S - 1;
   const int tid = threadIdx.y * TILE + threadIdx.x;
   const bool active = ox < Wo && oy < Ho;  // guard flag: every thread reaches every barrier
   T acc = bias[co];
@@ -205,7 +208,8 @@ __global__ void __launch_bounds__(TILE* TILE)
     __syncthreads();
     if (active)
       for (int ky = 0; ky < 3; ++ky)
-        for (int kx = 0; kx < 3; ++kx) acc += wsh[ky * 3 + kx] * tile[threadIdx.y * S + ky][threadIdx.x * S + kx];
+        for (int kx = 0; kx < 3; ++kx)
+          acc += wsh[ky * 3 + kx] * tile[threadIdx.y * S + ky][threadIdx.x * S + kx];
     __syncthreads();
   }
   if (active) y[((static_cast<size_t>(n) * Cout + co) * Ho + oy) * Wo + ox] = acc;

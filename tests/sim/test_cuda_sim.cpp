@@ -25,12 +25,12 @@
 // Minimal test harness
 // ---------------------------------------------------------------------------
 static int g_failures_in_test = 0;
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      std::printf("    CHECK failed at line %d: %s\n", __LINE__, #cond);   \
-      ++g_failures_in_test;                                                \
-    }                                                                      \
+#define CHECK(cond)                                                      \
+  do {                                                                   \
+    if (!(cond)) {                                                       \
+      std::printf("    CHECK failed at line %d: %s\n", __LINE__, #cond); \
+      ++g_failures_in_test;                                              \
+    }                                                                    \
   } while (0)
 
 // Runs `f`, expects a std::runtime_error whose message contains every needle.
@@ -52,8 +52,8 @@ static void expect_error(const std::function<void()>& f, std::vector<std::string
 }
 
 template <class T>
-static void conv3x3_reference(const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& b, std::vector<T>& y,
-                              int N, int Cin, int H, int W, int Cout, int S) {
+static void conv3x3_reference(const std::vector<T>& x, const std::vector<T>& w, const std::vector<T>& b,
+                              std::vector<T>& y, int N, int Cin, int H, int W, int Cout, int S) {
   const int Ho = (H - 1) / S + 1, Wo = (W - 1) / S + 1;
   y.assign(static_cast<size_t>(N) * Cout * Ho * Wo, T(0));
   for (int n = 0; n < N; ++n)
@@ -65,7 +65,9 @@ static void conv3x3_reference(const std::vector<T>& x, const std::vector<T>& w, 
             for (int ky = 0; ky < 3; ++ky)
               for (int kx = 0; kx < 3; ++kx) {
                 const int iy = oy * S - 1 + ky, ix = ox * S - 1 + kx;
-                const T v = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((size_t(n) * Cin + ci) * H + iy) * W + ix] : T(0);
+                const T v = (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                                ? x[((size_t(n) * Cin + ci) * H + iy) * W + ix]
+                                : T(0);
                 acc += w[(size_t(co) * Cin + ci) * 9 + ky * 3 + kx] * v;
               }
           y[((size_t(n) * Cout + co) * Ho + oy) * Wo + ox] = acc;
@@ -75,9 +77,13 @@ static void conv3x3_reference(const std::vector<T>& x, const std::vector<T>& w, 
 template <class T, int S>
 static double run_conv(int N, int Cin, int H, int W, int Cout, int reps, bool check) {
   const int Ho = (H - 1) / S + 1, Wo = (W - 1) / S + 1;
-  std::vector<T> x(size_t(N) * Cin * H * W), w(size_t(Cout) * Cin * 9), b(Cout), y(size_t(N) * Cout * Ho * Wo), ref;
+  std::vector<T> x(size_t(N) * Cin * H * W), w(size_t(Cout) * Cin * 9), b(Cout),
+      y(size_t(N) * Cout * Ho * Wo), ref;
   unsigned seed = 12345;
-  auto rnd = [&seed] { seed = seed * 1664525u + 1013904223u; return T(int(seed >> 9) % 2001 - 1000) / T(1000); };
+  auto rnd = [&seed] {
+    seed = seed * 1664525u + 1013904223u;
+    return T(int(seed >> 9) % 2001 - 1000) / T(1000);
+  };
   for (T& v : x) v = rnd();
   for (T& v : w) v = rnd();
   for (T& v : b) v = rnd();
@@ -85,8 +91,8 @@ static double run_conv(int N, int Cin, int H, int W, int Cout, int reps, bool ch
   const cudaStream_t stream = nullptr;
   const auto t0 = std::chrono::steady_clock::now();
   for (int r = 0; r < reps; ++r)
-    CAE_LAUNCH((conv3x3_tiled<T, S>), grid, block, 0, stream, x.data(), w.data(), b.data(), y.data(), Cin, H, W, Cout,
-               Ho, Wo);
+    CAE_LAUNCH((conv3x3_tiled<T, S>), grid, block, 0, stream, x.data(), w.data(), b.data(), y.data(), Cin, H,
+               W, Cout, Ho, Wo);
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
   if (check) {
     conv3x3_reference(x, w, b, ref, N, Cin, H, W, Cout, S);
@@ -157,7 +163,8 @@ static std::vector<float> missing_barrier_inputs() {
     std::vector<float> out(2);
     CAE_LAUNCH(block_sum_missing_barrier, 2, 256, 0, 0, x.data(), out.data());
     const bool wrong = out[0] != correct || out[1] != correct;
-    std::printf("    schedule %-7s -> %s (%g, %g; correct %g)\n", sched, wrong ? "WRONG" : "right", out[0], out[1], correct);
+    std::printf("    schedule %-7s -> %s (%g, %g; correct %g)\n", sched, wrong ? "WRONG" : "right", out[0],
+                out[1], correct);
     wrong_somewhere |= wrong;
   }
   cae_sim::set_schedule(nullptr);
@@ -176,7 +183,8 @@ static void check_warp_shuffles() {
   const int n = 2 * 64;
   std::vector<T> x(n), down(n), x32(n), x16(n), scan8(n), b8(n);
   for (int i = 0; i < n; ++i) x[i] = T(i * 3 % 17 + 1);
-  CAE_LAUNCH((warp_shuffles<T>), 2, 64, 0, 0, x.data(), down.data(), x32.data(), x16.data(), scan8.data(), b8.data());
+  CAE_LAUNCH((warp_shuffles<T>), 2, 64, 0, 0, x.data(), down.data(), x32.data(), x16.data(), scan8.data(),
+             b8.data());
   for (int i = 0; i < n; ++i) {
     const int w0 = i / 32 * 32, s16 = i / 16 * 16, s8 = i / 8 * 8;
     T sum32 = 0, sum16 = 0, pre = 0;
@@ -271,8 +279,10 @@ static void test_errors() {
                {"early_return_before_barrier", "block (0,0,0)", "thread (5,0,0)", "__syncthreads"});
   expect_error([&] { CAE_LAUNCH(warp_vs_block_deadlock, 2, 32, 0, 0, ibuf.data()); },
                {"deadlock", "block (0,0,0)", "__syncthreads", "__syncwarp", "thread ("});
-  expect_error([&] { CAE_LAUNCH(divergent_barriers, 1, 64, 0, 0, ibuf.data()); }, {"divergent barriers", "thread ("});
-  expect_error([&] { CAE_LAUNCH(lane_not_in_mask, 1, 32, 0, 0, ibuf.data()); }, {"not in the mask", "thread ("});
+  expect_error([&] { CAE_LAUNCH(divergent_barriers, 1, 64, 0, 0, ibuf.data()); },
+               {"divergent barriers", "thread ("});
+  expect_error([&] { CAE_LAUNCH(lane_not_in_mask, 1, 32, 0, 0, ibuf.data()); },
+               {"not in the mask", "thread ("});
   expect_error([&] { CAE_LAUNCH(full_mask_partial_warp, 1, 48, 0, 0, ibuf.data()); }, {"do not exist"});
   expect_error([&] { CAE_LAUNCH(mismatched_warp_intrinsics, 1, 32, 0, 0, ibuf.data()); },
                {"__ballot_sync", "__syncwarp", "mask=0xffffffff"});

@@ -39,8 +39,8 @@ torch::Tensor pair_mean_scale(torch::Tensor x, double s) {
   const int64_t n = x.numel();
   const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_mean_scale", [&] {
-    CAE_LAUNCH((scale_kernel<scalar_t>), blocks, 256, 0, nullptr, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-               static_cast<float>(s), n);
+    CAE_LAUNCH((scale_kernel<scalar_t>), blocks, 256, 0, nullptr, x.data_ptr<scalar_t>(),
+               y.data_ptr<scalar_t>(), static_cast<float>(s), n);
   });
   return y;
 }

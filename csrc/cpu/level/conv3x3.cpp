@@ -13,14 +13,15 @@ namespace {
 // back. NCHW: [C_out, 9 C_in] x [9 C_in, positions]; NHWC: [positions,
 // 9 C_in] x [9 C_in, C_out].
 template <typename T, bool Gated>
-void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bias,
-                    int64_t stride, bool apply_relu, bool nhwc, int64_t N, int64_t C_in,
-                    int64_t H, int64_t W, int64_t C_out, int64_t H_out, int64_t W_out) {
+void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bias, int64_t stride,
+                    bool apply_relu, bool nhwc, int64_t N, int64_t C_in, int64_t H, int64_t W, int64_t C_out,
+                    int64_t H_out, int64_t W_out) {
   const Windows win(C_in, H, W, stride, H_out, W_out, nhwc);
   const int64_t K = 9 * C_in, P = win.positions();
   std::vector<int64_t> taps(K);  // k = ci * 9 + tap in NCHW, tap * C_in + ci in NHWC
   for (int64_t ci = 0; ci < C_in; ++ci)
-    for (int64_t t = 0; t < 9; ++t) taps[nhwc ? t * C_in + ci : ci * 9 + t] = win.tap_offset(ci, t / 3, t % 3);
+    for (int64_t t = 0; t < 9; ++t)
+      taps[nhwc ? t * C_in + ci : ci * 9 + t] = win.tap_offset(ci, t / 3, t % 3);
   Scratch<T> w_nhwc;  // [tap][ci][co]
   if (nhwc) {
     w_nhwc.resize(K * C_out + kReadPast);
@@ -39,14 +40,14 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
       const int64_t offset = n * C_in * H * W;
       pad_sample<T, Gated>(x + offset, x_gate ? x_gate + offset : nullptr, win, buffer.data());
       if (nhwc) {
-        gemm<T>(P, C_out, K, {buffer.data(), rows.data(), taps.data()},
-                {w_nhwc.data(), cols.data(), nullptr}, result.data(), C_out, false, shape);
+        gemm<T>(P, C_out, K, {buffer.data(), rows.data(), taps.data()}, {w_nhwc.data(), cols.data(), nullptr},
+                result.data(), C_out, false, shape);
       } else {
         gemm<T>(C_out, P, K, {w, rows.data(), cols.data()}, {buffer.data(), taps.data(), nullptr},
                 result.data(), P, false, shape);
       }
-      store_result(result.data(), H_out, W_out, win.Wq, C_out, nhwc, out + n * C_out * H_out * W_out,
-                   H_out, W_out, 1, 0, 0, bias, apply_relu);
+      store_result(result.data(), H_out, W_out, win.Wq, C_out, nhwc, out + n * C_out * H_out * W_out, H_out,
+                   W_out, 1, 0, 0, bias, apply_relu);
     }
   });
 }
@@ -58,9 +59,8 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
 //   out[(ca * 9 + t) * C_b + cb] += sum_q a[q * C_a + ca] * b[q * C_b + tap[t] + cb]
 // for t in [t0, t0 + Taps).
 template <typename T, int Bytes, int CA, int Taps>
-void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__ a,
-                      const T* __restrict__ b, const int64_t* tap_offsets, T* __restrict__ out,
-                      int64_t ca0, int64_t cb0, int t0) {
+void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__ a, const T* __restrict__ b,
+                      const int64_t* tap_offsets, T* __restrict__ out, int64_t ca0, int64_t cb0, int t0) {
   using V = typename Vec<T, Bytes>::type;
   int64_t tap[Taps];
   for (int t = 0; t < Taps; ++t) tap[t] = tap_offsets[t0 + t] + cb0;
@@ -74,10 +74,10 @@ void tap_blocked_tile(int64_t P, int64_t C_a, int64_t C_b, const T* __restrict__
     for (int c = 0; c < CA; ++c) a_c[c] = splat<V>(a_q[c]);
     for (int t = 0; t < Taps; ++t) {
       V b_t = load<V>(b_q + tap[t]);
-      if constexpr (CA > 1 && Bytes == kVectorBytes) {
+      if constexpr (CA > 1) {
         // Held in a register: otherwise GCC folds the load into each of the
-        // CA FMAs, and the loop becomes bound by loads. (Only where a vector
-        // of these fits one register.)
+        // CA FMAs, and the loop becomes bound by loads. (A vector of these
+        // is never wider than one of the level's registers.)
         asm("" : "+v"(b_t));
       }
       for (int c = 0; c < CA; ++c) acc[c][t] += a_c[c] * b_t;
@@ -98,7 +98,8 @@ void tap_blocked_rows(int64_t ca0, int64_t P, int64_t C_a, int64_t C_b, const T*
   for (; ca0 + CA <= C_a; ca0 += CA)
     tap_blocked_tile<T, Bytes, CA, Taps>(P, C_a, C_b, a, b, tap_offsets, out, ca0, cb0, t0);
   if constexpr (CA > 1) {
-    if (ca0 < C_a) tap_blocked_rows<T, Bytes, CA - 1, Taps>(ca0, P, C_a, C_b, a, b, tap_offsets, out, cb0, t0);
+    if (ca0 < C_a)
+      tap_blocked_rows<T, Bytes, CA - 1, Taps>(ca0, P, C_a, C_b, a, b, tap_offsets, out, cb0, t0);
   }
 }
 
@@ -108,8 +109,8 @@ void tap_blocked_rows(int64_t ca0, int64_t P, int64_t C_a, int64_t C_b, const T*
 // are taken in blocks whose rows of a and b stay in the L1 cache while every
 // tile passes over them (a tile reads a cache line of a per position).
 template <typename T, int Bytes>
-void tap_blocked(int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b,
-                 const int64_t* tap_offsets, T* out) {
+void tap_blocked(int64_t P, int64_t C_a, int64_t C_b, const T* a, const T* b, const int64_t* tap_offsets,
+                 T* out) {
   constexpr int Taps = kVectorRegisters >= 32 ? 9 : 3;
   constexpr int CA = (kVectorRegisters - 1) / (Taps + 1);
   constexpr int64_t kBlock = 128;
@@ -129,6 +130,8 @@ void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, in
     for (int64_t j = 0; j < width; ++j) sum[j] += rows[i * width + j];
 }
 
+// a is the small side (the window positions) and b the large side (read
+// through the windows) of WeightGradParams, C_a and C_b their channels.
 // out[ca, cb, tap] = sum over samples and positions of gate(a)[ca, p] times
 // gate(b) under that tap: per sample one product [9 C_b, positions] x
 // [positions, C_a], accumulated per fixed batch chunk, the chunks then summed
@@ -137,9 +140,9 @@ void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, in
 // of gate(b) (the transposed convolution's) from its padded copy, zeros
 // around.
 template <typename T, bool GatedA, bool GatedB>
-void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* a_gate, const T* b,
-                      const T* b_gate, int64_t stride, bool nhwc, int64_t N, int64_t C_a,
-                      int64_t H_a, int64_t W_a, int64_t C_b, int64_t H, int64_t W) {
+void weight_grad_impl(T* out, T* bias_out, bool grad_output_is_large, const T* a, const T* a_gate, const T* b,
+                      const T* b_gate, int64_t stride, bool nhwc, int64_t N, int64_t C_a, int64_t H_a,
+                      int64_t W_a, int64_t C_b, int64_t H, int64_t W) {
   const Windows win(C_b, H, W, stride, H_a, W_a, nhwc);
   const int64_t M = 9 * C_b, P = win.positions(), size = M * C_a;
   const int64_t chunks = std::min(N, kBatchChunks);
@@ -147,10 +150,10 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
   // NHWC with b's channels in whole vectors: the tap-blocked product, its
   // partial sums [ca][tap][cb]; otherwise gemm's, [cb][tap][ca].
   constexpr int64_t lanes = Vec<T, kVectorBytes>::lanes;
-  const int vector_bytes = !nhwc ? 0
-                           : C_b % lanes == 0 ? kVectorBytes
+  const int vector_bytes = !nhwc                                         ? 0
+                           : C_b % lanes == 0                            ? kVectorBytes
                            : C_b % (lanes / 2) == 0 && kVectorBytes > 16 ? kVectorBytes / 2
-                                                                        : 0;
+                                                                         : 0;
   std::vector<int64_t> taps(M);  // m = cb * 9 + tap
   for (int64_t cb = 0; cb < C_b; ++cb)
     for (int64_t t = 0; t < 9; ++t) taps[cb * 9 + t] = win.tap_offset(cb, t / 3, t % 3);
@@ -159,7 +162,7 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
   const ProductShape shape =
       product_shape<T>(M, P, {nullptr, taps.data(), positions.data()}, {nullptr, a_rows.data(), nullptr});
   Scratch<T> partial(chunks * chunk_size, T(0));
-  const int64_t C_bias = bias_of_b ? C_b : C_a, planes = stride * stride;
+  const int64_t C_bias = grad_output_is_large ? C_b : C_a, planes = stride * stride;
   const int64_t bias_chunk_size = (C_bias + 15) / 16 * 16;
   Scratch<T> bias_partial(chunks * bias_chunk_size, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -175,20 +178,21 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
         if (vector_bytes == kVectorBytes) {
           tap_blocked<T, kVectorBytes>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
         } else if (vector_bytes == kVectorBytes / 2 && kVectorBytes > 16) {
-          tap_blocked<T, kVectorBytes / 2>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
+          tap_blocked<T, kVectorBytes / 2>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(),
+                                           sums);
         } else {
           gemm<T>(M, C_a, P, {buffer.data(), taps.data(), positions.data()},
                   {a_by_position.data(), a_rows.data(), nullptr}, sums, C_a, true, shape);
         }
-        if (!bias_of_b) {
+        if (!grad_output_is_large) {
           add_rows(bias_sums, a_by_position.data(), P, C_a);
         } else if (nhwc) {
           add_rows(bias_sums, buffer.data(), planes * win.Hq * win.Wq, C_b);
         } else {
           for (int64_t phase = 0; phase < planes; ++phase)
             for (int64_t cb = 0; cb < C_b; ++cb)
-              bias_sums[cb] += gated_sum<T, false>(buffer.data() + win.offset(phase, cb, 0, 0), nullptr,
-                                                   win.Hq * win.Wq);
+              bias_sums[cb] +=
+                  gated_sum<T, false>(buffer.data() + win.offset(phase, cb, 0, 0), nullptr, win.Hq * win.Wq);
         }
       }
     }
@@ -210,8 +214,7 @@ void weight_grad_impl(T* out, T* bias_out, bool bias_of_b, const T* a, const T* 
 }
 
 template <typename T, bool Gated>
-void bias_grad_impl(T* out, const T* g, const T* g_gate, int64_t N, int64_t C, int64_t HW,
-                    bool nhwc) {
+void bias_grad_impl(T* out, const T* g, const T* g_gate, int64_t N, int64_t C, int64_t HW, bool nhwc) {
   const int64_t chunks = std::min(N, kBatchChunks);
   std::vector<T> partial(chunks * C, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -221,7 +224,8 @@ void bias_grad_impl(T* out, const T* g, const T* g_gate, int64_t N, int64_t C, i
         const int64_t base = n * C * HW;
         if (nhwc && C > 1) {  // (one channel: the same memory as NCHW, which vectorizes)
           for (int64_t p = 0; p < HW; ++p)
-            for (int64_t c = 0; c < C; ++c) acc[c] += gate<Gated>(g[base + p * C + c], g_gate, base + p * C + c);
+            for (int64_t c = 0; c < C; ++c)
+              acc[c] += gate<Gated>(g[base + p * C + c], g_gate, base + p * C + c);
         } else {
           for (int64_t c = 0; c < C; ++c)
             acc[c] += gated_sum<T, Gated>(g + base + c * HW, g_gate ? g_gate + base + c * HW : nullptr, HW);
@@ -238,43 +242,40 @@ void bias_grad_impl(T* out, const T* g, const T* g_gate, int64_t N, int64_t C, i
 
 }  // namespace
 
-void Kernels::correlate(const Tensor& out, const Tensor& x, const OptTensor& x_gate,
-                           const Tensor& w, const OptTensor& bias, int64_t stride,
-                           bool relu, bool nhwc) {
+void Kernels::correlate(const CorrelateParams& p) {
+  const Tensor &x = p.input, &out = p.out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_correlate_cpu", [&] {
-    with_gate(x_gate, [&](auto gated) {
+    with_gate(p.input_gate, [&](auto gated) {
       correlate_impl<scalar_t, decltype(gated)::value>(
-          out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(x_gate),
-          w.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), stride, relu, nhwc,
-          x.size(0), x.size(1), x.size(2), x.size(3), out.size(1), out.size(2), out.size(3));
+          out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(p.input_gate),
+          p.weight.data_ptr<scalar_t>(), data_or_null<scalar_t>(p.bias), p.stride, p.relu, p.nhwc, x.size(0),
+          x.size(1), x.size(2), x.size(3), out.size(1), out.size(2), out.size(3));
     });
   });
 }
 
-void Kernels::weight_grad(const Tensor& out, const Tensor& a, const OptTensor& a_gate,
-                             const Tensor& b, const OptTensor& b_gate, int64_t stride, bool nhwc,
-                             const Tensor& bias_out, bool bias_of_b) {
+void Kernels::weight_grad(const WeightGradParams& p) {
+  const Tensor &a = p.small, &b = p.large;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cae_weight_grad_cpu", [&] {
-    with_gate(a_gate, [&](auto gated_a) {
-      with_gate(b_gate, [&](auto gated_b) {
+    with_gate(p.small_gate, [&](auto gated_a) {
+      with_gate(p.large_gate, [&](auto gated_b) {
         weight_grad_impl<scalar_t, decltype(gated_a)::value, decltype(gated_b)::value>(
-            out.data_ptr<scalar_t>(), bias_out.data_ptr<scalar_t>(), bias_of_b, a.data_ptr<scalar_t>(),
-            data_or_null<scalar_t>(a_gate),
-            b.data_ptr<scalar_t>(), data_or_null<scalar_t>(b_gate), stride, nhwc, a.size(0),
-            a.size(1), a.size(2), a.size(3), b.size(1), b.size(2), b.size(3));
+            p.grad_weight.data_ptr<scalar_t>(), p.grad_bias.data_ptr<scalar_t>(), p.grad_output_is_large,
+            a.data_ptr<scalar_t>(), data_or_null<scalar_t>(p.small_gate), b.data_ptr<scalar_t>(),
+            data_or_null<scalar_t>(p.large_gate), p.stride, p.nhwc, a.size(0), a.size(1), a.size(2),
+            a.size(3), b.size(1), b.size(2), b.size(3));
       });
     });
   });
 }
 
-void Kernels::bias_grad(const Tensor& out, const Tensor& g, const OptTensor& g_gate,
-                           bool nhwc) {
+void Kernels::bias_grad(const BiasGradParams& p) {
+  const Tensor& g = p.grad_output;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_bias_grad_cpu", [&] {
-    with_gate(g_gate, [&](auto gated) {
-      bias_grad_impl<scalar_t, decltype(gated)::value>(
-          out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-          data_or_null<scalar_t>(g_gate), g.size(0), g.size(1),
-          g.size(2) * g.size(3), nhwc);
+    with_gate(p.gate, [&](auto gated) {
+      bias_grad_impl<scalar_t, decltype(gated)::value>(p.grad_bias.data_ptr<scalar_t>(),
+                                                       g.data_ptr<scalar_t>(), data_or_null<scalar_t>(p.gate),
+                                                       g.size(0), g.size(1), g.size(2) * g.size(3), p.nhwc);
     });
   });
 }

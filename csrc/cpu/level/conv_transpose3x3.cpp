@@ -13,9 +13,8 @@ namespace {
 // column parity) is a correlation of the padded input with the taps that
 // land on it (1, 2 or 4 of the 9), one matrix product per phase.
 template <typename T, bool Gated>
-void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
-                              const T* bias, bool apply_relu, bool nhwc, int64_t N,
-                              int64_t C_a, int64_t H_a, int64_t W_a, int64_t C_b,
+void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w, const T* bias, bool apply_relu,
+                              bool nhwc, int64_t N, int64_t C_a, int64_t H_a, int64_t W_a, int64_t C_b,
                               int64_t H, int64_t W) {
   const Windows win(C_a, H_a, W_a, 1, H_a, W_a, nhwc);  // buffer row a + 1 holds g[a]
   const int64_t P = win.positions();
@@ -73,8 +72,7 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
           gemm<T>(C_b, P, ph.K, {w, ph.a_rows.data(), ph.a_cols.data()},
                   {buffer.data(), ph.b_rows.data(), nullptr}, result.data(), P, false, ph.shape);
         }
-        store_result(result.data(), H_a, W_a, win.Wq, C_b, nhwc, y, H, W, 2, ph.ry, ph.rx, bias,
-                     apply_relu);
+        store_result(result.data(), H_a, W_a, win.Wq, C_b, nhwc, y, H, W, 2, ph.ry, ph.rx, bias, apply_relu);
       }
     }
   });
@@ -82,22 +80,22 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w,
 
 }  // namespace
 
-void Kernels::correlate_transpose(const Tensor& out, const Tensor& g,
-                                     const OptTensor& g_gate, const Tensor& w,
-                                     const OptTensor& bias, int64_t stride,
-                                     bool relu, bool nhwc) {
-  if (stride == 1) {
+void Kernels::correlate_transpose(const CorrelateParams& p) {
+  if (p.stride == 1) {
     // With stride 1 the transposed correlation is a correlation with the
     // kernel flipped and its channel roles swapped.
-    correlate(out, g, g_gate, w.flip({2, 3}).transpose(0, 1).contiguous(), bias, 1, relu, nhwc);
+    CorrelateParams flipped = p;
+    flipped.weight = p.weight.flip({2, 3}).transpose(0, 1).contiguous();
+    correlate(flipped);
     return;
   }
+  const Tensor &g = p.input, &out = p.out;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_correlate_transpose_cpu", [&] {
-    with_gate(g_gate, [&](auto gated) {
+    with_gate(p.input_gate, [&](auto gated) {
       correlate_transpose_impl<scalar_t, decltype(gated)::value>(
-          out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), data_or_null<scalar_t>(g_gate),
-          w.data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), relu, nhwc, g.size(0),
-          g.size(1), g.size(2), g.size(3), out.size(1), out.size(2), out.size(3));
+          out.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), data_or_null<scalar_t>(p.input_gate),
+          p.weight.data_ptr<scalar_t>(), data_or_null<scalar_t>(p.bias), p.relu, p.nhwc, g.size(0), g.size(1),
+          g.size(2), g.size(3), out.size(1), out.size(2), out.size(3));
     });
   });
 }

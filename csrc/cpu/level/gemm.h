@@ -33,7 +33,9 @@ struct CacheLineAllocator {
   T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
   void deallocate(T* p, std::size_t) { ::operator delete(p, alignment); }
   template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  bool operator==(const CacheLineAllocator<U>&) const {
+    return true;
+  }
 };
 
 template <typename T>
@@ -98,8 +100,7 @@ struct RowPointers {
 // no branch, so the tile stays in registers.
 template <typename T, int Bytes, int MR, int NV, int RowStep>
 inline void gemm_tile(int64_t K, const Operand<T>& a, int64_t m0, const T* __restrict__ b_data,
-                      const int64_t* __restrict__ b_row, T* __restrict__ C, int64_t ldc,
-                      bool accumulate) {
+                      const int64_t* __restrict__ b_row, T* __restrict__ C, int64_t ldc, bool accumulate) {
   using V = typename Vec<T, Bytes>::type;
   constexpr int L = Vec<T, Bytes>::lanes;
   const RowPointers<T, MR, RowStep> a_rows(a, m0);
@@ -157,14 +158,14 @@ inline void gemm_rows(int rows, int64_t K, const Operand<T>& a, int64_t m0, cons
 }
 
 template <typename T, int Bytes, int MR, int NV, int RowStep>
-void gemm_blocked(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b,
-                  T* C, int64_t ldc, bool accumulate) {
+void gemm_blocked(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C,
+                  int64_t ldc, bool accumulate) {
   constexpr int64_t width = NV * Vec<T, Bytes>::lanes;
   const int64_t n_full = N / width * width;
   for (int64_t n0 = 0; n0 < n_full; n0 += width) {
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       gemm_rows<T, Bytes, MR, NV, RowStep>(static_cast<int>(std::min<int64_t>(MR, M - m0)), K, a, m0,
-                                  b.data + n0, b.row, C + m0 * ldc + n0, ldc, accumulate);
+                                           b.data + n0, b.row, C + m0 * ldc + n0, ldc, accumulate);
     }
   }
   if (n_full == N) return;
@@ -177,12 +178,10 @@ void gemm_blocked(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Op
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));
     if (accumulate) {
-      for (int m = 0; m < rows; ++m)
-        std::copy_n(C + (m0 + m) * ldc + n_full, n_valid, c_tile + m * width);
+      for (int m = 0; m < rows; ++m) std::copy_n(C + (m0 + m) * ldc + n_full, n_valid, c_tile + m * width);
     }
     gemm_rows<T, Bytes, MR, NV, RowStep>(rows, K, a, m0, b.data + n_full, b.row, c_tile, width, accumulate);
-    for (int m = 0; m < rows; ++m)
-      std::copy_n(c_tile + m * width, n_valid, C + (m0 + m) * ldc + n_full);
+    for (int m = 0; m < rows; ++m) std::copy_n(c_tile + m * width, n_valid, C + (m0 + m) * ldc + n_full);
   }
 }
 
@@ -270,9 +269,8 @@ void gemv(int64_t M, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C, 
 // Needs K even and A's elements of each pair adjacent (two channels of one
 // tap), which gemm checks.
 template <int MR, int RowStep>
-inline void gemm_pair_tile(int64_t K, const Operand<float>& a, int64_t m0,
-                           const float* __restrict__ b_pairs, float* __restrict__ C, int64_t ldc,
-                           bool accumulate) {
+inline void gemm_pair_tile(int64_t K, const Operand<float>& a, int64_t m0, const float* __restrict__ b_pairs,
+                           float* __restrict__ C, int64_t ldc, bool accumulate) {
   using V = Vec<float, 64>::type;
   using Pairs = Vec<double, 64>::type;  // 8 lanes of two floats, moved as bits, never computed on
   using Half = Vec<float, 32>::type;
@@ -292,7 +290,8 @@ inline void gemm_pair_tile(int64_t K, const Operand<float>& a, int64_t m0,
     }
   }
   for (int m = 0; m < MR; ++m) {
-    const V sums = acc[m] + __builtin_shufflevector(acc[m], acc[m], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    const V sums = acc[m] + __builtin_shufflevector(acc[m], acc[m], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13,
+                                                    12, 15, 14);
     Half row = __builtin_shufflevector(sums, sums, 0, 2, 4, 6, 8, 10, 12, 14);
     float* c = C + (m0 + m) * ldc;
     if (accumulate) row += load<Half>(c);
@@ -301,8 +300,8 @@ inline void gemm_pair_tile(int64_t K, const Operand<float>& a, int64_t m0,
 }
 
 template <int MR, int RowStep>
-inline void gemm_pair_rows(int rows, int64_t K, const Operand<float>& a, int64_t m0,
-                           const float* b_pairs, float* C, int64_t ldc, bool accumulate) {
+inline void gemm_pair_rows(int rows, int64_t K, const Operand<float>& a, int64_t m0, const float* b_pairs,
+                           float* C, int64_t ldc, bool accumulate) {
   if constexpr (MR > 0) {
     if (rows == MR) {
       gemm_pair_tile<MR, RowStep>(K, a, m0, b_pairs, C, ldc, accumulate);
@@ -320,8 +319,8 @@ inline bool k_pairs_adjacent(int64_t K, const int64_t* a_col) {
 }
 
 template <int RowStep>
-void gemm_paired(int64_t M, int64_t K, const Operand<float>& a, const Operand<float>& b,
-                        float* C, int64_t ldc, bool accumulate) {
+void gemm_paired(int64_t M, int64_t K, const Operand<float>& a, const Operand<float>& b, float* C,
+                 int64_t ldc, bool accumulate) {
   constexpr int MR = RowStep ? 16 : 12;
   alignas(64) float b_stack[16 * 144];  // the autoencoder's largest K fits on the stack
   Scratch<float> b_heap;
@@ -329,15 +328,15 @@ void gemm_paired(int64_t M, int64_t K, const Operand<float>& a, const Operand<fl
   for (int64_t k = 0; k < K; ++k)
     for (int64_t j = 0; j < 8; ++j) b_pairs[8 * (k - k % 2) + 2 * j + k % 2] = b.data[b.row[k] + j];
   for (int64_t m0 = 0; m0 < M; m0 += MR)
-    gemm_pair_rows<MR, RowStep>(static_cast<int>(std::min<int64_t>(MR, M - m0)), K, a, m0, b_pairs, C, ldc, accumulate);
+    gemm_pair_rows<MR, RowStep>(static_cast<int>(std::min<int64_t>(MR, M - m0)), K, a, m0, b_pairs, C, ldc,
+                                accumulate);
 }
 
 // The shape of an NHWC product, for which the tiles are compiled with the
 // channel count as RowStep (1, 8 or 16): A's rows (positions) RowStep apart, and
 // k in runs of RowStep (the channels of one tap) along which A's columns
 // step by 1 and B's rows by one constant. Else 0.
-inline int row_step(int64_t M, int64_t K, const int64_t* a_row, const int64_t* a_col,
-                    const int64_t* b_row) {
+inline int row_step(int64_t M, int64_t K, const int64_t* a_row, const int64_t* a_col, const int64_t* b_row) {
   const int64_t step = M > 1 ? a_row[1] - a_row[0] : 0;
   if ((step != 1 && step != 8 && step != 16) || K % step != 0 || K < 2) return 0;
   for (int64_t m = 1; m < M; ++m)
@@ -405,14 +404,18 @@ ProductShape product_shape(int64_t M, int64_t K, const Operand<T>& a, const Oper
 }
 
 template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C,
-          int64_t ldc, bool accumulate, const ProductShape& shape) {
+void gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& a, const Operand<T>& b, T* C, int64_t ldc,
+          bool accumulate, const ProductShape& shape) {
   if (M <= 0 || N <= 0) return;
   switch (shape.row_step) {
-    case 1: return gemm_with_rows<T, 1>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
-    case 8: return gemm_with_rows<T, 8>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
-    case 16: return gemm_with_rows<T, 16>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
-    default: return gemm_with_rows<T, 0>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
+    case 1:
+      return gemm_with_rows<T, 1>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
+    case 8:
+      return gemm_with_rows<T, 8>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
+    case 16:
+      return gemm_with_rows<T, 16>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
+    default:
+      return gemm_with_rows<T, 0>(M, N, K, a, b, C, ldc, accumulate, shape.k_pairs);
   }
 }
 

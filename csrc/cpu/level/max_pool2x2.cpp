@@ -89,11 +89,6 @@ inline void full_windows(const T* const* in, T* const* grad, int64_t count, T* _
   }
 }
 
-// One NCHW plane. Its even rows and odd rows are staged side by side, each
-// padded with -inf to an even width and to whole vectors of windows (an odd
-// edge's missing candidates then never win, NaN included), so that window k
-// of the plane is (top[2k], top[2k + 1], bottom[2k], bottom[2k + 1]) for every
-// k: one vectorized loop over the whole plane, the pairs split by shuffles.
 // Candidates of kPoolWindows windows side by side: (lane i of) a, b, c and d
 // from one row's 2 * kPoolWindows candidates, and the gradients interleaved
 // back.
@@ -112,6 +107,11 @@ inline auto interleave(const V& x, const V& y, std::index_sequence<I...>) {
   return __builtin_shufflevector(x, y, (I % 2 * sizeof...(I) / 2 + I / 2)...);
 }
 
+// One NCHW plane. Its even rows and odd rows are staged side by side, each
+// padded with -inf to an even width and to whole vectors of windows (an odd
+// edge's missing candidates then never win, NaN included), so that window k
+// of the plane is (top[2k], top[2k + 1], bottom[2k], bottom[2k + 1]) for every
+// k: one vectorized loop over the whole plane, the pairs split by shuffles.
 template <typename T, bool Backward>
 void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ grad_in,
                 const T* __restrict__ grad_out, int64_t H, int64_t W, T* __restrict__ scratch) {
@@ -158,8 +158,8 @@ void pool_plane(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ gr
 // candidates, so every window takes the same vectorized path; NCHW: one task
 // per plane.
 template <typename T, bool Backward>
-void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t C, int64_t H,
-          int64_t W, bool nhwc) {
+void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t C, int64_t H, int64_t W,
+          bool nhwc) {
   const int64_t H_out = pool_output_size(H), W_out = pool_output_size(W);
   if (nhwc) {
     at::parallel_for(0, N * H_out, 1, [&](int64_t begin, int64_t end) {
@@ -188,8 +188,7 @@ void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t 
       for (int64_t plane = begin; plane < end; ++plane) {
         pool_plane<T, Backward>(x + plane * H * W, Backward ? nullptr : out + plane * H_out * W_out,
                                 Backward ? grad_in + plane * H * W : nullptr,
-                                Backward ? grad_out + plane * H_out * W_out : nullptr, H, W,
-                                scratch.data());
+                                Backward ? grad_out + plane * H_out * W_out : nullptr, H, W, scratch.data());
       }
     });
   }
@@ -197,19 +196,20 @@ void pool(const T* x, T* out, T* grad_in, const T* grad_out, int64_t N, int64_t 
 
 }  // namespace
 
-void Kernels::max_pool(const Tensor& out, const Tensor& x, bool nhwc) {
+void Kernels::max_pool(const MaxPoolParams& p) {
+  const Tensor& x = p.input;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_max_pool_cpu", [&] {
-    pool<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr, nullptr,
-                               x.size(0), x.size(1), x.size(2), x.size(3), nhwc);
+    pool<scalar_t, false>(x.data_ptr<scalar_t>(), p.out.data_ptr<scalar_t>(), nullptr, nullptr, x.size(0),
+                          x.size(1), x.size(2), x.size(3), p.nhwc);
   });
 }
 
-void Kernels::max_pool_grad(const Tensor& grad_input, const Tensor& grad_output,
-                               const Tensor& x, bool nhwc) {
+void Kernels::max_pool_grad(const MaxPoolGradParams& p) {
+  const Tensor& x = p.input;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_max_pool_grad_cpu", [&] {
-    pool<scalar_t, true>(x.data_ptr<scalar_t>(), nullptr, grad_input.data_ptr<scalar_t>(),
-                              grad_output.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2),
-                              x.size(3), nhwc);
+    pool<scalar_t, true>(x.data_ptr<scalar_t>(), nullptr, p.grad_input.data_ptr<scalar_t>(),
+                         p.grad_output.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), x.size(3),
+                         p.nhwc);
   });
 }
 

@@ -26,7 +26,13 @@ struct Windows {
   int64_t Hq, Wq;  // one phase plane, with the rows that scratch columns read past
 
   Windows(int64_t C_, int64_t H_, int64_t W_, int64_t stride_, int64_t Ho_, int64_t Wo_, bool nhwc_)
-      : C(C_), H(H_), W(W_), stride(stride_), Ho(Ho_), Wo(Wo_), nhwc(nhwc_),
+      : C(C_),
+        H(H_),
+        W(W_),
+        stride(stride_),
+        Ho(Ho_),
+        Wo(Wo_),
+        nhwc(nhwc_),
         Hq(std::max(Ho_ + 2, (H_ + 2 + stride_ - 1) / stride_) + 1),
         Wq(std::max(Wo_ + 2 / stride_, (W_ + 2 + stride_ - 1) / stride_)) {}
 
@@ -47,8 +53,8 @@ struct Windows {
 // dst[i] = gate(x)[src + i] for i < n: one contiguous run, vectorized
 // (the gate on the bits; a plain copy is a memcpy).
 template <typename T, bool Gated>
-inline void copy_run(T* __restrict__ dst, const T* __restrict__ x, const T* __restrict__ x_gate,
-                     int64_t src, int64_t n) {
+inline void copy_run(T* __restrict__ dst, const T* __restrict__ x, const T* __restrict__ x_gate, int64_t src,
+                     int64_t n) {
   using V = typename Vec<T, kVectorBytes>::type;
   constexpr int64_t L = Vec<T, kVectorBytes>::lanes;
   if (n % L == 0 && n <= 4 * L) {
@@ -127,7 +133,8 @@ void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Win
           if (s == 1) {
             copy_run<T, Gated>(dst, x, x_gate, src, (b_hi - b_lo) * run);
           } else {  // NHWC at stride 2 (NCHW's took the path above)
-            for (int64_t b = 0; b < b_hi - b_lo; ++b) copy_run<T, Gated>(dst + b * run, x, x_gate, src + s * b * sw, run);
+            for (int64_t b = 0; b < b_hi - b_lo; ++b)
+              copy_run<T, Gated>(dst + b * run, x, x_gate, src + s * b * sw, run);
           }
         }
       }
@@ -141,8 +148,8 @@ void pad_sample(const T* __restrict__ x, const T* __restrict__ x_gate, const Win
 // One sample of the small side as a [position][channel] matrix over the
 // padded grid (scratch columns zero), gate applied.
 template <typename T, bool Gated>
-void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate, int64_t C,
-                          const Windows& w, T* __restrict__ out) {
+void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate, int64_t C, const Windows& w,
+                          T* __restrict__ out) {
   for (int64_t oy = 0; oy < w.Ho; ++oy) {
     std::fill(out + (oy * w.Wq + w.Wo) * C, out + (oy + 1) * w.Wq * C, T(0));
     if (w.nhwc) {
@@ -163,9 +170,9 @@ void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate,
 // (r, col) lands on the output pixel (step * r + ry, step * col + rx), so the
 // transposed correlation can write each of its phases.
 template <typename T>
-void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int64_t Wq,
-                  int64_t C, bool nhwc, T* __restrict__ out, int64_t H, int64_t W,
-                  int64_t step, int64_t ry, int64_t rx, const T* bias, bool apply_relu) {
+void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int64_t Wq, int64_t C, bool nhwc,
+                  T* __restrict__ out, int64_t H, int64_t W, int64_t step, int64_t ry, int64_t rx,
+                  const T* bias, bool apply_relu) {
   T shift[64];  // the bias (or nothing) per channel, for branch-free inner loops
   std::vector<T> shift_heap;
   T* __restrict__ add = C <= 64 ? shift : (shift_heap.resize(C), shift_heap.data());
