@@ -1,108 +1,19 @@
 // cuda_sim.h -- run CUDA kernel source on the CPU with CUDA semantics.
 //
-// Purpose
-// -------
-// CI has no GPU, but must still execute the *exact* kernel source that nvcc
-// compiles.  This header turns a .cu file into ordinary C++:
+// CI has no GPU, but must still execute the exact kernel source that nvcc
+// compiles: with -DCAE_SIM, csrc/cuda/common.cuh includes this header and the
+// .cu files compile as ordinary C++ (C++17 or later; -std=c++20 next to
+// torch). Each CUDA thread becomes a fiber with its own small stack, switched
+// cooperatively at barriers; the blocks of a grid run one after another on
+// the calling OS thread. Kernel bugs that are undefined behaviour on a GPU
+// (barriers skipped or divergent, bad warp masks, deadlock, bad launches)
+// throw std::runtime_error out of the launch.
 //
-//     g++ -std=c++17 -x c++ -DCAE_SIM -include csrc/sim/cuda_sim.h kernels.cu
-//
-// (or, as the project does, csrc/cuda/common.cuh includes this header when
-// CAE_SIM is defined).  Needs C++17 or later; translation units that include
-// torch headers need -std=c++20 (torch requires it).  Works before or after
-// <torch/extension.h>.  Each CUDA thread becomes a fiber (a small private stack
-// with cooperative switching); the blocks of a grid run one after another on
-// the calling OS thread.  A fiber runs until it blocks in a barrier
-// (__syncthreads, a *_sync warp intrinsic) or returns, so execution is fast and
-// fully deterministic for a given schedule.
-//
-// What is exact, and what is deliberately strict
-// ----------------------------------------------
-// * Barriers are counted per block (__syncthreads) or per set of lanes
-//   (__syncwarp, shuffles, votes: only the lanes named in `mask`, of the same
-//   warp, wait for each other).  Warps are 32 consecutive linear thread ids
-//   (x fastest, then y, then z).
-// * Errors that are undefined behaviour on a GPU are reported as a
-//   std::runtime_error thrown out of the launch (so Python sees RuntimeError):
-//     - a thread returns while others wait at __syncthreads, or reaches
-//       __syncthreads after another thread of the block has returned
-//       (exited threads never count as "arrived" -- we want this bug caught);
-//     - threads of a block wait at different __syncthreads() call sites;
-//     - a warp intrinsic is called by a lane that is not in `mask`, or `mask`
-//       names lanes that do not exist / have exited, or lanes with the same
-//       mask wait in different intrinsics (or with a different width);
-//     - no thread can make progress (deadlock): the message names the block
-//       and the waiting / exited threads;
-//     - invalid launch configuration (empty grid, > 1024 threads per block,
-//       > 227 KiB dynamic shared memory, ...).
-// * A shuffle that reads a lane absent from `mask` returns poison: NaN for
-//   floating types (all bytes 0xFF), 0xDEADBEEF... for integer types.
-// * Dynamic shared memory is a fresh heap block of exactly the requested size
-//   per block, filled with 0xFF bytes (NaN for float/double/half), so reads of
-//   unwritten elements show up and AddressSanitizer catches overruns.
-// * `__shared__` is `static`: blocks run one at a time, so a function-local
-//   static is exactly one block's shared memory.  Consequence: static shared
-//   arrays are NOT reinitialized between blocks or launches (they start
-//   zeroed, then hold the previous block's values); on a GPU they hold
-//   garbage, so never read shared memory before writing it in the same block.
-// * Kernel arguments are converted to the parameter types and copied into
-//   every thread, as CUDA does; a thread modifying its parameter affects only
-//   itself.
-//
-// Schedules (env CAE_SIM_SCHEDULE, or cae_sim::set_schedule()):
-//   forward        threads 0,1,2,... each run until they block (default)
-//   reverse        highest thread id first
-//   shuffle:<seed> a deterministic pseudo-random order, new for every pass
-// A kernel missing a __syncthreads between writing and reading shared memory
-// gives different results under different schedules.
-//
-// Sanitizers
-// ----------
-// * AddressSanitizer: every stack switch is announced with
-//   __sanitizer_start/finish_switch_fiber; the frames a fiber never returns
-//   from are unpoisoned before its stack is reused.
-// * ThreadSanitizer: every CUDA thread is a TSan fiber, switched with
-//   __tsan_switch_to_fiber_no_sync, so a switch creates no happens-before.
-//   Only barriers synchronize: arriving threads __tsan_release, leaving
-//   threads __tsan_acquire (block barrier: one object per block; warp
-//   intrinsics: one object per lane, acquired for every lane in the mask).
-//   The emulator's own bookkeeping runs inside TSan "ignore" regions and
-//   shares pointers through relaxed atomics, so it adds no edges.  Hence a
-//   missing __syncthreads/__syncwarp is reported as a data race.
-//   Limitation: consecutive blocks are ordered (a block's end happens-before
-//   the next block's start, as shared memory is reused), so races *between
-//   blocks* on global memory are not reported.
-//
-// Rules for kernel authors (the same source must run under nvcc and here)
-// ----------------------------------------------------------------------
-//  1. Every __syncthreads() is reached by all threads of the block, at the
-//     same call site.  No early `return` before a barrier: use a guard flag
-//     (`const bool active = i < n; ... if (active) ...; __syncthreads();`).
-//  2. *_sync warp intrinsics get the exact mask of the lanes that execute
-//     them; every lane in the mask must call the same intrinsic with the same
-//     mask.  Full-warp masks in a partial last warp are an error.
-//     __activemask() and the legacy non-_sync intrinsics are not provided.
-//  3. Shared memory: `__shared__` arrays declared inside the kernel/device
-//     function, or dynamic shared memory through CAE_DYNAMIC_SHARED(T, name).
-//     Never `extern __shared__` directly.
-//  4. Launch only through CAE_LAUNCH (csrc/cuda/common.cuh).  A kernel name
-//     containing commas (template arguments) is wrapped in parentheses:
-//         CAE_LAUNCH((conv3x3<float, 2>), grid, block, smem, stream, args...);
-//  5. No inline PTX, tensor-core intrinsics, cooperative groups, dynamic
-//     parallelism, __activemask().  Code that needs them provides an emulated
-//     fallback under `#ifdef CAE_SIM`.  __CUDA_ARCH__ and __CUDACC__ are not
-//     defined here.
-//  6. No `__device__` global variables carrying state across launches, no
-//     spin-waiting on memory written by other threads or blocks (fibers are
-//     not preempted: a spin loop hangs).
-//  7. Fast-math intrinsics (__expf, __fdividef, ...) are computed exactly
-//     here; tests must allow for the GPU's lower accuracy.
-//  8. Kernel-local objects of an aborted (failed) thread are not destroyed;
-//     kernels should not own heap memory anyway.
-//
-// Configuration macros: CAE_SIM_USE_UCONTEXT (0/1, default 0 on x86-64 =
-// hand-written stack switch), CAE_SIM_STACK_SIZE (bytes per CUDA thread;
-// env CAE_SIM_STACK_KB overrides at run time).
+// Everything else -- what is exact and what is strict, the launch contract,
+// the rules for kernel authors, schedules (CAE_SIM_SCHEDULE), the ASan and
+// TSan support, configuration (CAE_SIM_USE_UCONTEXT, CAE_SIM_STACK_SIZE,
+// CAE_SIM_STACK_KB) and the self-test -- is documented in one place:
+// csrc/sim/README.md.
 #pragma once
 
 #if defined(__CUDACC__)
