@@ -46,8 +46,17 @@ void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bi
         gemm<T>(C_out, P, K, {w, rows.data(), cols.data()}, {buffer.data(), taps.data(), nullptr},
                 result.data(), P, false, shape);
       }
-      store_result(result.data(), H_out, W_out, win.Wq, C_out, nhwc, out + n * C_out * H_out * W_out, H_out,
-                   W_out, 1, 0, 0, bias, apply_relu);
+      store_result<T>({.result = result.data(),
+                       .rows = H_out,
+                       .cols = W_out,
+                       .Wq = win.Wq,
+                       .C = C_out,
+                       .nhwc = nhwc,
+                       .out = out + n * C_out * H_out * W_out,
+                       .H = H_out,
+                       .W = W_out,
+                       .bias = bias,
+                       .relu = apply_relu});
     }
   });
 }

@@ -72,7 +72,20 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w, c
           gemm<T>(C_b, P, ph.K, {w, ph.a_rows.data(), ph.a_cols.data()},
                   {buffer.data(), ph.b_rows.data(), nullptr}, result.data(), P, false, ph.shape);
         }
-        store_result(result.data(), H_a, W_a, win.Wq, C_b, nhwc, y, H, W, 2, ph.ry, ph.rx, bias, apply_relu);
+        store_result<T>({.result = result.data(),
+                         .rows = H_a,
+                         .cols = W_a,
+                         .Wq = win.Wq,
+                         .C = C_b,
+                         .nhwc = nhwc,
+                         .out = y,
+                         .H = H,
+                         .W = W,
+                         .step = 2,
+                         .ry = ph.ry,
+                         .rx = ph.rx,
+                         .bias = bias,
+                         .relu = apply_relu});
       }
     }
   });

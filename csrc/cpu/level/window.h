@@ -164,15 +164,33 @@ void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate,
   }
 }
 
-// Copies a product's result back into one output sample, dropping the
-// scratch columns, with the fused bias and ReLU. The result holds
-// [channel][q] (NCHW) or [q][channel] (NHWC) over a grid rows x Wq; its
-// (r, col) lands on the output pixel (step * r + ry, step * col + rx), so the
-// transposed correlation can write each of its phases.
+// A product's result and where store_result puts it: the result holds
+// [channel][q] (NCHW) or [q][channel] (NHWC) over a grid rows x Wq, of which
+// cols columns are real; its (r, col) lands on pixel (step * r + ry, step *
+// col + rx) of the output sample [C, H, W] (or [H, W, C]), so the transposed
+// correlation can write each of its phases.
 template <typename T>
-void store_result(const T* __restrict__ result, int64_t rows, int64_t cols, int64_t Wq, int64_t C, bool nhwc,
-                  T* __restrict__ out, int64_t H, int64_t W, int64_t step, int64_t ry, int64_t rx,
-                  const T* bias, bool apply_relu) {
+struct ResultPlacement {
+  const T* result;
+  int64_t rows, cols, Wq, C;
+  bool nhwc;
+  T* out;
+  int64_t H, W;
+  int64_t step = 1, ry = 0, rx = 0;
+  const T* bias;  // or nullptr
+  bool relu;
+};
+
+// Copies a product's result back into one output sample, dropping the
+// scratch columns, with the fused bias and ReLU.
+template <typename T>
+void store_result(const ResultPlacement<T>& p) {
+  const T* __restrict__ result = p.result;
+  T* __restrict__ out = p.out;
+  const int64_t Wq = p.Wq, C = p.C, H = p.H, W = p.W, step = p.step, ry = p.ry, rx = p.rx;
+  const bool nhwc = p.nhwc, apply_relu = p.relu;
+  const T* bias = p.bias;
+  int64_t rows = p.rows, cols = p.cols;
   T shift[64];  // the bias (or nothing) per channel, for branch-free inner loops
   std::vector<T> shift_heap;
   T* __restrict__ add = C <= 64 ? shift : (shift_heap.resize(C), shift_heap.data());
