@@ -63,6 +63,15 @@ def _fakes(checks):
         weight_shape = (input.shape[1], grad_output.shape[1], 3, 3)
         return input.new_empty(weight_shape), grad_output.new_empty((grad_output.shape[1],))
 
+    # The whole backward: grad_input, grad_weight, grad_bias.
+    def conv3x3_backward(grad_output, relu_output, weight, input, stride):
+        checks.conv3x3_backward(grad_output, relu_output, weight, input, stride)
+        return _empty(input, input.shape), input.new_empty(weight.shape), grad_output.new_empty((grad_output.shape[1],))
+
+    def conv_transpose3x3_backward(grad_output, relu_output, weight, input, stride):
+        checks.conv_transpose3x3_backward(grad_output, relu_output, weight, input, stride)
+        return _empty(input, input.shape), input.new_empty(weight.shape), grad_output.new_empty((grad_output.shape[1],))
+
     def bias_grad(grad_output, relu_output):
         checks.bias_grad(grad_output, relu_output)
         return grad_output.new_empty((grad_output.shape[1],))
@@ -78,7 +87,8 @@ def _fakes(checks):
 
     return {fake.__name__: fake for fake in (
         conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv_transpose3x3, conv_transpose3x3_grad_input,
-        conv_transpose3x3_grad_weight, bias_grad, max_pool2x2, max_pool2x2_grad_input)}
+        conv_transpose3x3_grad_weight, conv3x3_backward, conv_transpose3x3_backward, bias_grad, max_pool2x2,
+        max_pool2x2_grad_input)}
 
 
 def _setup_conv(ctx, inputs, output):
@@ -102,14 +112,17 @@ def register(namespace, kernels=kernels_by_device):
     """
     ops = getattr(torch.ops, namespace)
 
-    def conv_backward(grad_input_op, grad_weight_op):
+    def conv_backward(grad_input_op, grad_weight_op, backward_op):
         def backward(ctx, grad_output):
             input, weight, relu_output = ctx.saved_tensors
             needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+            needs_bias = needs_bias and ctx.has_bias
+            if needs_input and needs_weight:  # one pass for all three
+                grad_input, grad_weight, bias_sum = backward_op(grad_output, relu_output, weight, input, ctx.stride)
+                return grad_input, grad_weight, bias_sum if needs_bias else None, None, None
             grad_input = grad_weight = grad_bias = None
             if needs_input:
                 grad_input = grad_input_op(grad_output, relu_output, weight, input, ctx.stride)
-            needs_bias = needs_bias and ctx.has_bias
             if needs_weight:  # the bias's gradient comes with it
                 grad_weight, bias_sum = grad_weight_op(grad_output, relu_output, input, ctx.stride)
                 grad_bias = bias_sum if needs_bias else None
@@ -130,12 +143,13 @@ def register(namespace, kernels=kernels_by_device):
 
     torch.library.register_autograd(
         f"{namespace}::conv3x3",
-        conv_backward(ops.conv3x3_grad_input, ops.conv3x3_grad_weight),
+        conv_backward(ops.conv3x3_grad_input, ops.conv3x3_grad_weight, ops.conv3x3_backward),
         setup_context=_setup_conv,
     )
     torch.library.register_autograd(
         f"{namespace}::conv_transpose3x3",
-        conv_backward(ops.conv_transpose3x3_grad_input, ops.conv_transpose3x3_grad_weight),
+        conv_backward(ops.conv_transpose3x3_grad_input, ops.conv_transpose3x3_grad_weight,
+                      ops.conv_transpose3x3_backward),
         setup_context=_setup_conv,
     )
     torch.library.register_autograd(

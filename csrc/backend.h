@@ -56,6 +56,24 @@ struct BiasGradParams {
   bool nhwc;
 };
 
+// A convolution's backward (or, with `transposed`, a transposed
+// convolution's) in one pass over the samples: grad_input, grad_weight and
+// grad_bias as correlate_transpose (correlate) and weight_grad compute them,
+// the gated output gradient copied once for both. Optional: ops.h composes it
+// from the kernels above for a backend without it (CAE_FUSED_BACKWARD_KERNELS).
+struct ConvBackwardParams {
+  Tensor grad_input;
+  Tensor grad_weight;
+  Tensor grad_bias;
+  Tensor grad_output;
+  OptTensor relu_output;
+  Tensor weight;  // as the op takes it: [C_out, C_in, 3, 3], transposed [C_in, C_out, 3, 3]
+  Tensor input;
+  int64_t stride;
+  bool nhwc;
+  bool transposed;
+};
+
 // out = max_pool2x2(input), ceil mode; with grad_output set, grad_input gets
 // each window's gradient at its winner instead (max_pool_grad).
 struct MaxPoolParams {
@@ -79,3 +97,4 @@ struct MaxPoolGradParams {
   static void bias_grad(const BiasGradParams& p);            \
   static void max_pool(const MaxPoolParams& p);              \
   static void max_pool_grad(const MaxPoolGradParams& p);
+#define CAE_FUSED_BACKWARD_KERNELS static void conv_backward(const ConvBackwardParams& p);

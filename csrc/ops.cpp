@@ -23,6 +23,14 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   m.def(
       "conv_transpose3x3_grad_weight(Tensor grad_output, Tensor? relu_output, Tensor input, int stride) -> "
       "(Tensor, Tensor)");
+  // The three gradients at once (grad_input, grad_weight, grad_bias): autograd's
+  // choice when it needs the input's and the weight's.
+  m.def(
+      "conv3x3_backward(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, int stride) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_transpose3x3_backward(Tensor grad_output, Tensor? relu_output, Tensor weight, Tensor input, "
+      "int stride) -> (Tensor, Tensor, Tensor)");
   m.def("bias_grad(Tensor grad_output, Tensor? relu_output) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def("max_pool2x2_grad_input(Tensor grad_output, Tensor input) -> Tensor");
@@ -49,9 +57,15 @@ constexpr c10::DeviceType kAutocastDevice = c10::DeviceType::CUDA;
 using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  int64_t, bool);
 
-at::Tensor autocast_conv(const c10::TypedOperatorHandle<ConvSignature>& op, const at::Tensor& input,
-                         const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t stride,
-                         bool relu) {
+// The autocast kernel of the convolution op `name`: its tensors cast to the
+// region's lower precision, then the op below autocast.
+template <const char* name>
+at::Tensor conv_autocast(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, int64_t stride, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow((CAE_OP_NAME(CAE_NAMESPACE, "") + std::string(name)).c_str(), "")
+          .typed<ConvSignature>();
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(kAutocastDevice));
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
@@ -59,27 +73,13 @@ at::Tensor autocast_conv(const c10::TypedOperatorHandle<ConvSignature>& op, cons
                  at::autocast::cached_cast(dtype, weight, kAutocastDevice),
                  at::autocast::cached_cast(dtype, bias, kAutocastDevice), stride, relu);
 }
-
-at::Tensor conv3x3_autocast(const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, int64_t stride, bool relu) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(CAE_OP_NAME(CAE_NAMESPACE, "conv3x3"), "")
-                             .typed<ConvSignature>();
-  return autocast_conv(op, input, weight, bias, stride, relu);
-}
-
-at::Tensor conv_transpose3x3_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t stride, bool relu) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(CAE_OP_NAME(CAE_NAMESPACE, "conv_transpose3x3"), "")
-                             .typed<ConvSignature>();
-  return autocast_conv(op, input, weight, bias, stride, relu);
-}
+constexpr char kConv3x3[] = "conv3x3";
+constexpr char kConvTranspose3x3[] = "conv_transpose3x3";
 }  // namespace
 
 TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
-  m.impl("conv3x3", &conv3x3_autocast);
-  m.impl("conv_transpose3x3", &conv_transpose3x3_autocast);
+  m.impl(kConv3x3, &conv_autocast<kConv3x3>);
+  m.impl(kConvTranspose3x3, &conv_autocast<kConvTranspose3x3>);
 }
 
 #if !defined(CAE_WITH_CUDA) && !defined(CAE_SIM)

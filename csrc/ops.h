@@ -12,6 +12,8 @@
 //                        and in the same pass db = the sum of the gated output
 //                        gradient (the large side when grad_output_is_large)
 //   bias_grad            db[c] = sum gate(g)[c]
+//   conv_backward        (optional) correlate_transpose or correlate, and
+//                        weight_grad, in one pass: a whole layer's backward
 //   max_pool, max_pool_grad
 //
 // where gate(t) zeroes t where the gate tensor (a fused ReLU's output) is not
@@ -32,15 +34,11 @@
 
 namespace cae {
 
-inline constexpr const char* kOpNames[] = {"conv3x3",
-                                           "conv3x3_grad_input",
-                                           "conv3x3_grad_weight",
-                                           "conv_transpose3x3",
-                                           "conv_transpose3x3_grad_input",
-                                           "conv_transpose3x3_grad_weight",
-                                           "bias_grad",
-                                           "max_pool2x2",
-                                           "max_pool2x2_grad_input"};
+inline constexpr const char* kOpNames[] = {
+    "conv3x3",           "conv3x3_grad_input",           "conv3x3_grad_weight",
+    "conv_transpose3x3", "conv_transpose3x3_grad_input", "conv_transpose3x3_grad_weight",
+    "conv3x3_backward",  "conv_transpose3x3_backward",   "bias_grad",
+    "max_pool2x2",       "max_pool2x2_grad_input"};
 
 template <class K>
 struct Ops {
@@ -86,15 +84,26 @@ struct Ops {
     return output;
   }
 
+  // What the input-gradient and whole-backward ops check.
+  static void check_backward_args(const Tensor& grad_output, const OptTensor& relu_output,
+                                  const Tensor& weight, const Tensor& input, int64_t stride,
+                                  bool transposed) {
+    check_input_and_weight(input, stride, weight, transposed);
+    if (transposed) {
+      check_transpose_grad_output(grad_output, input, weight.size(1), stride);
+    } else {
+      check_activation(grad_output, "grad_output", input);
+      check_same_shape(grad_output, "grad_output",
+                       {input.size(0), weight.size(0), conv_output_size(input.size(2), stride),
+                        conv_output_size(input.size(3), stride)},
+                       "the convolution's output");
+    }
+    check_relu_output(relu_output, grad_output);
+  }
+
   static Tensor conv3x3_grad_input(const Tensor& grad_output, const OptTensor& relu_output,
                                    const Tensor& weight, const Tensor& input, int64_t stride) {
-    check_input_and_weight(input, stride, weight, false);
-    check_activation(grad_output, "grad_output", input);
-    check_same_shape(grad_output, "grad_output",
-                     {input.size(0), weight.size(0), conv_output_size(input.size(2), stride),
-                      conv_output_size(input.size(3), stride)},
-                     "the convolution's output");
-    check_relu_output(relu_output, grad_output);
+    check_backward_args(grad_output, relu_output, weight, input, stride, false);
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
     auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
@@ -187,9 +196,7 @@ struct Ops {
 
   static Tensor conv_transpose3x3_grad_input(const Tensor& grad_output, const OptTensor& relu_output,
                                              const Tensor& weight, const Tensor& input, int64_t stride) {
-    check_input_and_weight(input, stride, weight, true);
-    check_transpose_grad_output(grad_output, input, weight.size(1), stride);
-    check_relu_output(relu_output, grad_output);
+    check_backward_args(grad_output, relu_output, weight, input, stride, true);
     const bool nhwc = is_channels_last(input);
     const auto format = memory_format(nhwc);
     auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
@@ -214,6 +221,58 @@ struct Ops {
     check_relu_output(relu_output, grad_output);
     return weight_and_bias_grads(at::empty({input.size(1), grad_output.size(1), 3, 3}, input.options()),
                                  grad_output, relu_output, input, stride, true);
+  }
+
+  // The whole backward (grad_input, grad_weight, grad_bias), which autograd
+  // takes when it needs the first two: one pass over the samples where the
+  // backend has conv_backward (the gated gradient copied once for both), the
+  // kernels of the separate ops elsewhere.
+  static std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_output,
+                                                          const OptTensor& relu_output, const Tensor& weight,
+                                                          const Tensor& input, int64_t stride,
+                                                          bool transposed) {
+    check_backward_args(grad_output, relu_output, weight, input, stride, transposed);
+    if constexpr (requires(const ConvBackwardParams& p) { K::conv_backward(p); }) {
+      if (input.numel() > 0 && grad_output.numel() > 0) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+        auto grad_weight = at::empty(weight.sizes(), input.options());
+        auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
+        K::conv_backward({.grad_input = grad_input,
+                          .grad_weight = grad_weight,
+                          .grad_bias = grad_bias,
+                          .grad_output = grad_output.contiguous(format),
+                          .relu_output = contiguous_in(relu_output, format),
+                          .weight = weight.contiguous(),
+                          .input = input.contiguous(format),
+                          .stride = stride,
+                          .nhwc = nhwc,
+                          .transposed = transposed});
+        return {grad_input, grad_weight, grad_bias};
+      }
+    }
+    if (transposed) {
+      auto [grad_weight, grad_bias] = conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride);
+      return {conv_transpose3x3_grad_input(grad_output, relu_output, weight, input, stride), grad_weight,
+              grad_bias};
+    }
+    auto [grad_weight, grad_bias] = conv3x3_grad_weight(grad_output, relu_output, input, stride);
+    return {conv3x3_grad_input(grad_output, relu_output, weight, input, stride), grad_weight, grad_bias};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> conv3x3_backward(const Tensor& grad_output,
+                                                             const OptTensor& relu_output,
+                                                             const Tensor& weight, const Tensor& input,
+                                                             int64_t stride) {
+    return conv_backward(grad_output, relu_output, weight, input, stride, false);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> conv_transpose3x3_backward(const Tensor& grad_output,
+                                                                       const OptTensor& relu_output,
+                                                                       const Tensor& weight,
+                                                                       const Tensor& input, int64_t stride) {
+    return conv_backward(grad_output, relu_output, weight, input, stride, true);
   }
 
   static Tensor bias_grad(const Tensor& grad_output, const OptTensor& relu_output) {
@@ -270,6 +329,8 @@ struct Ops {
     m.impl("conv_transpose3x3", &conv_transpose3x3);
     m.impl("conv_transpose3x3_grad_input", &conv_transpose3x3_grad_input);
     m.impl("conv_transpose3x3_grad_weight", &conv_transpose3x3_grad_weight);
+    m.impl("conv3x3_backward", &conv3x3_backward);
+    m.impl("conv_transpose3x3_backward", &conv_transpose3x3_backward);
     m.impl("bias_grad", &bias_grad);
     m.impl("max_pool2x2", &max_pool2x2);
     m.impl("max_pool2x2_grad_input", &max_pool2x2_grad_input);

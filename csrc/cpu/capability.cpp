@@ -31,27 +31,25 @@ bool cpu_has(Capability level) {
 
 constexpr Capability kAllLevels[] = {Capability::baseline, Capability::avx2, Capability::avx512};
 
-std::string level_names() {
+// "baseline, avx2, ...": the names of levels, for messages.
+template <class Levels>
+std::string joined_names(const Levels& levels) {
   std::string names;
-  for (Capability level : kAllLevels)
-    names += std::string(names.empty() ? "" : ", ") + capability_name(level);
+  for (Capability level : levels) names += std::string(names.empty() ? "" : ", ") + capability_name(level);
   return names;
 }
 
 Capability parse(const std::string& name) {
   for (Capability level : kAllLevels) {
     if (name != capability_name(level)) continue;
-    std::string supported;
-    for (Capability s : supported_capabilities())
-      supported += std::string(supported.empty() ? "" : ", ") + capability_name(s);
     TORCH_CHECK(cpu_has(level), "cae: CPU capability '", name, "' is not available on this CPU",
 #ifndef CAE_CPU_X86
                 " (this build's architecture has only the baseline level)",
 #endif
-                "; it supports: ", supported);
+                "; it supports: ", joined_names(supported_capabilities()));
     return level;
   }
-  TORCH_CHECK(false, "cae: unknown CPU capability '", name, "'; expected one of: ", level_names());
+  TORCH_CHECK(false, "cae: unknown CPU capability '", name, "'; expected one of: ", joined_names(kAllLevels));
 }
 
 // The best level this CPU runs, or the one CAE_CPU_CAPABILITY names.
@@ -121,6 +119,10 @@ void CpuKernels::correlate_transpose(const CorrelateParams& p) {
 
 void CpuKernels::weight_grad(const WeightGradParams& p) {
   cpu::with_level([&](auto k) { k.weight_grad(p); });
+}
+
+void CpuKernels::conv_backward(const ConvBackwardParams& p) {
+  cpu::with_level([&](auto k) { k.conv_backward(p); });
 }
 
 void CpuKernels::bias_grad(const BiasGradParams& p) {

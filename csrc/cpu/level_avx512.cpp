@@ -17,6 +17,7 @@ constexpr int kVectorRegisters = 32;
 #define CAE_CPU_LEVEL avx512
 #include "level/conv3x3.cpp"
 #include "level/conv_transpose3x3.cpp"
+#include "level/conv_backward.cpp"
 #include "level/max_pool2x2.cpp"
 
 CAE_CPU_TARGET_END

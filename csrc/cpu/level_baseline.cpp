@@ -18,4 +18,5 @@ constexpr int kVectorRegisters = 16;
 #define CAE_CPU_LEVEL baseline
 #include "level/conv3x3.cpp"
 #include "level/conv_transpose3x3.cpp"
+#include "level/conv_backward.cpp"
 #include "level/max_pool2x2.cpp"

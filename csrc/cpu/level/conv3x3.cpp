@@ -11,52 +11,80 @@ namespace {
 // y = act(bias + correlate(gate(x), w)), one sample at a time: a padded copy,
 // one matrix product over (position, channel x tap), the epilogue on the way
 // back. NCHW: [C_out, 9 C_in] x [9 C_in, positions]; NHWC: [positions,
-// 9 C_in] x [9 C_in, C_out].
+// 9 C_in] x [9 C_in, C_out]. The plan is the part shared by every sample.
+template <typename T>
+struct CorrelatePlan {
+  Windows win;
+  const T* w;
+  int64_t C_out, H_out, W_out, K, P;
+  std::vector<int64_t> taps;  // k = ci * 9 + tap in NCHW, tap * C_in + ci in NHWC
+  std::vector<int64_t> rows, cols;
+  Scratch<T> w_nhwc;  // [tap][ci][co]
+  ProductShape shape;
+
+  CorrelatePlan(const Windows& windows, const T* weight, int64_t C_out_)
+      : win(windows),
+        w(weight),
+        C_out(C_out_),
+        H_out(windows.Ho),
+        W_out(windows.Wo),
+        K(9 * windows.C),
+        P(windows.positions()),
+        taps(K),
+        rows(win.nhwc ? arange(P, win.C) : arange(C_out, K)),
+        cols(win.nhwc ? arange(K, C_out) : arange(K, 1)) {
+    const int64_t C_in = win.C;
+    for (int64_t ci = 0; ci < C_in; ++ci)
+      for (int64_t t = 0; t < 9; ++t)
+        taps[win.nhwc ? t * C_in + ci : ci * 9 + t] = win.tap_offset(ci, t / 3, t % 3);
+    if (win.nhwc) {
+      w_nhwc.resize(K * C_out + kReadPast);
+      for (int64_t co = 0; co < C_out; ++co)
+        for (int64_t ci = 0; ci < C_in; ++ci)
+          for (int64_t t = 0; t < 9; ++t) w_nhwc[(t * C_in + ci) * C_out + co] = w[(co * C_in + ci) * 9 + t];
+    }
+    shape = win.nhwc
+                ? product_shape<T>(P, K, {nullptr, rows.data(), taps.data()}, {nullptr, cols.data(), nullptr})
+                : product_shape<T>(C_out, K, {w, rows.data(), cols.data()}, {nullptr, taps.data(), nullptr});
+  }
+
+  size_t result_size() const { return P * C_out; }
+
+  // One output sample from the padded copy of its input; result is scratch
+  // of result_size().
+  void run(const T* buffer, T* result, T* out, const T* bias, bool relu) const {
+    if (win.nhwc) {
+      gemm<T>(P, C_out, K, {buffer, rows.data(), taps.data()}, {w_nhwc.data(), cols.data(), nullptr}, result,
+              C_out, false, shape);
+    } else {
+      gemm<T>(C_out, P, K, {w, rows.data(), cols.data()}, {buffer, taps.data(), nullptr}, result, P, false,
+              shape);
+    }
+    store_result<T>({.result = result,
+                     .rows = H_out,
+                     .cols = W_out,
+                     .Wq = win.Wq,
+                     .C = C_out,
+                     .nhwc = win.nhwc,
+                     .out = out,
+                     .H = H_out,
+                     .W = W_out,
+                     .bias = bias,
+                     .relu = relu});
+  }
+};
+
 template <typename T, bool Gated>
 void correlate_impl(T* out, const T* x, const T* x_gate, const T* w, const T* bias, int64_t stride,
                     bool apply_relu, bool nhwc, int64_t N, int64_t C_in, int64_t H, int64_t W, int64_t C_out,
                     int64_t H_out, int64_t W_out) {
-  const Windows win(C_in, H, W, stride, H_out, W_out, nhwc);
-  const int64_t K = 9 * C_in, P = win.positions();
-  std::vector<int64_t> taps(K);  // k = ci * 9 + tap in NCHW, tap * C_in + ci in NHWC
-  for (int64_t ci = 0; ci < C_in; ++ci)
-    for (int64_t t = 0; t < 9; ++t)
-      taps[nhwc ? t * C_in + ci : ci * 9 + t] = win.tap_offset(ci, t / 3, t % 3);
-  Scratch<T> w_nhwc;  // [tap][ci][co]
-  if (nhwc) {
-    w_nhwc.resize(K * C_out + kReadPast);
-    for (int64_t co = 0; co < C_out; ++co)
-      for (int64_t ci = 0; ci < C_in; ++ci)
-        for (int64_t t = 0; t < 9; ++t) w_nhwc[(t * C_in + ci) * C_out + co] = w[(co * C_in + ci) * 9 + t];
-  }
-  const auto rows = nhwc ? arange(P, C_in) : arange(C_out, K);
-  const auto cols = nhwc ? arange(K, C_out) : arange(K, 1);
-  const ProductShape shape =
-      nhwc ? product_shape<T>(P, K, {nullptr, rows.data(), taps.data()}, {nullptr, cols.data(), nullptr})
-           : product_shape<T>(C_out, K, {w, rows.data(), cols.data()}, {nullptr, taps.data(), nullptr});
+  const CorrelatePlan<T> plan(Windows(C_in, H, W, stride, H_out, W_out, nhwc), w, C_out);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> buffer(win.buffer_size()), result(P * C_out);
+    Scratch<T> buffer(plan.win.buffer_size()), result(plan.result_size());
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * C_in * H * W;
-      pad_sample<T, Gated>(x + offset, x_gate ? x_gate + offset : nullptr, win, buffer.data());
-      if (nhwc) {
-        gemm<T>(P, C_out, K, {buffer.data(), rows.data(), taps.data()}, {w_nhwc.data(), cols.data(), nullptr},
-                result.data(), C_out, false, shape);
-      } else {
-        gemm<T>(C_out, P, K, {w, rows.data(), cols.data()}, {buffer.data(), taps.data(), nullptr},
-                result.data(), P, false, shape);
-      }
-      store_result<T>({.result = result.data(),
-                       .rows = H_out,
-                       .cols = W_out,
-                       .Wq = win.Wq,
-                       .C = C_out,
-                       .nhwc = nhwc,
-                       .out = out + n * C_out * H_out * W_out,
-                       .H = H_out,
-                       .W = W_out,
-                       .bias = bias,
-                       .relu = apply_relu});
+      pad_sample<T, Gated>(x + offset, x_gate ? x_gate + offset : nullptr, plan.win, buffer.data());
+      plan.run(buffer.data(), result.data(), out + n * C_out * H_out * W_out, bias, apply_relu);
     }
   });
 }
@@ -139,8 +167,9 @@ void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, in
     for (int64_t j = 0; j < width; ++j) sum[j] += rows[i * width + j];
 }
 
-// a is the small side (the window positions) and b the large side (read
-// through the windows) of WeightGradParams, C_a and C_b their channels.
+// The weight and bias gradients' sums over the samples. a is the small side
+// (the window positions) and b the large side (read through the windows) of
+// WeightGradParams, C_a and C_b their channels.
 // out[ca, cb, tap] = sum over samples and positions of gate(a)[ca, p] times
 // gate(b) under that tap: per sample one product [9 C_b, positions] x
 // [positions, C_a], accumulated per fixed batch chunk, the chunks then summed
@@ -148,78 +177,120 @@ void add_rows(T* __restrict__ sum, const T* __restrict__ rows, int64_t count, in
 // (the convolution's output gradient) from its [position][channel] copy, or
 // of gate(b) (the transposed convolution's) from its padded copy, zeros
 // around.
+template <typename T>
+struct WeightGradSums {
+  Windows win;
+  int64_t C_a, C_b, M, P, size, chunks, chunk_size;
+  bool grad_output_is_large;
+  int vector_bytes;  // the tap-blocked product's vector (NHWC, b's channels in whole vectors), or 0: gemm's
+  std::vector<int64_t> taps, positions, a_rows;  // m = cb * 9 + tap
+  ProductShape shape;
+  Scratch<T> partial;  // per chunk: tap-blocked [ca][tap][cb], otherwise gemm's [cb][tap][ca]
+  int64_t C_bias, bias_chunk_size;
+  Scratch<T> bias_partial;
+
+  WeightGradSums(const Windows& windows, int64_t N, int64_t C_a_, bool grad_output_is_large_)
+      : win(windows),
+        C_a(C_a_),
+        C_b(windows.C),
+        M(9 * C_b),
+        P(windows.positions()),
+        size(M * C_a),
+        chunks(std::min(N, kBatchChunks)),
+        chunk_size((size + 15) / 16 * 16),  // each chunk's partial sums on a cache line
+        grad_output_is_large(grad_output_is_large_),
+        vector_bytes(tap_blocked_bytes(windows.nhwc, C_b)),
+        taps(M),
+        positions(arange(P, win.position_step())),
+        a_rows(arange(P, C_a)),
+        partial(chunks * chunk_size, T(0)),
+        C_bias(grad_output_is_large ? C_b : C_a),
+        bias_chunk_size((C_bias + 15) / 16 * 16),
+        bias_partial(chunks * bias_chunk_size, T(0)) {
+    for (int64_t cb = 0; cb < C_b; ++cb)
+      for (int64_t t = 0; t < 9; ++t) taps[cb * 9 + t] = win.tap_offset(cb, t / 3, t % 3);
+    shape =
+        product_shape<T>(M, P, {nullptr, taps.data(), positions.data()}, {nullptr, a_rows.data(), nullptr});
+  }
+
+  static int tap_blocked_bytes(bool nhwc, int64_t C_b) {
+    constexpr int64_t lanes = Vec<T, kVectorBytes>::lanes;
+    if (!nhwc) return 0;
+    if (C_b % lanes == 0) return kVectorBytes;
+    if (kVectorBytes > 16 && C_b % (lanes / 2) == 0) return kVectorBytes / 2;
+    return 0;
+  }
+
+  // The samples of batch chunk `chunk`: [first, end).
+  int64_t first(int64_t chunk, int64_t N) const { return chunk * N / chunks; }
+
+  // Adds one sample to its chunk's sums: a_by_position is gate(a) as
+  // [position][channel] (positions_by_channel), b_buffer the padded copy of
+  // gate(b) (pad_sample), both over win's grid.
+  void add(int64_t chunk, const T* a_by_position, const T* b_buffer) {
+    T* sums = partial.data() + chunk * chunk_size;
+    T* bias_sums = bias_partial.data() + chunk * bias_chunk_size;
+    if (vector_bytes == kVectorBytes) {
+      tap_blocked<T, kVectorBytes>(P, C_a, C_b, a_by_position, b_buffer, taps.data(), sums);
+    } else if constexpr (kVectorBytes > 16) {
+      if (vector_bytes == kVectorBytes / 2) {
+        tap_blocked<T, kVectorBytes / 2>(P, C_a, C_b, a_by_position, b_buffer, taps.data(), sums);
+      }
+    }
+    if (vector_bytes == 0) {
+      gemm<T>(M, C_a, P, {b_buffer, taps.data(), positions.data()}, {a_by_position, a_rows.data(), nullptr},
+              sums, C_a, true, shape);
+    }
+    if (!grad_output_is_large) {
+      add_rows(bias_sums, a_by_position, P, C_a);
+    } else if (win.nhwc) {
+      add_rows(bias_sums, b_buffer, win.stride * win.stride * win.Hq * win.Wq, C_b);
+    } else {
+      for (int64_t phase = 0; phase < win.stride * win.stride; ++phase)
+        for (int64_t cb = 0; cb < C_b; ++cb)
+          bias_sums[cb] +=
+              gated_sum<T, false>(b_buffer + win.offset(phase, cb, 0, 0), nullptr, win.Hq * win.Wq);
+    }
+  }
+
+  // The chunks' sums, added in order: out [C_a][C_b][3][3], bias_out [C_bias].
+  void write(T* out, T* bias_out) const {
+    for (int64_t c = 0; c < C_bias; ++c) {
+      T sum = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += bias_partial[chunk * bias_chunk_size + c];
+      bias_out[c] = sum;
+    }
+    at::parallel_for(0, size, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {  // i indexes out: [ca][cb][tap]
+        const int64_t ca = i / M, cb = i % M / 9, t = i % 9;
+        const int64_t j = vector_bytes ? (ca * 9 + t) * C_b + cb : (cb * 9 + t) * C_a + ca;
+        T sum = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * chunk_size + j];
+        out[i] = sum;
+      }
+    });
+  }
+};
+
 template <typename T, bool GatedA, bool GatedB>
 void weight_grad_impl(T* out, T* bias_out, bool grad_output_is_large, const T* a, const T* a_gate, const T* b,
                       const T* b_gate, int64_t stride, bool nhwc, int64_t N, int64_t C_a, int64_t H_a,
                       int64_t W_a, int64_t C_b, int64_t H, int64_t W) {
-  const Windows win(C_b, H, W, stride, H_a, W_a, nhwc);
-  const int64_t M = 9 * C_b, P = win.positions(), size = M * C_a;
-  const int64_t chunks = std::min(N, kBatchChunks);
-  const int64_t chunk_size = (size + 15) / 16 * 16;  // each chunk's partial sums on a cache line
-  // NHWC with b's channels in whole vectors: the tap-blocked product, its
-  // partial sums [ca][tap][cb]; otherwise gemm's, [cb][tap][ca].
-  constexpr int64_t lanes = Vec<T, kVectorBytes>::lanes;
-  const int vector_bytes = !nhwc                                         ? 0
-                           : C_b % lanes == 0                            ? kVectorBytes
-                           : C_b % (lanes / 2) == 0 && kVectorBytes > 16 ? kVectorBytes / 2
-                                                                         : 0;
-  std::vector<int64_t> taps(M);  // m = cb * 9 + tap
-  for (int64_t cb = 0; cb < C_b; ++cb)
-    for (int64_t t = 0; t < 9; ++t) taps[cb * 9 + t] = win.tap_offset(cb, t / 3, t % 3);
-  const auto positions = arange(P, win.position_step());
-  const auto a_rows = arange(P, C_a);
-  const ProductShape shape =
-      product_shape<T>(M, P, {nullptr, taps.data(), positions.data()}, {nullptr, a_rows.data(), nullptr});
-  Scratch<T> partial(chunks * chunk_size, T(0));
-  const int64_t C_bias = grad_output_is_large ? C_b : C_a, planes = stride * stride;
-  const int64_t bias_chunk_size = (C_bias + 15) / 16 * 16;
-  Scratch<T> bias_partial(chunks * bias_chunk_size, T(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> buffer(win.buffer_size()), a_by_position(P * C_a + kReadPast);
+  WeightGradSums<T> sums(Windows(C_b, H, W, stride, H_a, W_a, nhwc), N, C_a, grad_output_is_large);
+  const Windows& win = sums.win;
+  at::parallel_for(0, sums.chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> buffer(win.buffer_size()), a_by_position(sums.P * C_a + kReadPast);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      T* sums = partial.data() + chunk * chunk_size;
-      T* bias_sums = bias_partial.data() + chunk * bias_chunk_size;
-      for (int64_t n = chunk * N / chunks; n < (chunk + 1) * N / chunks; ++n) {
+      for (int64_t n = sums.first(chunk, N); n < sums.first(chunk + 1, N); ++n) {
         const int64_t b_offset = n * C_b * H * W, a_offset = n * C_a * H_a * W_a;
         pad_sample<T, GatedB>(b + b_offset, b_gate ? b_gate + b_offset : nullptr, win, buffer.data());
         positions_by_channel<T, GatedA>(a + a_offset, a_gate ? a_gate + a_offset : nullptr, C_a, win,
                                         a_by_position.data());
-        if (vector_bytes == kVectorBytes) {
-          tap_blocked<T, kVectorBytes>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(), sums);
-        } else if (vector_bytes == kVectorBytes / 2 && kVectorBytes > 16) {
-          tap_blocked<T, kVectorBytes / 2>(P, C_a, C_b, a_by_position.data(), buffer.data(), taps.data(),
-                                           sums);
-        } else {
-          gemm<T>(M, C_a, P, {buffer.data(), taps.data(), positions.data()},
-                  {a_by_position.data(), a_rows.data(), nullptr}, sums, C_a, true, shape);
-        }
-        if (!grad_output_is_large) {
-          add_rows(bias_sums, a_by_position.data(), P, C_a);
-        } else if (nhwc) {
-          add_rows(bias_sums, buffer.data(), planes * win.Hq * win.Wq, C_b);
-        } else {
-          for (int64_t phase = 0; phase < planes; ++phase)
-            for (int64_t cb = 0; cb < C_b; ++cb)
-              bias_sums[cb] +=
-                  gated_sum<T, false>(buffer.data() + win.offset(phase, cb, 0, 0), nullptr, win.Hq * win.Wq);
-        }
+        sums.add(chunk, a_by_position.data(), buffer.data());
       }
     }
   });
-  for (int64_t c = 0; c < C_bias; ++c) {
-    T sum = 0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += bias_partial[chunk * bias_chunk_size + c];
-    bias_out[c] = sum;
-  }
-  at::parallel_for(0, size, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {  // i indexes out: [ca][cb][tap]
-      const int64_t ca = i / M, cb = i % M / 9, t = i % 9;
-      const int64_t j = vector_bytes ? (ca * 9 + t) * C_b + cb : (cb * 9 + t) * C_a + ca;
-      T sum = 0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partial[chunk * chunk_size + j];
-      out[i] = sum;
-    }
-  });
+  sums.write(out, bias_out);
 }
 
 template <typename T, bool Gated>

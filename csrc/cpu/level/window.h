@@ -25,7 +25,10 @@ struct Windows {
   bool nhwc;
   int64_t Hq, Wq;  // one phase plane, with the rows that scratch columns read past
 
-  Windows(int64_t C_, int64_t H_, int64_t W_, int64_t stride_, int64_t Ho_, int64_t Wo_, bool nhwc_)
+  // min_Wq widens the grid (more scratch columns), so that two copies of
+  // different geometry can share their position numbering (conv_backward.cpp).
+  Windows(int64_t C_, int64_t H_, int64_t W_, int64_t stride_, int64_t Ho_, int64_t Wo_, bool nhwc_,
+          int64_t min_Wq = 0)
       : C(C_),
         H(H_),
         W(W_),
@@ -34,7 +37,7 @@ struct Windows {
         Wo(Wo_),
         nhwc(nhwc_),
         Hq(std::max(Ho_ + 2, (H_ + 2 + stride_ - 1) / stride_) + 1),
-        Wq(std::max(Wo_ + 2 / stride_, (W_ + 2 + stride_ - 1) / stride_)) {}
+        Wq(std::max({Wo_ + 2 / stride_, (W_ + 2 + stride_ - 1) / stride_, min_Wq})) {}
 
   int64_t positions() const { return Ho * Wq; }
   // Elements per position along q: channels are innermost in NHWC.

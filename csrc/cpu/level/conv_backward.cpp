@@ -1,0 +1,135 @@
+// A convolution's or a transposed convolution's whole backward in one pass
+// over the samples (ConvBackwardParams): per sample the gated output gradient
+// is padded once, and that copy is both the input gradient's operand and the
+// weight gradient's, instead of each kernel reading the gradient and its ReLU
+// mask again.
+#include "gemm.h"
+#include "window.h"
+
+namespace cae {
+namespace cpu {
+namespace CAE_CPU_LEVEL {
+namespace {
+
+// Sizes of one op's tensors: g the output gradient, x the input.
+struct BackwardSizes {
+  int64_t N, C_in, H, W, C_out, H_out, W_out;
+  explicit BackwardSizes(const ConvBackwardParams& p)
+      : N(p.input.size(0)),
+        C_in(p.input.size(1)),
+        H(p.input.size(2)),
+        W(p.input.size(3)),
+        C_out(p.grad_output.size(1)),
+        H_out(p.grad_output.size(2)),
+        W_out(p.grad_output.size(3)) {}
+};
+
+// Transposed convolution: g is the large side, and the weight gradient reads
+// it through the very windows the input gradient's correlation does, so one
+// padded copy of gate(g) serves both (and the bias sum).
+template <typename T, bool Gated>
+void transposed_backward(const ConvBackwardParams& p) {
+  const BackwardSizes s(p);
+  const T *g = p.grad_output.data_ptr<T>(), *gate = data_or_null<T>(p.relu_output),
+          *x = p.input.data_ptr<T>();
+  T* grad_input = p.grad_input.data_ptr<T>();
+  const Windows win(s.C_out, s.H_out, s.W_out, p.stride, s.H, s.W, p.nhwc);
+  const CorrelatePlan<T> input_grad(win, p.weight.data_ptr<T>(),
+                                    s.C_in);  // weight [C_in, C_out]: as correlate reads it
+  WeightGradSums<T> sums(win, s.N, s.C_in, /*grad_output_is_large=*/true);
+  at::parallel_for(0, sums.chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> g_copy(win.buffer_size()), result(input_grad.result_size()),
+        x_by_position(sums.P * s.C_in + kReadPast);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      for (int64_t n = sums.first(chunk, s.N); n < sums.first(chunk + 1, s.N); ++n) {
+        const int64_t g_offset = n * s.C_out * s.H_out * s.W_out, x_offset = n * s.C_in * s.H * s.W;
+        pad_sample<T, Gated>(g + g_offset, gate ? gate + g_offset : nullptr, win, g_copy.data());
+        input_grad.run(g_copy.data(), result.data(), grad_input + x_offset, nullptr, false);
+        positions_by_channel<T, false>(x + x_offset, nullptr, s.C_in, win, x_by_position.data());
+        sums.add(chunk, x_by_position.data(), g_copy.data());
+      }
+    }
+  });
+  sums.write(p.grad_weight.data_ptr<T>(), p.grad_bias.data_ptr<T>());
+}
+
+// Convolution, NHWC: g is the small side. Its copy padded at stride 1 (row
+// a + 1, column b + 1 holding g[a][b]) is the input gradient's operand; read
+// from one row and one column further on, it is g as [position][channel] over
+// a grid as wide, which is the weight gradient's other operand once its
+// windows are widened to that grid (min_Wq): the scratch columns then read
+// the copy's zero padding.
+template <typename T, bool Gated, class InputGradPlan>
+void conv_nhwc_backward(const ConvBackwardParams& p, const InputGradPlan& input_grad) {
+  const BackwardSizes s(p);
+  const T *g = p.grad_output.data_ptr<T>(), *gate = data_or_null<T>(p.relu_output),
+          *x = p.input.data_ptr<T>();
+  T* grad_input = p.grad_input.data_ptr<T>();
+  const Windows& g_win = input_grad.win;
+  WeightGradSums<T> sums(Windows(s.C_in, s.H, s.W, p.stride, s.H_out, s.W_out, true, g_win.Wq), s.N, s.C_out,
+                         /*grad_output_is_large=*/false);
+  TORCH_INTERNAL_ASSERT(sums.win.Wq == g_win.Wq && g_win.stride == 1 && g_win.nhwc);
+  const int64_t g_by_position = (g_win.Wq + 1) * s.C_out;
+  at::parallel_for(0, sums.chunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> g_copy(g_win.buffer_size()), result(input_grad.result_size()), x_copy(sums.win.buffer_size());
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      for (int64_t n = sums.first(chunk, s.N); n < sums.first(chunk + 1, s.N); ++n) {
+        const int64_t g_offset = n * s.C_out * s.H_out * s.W_out, x_offset = n * s.C_in * s.H * s.W;
+        pad_sample<T, Gated>(g + g_offset, gate ? gate + g_offset : nullptr, g_win, g_copy.data());
+        input_grad.run(g_copy.data(), result.data(), grad_input + x_offset, nullptr, false);
+        pad_sample<T, false>(x + x_offset, nullptr, sums.win, x_copy.data());
+        sums.add(chunk, g_copy.data() + g_by_position, x_copy.data());
+      }
+    }
+  });
+  sums.write(p.grad_weight.data_ptr<T>(), p.grad_bias.data_ptr<T>());
+}
+
+}  // namespace
+
+void Kernels::conv_backward(const ConvBackwardParams& p) {
+  if (!p.transposed && !p.nhwc) {
+    // NCHW: the input gradient pads g channel by channel, the weight gradient
+    // wants it position by position; nothing to share, so the two kernels.
+    correlate_transpose({.out = p.grad_input,
+                         .input = p.grad_output,
+                         .input_gate = p.relu_output,
+                         .weight = p.weight,
+                         .bias = std::nullopt,
+                         .stride = p.stride,
+                         .relu = false,
+                         .nhwc = false});
+    weight_grad({.grad_weight = p.grad_weight,
+                 .grad_bias = p.grad_bias,
+                 .small = p.grad_output,
+                 .small_gate = p.relu_output,
+                 .large = p.input,
+                 .large_gate = std::nullopt,
+                 .stride = p.stride,
+                 .nhwc = false,
+                 .grad_output_is_large = false});
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_conv_backward_cpu", [&] {
+    with_gate(p.relu_output, [&](auto gated) {
+      constexpr bool Gated = decltype(gated)::value;
+      if (p.transposed) return transposed_backward<scalar_t, Gated>(p);
+      const BackwardSizes s(p);
+      if (p.stride == 1) {
+        // The input gradient at stride 1: a correlation with the kernel
+        // flipped and its channel roles swapped (as correlate_transpose does).
+        const Tensor flipped = p.weight.flip({2, 3}).transpose(0, 1).contiguous();
+        const CorrelatePlan<scalar_t> plan(Windows(s.C_out, s.H_out, s.W_out, 1, s.H, s.W, true),
+                                           flipped.data_ptr<scalar_t>(), s.C_in);
+        return conv_nhwc_backward<scalar_t, Gated>(p, plan);
+      }
+      const TransposePlan<scalar_t> plan(p.weight.data_ptr<scalar_t>(), true, s.C_out, s.H_out, s.W_out,
+                                         s.C_in, s.H, s.W);
+      conv_nhwc_backward<scalar_t, Gated>(p, plan);
+    });
+  });
+}
+
+}  // namespace CAE_CPU_LEVEL
+}  // namespace cpu
+}  // namespace cae
