@@ -197,6 +197,27 @@ def test_noise_is_added_to_inputs_only_and_clipped(tmp_path, monkeypatch):
     assert changed > 0.5 and inputs.min() >= 0 and inputs.max() <= 1
 
 
+def test_steps_do_not_read_values_back_from_the_device(tmp_path, monkeypatch):
+    """Losses and metrics stay on the device between log intervals: the host reads
+    (Tensor.item) that the trainer makes do not grow with a run's number of steps.
+    (PyTorch's own Adam reads its step count on the CPU; on CUDA the trainer takes
+    the fused Adam, which does not.)"""
+    real_item, reads = torch.Tensor.item, []
+
+    def counting_item(self):
+        if "cae_kernels" in sys._getframe(1).f_code.co_filename:
+            reads.append(1)
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    counts = []
+    for limit in (128, 512):  # 2 and 8 steps
+        reads.clear()
+        run(tmp_path / str(limit), backend="torch", limit=limit, batch_size=64, epochs=1, log_every=1000)
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts
+
+
 def test_evaluate_is_mean_cross_entropy_and_rmse():
     model = ConvAutoencoder(backend="torch").eval()
     images = torch.randint(0, 256, (37, 1, 28, 28), dtype=torch.uint8)

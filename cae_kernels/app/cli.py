@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"activation layout: nchw (contiguous) or nhwc (channels_last) "
                               f"{default('memory_format')}")
     runtime.add_argument("--device", metavar="DEVICE",
-                         help=f"cpu, cuda or cuda:N {default('device')}")
+                         help=f"auto (CUDA where a GPU is usable, else the CPU), cpu, cuda or cuda:N "
+                              f"{default('device')}")
     runtime.add_argument("--batch-size", type=_positive_int, metavar="N",
                          help=f"images per batch (global, split over torchrun processes) "
                               f"{default('batch_size')}")

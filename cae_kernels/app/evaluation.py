@@ -27,11 +27,14 @@ EVAL_NOISE_SEED = 1234
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``, checked: a clear error where CUDA cannot be used."""
+    """``auto`` (CUDA where a GPU is usable, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``,
+    checked: a clear error where CUDA cannot be used."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} asked for, but CUDA is not available here "
@@ -40,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device {name!r} asked for, but only {torch.cuda.device_count()} "
                               f"CUDA device(s) exist")
     elif device.type != "cpu":
-        raise ConfigError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -103,15 +106,17 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 256, noise_factor
     model.eval()
     device = torch.device(device)
     generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
-    loss_sum = squared_sum = 0.0
+    # Summed on the device in float64, read once at the end.
+    loss_sum, squared_sum = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
     count = 0
     for start in range(0, len(split), batch_size):
         target = scaled(split.images[start:start + batch_size], device)
         logits = model(noisy(target, noise_factor, generator))
-        loss_sum += F.binary_cross_entropy_with_logits(logits, target, reduction="sum").item()
-        squared_sum += (torch.sigmoid(logits).double() - target.double()).square().sum().item()
+        loss_sum += F.binary_cross_entropy_with_logits(logits, target, reduction="sum").double()
+        squared_sum += (torch.sigmoid(logits).double() - target.double()).square().sum()
         count += target.numel()
     model.train(was_training)
+    loss_sum, squared_sum = loss_sum.item(), squared_sum.item()
     return {"loss": loss_sum / count, "rmse": math.sqrt(squared_sum / count), "images": len(split)}
 
 

@@ -69,7 +69,7 @@ class Config:
     limit: int | None = None
     backend: str = "cae"
     memory_format: str = "nhwc"  # the faster layout on the CPU, both backends (benchmarks/results)
-    device: str = "cpu"
+    device: str = "auto"  # CUDA where a GPU is usable, else the CPU
 
     def __post_init__(self):  # normalize, so that equal settings compare equal
         self.filters = tuple(int(f) for f in self.filters)
