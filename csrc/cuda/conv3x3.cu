@@ -1,5 +1,6 @@
 // Host side of the 3x3 correlation (conv3x3 forward, conv_transpose3x3 input
-// gradient), the weight gradient of both, and the bias gradient.
+// gradient), the weight gradient of both (with the bias's), and the bias
+// gradient alone.
 #include "kernels.h"
 
 #include "conv3x3_kernels.cuh"
@@ -45,32 +46,34 @@ void CudaKernels::weight_grad(const WeightGradParams& p) {
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   CAE_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "cae_weight_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const cuda::WeightGradArgs<scalar_t> a{
-        out.mutable_data_ptr<scalar_t>(),      a_t.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(a_gate),  b_t.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(b_gate),  cuda::to_int(a_t.size(0), "batch"),
-        cuda::to_int(a_t.size(1), "channels"), cuda::to_int(a_t.size(2), "height"),
-        cuda::to_int(a_t.size(3), "width"),    cuda::to_int(b_t.size(1), "channels"),
-        cuda::to_int(b_t.size(2), "height"),   cuda::to_int(b_t.size(3), "width")};
+    const cuda::WeightGradArgs<scalar_t> a{out.mutable_data_ptr<scalar_t>(),
+                                           a_t.const_data_ptr<scalar_t>(),
+                                           cuda::data_or_null<scalar_t>(a_gate),
+                                           b_t.const_data_ptr<scalar_t>(),
+                                           cuda::data_or_null<scalar_t>(b_gate),
+                                           cuda::to_int(a_t.size(0), "batch"),
+                                           cuda::to_int(a_t.size(1), "channels"),
+                                           cuda::to_int(a_t.size(2), "height"),
+                                           cuda::to_int(a_t.size(3), "width"),
+                                           cuda::to_int(b_t.size(1), "channels"),
+                                           cuda::to_int(b_t.size(2), "height"),
+                                           cuda::to_int(b_t.size(3), "width"),
+                                           p.grad_output_is_large};
     const auto plan = cuda::plan_weight_grad<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.regions, "weight_grad");
     cuda::check_smem(plan.smem, "weight_grad");
-    const int64_t outputs = out.numel();
-    at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.blocks, outputs);
+    // Partial rows: the weight's sums, then the bias's.
+    const int outputs = cuda::to_int(out.numel(), "weight size");
+    const int columns = cuda::to_int(out.numel() + p.grad_bias.numel(), "weight size");
+    at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.blocks, columns);
     cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
                                               partial.mutable_data_ptr<acc_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
-    cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(), plan.blocks,
-                                                  cuda::to_int(outputs, "weight size"),
-                                                  out.mutable_data_ptr<scalar_t>(), stream);
+    cuda::launch_reduce_partials<scalar_t, acc_t>(
+        partial.const_data_ptr<acc_t>(), plan.blocks, columns,
+        {out.mutable_data_ptr<scalar_t>(), outputs, p.grad_bias.mutable_data_ptr<scalar_t>()}, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
-  // The bias's gradient by its own kernel (the CPU's weight kernel sums it on
-  // the way).
-  bias_grad({.grad_bias = p.grad_bias,
-             .grad_output = p.grad_output_is_large ? b_t : a_t,
-             .gate = p.grad_output_is_large ? b_gate : a_gate,
-             .nhwc = nhwc});
 }
 
 void CudaKernels::bias_grad(const BiasGradParams& p) {
@@ -92,7 +95,7 @@ void CudaKernels::bias_grad(const BiasGradParams& p) {
     cuda::launch_bias_grad<scalar_t, acc_t>(a, chunks, nhwc, partial.mutable_data_ptr<acc_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
     cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(), chunks, a.C,
-                                                  out.mutable_data_ptr<scalar_t>(), stream);
+                                                  {out.mutable_data_ptr<scalar_t>(), a.C, nullptr}, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -273,11 +273,21 @@ inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int s
 // atomics anywhere, so gradients are bitwise reproducible run to run.
 // ---------------------------------------------------------------------------
 
+// Where reduce_partials writes column c: out[c] below `split`, then
+// out_rest[c - split] (the weight gradient's columns, then the bias's).
+template <typename T>
+struct SumsOut {
+  T* out;
+  int split;
+  T* out_rest;
+  CAE_DEVICE T& at(int c) const { return c < split ? out[c] : out_rest[c - split]; }
+};
+
 // out[c] = sum_r partial[r][c]: 32 columns per block (coalesced), 8 thread
 // rows each summing every 8th partial row in order, then the 8 in order.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
-    reduce_partials_kernel(const Acc* __restrict__ partial, int rows, int cols, T* __restrict__ out) {
+    reduce_partials_kernel(const Acc* __restrict__ partial, int rows, int cols, SumsOut<T> out) {
   __shared__ Acc sums[kWarps][32];
   const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
   const int c = blockIdx.x * 32 + lane;
@@ -290,12 +300,13 @@ __global__ void __launch_bounds__(kThreads)
   if (slice == 0 && c < cols) {
     Acc total = sums[0][lane];
     for (int k = 1; k < kWarps; ++k) total += sums[k][lane];
-    out[c] = static_cast<T>(total);
+    out.at(c) = static_cast<T>(total);
   }
 }
 
 template <typename T, typename Acc>
-inline void launch_reduce_partials(const Acc* partial, int rows, int cols, T* out, cudaStream_t stream) {
+inline void launch_reduce_partials(const Acc* partial, int rows, int cols, SumsOut<T> out,
+                                   cudaStream_t stream) {
   const auto kernel = reduce_partials_kernel<T, Acc>;
   CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(cols, 32))), kThreads, 0, stream, partial, rows,
              cols, out);
@@ -321,7 +332,9 @@ CAE_DEVICE Acc warp_sum(Acc v) {
 // accumulators, over a share of the region's positions (lanes take
 // consecutive positions). Then: warp shuffles, shared memory across the warps
 // that split one unit's positions, and one partial sum per block into
-// scratch; reduce_partials adds the blocks in order.
+// scratch; reduce_partials adds the blocks in order. The bias's gradient is
+// summed from the same staged tiles into the same partial rows (no pass or
+// launch of its own).
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -332,6 +345,10 @@ struct WeightGradArgs {
   const T* b;       // [N, C_b, H, W]
   const T* b_gate;  // like b, or nullptr
   int N, C_a, H_a, W_a, C_b, H, W;
+  // The bias's gradient, summed from the same staged tiles: the sum of gate(b)
+  // (H = stride * H_a) when the output gradient is the large side (a
+  // transposed convolution's), else of gate(a).
+  bool grad_output_is_large;
 };
 
 constexpr int kMaxPartialBlocks = 512;  // a fixed cap: the grid never depends on the device
@@ -480,6 +497,13 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int per_image = t.rows * t.cols;
   const int b_image = t.b_rows * t.b_cols;
+  // A block's partial sums: the weight's [C_a][C_b][9], then the bias's.
+  const int weight_outputs = a.C_a * a.C_b * 9;
+  const index_t partial_row =
+      static_cast<index_t>(blockIdx.x) * (weight_outputs + (a.grad_output_is_large ? a.C_b : a.C_a));
+  // The bias's sums over this block's regions, for one pass's channels (at
+  // most kWarps groups of CA_R <= 4 of a's, or kWarps of b's).
+  __shared__ Acc bias_s[kWarps * 4];
 
   // Where position p's 3x3 window starts in the staged b.
   for (int p = tid; p < t.positions; p += kThreads) {
@@ -497,6 +521,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int cb0 = 0; cb0 < a.C_b; cb0 += t.cb_chunk) {
       const int cb_count = a.C_b - cb0 < t.cb_chunk ? a.C_b - cb0 : t.cb_chunk;
       const bool mine = busy && group * CA_R < ca_count && cbl < cb_count;
+      // The bias's channels are summed in the first pass over the other side's.
+      const bool bias_pass = a.grad_output_is_large ? ca0 == 0 : cb0 == 0;
+      const int bias_c0 = a.grad_output_is_large ? cb0 : ca0;
+      const int bias_count = a.grad_output_is_large ? cb_count : ca_count;
       Acc acc[CA_R][9];
       CAE_UNROLL
       for (int r = 0; r < CA_R; ++r) CAE_UNROLL
@@ -505,6 +533,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int region = blockIdx.x; region < t.regions; region += gridDim.x) {
         const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
         __syncthreads();  // the previous region (or pass) is done reading
+        if (bias_pass && region == static_cast<int>(blockIdx.x)) {
+          for (int c = tid; c < bias_count; c += kThreads) bias_s[c] = Acc(0);
+        }
         stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0,
                                               ca0, ca_count, t.ca_chunk, t, t.vec_a, tid);
         const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       cb0,    cb_count, t.b_rows,
@@ -516,6 +547,30 @@ __global__ void __launch_bounds__(kThreads)
           stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
         }
         __syncthreads();
+        if (bias_pass) {
+          // Warp w sums channels w, w + kWarps, ...: lanes over the values,
+          // one shuffle tree, then added in region order (reproducible).
+          for (int c = warp; c < bias_count; c += kWarps) {
+            Acc sum = Acc(0);
+            if (a.grad_output_is_large) {
+              // Each pixel of b once: a position's S x S pixels below and right
+              // of its window's top-left (row and column 0 are the halo, which
+              // belongs to the neighbouring region).
+              const Acc* bc = b_s + c * t.b_channel_stride + t.b_cols + 1;
+              for (int smp = 0; smp < t.samples; ++smp) {
+                for (int r = 0; r < t.rows * S; ++r) {
+                  const Acc* row = bc + smp * b_image + r * t.b_cols;
+                  for (int col = lane; col < t.cols * S; col += 32) sum += row[col];
+                }
+              }
+            } else {
+              const Acc* ac = a_s + c * t.a_stride;
+              for (int p = lane; p < t.positions; p += 32) sum += ac[p];
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) bias_s[c] += sum;
+          }
+        }
         if (mine) {
           const Acc* av = a_s + group * CA_R * t.a_stride;
           const Acc* bv = b_s + cbl * t.b_channel_stride;
@@ -556,8 +611,12 @@ __global__ void __launch_bounds__(kThreads)
         if (ca < ca0 + ca_count && cb < cb0 + cb_count) {
           Acc s = red_s[it * R + e];
           for (int sp = 1; sp < t.splits; ++sp) s += red_s[(sp * t.items + it) * R + e];
-          partial[((static_cast<index_t>(blockIdx.x) * a.C_a + ca) * a.C_b + cb) * 9 + e % 9] = s;
+          partial[partial_row + (ca * a.C_b + cb) * 9 + e % 9] = s;
         }
+      }
+      if (bias_pass) {
+        for (int c = tid; c < bias_count; c += kThreads)
+          partial[partial_row + weight_outputs + bias_c0 + c] = bias_s[c];
       }
     }
   }
