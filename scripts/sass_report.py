@@ -434,7 +434,7 @@ def _source(arch, nvcc, tool, what):
 
 
 # Options that only say where files go: left out of the command a report names.
-_WHERE = ("--build-dir", "-o", "--output", "--header", "--write-allow-local", "--allow-local", "--cuobjdump")
+_WHERE = ("--so", "--build-dir", "-o", "--output", "--header", "--write-allow-local", "--allow-local", "--cuobjdump")
 
 
 def _command(argv):

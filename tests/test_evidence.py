@@ -230,3 +230,5 @@ def test_count_launches_script(capsys):
     total = int(out.splitlines()[0].split("launches per step: ")[1])
     assert total > 0
     assert count_launches.main(["--model", "pool", "--budget", str(total - 1)]) == 1
+    assert count_launches.main(["--model", "pool", "--budget", f"pool={total}", "--budget", "stride=1"]) == 0
+    assert count_launches.main(["--model", "pool", "--budget", f"pool={total - 1}"]) == 1
