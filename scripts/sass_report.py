@@ -103,59 +103,52 @@ class Kernel:
 # --- parsing cuobjdump / ptxas output ----------------------------------------------
 
 
+def _by_function(text, header):
+    """(function, line) for each line below a line that the regex ``header`` matches
+    (its group 1 names the function), up to the next such line."""
+    current = None
+    for line in text.splitlines():
+        m = re.search(header, line)
+        if m:
+            current = m.group(1)
+        elif current is not None:
+            yield current, line
+
+
 def parse_res_usage(text, kernels=None):
     """``cuobjdump -res-usage``: ``Function <mangled>:`` then ``REG:n STACK:n SHARED:n LOCAL:n ...``."""
     kernels = {} if kernels is None else kernels
-    current = None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function\s+(\S+?):?\s*$", line)
-        if m:
-            current = kernels.setdefault(m.group(1), Kernel(m.group(1)))
-            continue
-        if current is not None and "REG:" in line:
+    for name, line in _by_function(text, r"^\s*Function\s+(\S+?):?\s*$"):
+        if "REG:" in line:
             values = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line))
-            current.registers = int(values.get("REG", 0))
-            current.stack = int(values.get("STACK", 0))
-            current.shared = int(values.get("SHARED", 0))
-            current.local = int(values.get("LOCAL", 0))
-            current = None
+            k = kernels.setdefault(name, Kernel(name))
+            k.registers, k.stack = int(values.get("REG", 0)), int(values.get("STACK", 0))
+            k.shared, k.local = int(values.get("SHARED", 0)), int(values.get("LOCAL", 0))
     return kernels
 
 
 def parse_sass(text, kernels=None):
     """``cuobjdump -sass``: ``Function : <mangled>`` then one ``/*addr*/ OPCODE ...;`` per instruction."""
     kernels = {} if kernels is None else kernels
-    current = None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function\s*:\s*(\S+)", line)
-        if m:
-            current = kernels.setdefault(m.group(1), Kernel(m.group(1)))
-            current.opcodes = {}
-            continue
-        if current is None:
-            continue
+    seen = set()
+    for name, line in _by_function(text, r"^\s*Function\s*:\s*(\S+)"):
         m = INSTRUCTION.search(line)
         if m:
-            op = m.group(1)
-            current.opcodes[op] = current.opcodes.get(op, 0) + 1
+            k = kernels.setdefault(name, Kernel(name))
+            if name not in seen:  # the counts of this listing, not added to another's
+                seen.add(name)
+                k.opcodes = {}
+            k.opcodes[m.group(1)] = k.opcodes.get(m.group(1), 0) + 1
     return kernels
 
 
-def parse_ptxas_log(text, kernels=None):
-    """``ptxas -v``: ``Function properties for <mangled>`` then ``... N bytes spill stores, N bytes spill loads``."""
-    kernels = {} if kernels is None else kernels
-    current = None
-    for line in text.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            current = m.group(1)
-            continue
+def parse_ptxas_log(text, kernels):
+    """``ptxas -v``: ``Function properties for <mangled>`` then ``... N bytes spill stores, N bytes
+    spill loads``, for the ``kernels`` already found (ptxas also lists device functions)."""
+    for name, line in _by_function(text, r"Function properties for (\S+)"):
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current is not None:
-            if current in kernels or current.startswith("_Z"):
-                k = kernels.setdefault(current, Kernel(current))
-                k.spill_stores, k.spill_loads = int(m.group(1)), int(m.group(2))
-            current = None
+        if m and name in kernels:
+            kernels[name].spill_stores, kernels[name].spill_loads = int(m.group(1)), int(m.group(2))
     return kernels
 
 
