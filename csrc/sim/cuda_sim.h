@@ -872,12 +872,19 @@ inline void check_config(const char* name, dim3 g, dim3 b, size_t smem) {
                              " bytes dynamic shared memory: " + why);
 }
 
-inline void run_launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem,
-                       void (*invoke)(const void*), const void* pack) {
+// Counts a launch that passed check_config. Not inside run_launch: a call
+// there changes what GCC fears getcontext may clobber (-Wclobbered).
+inline void count_launch(const char* name, const void* kernel) {
+  if (t_in_launch) return;  // run_launch refuses it (and this thread holds the mutex)
+  std::lock_guard<std::mutex> lock(launch_mutex());
+  ++g_launch_counts[kernel_name(name, kernel)];
+}
+
+inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*invoke)(const void*),
+                       const void* pack) {
   check_config(name, grid, block, smem);
   if (t_in_launch) throw std::runtime_error("cae_sim: kernel launch from device code is not supported");
   std::lock_guard<std::mutex> lock(launch_mutex());
-  ++g_launch_counts[kernel_name(name, kernel)];
   t_in_launch = true;
   Quiet q(nullptr);
   Launch& L = g_state;
@@ -986,8 +993,9 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
     std::tuple<std::decay_t<P>...> args;
   };
   const Pack pack{kernel, detail::convert_args<std::decay_t<P>...>(std::forward<A>(args)...)};
-  detail::run_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem_bytes,
-                     &detail::invoke_pack<Pack>, &pack);
+  detail::check_config(name, grid, block, smem_bytes);
+  detail::count_launch(name, reinterpret_cast<const void*>(kernel));
+  detail::run_launch(name, grid, block, smem_bytes, &detail::invoke_pack<Pack>, &pack);
 }
 
 // Launches since the last reset_launch_counts(), per kernel: a launch counts
