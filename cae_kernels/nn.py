@@ -3,6 +3,10 @@
 Parameters have the names and shapes of ``nn.Conv2d`` / ``nn.ConvTranspose2d``
 and the same default initialization, so a ``state_dict`` moves between these
 layers and PyTorch's.
+
+Each layer calls the functions of its ``functions`` attribute: ``cae_kernels.functional``
+(the built kernels) by default, or ``cae_kernels.sim`` (the CUDA kernels on the
+emulator, on CPU tensors) when set so on a layer.
 """
 
 import math
@@ -17,6 +21,7 @@ __all__ = ["Conv3x3", "ConvTranspose3x3", "MaxPool2x2"]
 
 class _Conv(nn.Module):
     _transposed = False
+    functions = F
 
     def __init__(self, in_channels, out_channels, stride, activation, bias, device, dtype):
         super().__init__()
@@ -59,7 +64,7 @@ class Conv3x3(_Conv):
         super().__init__(in_channels, out_channels, stride, activation, bias, device, dtype)
 
     def forward(self, input):
-        return F.conv3x3(input, self.weight, self.bias, self.stride, self.activation)
+        return self.functions.conv3x3(input, self.weight, self.bias, self.stride, self.activation)
 
 
 class ConvTranspose3x3(_Conv):
@@ -76,11 +81,13 @@ class ConvTranspose3x3(_Conv):
         super().__init__(in_channels, out_channels, stride, activation, bias, device, dtype)
 
     def forward(self, input):
-        return F.conv_transpose3x3(input, self.weight, self.bias, self.stride, self.activation)
+        return self.functions.conv_transpose3x3(input, self.weight, self.bias, self.stride, self.activation)
 
 
 class MaxPool2x2(nn.Module):
     """2x2 max-pool, stride 2, ceil mode: ``nn.MaxPool2d(2, ceil_mode=True)``."""
 
+    functions = F
+
     def forward(self, input):
-        return F.max_pool2x2(input)
+        return self.functions.max_pool2x2(input)

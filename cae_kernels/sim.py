@@ -11,6 +11,10 @@ have the signatures of the public ones::
     from cae_kernels import sim
     y = sim.conv3x3(x, w, b, stride=2, activation="relu")   # the CUDA kernels, on the CPU
 
+Every launch is counted, per kernel (``launch_counts()``, ``reset_launch_counts()``, or
+``with sim.count_launches() as counts:``): how many kernels a training step launches is
+known without a GPU (``scripts/count_launches.py``).
+
 A kernel bug the emulator detects (a thread skipping a barrier, a deadlock, a bad
 launch) raises RuntimeError. It is slow (a 128-block launch of 256 threads takes
 tens of milliseconds): for tests on small shapes.
@@ -28,6 +32,8 @@ Environment:
 must be preloaded into the process that loads them, but not into the compilers).
 """
 
+import collections
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -97,7 +103,8 @@ def _build():
     build_dir = Path(cpp_extension._get_build_directory(name, verbose))
     # The .cu files compile as C++: tiny wrappers include them (ninja's depfiles
     # then rebuild whatever a changed .cu or header touches).
-    sources = [str(csrc / "ops.cpp"), str(csrc / "sim" / "faults.cpp")]
+    # csrc/sim/*.cpp: the emulator's own ops (test hooks, the launch counter)
+    sources = [str(csrc / "ops.cpp")] + [str(cpp) for cpp in sorted((csrc / "sim").glob("*.cpp"))]
     sources += [str(cpp) for cpp in sorted((csrc / "cuda").glob("*.cpp"))]  # host-only parts
     for cu in sorted((csrc / "cuda").glob("*.cu")):
         wrapper = build_dir / f"cuda_{cu.stem}.cpp"
@@ -136,6 +143,38 @@ def _load():
     return _registration.register(NAMESPACE, kernels=lambda tensor: _checks.CUDA)
 
 
+def launch_counts():
+    """The kernel launches since the last ``reset_launch_counts()`` (or the build's
+    loading), per kernel: ``{"cae::cuda::max_pool_nchw_kernel<float, float, false, true>": 1, ...}``.
+    A launch counts once its configuration passed the emulator's checks."""
+    names, counts = ops._sim_launch_counts()
+    return dict(zip(names, counts, strict=True))
+
+
+def reset_launch_counts():
+    """Sets every launch count to zero."""
+    ops._sim_reset_launch_counts()
+
+
+@contextlib.contextmanager
+def count_launches():
+    """The launches made inside the ``with`` block, per kernel (a ``Counter``, filled when
+    the block ends); the counts outside it are left alone::
+
+        with sim.count_launches() as counts:
+            sim.max_pool2x2(x)
+        assert sum(counts.values()) == 1
+    """
+    counts = collections.Counter()
+    before = launch_counts()
+    try:
+        yield counts
+    finally:
+        for name, count in launch_counts().items():
+            if count > before.get(name, 0):
+                counts[name] = count - before.get(name, 0)
+
+
 if __name__ == "__main__":  # python -m cae_kernels.sim --build
     import sys
 
@@ -156,4 +195,12 @@ else:
     conv_transpose3x3 = _functions.conv_transpose3x3
     max_pool2x2 = _functions.max_pool2x2
 
-__all__ = ["conv3x3", "conv_transpose3x3", "max_pool2x2", "ops"]
+__all__ = [
+    "conv3x3",
+    "conv_transpose3x3",
+    "count_launches",
+    "launch_counts",
+    "max_pool2x2",
+    "ops",
+    "reset_launch_counts",
+]

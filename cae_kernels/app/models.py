@@ -4,7 +4,9 @@
 equivalent ``torch.nn`` layers (``backend="torch"``).  Both backends build their
 layers from the same list of layer specifications, so parameter names and shapes
 are identical: a ``state_dict`` saved with one loads into the other, and the two
-give the same outputs up to float rounding.
+give the same outputs up to float rounding.  ``backend="sim"`` is the ``cae`` layers
+on the CUDA kernels run by the emulator (``cae_kernels.sim``: CPU tensors, slow, for
+tiny batches), which counts their launches (``scripts/count_launches.py``).
 
 Every layer is described once, by a ``LayerSpec``.  ``layer_shapes()`` derives the
 input, weight and output shapes of each layer by tracing one forward pass, so
@@ -33,7 +35,7 @@ __all__ = [
     "he_init_",
 ]
 
-BACKENDS = ("cae", "torch")
+BACKENDS = ("cae", "torch", "sim")
 DOWNSAMPLE = ("pool", "stride")
 ACTIVATIONS = ("relu", None)
 
@@ -140,15 +142,22 @@ def _build_layer(spec: LayerSpec, backend: str) -> nn.Module:
                                           spec.activation)
         if spec.op == "max_pool2x2":
             return nn.MaxPool2d(2, ceil_mode=True)
-    elif backend == "cae":
+    elif backend in ("cae", "sim"):
+        layer = None
         if spec.op == "conv3x3":
-            return cae_nn.Conv3x3(spec.in_channels, spec.out_channels, stride=spec.stride,
-                                  activation=spec.activation)
-        if spec.op == "conv_transpose3x3":
-            return cae_nn.ConvTranspose3x3(spec.in_channels, spec.out_channels, stride=spec.stride,
-                                           activation=spec.activation)
-        if spec.op == "max_pool2x2":
-            return cae_nn.MaxPool2x2()
+            layer = cae_nn.Conv3x3(spec.in_channels, spec.out_channels, stride=spec.stride,
+                                   activation=spec.activation)
+        elif spec.op == "conv_transpose3x3":
+            layer = cae_nn.ConvTranspose3x3(spec.in_channels, spec.out_channels, stride=spec.stride,
+                                            activation=spec.activation)
+        elif spec.op == "max_pool2x2":
+            layer = cae_nn.MaxPool2x2()
+        if layer is not None:
+            if backend == "sim":
+                from .. import sim  # the first use builds the emulated kernels (minutes)
+
+                layer.functions = sim
+            return layer
     raise ValueError(f"no {spec.op!r} layer for backend {backend!r}")
 
 

@@ -30,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>  // before defining __noinline__: libstdc++ uses __attribute__((__noinline__))
 #include <mutex>
 #include <stdexcept>
@@ -39,6 +40,8 @@
 #include <utility>
 #include <vector>
 
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -325,6 +328,39 @@ inline bool g_has_override = false;
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
+}
+
+// Launches per kernel name since the last reset (see launch_counts()), and
+// the names found for kernel addresses; both under launch_mutex().
+inline std::map<std::string, uint64_t> g_launch_counts;
+inline std::map<const void*, std::string> g_kernel_names;
+
+// The kernel's own name where the dynamic symbol table has it (templates
+// instantiated in a named namespace), demangled without its return and
+// parameter types: "cae::cuda::correlate_kernel<float, float, 1, 4, false>".
+// Otherwise `name`, the text CAE_LAUNCH was given.
+inline const std::string& kernel_name(const char* name, const void* kernel) {
+  auto found = g_kernel_names.find(kernel);
+  if (found != g_kernel_names.end()) return found->second;
+  std::string result = name;
+  Dl_info info;
+  if (kernel != nullptr && dladdr(kernel, &info) != 0 && info.dli_sname != nullptr &&
+      info.dli_saddr == kernel) {
+    int status = 0;
+    char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    result = status == 0 && demangled != nullptr ? demangled : info.dli_sname;
+    std::free(demangled);
+    if (result.compare(0, 5, "void ") == 0) result.erase(0, 5);
+    int depth = 0;  // drop the parameter list: the last top-level "(...)"
+    for (size_t i = result.size(); i-- > 0;) {
+      depth += result[i] == ')' ? 1 : result[i] == '(' ? -1 : 0;
+      if (depth == 0 && result[i] == '(') {
+        result.erase(i);
+        break;
+      }
+    }
+  }
+  return g_kernel_names.emplace(kernel, std::move(result)).first->second;
 }
 
 [[noreturn]] inline void outside_kernel() {
@@ -836,6 +872,14 @@ inline void check_config(const char* name, dim3 g, dim3 b, size_t smem) {
                              " bytes dynamic shared memory: " + why);
 }
 
+// Counts a launch that passed check_config. Not inside run_launch: a call
+// there changes what GCC fears getcontext may clobber (-Wclobbered).
+inline void count_launch(const char* name, const void* kernel) {
+  if (t_in_launch) return;  // run_launch refuses it (and this thread holds the mutex)
+  std::lock_guard<std::mutex> lock(launch_mutex());
+  ++g_launch_counts[kernel_name(name, kernel)];
+}
+
 inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*invoke)(const void*),
                        const void* pack) {
   check_config(name, grid, block, smem);
@@ -949,7 +993,22 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
     std::tuple<std::decay_t<P>...> args;
   };
   const Pack pack{kernel, detail::convert_args<std::decay_t<P>...>(std::forward<A>(args)...)};
+  detail::check_config(name, grid, block, smem_bytes);
+  detail::count_launch(name, reinterpret_cast<const void*>(kernel));
   detail::run_launch(name, grid, block, smem_bytes, &detail::invoke_pack<Pack>, &pack);
+}
+
+// Launches since the last reset_launch_counts(), per kernel: a launch counts
+// once its configuration passed the checks, whether the kernel then failed or
+// not. Names as kernel_name() gives them.
+inline std::vector<std::pair<std::string, uint64_t>> launch_counts() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  return {detail::g_launch_counts.begin(), detail::g_launch_counts.end()};
+}
+
+inline void reset_launch_counts() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  detail::g_launch_counts.clear();
 }
 
 // Dynamic shared memory of the current block (see CAE_DYNAMIC_SHARED).

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""How many kernels one training step launches, counted on the emulated CUDA kernels.
+
+Runs one step of the training loop (``cae_kernels.app.training._train_step``: forward,
+cross-entropy, backward, Adam) of the convolutional autoencoder with ``backend="sim"``
+-- the CUDA kernels of csrc/cuda run by the emulator on the CPU, which counts every
+launch -- at a tiny batch, for each downsampling variant, and prints per model::
+
+    pool: launches per step: N
+      <count>  <kernel>
+      ...
+
+Only this package's kernels are counted: the loss, the optimizer and the copies are
+torch's own (on a GPU they would launch kernels too). The count follows the layers, not
+the batch size (the same at batch 2 and 16, NCHW and channels_last: the plans change the
+grids, not the number of launches).
+
+``--budget N`` exits 1 when a model's step launches more than N kernels; ``--budget
+pool=N`` sets one model's (repeatable). CI runs it at today's counts, so a change that
+adds launches fails until the budget is raised on purpose.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from cae_kernels import sim
+from cae_kernels.app.models import ConvAutoencoder
+from cae_kernels.app.training import _train_step
+
+VARIANTS = ("pool", "stride")
+
+
+def count_step(downsample, batch_size=2, memory_format=torch.contiguous_format, seed=0):
+    """The launches of one training step, per kernel (a Counter)."""
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch_size, 1, 28, 28)
+    with sim.count_launches() as counts:
+        _train_step(model, optimizer, model.weights(), x, x, weight_decay=0.0)
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=VARIANTS, action="append",
+                        help="the downsampling variant (repeatable; default: both)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--nhwc", action="store_true", help="channels_last activations")
+    parser.add_argument("--budget", action="append", default=[], metavar="[MODEL=]N",
+                        help="fail when a step launches more than N kernels (one model's with MODEL=N)")
+    args = parser.parse_args(argv)
+    budgets = {}
+    for budget in args.budget:
+        model, _, limit = budget.rpartition("=")
+        if model not in ("", *VARIANTS) or not limit.isdigit():
+            parser.error(f"--budget takes N or MODEL=N with MODEL one of {VARIANTS}, got {budget!r}")
+        for variant in [model] if model else VARIANTS:
+            budgets[variant] = int(limit)
+
+    memory_format = torch.channels_last if args.nhwc else torch.contiguous_format
+    over = []
+    for downsample in args.model or VARIANTS:
+        counts = count_step(downsample, args.batch_size, memory_format)
+        total = sum(counts.values())
+        print(f"{downsample}: launches per step: {total}")
+        for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            print(f"  {count:4d}  {name}")
+        if downsample in budgets and total > budgets[downsample]:
+            over.append(f"{downsample}: {total} launches per step, over the budget of {budgets[downsample]}")
+    for line in over:
+        print(f"count_launches: {line}", file=sys.stderr)
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
