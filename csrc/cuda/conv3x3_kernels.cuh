@@ -333,8 +333,8 @@ CAE_DEVICE Acc warp_sum(Acc v) {
 // consecutive positions). Then: warp shuffles, shared memory across the warps
 // that split one unit's positions, and one partial sum per block into
 // scratch; reduce_partials adds the blocks in order. The bias's gradient is
-// summed from the same staged tiles into the same partial rows (no pass or
-// launch of its own).
+// summed from the values the product loads, into the same partial rows (no
+// pass or launch of its own).
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -394,7 +394,7 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
     t.positions = t.samples * per_image;
     t.a_stride = odd_stride(t.positions);
     t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
-    fixed = static_cast<size_t>(t.positions) * sizeof(int) + kWarps * 9 * car * sizeof(Acc);
+    fixed = static_cast<size_t>(t.positions) * sizeof(int) + kWarps * 10 * car * sizeof(Acc);
     const size_t smallest =
         fixed + (static_cast<size_t>(car) * t.a_stride + t.b_channel_stride) * sizeof(Acc);
     if (smallest <= kSmemBudget || (t.rows == 1 && t.cols == 1 && t.samples == 1)) break;
@@ -439,7 +439,7 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
   p.regions = regions;
   p.blocks = static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
   p.smem = static_cast<size_t>(t.positions) * sizeof(int) +
-           (kWarps * 9 * car + static_cast<size_t>(t.ca_chunk) * t.a_stride +
+           (kWarps * 10 * car + static_cast<size_t>(t.ca_chunk) * t.a_stride +
             static_cast<size_t>(t.cb_chunk) * t.b_channel_stride) *
                sizeof(Acc);
   return p;
@@ -488,10 +488,11 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
 template <typename T, typename Acc, int S, int CA_R, bool NHWC>
 __global__ void __launch_bounds__(kThreads)
     weight_grad_kernel(WeightGradArgs<T> a, WeightGradTiling t, Acc* __restrict__ partial) {
-  constexpr int R = CA_R * 9;  // accumulators of a unit
+  constexpr int R = CA_R * 9;   // the weight's accumulators of a unit
+  constexpr int RB = R + CA_R;  // and its bias sums
   CAE_DYNAMIC_SHARED(Acc, smem);
-  Acc* red_s = smem;                         // [kWarps][R]
-  Acc* a_s = red_s + kWarps * R;             // [ca_chunk][a_stride]
+  Acc* red_s = smem;                         // [kWarps][RB]
+  Acc* a_s = red_s + kWarps * RB;            // [ca_chunk][a_stride]
   Acc* b_s = a_s + t.ca_chunk * t.a_stride;  // [cb_chunk][b_channel_stride]
   int* offset_s = reinterpret_cast<int*>(b_s + t.cb_chunk * t.b_channel_stride);  // [positions]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -501,9 +502,6 @@ __global__ void __launch_bounds__(kThreads)
   const int weight_outputs = a.C_a * a.C_b * 9;
   const index_t partial_row =
       static_cast<index_t>(blockIdx.x) * (weight_outputs + (a.grad_output_is_large ? a.C_b : a.C_a));
-  // The bias's sums over this block's regions, for one pass's channels (at
-  // most kWarps groups of CA_R <= 4 of a's, or kWarps of b's).
-  __shared__ Acc bias_s[kWarps * 4];
 
   // Where position p's 3x3 window starts in the staged b.
   for (int p = tid; p < t.positions; p += kThreads) {
@@ -515,27 +513,33 @@ __global__ void __launch_bounds__(kThreads)
   const bool busy = warp < t.items * t.splits;
   const int item = warp % t.items, split = warp / t.items;
   const int group = item / t.cb_chunk, cbl = item % t.cb_chunk;
+  // The bias's gradient comes from values the product loads anyway: a's CA_R
+  // channels in the units of the chunk's first b-channel, or (the output
+  // gradient on the large side) b's pixels under a position's own S x S taps
+  // (rows and columns 1..S of its window: each pixel of b belongs to one
+  // position) in the units of the first a-channel group.
+  const bool bias_of_large = a.grad_output_is_large;
+  const bool bias_unit = bias_of_large ? group == 0 : cbl == 0;
 
   for (int ca0 = 0; ca0 < a.C_a; ca0 += t.ca_chunk) {
     const int ca_count = a.C_a - ca0 < t.ca_chunk ? a.C_a - ca0 : t.ca_chunk;
     for (int cb0 = 0; cb0 < a.C_b; cb0 += t.cb_chunk) {
       const int cb_count = a.C_b - cb0 < t.cb_chunk ? a.C_b - cb0 : t.cb_chunk;
       const bool mine = busy && group * CA_R < ca_count && cbl < cb_count;
-      // The bias's channels are summed in the first pass over the other side's.
-      const bool bias_pass = a.grad_output_is_large ? ca0 == 0 : cb0 == 0;
-      const int bias_c0 = a.grad_output_is_large ? cb0 : ca0;
-      const int bias_count = a.grad_output_is_large ? cb_count : ca_count;
-      Acc acc[CA_R][9];
+      // Each bias channel once: in the first pass over the other side's channels.
+      const bool bias_pass = bias_of_large ? ca0 == 0 : cb0 == 0;
+      const bool sums_bias = mine && bias_pass && bias_unit;
+      Acc acc[CA_R][9], bias_acc[CA_R];
       CAE_UNROLL
-      for (int r = 0; r < CA_R; ++r) CAE_UNROLL
-      for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
+      for (int r = 0; r < CA_R; ++r) {
+        bias_acc[r] = Acc(0);
+        CAE_UNROLL
+        for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
+      }
 
       for (int region = blockIdx.x; region < t.regions; region += gridDim.x) {
         const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
         __syncthreads();  // the previous region (or pass) is done reading
-        if (bias_pass && region == static_cast<int>(blockIdx.x)) {
-          for (int c = tid; c < bias_count; c += kThreads) bias_s[c] = Acc(0);
-        }
         stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0,
                                               ca0, ca_count, t.ca_chunk, t, t.vec_a, tid);
         const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       cb0,    cb_count, t.b_rows,
@@ -547,30 +551,6 @@ __global__ void __launch_bounds__(kThreads)
           stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
         }
         __syncthreads();
-        if (bias_pass) {
-          // Warp w sums channels w, w + kWarps, ...: lanes over the values,
-          // one shuffle tree, then added in region order (reproducible).
-          for (int c = warp; c < bias_count; c += kWarps) {
-            Acc sum = Acc(0);
-            if (a.grad_output_is_large) {
-              // Each pixel of b once: a position's S x S pixels below and right
-              // of its window's top-left (row and column 0 are the halo, which
-              // belongs to the neighbouring region).
-              const Acc* bc = b_s + c * t.b_channel_stride + t.b_cols + 1;
-              for (int smp = 0; smp < t.samples; ++smp) {
-                for (int r = 0; r < t.rows * S; ++r) {
-                  const Acc* row = bc + smp * b_image + r * t.b_cols;
-                  for (int col = lane; col < t.cols * S; col += 32) sum += row[col];
-                }
-              }
-            } else {
-              const Acc* ac = a_s + c * t.a_stride;
-              for (int p = lane; p < t.positions; p += 32) sum += ac[p];
-            }
-            sum = warp_sum(sum);
-            if (lane == 0) bias_s[c] += sum;
-          }
-        }
         if (mine) {
           const Acc* av = a_s + group * CA_R * t.a_stride;
           const Acc* bv = b_s + cbl * t.b_channel_stride;
@@ -578,6 +558,10 @@ __global__ void __launch_bounds__(kThreads)
             Acc x[CA_R];
             CAE_UNROLL
             for (int r = 0; r < CA_R; ++r) x[r] = av[r * t.a_stride + p];
+            if (sums_bias && !bias_of_large) {
+              CAE_UNROLL
+              for (int r = 0; r < CA_R; ++r) bias_acc[r] += x[r];
+            }
             const Acc* win3 = bv + offset_s[p];
             CAE_UNROLL
             for (int ky = 0; ky < 3; ++ky) {
@@ -586,6 +570,7 @@ __global__ void __launch_bounds__(kThreads)
                 const Acc y = win3[ky * t.b_cols + kx];
                 CAE_UNROLL
                 for (int r = 0; r < CA_R; ++r) acc[r][ky * 3 + kx] += x[r] * y;
+                if (ky >= 1 && ky <= S && kx >= 1 && kx <= S && sums_bias && bias_of_large) bias_acc[0] += y;
               }
             }
           }
@@ -599,24 +584,29 @@ __global__ void __launch_bounds__(kThreads)
           CAE_UNROLL
           for (int k = 0; k < 9; ++k) {
             const Acc s = warp_sum(acc[r][k]);
-            if (lane == 0) red_s[warp * R + r * 9 + k] = s;
+            if (lane == 0) red_s[warp * RB + r * 9 + k] = s;
           }
+          const Acc s = warp_sum(bias_acc[r]);
+          if (lane == 0) red_s[warp * RB + R + r] = s;
         }
       }
       __syncthreads();
-      for (int i = tid; i < t.items * R; i += kThreads) {
-        const int it = i / R, e = i % R;
+      for (int i = tid; i < t.items * RB; i += kThreads) {
+        const int it = i / RB, e = i % RB;
         const int g = it / t.cb_chunk, cb = cb0 + it % t.cb_chunk;
-        const int ca = ca0 + g * CA_R + e / 9;
-        if (ca < ca0 + ca_count && cb < cb0 + cb_count) {
-          Acc s = red_s[it * R + e];
-          for (int sp = 1; sp < t.splits; ++sp) s += red_s[(sp * t.items + it) * R + e];
-          partial[partial_row + (ca * a.C_b + cb) * 9 + e % 9] = s;
+        const int ca = ca0 + g * CA_R + (e < R ? e / 9 : e - R);
+        int column = -1;  // in the block's partial row
+        if (e < R) {
+          if (ca < ca0 + ca_count && cb < cb0 + cb_count) column = (ca * a.C_b + cb) * 9 + e % 9;
+        } else if (bias_pass && (bias_of_large ? g == 0 && e == R : cb == cb0)) {
+          const int c = bias_of_large ? cb : ca;
+          if (c < (bias_of_large ? cb0 + cb_count : ca0 + ca_count)) column = weight_outputs + c;
         }
-      }
-      if (bias_pass) {
-        for (int c = tid; c < bias_count; c += kThreads)
-          partial[partial_row + weight_outputs + bias_c0 + c] = bias_s[c];
+        if (column >= 0) {
+          Acc s = red_s[it * RB + e];
+          for (int sp = 1; sp < t.splits; ++sp) s += red_s[(sp * t.items + it) * RB + e];
+          partial[partial_row + column] = s;
+        }
       }
     }
   }
