@@ -61,7 +61,10 @@ __global__ void __launch_bounds__(kThreads) max_pool_nchw_kernel(MaxPoolArgs<T> 
         if (two_cols) v[3] = a.x[row1 + 1];
       }
     }
+    // The winner kept as it is found: v[arg] would index the array at run
+    // time, which puts it in local memory.
     int arg = 0;
+    T winner = v[0];
     Acc best = -std::numeric_limits<Acc>::infinity();
     CAE_UNROLL
     for (int k = 0; k < 4; ++k) {
@@ -69,10 +72,11 @@ __global__ void __launch_bounds__(kThreads) max_pool_nchw_kernel(MaxPoolArgs<T> 
       if (valid && takes_max(static_cast<Acc>(v[k]), best)) {
         best = static_cast<Acc>(v[k]);
         arg = k;
+        winner = v[k];
       }
     }
     if (!BACKWARD) {
-      a.out[i] = v[arg];
+      a.out[i] = winner;
     } else {
       const T go = a.grad_out[i];
       T g[4];
@@ -122,30 +126,23 @@ __global__ void __launch_bounds__(kThreads) max_pool_nhwc_kernel(MaxPoolArgs<T> 
       if (valid[k]) v[k] = *reinterpret_cast<const VecT*>(a.x + at[k]);
     }
     int arg[V];
+    VecT winner;  // kept as found: indexing v by arg would put v in local memory
     CAE_UNROLL
     for (int j = 0; j < V; ++j) {
       arg[j] = 0;
+      winner.v[j] = v[0].v[j];
       Acc best = -std::numeric_limits<Acc>::infinity();
       CAE_UNROLL
       for (int k = 0; k < 4; ++k) {
         if (valid[k] && takes_max(static_cast<Acc>(v[k].v[j]), best)) {
           best = static_cast<Acc>(v[k].v[j]);
           arg[j] = k;
+          winner.v[j] = v[k].v[j];
         }
       }
     }
     if (!BACKWARD) {
-      VecT o;
-      CAE_UNROLL
-      for (int j = 0; j < V; ++j) {
-        // v[arg[j]] with constant indices only (keeps v in registers)
-        T m = v[0].v[j];
-        CAE_UNROLL
-        for (int k = 1; k < 4; ++k)
-          if (arg[j] == k) m = v[k].v[j];
-        o.v[j] = m;
-      }
-      *reinterpret_cast<VecT*>(a.out + pixel * a.C + c) = o;
+      *reinterpret_cast<VecT*>(a.out + pixel * a.C + c) = winner;
     } else {
       const VecT go = *reinterpret_cast<const VecT*>(a.grad_out + pixel * a.C + c);
       CAE_UNROLL
