@@ -48,9 +48,6 @@ class Backend:
     tolerances: dict  # dtype -> (rtol, atol for values of magnitude up to 1)
     cpu_level: str | None = None
 
-    def __str__(self):
-        return self.name
-
     @property
     def functions(self):
         return importlib.import_module(self.module)  # cae_kernels.sim builds itself on first import
