@@ -47,6 +47,9 @@ class Backend:
     pool_shapes: tuple  # (N, C, H, W)
     tolerances: dict  # dtype -> (rtol, atol for values of magnitude up to 1)
     cpu_level: str | None = None
+    # The CPU grid's H x W are layer sizes, which a transposed convolution's output
+    # keeps (its input is H/stride x W/stride); elsewhere they are its input's.
+    transposed_to_grid_size: bool = False
 
     @property
     def functions(self):
@@ -131,6 +134,7 @@ BACKENDS = {
     f"cpu-{level}": Backend(
         f"cpu-{level}", "cpu", "cae_kernels", "cae", "CPU", (torch.float32, torch.float64),
         CPU_CONV_SHAPES, CPU_POOL_SHAPES, {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 2e-4)}, level,
+        transposed_to_grid_size=True,
     )
     for level in cae_kernels.cpu_capabilities()
 }
