@@ -4,9 +4,9 @@ forward alone and forward+backward, float32."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cae_kernels
+from cae_kernels import reference
 
 from conftest import LOWER_CPU_LEVELS, cpu_level_of
 from shapes import op_cases
@@ -17,21 +17,13 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 IMPLS = ["cae", "torch", "torch-tf32"] + [f"cae@{level}" for level in LOWER_CPU_LEVELS]
 
 
-def ours(case):
-    if case.op == "conv3x3":
-        return lambda x, w, b: cae_kernels.conv3x3(x, w, b, case.stride, case.activation)
-    if case.op == "conv_transpose3x3":
-        return lambda x, w, b: cae_kernels.conv_transpose3x3(x, w, b, case.stride, case.activation)
-    return lambda x, w, b: cae_kernels.max_pool2x2(x)
-
-
-def pytorch(case):
-    act = F.relu if case.activation else (lambda y: y)
-    if case.op == "conv3x3":
-        return lambda x, w, b: act(F.conv2d(x, w, b, case.stride, 1))
-    if case.op == "conv_transpose3x3":
-        return lambda x, w, b: act(F.conv_transpose2d(x, w, b, case.stride, 1, case.stride - 1))
-    return lambda x, w, b: F.max_pool2d(x, 2, ceil_mode=True)
+def call(functions, case):
+    """The case's op from ``functions``: ``cae_kernels`` (ours) or ``cae_kernels.reference``
+    (PyTorch's, the same computation by torch.nn.functional)."""
+    if case.op == "max_pool2x2":
+        return lambda x, w, b: functions.max_pool2x2(x)
+    op = getattr(functions, case.op)
+    return lambda x, w, b: op(x, w, b, case.stride, case.activation)
 
 
 @pytest.mark.parametrize("direction", ["forward", "forward+backward"])
@@ -44,7 +36,7 @@ def test_op(benchmark, settings, batch, case, impl, layout, direction):
     if "@" in impl and settings.device.type != "cpu":
         pytest.skip("CPU levels apply to the CPU kernels")
     case = case._replace(input_shape=(batch, *case.input_shape[1:]), output_shape=(batch, *case.output_shape[1:]))
-    fn = ours(case) if impl.startswith("cae") else pytorch(case)
+    fn = call(cae_kernels if impl.startswith("cae") else reference, case)
     backward = direction == "forward+backward"
     dtype, device, memory_format = torch.float32, settings.device, LAYOUTS[layout]
 

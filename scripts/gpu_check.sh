@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script a GPU machine runs (no network needed): build the CUDA kernels
-# for this GPU, run the CUDA tests and the op tests, run the benchmark suite if
-# there is one, keep every log, and print a short table last.
+# for this GPU, run every test marked cuda (the op suite on the cuda backend among
+# them), run the benchmark suite if there is one, keep every log, and print a
+# short table last.
 #
 #   scripts/gpu_check.sh            results in ${OUT:-benchmarks/results/gpu-latest}
 #
@@ -73,10 +74,15 @@ echo "gpu_check: built for sm ${TORCH_CUDA_ARCH_LIST} in ${seconds[build]} s"
 
 # --- 2. tests ----------------------------------------------------------------
 t0=$SECONDS
+# Every test marked cuda: the op suite on the cuda backend, the CUDA kernels' tiling,
+# autocast, the GPU-only tests (the files by name: test_sim.py, which builds the
+# emulator as it is collected, is not among them).
 tests=()
-for f in tests/test_cuda.py tests/test_ops.py; do [ -f "$f" ] && tests+=("$f"); done
+for f in tests/test_ops.py tests/test_cuda_kernels.py tests/test_cuda.py tests/test_autocast.py tests/test_fakes.py; do
+  [ -f "$f" ] && tests+=("$f")
+done
 set +e
-timeout "$(left)" "$PYTHON" -m pytest "${tests[@]}" -q -p no:cacheprovider -rfE \
+timeout "$(left)" "$PYTHON" -m pytest "${tests[@]}" -m cuda -q -p no:cacheprovider -rfE \
   --junitxml="$OUT_DIR/tests.xml" > "$OUT_DIR/tests.log" 2>&1
 rc=$?
 set -e

@@ -4,6 +4,8 @@ import random
 import pytest
 import torch
 
+from backends import backend  # noqa: F401  (the fixture every op test takes its backend from)
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):

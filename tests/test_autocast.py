@@ -8,43 +8,34 @@ import torch
 import torch.nn.functional as F
 
 import cae_kernels
+from cae_kernels import reference
 
-TOLERANCE = {torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2)}
-
-
-def backends():
-    from cae_kernels import sim
-
-    yield pytest.param(("cpu", sim), id="sim")
-    if torch.cuda.is_available() and cae_kernels.with_cuda:
-        yield pytest.param(("cuda", cae_kernels), id="cuda")
+from backends import HALF_DTYPES, on_cuda_kernels
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("backend", list(backends()))
+@on_cuda_kernels()
 def test_convolutions_run_in_the_autocast_dtype(backend, transposed, dtype):
-    device, ops = backend
+    device, f = backend.device, backend.functions
     x = torch.randn(2, 3, 7, 6, device=device, requires_grad=True)
     w = (torch.randn((3, 4, 3, 3) if transposed else (4, 3, 3, 3), device=device) * 0.3).requires_grad_()
     b = torch.randn(4, device=device, requires_grad=True)
-    op = ops.conv_transpose3x3 if transposed else ops.conv3x3
+    op = f.conv_transpose3x3 if transposed else f.conv3x3
     with torch.autocast(device, dtype=dtype):
         y = op(x, w, b, stride=2, activation="relu")
-        pooled = ops.max_pool2x2(y)
+        pooled = f.max_pool2x2(y)
     assert y.dtype == dtype and pooled.dtype == dtype
     # The reference: PyTorch in float64 on the inputs rounded to the autocast dtype.
     xr, wr, br = (t.detach().to(dtype).double().requires_grad_() for t in (x, w, b))
-    ref = (F.conv_transpose2d(xr, wr, br, 2, 1, 1) if transposed else F.conv2d(xr, wr, br, 2, 1)).relu()
-    torch.testing.assert_close(y.double().cpu(), ref, **TOLERANCE[dtype])
+    ref = (reference.conv_transpose3x3 if transposed else reference.conv3x3)(xr, wr, br, 2, "relu")
+    torch.testing.assert_close(y.double(), ref, **backend.tolerance(dtype))
     grad = torch.randn_like(ref)
-    y.backward(grad.to(y.device, dtype))
+    y.backward(grad.to(dtype))
     ref.backward(grad)
     for leaf, ref_leaf in ((x, xr), (w, wr), (b, br)):
         assert leaf.grad.dtype == torch.float32  # autocast's casts carry the gradient back
-        scale = max(1.0, ref_leaf.grad.abs().max().item())
-        torch.testing.assert_close(leaf.grad.double().cpu(), ref_leaf.grad, rtol=TOLERANCE[dtype]["rtol"],
-                                   atol=TOLERANCE[dtype]["atol"] * scale)
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **backend.tolerance(dtype, ref_leaf.grad))
 
 
 def test_cpu_kernels_stay_float32_under_cpu_autocast():

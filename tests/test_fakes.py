@@ -130,6 +130,7 @@ def test_device_mismatch_is_checked_by_the_fakes():
         _checks.check_like(torch.empty(4, 1, 3, 3, device="meta"), "weight", t(1, 1, 8, 8))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and cae_kernels.with_cuda), reason="needs the CUDA kernels")
 def test_device_mismatch_message_agrees_with_cuda():
     x, w = t(1, 1, 8, 8).cuda(), t(4, 1, 3, 3)

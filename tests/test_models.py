@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from cae_kernels.app.models import ConvAutoencoder, FCAutoencoder, he_init_
 
+from backends import FORMATS
+
 BACKENDS = ("cae", "torch")
-FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
 def count(module):

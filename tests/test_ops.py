@@ -1,262 +1,232 @@
-"""The ops against torch.nn.functional, forward and backward, on every backend built
-and present here (the CPU kernels at every instruction-set level this CPU runs, CUDA
-with a GPU)."""
+"""The op suite: every op against torch.nn.functional in float64 (cae_kernels.reference),
+forward and backward, on every backend built and present here (tests/backends.py: the
+CPU kernels at each instruction-set level this CPU runs, the CUDA kernels under the
+emulator, and on a GPU), each at its own dtypes, shapes and tolerances."""
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cae_kernels
-from backends import device, on_every_backend  # noqa: F401  (device: the fixture)
 from cae_kernels import nn as cnn
+from cae_kernels import reference
 
-CPU_DTYPES = (torch.float32, torch.float64)
-FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+from backends import FORMATS, HALF_DTYPES, assert_close, check_forward_backward, make_input, on_every_backend
 
-# (C_in, C_out, H, W): the autoencoder's own layers at 28x28 (encoder 1->16->16->8...,
-# decoder 8->8->16->1 at 4/8/16/32), a 1x1 image, odd sizes, one channel.
-CONV_SHAPES = [
-    (1, 16, 28, 28), (16, 16, 28, 28), (16, 8, 14, 14), (8, 8, 7, 7), (8, 8, 4, 4),
-    (8, 16, 16, 16), (16, 1, 32, 32), (3, 5, 1, 1), (3, 4, 7, 13), (1, 1, 13, 7),
-    # The CPU products' edges: rows not a multiple of the tile, columns short of a
-    # vector, 8 or 16 channels (one-register rows, paired k, tap-blocked weight grads).
-    (16, 1, 5, 7), (8, 3, 6, 5), (16, 5, 9, 7), (8, 8, 5, 9),
-]
-
-
-def reference(op, *args, **kwargs):
-    """The functional op in float64 on the CPU."""
-    cast = [a.detach().double().cpu().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a for a in args]
-    return op(*cast, **kwargs), cast
-
-
-def tolerance(dtype, expected):
-    scale = max(1.0, expected.abs().max().item())
-    return {"rtol": 1e-4, "atol": 2e-4 * scale} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9 * scale}
-
-
-def assert_close(actual, expected, dtype):
-    torch.testing.assert_close(actual.double().cpu(), expected.detach(), **tolerance(dtype, expected))
-
-
-def make_input(n, c, h, w, dtype, device, fmt, noncontiguous=False):
-    if noncontiguous:  # every other column of a wider tensor: neither layout's strides
-        x = torch.randn(n, c, h, 2 * w, dtype=dtype, device=device)[..., ::2]
-        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-        return x.requires_grad_()
-    return torch.randn(n, c, h, w, dtype=dtype, device=device).to(memory_format=FORMATS[fmt]).requires_grad_()
-
-
-def check_forward_backward(ours, ref, inputs, ref_inputs, dtype, fmt):
-    assert_close(ours, ref, dtype)
-    if fmt == "nhwc" and ours.numel():
-        assert ours.is_contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(ref)
-    ours.backward(grad.to(ours.dtype).to(ours.device))
-    ref.backward(grad)
-    for mine, theirs in zip(inputs, ref_inputs):
-        if mine is not None:
-            assert mine.grad is not None
-            assert_close(mine.grad, theirs.grad, dtype)
+F64 = torch.float64
 
 
 def every_conv_case(test):
-    """The grid both convolution families are tested over."""
+    """Each backend's dtypes x conv shapes, both layouts and strides, ReLU fused or not."""
     marks = [
-        on_every_backend,
-        pytest.mark.parametrize("dtype", CPU_DTYPES),
-        pytest.mark.parametrize("fmt", ["nchw", "nhwc"]),
+        on_every_backend("dtype", "conv_shape"),
+        pytest.mark.parametrize("fmt", FORMATS),
         pytest.mark.parametrize("stride", [1, 2]),
         pytest.mark.parametrize("activation", [None, "relu"]),
-        pytest.mark.parametrize("c_in,c_out,h,w", CONV_SHAPES),
     ]
     for mark in marks:
         test = mark(test)
     return test
 
 
-@every_conv_case
-def test_conv3x3(device, dtype, fmt, stride, activation, c_in, c_out, h, w):
-    x = make_input(3, c_in, h, w, dtype, device, fmt)
-    weight = torch.randn(c_out, c_in, 3, 3, dtype=dtype, device=device, requires_grad=True)
-    bias = torch.randn(c_out, dtype=dtype, device=device, requires_grad=True)
-    ours = cae_kernels.conv3x3(x, weight, bias, stride, activation)
-    ref, ref_inputs = reference(F.conv2d, x, weight, bias, stride, 1)
-    ref = F.relu(ref) if activation else ref
-    check_forward_backward(ours, ref, (x, weight, bias), ref_inputs, dtype, fmt)
+def conv_inputs(backend, dtype, shape, fmt, transposed):
+    n, c_in, c_out, h, w = shape
+    # Half precision: keep sums of 9 * C_in products well inside float16's range.
+    scale = 0.5 if dtype in HALF_DTYPES else 1.0
+    x = make_input((n, c_in, h, w), dtype, backend.device, fmt, scale=scale)
+    weight = make_input((c_in, c_out, 3, 3) if transposed else (c_out, c_in, 3, 3), dtype, backend.device, scale=scale)
+    bias = make_input((c_out,), dtype, backend.device)
+    return x, weight, bias
 
 
 @every_conv_case
-def test_conv_transpose3x3(device, dtype, fmt, stride, activation, c_in, c_out, h, w):
-    h, w = (math.ceil(h / stride), math.ceil(w / stride))  # keep outputs near the layer sizes
-    x = make_input(3, c_in, h, w, dtype, device, fmt)
-    weight = torch.randn(c_in, c_out, 3, 3, dtype=dtype, device=device, requires_grad=True)
-    bias = torch.randn(c_out, dtype=dtype, device=device, requires_grad=True)
-    ours = cae_kernels.conv_transpose3x3(x, weight, bias, stride, activation)
-    assert ours.shape == (3, c_out, stride * h, stride * w)
-    ref, ref_inputs = reference(F.conv_transpose2d, x, weight, bias, stride, 1, stride - 1)
-    ref = F.relu(ref) if activation else ref
-    check_forward_backward(ours, ref, (x, weight, bias), ref_inputs, dtype, fmt)
+def test_conv3x3(backend, dtype, conv_shape, fmt, stride, activation):
+    check_forward_backward(
+        backend,
+        lambda x, w, b: backend.functions.conv3x3(x, w, b, stride, activation),
+        lambda x, w, b: reference.conv3x3(x, w, b, stride),
+        conv_inputs(backend, dtype, conv_shape, fmt, transposed=False),
+        relu=activation == "relu",
+    )
 
 
-@on_every_backend
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
-@pytest.mark.parametrize("c,h,w", [(16, 28, 28), (16, 14, 14), (8, 7, 7), (1, 1, 1), (3, 13, 8), (5, 2, 9)])
-def test_max_pool2x2(device, dtype, fmt, c, h, w):
-    x = make_input(3, c, h, w, dtype, device, fmt)
-    ours = cae_kernels.max_pool2x2(x)
-    ref, ref_inputs = reference(F.max_pool2d, x, 2, ceil_mode=True)
-    assert ours.shape == (3, c, (h + 1) // 2, (w + 1) // 2)
-    check_forward_backward(ours, ref, (x,), ref_inputs, dtype, fmt)
+@every_conv_case
+def test_conv_transpose3x3(backend, dtype, conv_shape, fmt, stride, activation):
+    n, c_in, c_out, h, w = conv_shape
+    if backend.transposed_to_grid_size:
+        h, w = math.ceil(h / stride), math.ceil(w / stride)
+    out = check_forward_backward(
+        backend,
+        lambda x, w, b: backend.functions.conv_transpose3x3(x, w, b, stride, activation),
+        lambda x, w, b: reference.conv_transpose3x3(x, w, b, stride),
+        conv_inputs(backend, dtype, (n, c_in, c_out, h, w), fmt, transposed=True),
+        relu=activation == "relu",
+    )
+    assert out.shape == (n, c_out, stride * h, stride * w)
 
 
-@on_every_backend
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
-def test_max_pool2x2_ties_and_nan_follow_pytorch(device, fmt):
-    x = torch.randint(-2, 3, (2, 3, 9, 7), dtype=torch.float64, device=device)  # many ties
-    x[0, 1, 2, 3] = float("nan")
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_every_backend("dtype", "pool_shape")
+def test_max_pool2x2(backend, dtype, pool_shape, fmt):
+    x = make_input(pool_shape, dtype, backend.device, fmt)
+    out = check_forward_backward(backend, backend.functions.max_pool2x2, reference.max_pool2x2, (x,), exact=True)
+    n, c, h, w = pool_shape
+    assert out.shape == (n, c, (h + 1) // 2, (w + 1) // 2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_every_backend("dtype")
+def test_max_pool2x2_ties_nan_and_inf_follow_pytorch(backend, dtype, fmt):
+    """PyTorch's argmax: the first maximum wins, a NaN wins, a window of -inf picks its
+    first element; the gradient goes exactly there."""
+    x = torch.randint(-2, 3, (2, 3, 9, 7), dtype=F64)  # many ties
+    x[0, 1, 2, 3] = x[0, 1, 3, 2] = float("nan")  # two NaNs in one window
+    x[0, 0, 4, 4] = float("inf")
     x[1, 2, 4, 4] = float("-inf")
-    x[1, 2, 8, 6] = float("nan")
-    x[0, 2, 0:2, 0:2] = float("-inf")  # a whole window of -inf: the first one wins
+    x[1, 2, 8, 6] = float("nan")  # alone in the last, partial window
+    x[0, 2, 0:2, 0:2] = float("-inf")  # a whole window of -inf
     x[1, 0, 8, :] = float("-inf")  # the odd last row's partial windows, all -inf
     x[1, 1, :, 6] = float("-inf")  # the odd last column's
-    x = x.to(memory_format=FORMATS[fmt]).requires_grad_()
-    ours = cae_kernels.max_pool2x2(x)
-    ref = F.max_pool2d(x, 2, ceil_mode=True)
-    torch.testing.assert_close(ours, ref, equal_nan=True)
-    grad = torch.randn_like(ref)
-    (ours_grad,) = torch.autograd.grad(ours, x, grad)
-    (ref_grad,) = torch.autograd.grad(ref, x, grad)
-    torch.testing.assert_close(ours_grad, ref_grad)
+    x = x.to(backend.device, dtype).contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+    check_forward_backward(backend, backend.functions.max_pool2x2, reference.max_pool2x2, (x,), exact=True)
 
 
-@on_every_backend
 @pytest.mark.parametrize("op", ["conv3x3", "conv_transpose3x3", "max_pool2x2"])
-def test_noncontiguous_inputs(device, op):
-    x = make_input(2, 4, 9, 6, torch.float64, device, "nchw", noncontiguous=True)
-    weight = torch.randn(4, 4, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
-    if op == "conv3x3":
-        ours = cae_kernels.conv3x3(x, weight.transpose(2, 3), bias, 2, "relu")
-        ref, ref_inputs = reference(lambda x, w, b: F.relu(F.conv2d(x, w.transpose(2, 3), b, 2, 1)), x, weight, bias)
-    elif op == "conv_transpose3x3":
-        ours = cae_kernels.conv_transpose3x3(x, weight.transpose(2, 3), bias, 2, "relu")
-        ref, ref_inputs = reference(
-            lambda x, w, b: F.relu(F.conv_transpose2d(x, w.transpose(2, 3), b, 2, 1, 1)), x, weight, bias
-        )
-    else:
-        ours = cae_kernels.max_pool2x2(x)
-        ref, ref_inputs = reference(F.max_pool2d, x, 2, ceil_mode=True)
-        weight = bias = None
-    check_forward_backward(ours, ref, (x, weight, bias), ref_inputs, torch.float64, "nchw")
+@on_every_backend()
+def test_noncontiguous_inputs(backend, op):
+    x = make_input((2, 4, 9, 6), F64, backend.device, noncontiguous=True)
+    if op == "max_pool2x2":
+        check_forward_backward(backend, backend.functions.max_pool2x2, reference.max_pool2x2, (x,), exact=True)
+        return
+    weight = make_input((4, 4, 3, 3), F64, backend.device).detach().transpose(2, 3).requires_grad_()
+    bias = make_input((4,), F64, backend.device)
+    ours, ref = getattr(backend.functions, op), getattr(reference, op)
+    check_forward_backward(
+        backend, lambda x, w, b: ours(x, w, b, 2, "relu"), lambda x, w, b: ref(x, w, b, 2), (x, weight, bias), relu=True
+    )
 
 
-@on_every_backend
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
-def test_batch_zero_gives_empty_output_and_zero_gradients(device, fmt):
-    x = make_input(0, 3, 8, 8, torch.float32, device, fmt)
-    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
-    bias = torch.randn(4, device=device, requires_grad=True)
-    weight_t = torch.randn(3, 4, 3, 3, device=device, requires_grad=True)
-    outputs = [
-        cae_kernels.conv3x3(x, weight, bias, 2, "relu"),
-        cae_kernels.conv_transpose3x3(x, weight_t, bias, 2, "relu"),
-        cae_kernels.max_pool2x2(x),
-    ]
-    assert [tuple(o.shape) for o in outputs] == [(0, 4, 4, 4), (0, 4, 16, 16), (0, 3, 4, 4)]
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_every_backend()
+def test_batch_zero_gives_empty_output_and_zero_gradients(backend, fmt):
+    f, device = backend.functions, backend.device
+    x = make_input((0, 3, 8, 7), torch.float32, device, fmt)
+    weight = make_input((4, 3, 3, 3), torch.float32, device)
+    weight_t = make_input((3, 4, 3, 3), torch.float32, device)
+    bias = make_input((4,), torch.float32, device)
+    outputs = [f.conv3x3(x, weight, bias, 2, "relu"), f.conv_transpose3x3(x, weight_t, bias, 2, "relu"), f.max_pool2x2(x)]
+    assert [tuple(o.shape) for o in outputs] == [(0, 4, 4, 4), (0, 4, 16, 14), (0, 3, 4, 4)]
+    assert all(o.device == x.device for o in outputs)
     sum(o.sum() for o in outputs).backward()
     assert x.grad.shape == x.shape
     for p in (weight, bias, weight_t):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
-@on_every_backend
 @pytest.mark.parametrize("needs", ["input", "weight", "bias"])
-def test_only_needed_gradients_are_computed(device, needs):
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device, requires_grad=needs == "input")
-    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=needs == "weight")
-    bias = torch.randn(4, dtype=torch.float64, device=device, requires_grad=needs == "bias")
-    cae_kernels.conv3x3(x, weight, bias, 1, "relu").sum().backward()
+@on_every_backend()
+def test_only_needed_gradients_are_computed(backend, needs):
+    x = torch.randn(2, 3, 6, 6, dtype=F64, device=backend.device, requires_grad=needs == "input")
+    weight = torch.randn(4, 3, 3, 3, dtype=F64, device=backend.device, requires_grad=needs == "weight")
+    bias = torch.randn(4, dtype=F64, device=backend.device, requires_grad=needs == "bias")
+    backend.functions.conv3x3(x, weight, bias, 1, "relu").sum().backward()
     for name, t in (("input", x), ("weight", weight), ("bias", bias)):
         assert (t.grad is not None) == (name == needs)
 
 
 # Small shapes, float64: gradcheck on every op and option, both layouts.
-@on_every_backend
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_conv_gradcheck(device, fmt, stride, activation, with_bias, transposed):
-    x = make_input(2, 3, 5, 4, torch.float64, device, fmt)
-    shape = (3, 2, 3, 3) if transposed else (2, 3, 3, 3)
-    weight = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True) if with_bias else None
-    op = cae_kernels.conv_transpose3x3 if transposed else cae_kernels.conv3x3
+@on_every_backend()
+def test_conv_gradcheck(backend, fmt, stride, activation, with_bias, transposed):
+    x = make_input((2, 3, 5, 4), F64, backend.device, fmt)
+    weight = make_input((3, 2, 3, 3) if transposed else (2, 3, 3, 3), F64, backend.device)
+    bias = make_input((2,), F64, backend.device) if with_bias else None
+    op = backend.functions.conv_transpose3x3 if transposed else backend.functions.conv3x3
     assert torch.autograd.gradcheck(lambda x, w, b: op(x, w, b, stride, activation), (x, weight, bias))
 
 
-@on_every_backend
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
-def test_max_pool_gradcheck(device, fmt):
-    x = make_input(2, 3, 7, 6, torch.float64, device, fmt)
-    assert torch.autograd.gradcheck(cae_kernels.max_pool2x2, (x,))
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_every_backend()
+def test_max_pool_gradcheck(backend, fmt):
+    x = make_input((2, 3, 7, 6), F64, backend.device, fmt)
+    assert torch.autograd.gradcheck(backend.functions.max_pool2x2, (x,))
 
 
-def opcheck_samples(device):
+def opcheck_samples(backend):
     def t(*shape, fmt="nchw", grad=True):
-        return make_input(*shape, torch.float64, device, fmt) if len(shape) == 4 and fmt else torch.randn(
-            shape, dtype=torch.float64, device=device, requires_grad=grad
-        )
+        return make_input(shape, F64, backend.device, fmt).requires_grad_(grad)
 
-    ops = torch.ops.cae
-    for fmt in ("nchw", "nhwc"):
+    ops = backend.ops
+    for fmt in FORMATS:
         for stride in (1, 2):
             x = t(2, 3, 7, 6, fmt=fmt)
-            yield ops.conv3x3, (x, t(4, 3, 3, 3, fmt=None), t(4, fmt=None), stride, True)
-            yield ops.conv3x3, (x, t(4, 3, 3, 3, fmt=None), None, stride, False)
-            yield ops.conv_transpose3x3, (x, t(3, 4, 3, 3, fmt=None), t(4, fmt=None), stride, True)
+            yield ops.conv3x3, (x, t(4, 3, 3, 3), t(4), stride, True)
+            yield ops.conv3x3, (x, t(4, 3, 3, 3), None, stride, False)
+            yield ops.conv_transpose3x3, (x, t(3, 4, 3, 3), t(4), stride, True)
             h = (7 + stride - 1) // stride
-            g = make_input(2, 4, h, (6 + stride - 1) // stride, torch.float64, device, fmt).detach()
-            yield ops.conv3x3_grad_input, (g, g.relu(), t(4, 3, 3, 3, fmt=None, grad=False), x.detach(), stride)
+            g = t(2, 4, h, (6 + stride - 1) // stride, fmt=fmt, grad=False)
+            yield ops.conv3x3_grad_input, (g, g.relu(), t(4, 3, 3, 3, grad=False), x.detach(), stride)
             yield ops.conv3x3_grad_weight, (g, None, x.detach(), stride)
-            gt = make_input(2, 4, 7 * stride, 6 * stride, torch.float64, device, fmt).detach()
-            yield ops.conv_transpose3x3_grad_input, (gt, gt.relu(), t(3, 4, 3, 3, fmt=None, grad=False), x.detach(), stride)
+            gt = t(2, 4, 7 * stride, 6 * stride, fmt=fmt, grad=False)
+            yield ops.conv_transpose3x3_grad_input, (gt, gt.relu(), t(3, 4, 3, 3, grad=False), x.detach(), stride)
             yield ops.conv_transpose3x3_grad_weight, (gt, None, x.detach(), stride)
         yield ops.bias_grad, (x.detach(), x.detach().relu())
         yield ops.max_pool2x2, (x,)
-        yield ops.max_pool2x2_grad_input, (t(2, 3, 4, 3, fmt=fmt).detach(), x.detach())
+        yield ops.max_pool2x2_grad_input, (t(2, 3, 4, 3, fmt=fmt, grad=False), x.detach())
 
 
-@on_every_backend
-@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@on_every_backend()
+def test_opcheck(backend):
+    for op, args in opcheck_samples(backend):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("c_in,c_out", [(0, 5), (3, 5), (16, 8), (8, 16), (16, 1)])
-def test_weight_grad_ops_return_the_bias_gradient(device, fmt, stride, transposed, c_in, c_out):
+@on_every_backend()
+def test_weight_grad_ops_return_the_bias_gradient(backend, fmt, stride, transposed, c_in, c_out):
     """The weight-gradient ops sum the gated output gradient per channel in the same
     pass (with no input channels, alone)."""
-    x = make_input(2, c_in, 7, 6, torch.float64, device, fmt).detach()
+    x = make_input((2, c_in, 7, 6), F64, backend.device, fmt).detach()
     if transposed:
-        op, out_shape = torch.ops.cae.conv_transpose3x3_grad_weight, (2, c_out, 7 * stride, 6 * stride)
+        op, out_shape = backend.ops.conv_transpose3x3_grad_weight, (2, c_out, 7 * stride, 6 * stride)
     else:
-        op, out_shape = torch.ops.cae.conv3x3_grad_weight, (2, c_out, math.ceil(7 / stride), math.ceil(6 / stride))
-    g = make_input(*out_shape, torch.float64, device, fmt).detach()
-    relu_output = make_input(*out_shape, torch.float64, device, fmt).detach().relu()
+        op, out_shape = backend.ops.conv3x3_grad_weight, (2, c_out, math.ceil(7 / stride), math.ceil(6 / stride))
+    g = make_input(out_shape, F64, backend.device, fmt).detach()
+    relu_output = make_input(out_shape, F64, backend.device, fmt).detach().relu()
     for gate in (relu_output, None):
         _, grad_bias = op(g, gate, x, stride)
-        gated = g if gate is None else g * (gate > 0)
-        assert_close(grad_bias, gated.sum((0, 2, 3)), torch.float64)
+        expected = (g if gate is None else g * (gate > 0)).sum((0, 2, 3))
+        assert_close(grad_bias, expected, backend.tolerance(F64, expected))
 
 
-@on_every_backend
-def test_opcheck(device):
-    for op, args in opcheck_samples(device):
-        torch.library.opcheck(op, args)
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_every_backend()
+def test_gated_backward_ops(backend, fmt):
+    """The backward ops with a relu_output gate, directly (the autograd path passes it
+    only when ReLU was fused)."""
+    x = make_input((2, 3, 6, 7), F64, backend.device, fmt).detach()
+    w = make_input((4, 3, 3, 3), F64, backend.device).detach()
+    relu_out = reference.conv3x3(x, w, None, 2, "relu").contiguous(memory_format=FORMATS[fmt])
+    g = make_input(relu_out.shape, F64, backend.device, fmt).detach()
+    gated = g * (relu_out > 0)
+    ops = backend.ops
+    grad_weight, grad_bias = ops.conv3x3_grad_weight(g, relu_out, x, 2)
+    expected = {
+        "weight": (grad_weight, torch.nn.grad.conv2d_weight(x, w.shape, gated, 2, 1)),
+        "bias": (grad_bias, gated.sum((0, 2, 3))),
+        "input": (ops.conv3x3_grad_input(g, relu_out, w, x, 2), torch.nn.grad.conv2d_input(x.shape, w, gated, 2, 1)),
+        "bias alone": (ops.bias_grad(g, relu_out), gated.sum((0, 2, 3))),
+    }
+    for name, (ours, theirs) in expected.items():
+        assert_close(ours, theirs, backend.tolerance(F64, theirs), name)
 
 
 def test_torch_compile_fullgraph():
@@ -267,13 +237,13 @@ def test_torch_compile_fullgraph():
         return up(cae_kernels.max_pool2x2(conv(x))).sum()
 
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 1, 13, 13, dtype=torch.float64)
+    x = torch.randn(3, 1, 13, 13, dtype=F64)
     expected = model(x)
     expected_grads = torch.autograd.grad(expected, list(conv.parameters()) + list(up.parameters()))
     actual = compiled(x)
     actual_grads = torch.autograd.grad(actual, list(conv.parameters()) + list(up.parameters()))
     torch.testing.assert_close(actual, expected)
-    for a, e in zip(actual_grads, expected_grads):
+    for a, e in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, e)
 
 
@@ -288,8 +258,8 @@ def test_modules_exchange_state_dicts_with_pytorch_layers(transposed, stride):
         theirs = torch.nn.Conv2d(3, 5, 3, stride, padding=1).double()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), F.relu(theirs(x)))
+    x = torch.randn(2, 3, 9, 9, dtype=F64)
+    torch.testing.assert_close(ours(x), torch.relu(theirs(x)))
     ours.load_state_dict(theirs.state_dict())
     pool = cnn.MaxPool2x2()
     torch.testing.assert_close(pool(x), torch.nn.MaxPool2d(2, ceil_mode=True)(x))
@@ -304,45 +274,70 @@ def test_module_default_init_matches_pytorch_statistics():
     assert ours.abs().max() > 0.9 * bound
 
 
-# Bad input: a clear error naming the problem and the values.
-def bad_inputs():
-    x = torch.randn(2, 3, 8, 8)
-    w = torch.randn(4, 3, 3, 3)
-    wt = torch.randn(3, 4, 3, 3)
-    b = torch.randn(4)
-    yield "input 3-D", lambda: cae_kernels.conv3x3(x[0], w), r"input must be a 4-D \(N, C, H, W\) tensor, got 3-D"
-    yield "weight 5x5", lambda: cae_kernels.conv3x3(x, torch.randn(4, 3, 5, 5)), r"weight must be \[C_out, C_in, 3, 3\], got sizes \[4, 3, 5, 5\]"
-    yield "weight 2-D", lambda: cae_kernels.conv3x3(x, torch.randn(4, 3)), r"weight must be \[C_out, C_in, 3, 3\], got sizes \[4, 3\]"
-    yield "channels", lambda: cae_kernels.conv3x3(x, torch.randn(4, 2, 3, 3)), r"input has 3 channels but weight of sizes \[4, 2, 3, 3\] expects 2"
-    yield "transposed channels", lambda: cae_kernels.conv_transpose3x3(x, torch.randn(4, 3, 3, 3)), r"input has 3 channels but weight of sizes \[4, 3, 3, 3\] expects 4"
-    yield "bias size", lambda: cae_kernels.conv3x3(x, w, torch.randn(5)), r"bias must have sizes \[4\], got \[5\]"
-    yield "transposed bias size", lambda: cae_kernels.conv_transpose3x3(x, wt, torch.randn(3)), r"bias must have sizes \[4\], got \[3\]"
-    yield "weight dtype", lambda: cae_kernels.conv3x3(x, w.double()), r"weight has dtype Double but input has dtype Float"
-    yield "bias dtype", lambda: cae_kernels.conv3x3(x, w, b.double()), r"bias has dtype Double but input has dtype Float"
-    yield "integer input", lambda: cae_kernels.max_pool2x2(x.long()), r"CPU kernels do not support dtype Long \(supported: float32, float64\)"
-    yield "half on CPU", lambda: cae_kernels.conv3x3(x.half(), w.half()), r"do not support dtype Half"
-    yield "stride 3", lambda: cae_kernels.conv3x3(x, w, stride=3), r"stride must be 1 or 2, got 3"
-    yield "stride 3 (op)", lambda: torch.ops.cae.conv3x3(x, w, None, 3, False), r"stride must be 1 or 2, got 3"
-    yield "activation", lambda: cae_kernels.conv3x3(x, w, activation="tanh"), r"activation must be None or 'relu', got 'tanh'"
-    yield "pool 2-D", lambda: cae_kernels.max_pool2x2(torch.randn(4, 4)), r"input must be a 4-D"
-    yield "grad_output shape", lambda: torch.ops.cae.conv3x3_grad_input(torch.randn(2, 4, 5, 5), None, w, x, 2), r"grad_output must have sizes \[2, 4, 4, 4\]"
-    yield "relu_output shape", lambda: torch.ops.cae.bias_grad(torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 4)), r"relu_output must have sizes \[2, 4, 5, 5\]"
-    yield "pool grad shape", lambda: torch.ops.cae.max_pool2x2_grad_input(torch.randn(2, 3, 3, 4), x), r"grad_output must have sizes \[2, 3, 4, 4\]"
-    yield "module stride", lambda: cnn.Conv3x3(3, 4, stride=4), r"stride must be 1 or 2, got 4"
-    yield "module activation", lambda: cnn.ConvTranspose3x3(3, 4, activation="gelu"), r"activation must be None or 'relu'"
+# Bad input: a clear error naming the problem and the values, the same on every backend
+# (csrc/shapes.h and csrc/ops.h check for all of them).
+def bad_inputs(f, ops, device):
+    """(name, call, pattern) with f the backend's functions and ops its op namespace."""
+    x = torch.randn(2, 3, 8, 8, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    wt = torch.randn(3, 4, 3, 3, device=device)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    yield "input 3-D", lambda: f.conv3x3(x[0], w), r"input must be a 4-D \(N, C, H, W\) tensor, got 3-D"
+    yield "weight 5x5", lambda: f.conv3x3(x, randn(4, 3, 5, 5)), r"weight must be \[C_out, C_in, 3, 3\], got sizes \[4, 3, 5, 5\]"
+    yield "weight 2-D", lambda: f.conv3x3(x, randn(4, 3)), r"weight must be \[C_out, C_in, 3, 3\], got sizes \[4, 3\]"
+    yield "channels", lambda: f.conv3x3(x, randn(4, 2, 3, 3)), r"input has 3 channels but weight of sizes \[4, 2, 3, 3\] expects 2"
+    yield "transposed channels", lambda: f.conv_transpose3x3(x, randn(4, 3, 3, 3)), r"input has 3 channels but weight of sizes \[4, 3, 3, 3\] expects 4"
+    yield "bias size", lambda: f.conv3x3(x, w, randn(5)), r"bias must have sizes \[4\], got \[5\]"
+    yield "transposed bias size", lambda: f.conv_transpose3x3(x, wt, randn(3)), r"bias must have sizes \[4\], got \[3\]"
+    yield "weight dtype", lambda: f.conv3x3(x, w.double()), r"weight has dtype Double but input has dtype Float"
+    yield "bias dtype", lambda: f.conv3x3(x, w, randn(4, dtype=torch.float64)), r"bias has dtype Double but input has dtype Float"
+    yield "stride 3", lambda: f.conv3x3(x, w, stride=3), r"stride must be 1 or 2, got 3"
+    yield "stride 3 (op)", lambda: ops.conv3x3(x, w, None, 3, False), r"stride must be 1 or 2, got 3"
+    yield "activation", lambda: f.conv3x3(x, w, activation="tanh"), r"activation must be None or 'relu', got 'tanh'"
+    yield "pool 2-D", lambda: f.max_pool2x2(randn(4, 4)), r"input must be a 4-D"
+    yield "grad_output shape", lambda: ops.conv3x3_grad_input(randn(2, 4, 5, 5), None, w, x, 2), r"grad_output must have sizes \[2, 4, 4, 4\]"
+    yield "relu_output shape", lambda: ops.bias_grad(randn(2, 4, 5, 5), randn(2, 4, 5, 4)), r"relu_output must have sizes \[2, 4, 5, 5\]"
+    yield "pool grad shape", lambda: ops.max_pool2x2_grad_input(randn(2, 3, 3, 4), x), r"grad_output must have sizes \[2, 3, 4, 4\]"
 
 
-@pytest.mark.parametrize("call,pattern", [pytest.param(c, p, id=name) for name, c, p in bad_inputs()])
-def test_bad_input_gets_a_clear_error(call, pattern):
+@pytest.mark.parametrize("name", [name for name, _, _ in bad_inputs(cae_kernels, torch.ops.cae, "cpu")])
+@on_every_backend()
+def test_bad_input_gets_a_clear_error(backend, name):
+    call, pattern = {n: (c, p) for n, c, p in bad_inputs(backend.functions, backend.ops, backend.device)}[name]
     with pytest.raises((RuntimeError, ValueError), match=pattern):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_device_mismatch_is_named():
-    x = torch.randn(2, 3, 8, 8, device="cuda")
-    with pytest.raises(RuntimeError, match=r"weight is on device cpu but input is on device cuda:0"):
-        cae_kernels.conv3x3(x, torch.randn(4, 3, 3, 3))
+# ScalarType names, as the C++ messages print them.
+DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+               torch.int64: "Long", torch.int32: "Int"}
+
+
+@on_every_backend()
+def test_unsupported_dtypes_are_named(backend):
+    """Each op names the dtype it got and the dtypes the backend's kernels take."""
+    supported = ", ".join(str(d).removeprefix("torch.") for d in backend.dtypes)
+    unsupported = [d for d in DTYPE_NAMES if d not in backend.dtypes]
+    assert unsupported
+    for dtype in unsupported:
+        x = torch.ones(2, 3, 8, 8, dtype=dtype, device=backend.device)
+        w = torch.ones(3, 3, 3, 3, dtype=dtype, device=backend.device)
+        pattern = rf"{backend.kernels} kernels do not support dtype {DTYPE_NAMES[dtype]} \(supported: {supported}\)"
+        for op, args in {"conv3x3": (x, w), "conv_transpose3x3": (x, w), "max_pool2x2": (x,)}.items():
+            with pytest.raises(RuntimeError, match=pattern):
+                getattr(backend.functions, op)(*args)
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda: cnn.Conv3x3(3, 4, stride=4), r"stride must be 1 or 2, got 4"),
+    (lambda: cnn.ConvTranspose3x3(3, 4, activation="gelu"), r"activation must be None or 'relu'"),
+], ids=["stride", "activation"])
+def test_modules_refuse_bad_arguments(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
 
 
 @pytest.mark.skipif(cae_kernels.with_cuda, reason="checks the CUDA stub of a CPU-only build")

@@ -1,0 +1,58 @@
+"""The CUDA kernels' tiling (csrc/cuda), on both backends that run them: the emulator
+everywhere, a GPU where there is one (tests/backends.py). Shapes that push the
+planners -- many weight-gradient regions, many channel groups, extreme shared-memory
+plans -- yet stay small enough for the emulator, in float64 against
+torch.nn.functional."""
+
+import pytest
+import torch
+
+from cae_kernels import reference
+
+from backends import FORMATS, assert_close, make_input, on_cuda_kernels
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels()
+def test_weight_grad_many_regions(backend, fmt):
+    """More weight-gradient regions than partial-sum blocks (512): blocks loop over
+    regions. 520 images of 24 x 24 (one region each), NCHW and channels_last."""
+    x = make_input((520, 1, 24, 24), F64, backend.device, fmt).detach()
+    g = make_input((520, 2, 24, 24), F64, backend.device, fmt).detach()
+    ours, ours_bias = backend.ops.conv3x3_grad_weight(g, None, x, 1)
+    ref = torch.nn.grad.conv2d_weight(x, (2, 1, 3, 3), g, 1, 1)
+    assert_close(ours, ref, backend.tolerance(F64, ref), "weight gradient")
+    assert_close(ours_bias, g.sum((0, 2, 3)), backend.tolerance(F64, ref), "bias gradient")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@on_cuda_kernels()
+def test_shared_memory_plans_fit_every_shape(backend, stride):
+    """The planners keep dynamic shared memory within the 48 KiB a launch may take
+    (the host refuses more): extreme shapes in float64, where it is tightest."""
+    cases = [(600, 2, 2, 1, 1), (1, 1, 1, 1, 200), (1, 1, 1, 200, 1), (2, 40, 3, 40, 40)]
+    for n, c_in, c_out, h, w in cases:
+        x = make_input((n, c_in, h, w), F64, backend.device).detach()
+        weight = make_input((c_out, c_in, 3, 3), F64, backend.device).detach()
+        y = backend.functions.conv3x3(x, weight, None, stride)
+        expected = reference.conv3x3(x, weight, None, stride)
+        assert_close(y, expected, backend.tolerance(F64, expected), f"output of {x.shape}")
+        g = torch.randn_like(y)
+        expected = torch.nn.grad.conv2d_weight(x, weight.shape, g, stride, 1)
+        ours, _ = backend.ops.conv3x3_grad_weight(g, None, x, stride)
+        assert_close(ours, expected, backend.tolerance(F64, expected), f"weight gradient of {x.shape}")
+
+
+@on_cuda_kernels()
+def test_many_channel_groups(backend):
+    """40 groups of 16 output channels: blockIdx.x = group * tile blocks + tile."""
+    x = make_input((2, 3, 5, 4), F64, backend.device).detach()
+    w = make_input((640, 3, 3, 3), F64, backend.device).detach()
+    expected = reference.conv3x3(x, w, None, 2)
+    assert_close(backend.functions.conv3x3(x, w, None, 2), expected, backend.tolerance(F64, expected), "conv3x3")
+    wt = make_input((3, 640, 3, 3), F64, backend.device).detach()
+    expected = reference.conv_transpose3x3(x, wt, None, 1)
+    assert_close(backend.functions.conv_transpose3x3(x, wt, None, 1), expected, backend.tolerance(F64, expected),
+                 "conv_transpose3x3")
