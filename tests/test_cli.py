@@ -170,7 +170,7 @@ def test_help_explains_every_flag_with_its_default(capsys):
                           ("--filters", "16,8,8"), ("--downsample", "pool"), ("--epochs", "50"),
                           ("--batch-size", "256"), ("--learning-rate", "0.001"), ("--weight-decay", "1e-05"),
                           ("--noise-factor", "0.0"), ("--dropout", "no dropout"), ("--backend", "cae"),
-                          ("--memory-format", "nhwc"), ("--device", "cpu"), ("--seed", "0")]:
+                          ("--memory-format", "nhwc"), ("--device", "auto"), ("--seed", "0")]:
         assert flag in text
         after = text.split(flag + " ", 2)[-1]
         assert f"(default: {default}" in after[:400] or f"default: the {default}" in after[:400], flag

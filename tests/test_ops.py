@@ -175,6 +175,8 @@ def opcheck_samples(backend):
             gt = t(2, 4, 7 * stride, 6 * stride, fmt=fmt, grad=False)
             yield ops.conv_transpose3x3_grad_input, (gt, gt.relu(), t(3, 4, 3, 3, grad=False), x.detach(), stride)
             yield ops.conv_transpose3x3_grad_weight, (gt, None, x.detach(), stride)
+            yield ops.conv3x3_backward, (g, g.relu(), t(4, 3, 3, 3, grad=False), x.detach(), stride)
+            yield ops.conv_transpose3x3_backward, (gt, None, t(3, 4, 3, 3, grad=False), x.detach(), stride)
         yield ops.bias_grad, (x.detach(), x.detach().relu())
         yield ops.max_pool2x2, (x,)
         yield ops.max_pool2x2_grad_input, (t(2, 3, 4, 3, fmt=fmt, grad=False), x.detach())
@@ -205,6 +207,38 @@ def test_weight_grad_ops_return_the_bias_gradient(backend, fmt, stride, transpos
         _, grad_bias = op(g, gate, x, stride)
         expected = (g if gate is None else g * (gate > 0)).sum((0, 2, 3))
         assert_close(grad_bias, expected, backend.tolerance(F64, expected))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(3, 16, 16, 9, 7), (2, 8, 16, 5, 6), (1, 3, 5, 4, 9), (70, 8, 8, 3, 2),
+                                               (2, 16, 1, 6, 5), (2, 1, 8, 7, 7)])
+@on_every_backend()
+def test_whole_backward_ops(backend, transposed, stride, fmt, gated, n, c_in, c_out, h, w):
+    """conv3x3_backward / conv_transpose3x3_backward: a layer's three gradients at once
+    (the CPU's one pass shares the gated gradient's copy between the input and the
+    weight gradient). Ragged grids, channels in whole vectors or not, more samples than
+    the 64 batch chunks, batch 1."""
+    x = make_input((n, c_in, h, w), F64, backend.device, fmt).detach()
+    if transposed:
+        weight = make_input((c_in, c_out, 3, 3), F64, backend.device).detach()
+        op, forward = backend.ops.conv_transpose3x3_backward, reference.conv_transpose3x3
+    else:
+        weight = make_input((c_out, c_in, 3, 3), F64, backend.device).detach()
+        op, forward = backend.ops.conv3x3_backward, reference.conv3x3
+    out_shape = forward(x, weight, None, stride).shape
+    g = make_input(out_shape, F64, backend.device, fmt).detach()
+    relu_output = make_input(out_shape, F64, backend.device, fmt).detach().relu() if gated else None
+    grad_input, grad_weight, grad_bias = op(g, relu_output, weight, x, stride)
+    gated_g = g * (relu_output > 0) if gated else g
+    ref_x, ref_w = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = torch.autograd.grad(forward(ref_x, ref_w, None, stride), (ref_x, ref_w), gated_g)
+    assert grad_input.is_contiguous(memory_format=FORMATS[fmt])
+    for name, ours, theirs in (("input", grad_input, expected[0]), ("weight", grad_weight, expected[1]),
+                               ("bias", grad_bias, gated_g.sum((0, 2, 3)))):
+        assert_close(ours, theirs, backend.tolerance(F64, theirs), name)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
