@@ -176,10 +176,6 @@ class OpChecks:
         self._transpose_grad_output(grad_output, input, grad_output.shape[1], stride)
         check_relu_output(relu_output, grad_output)
 
-    # The whole backward checks what the input gradient does.
-    conv3x3_backward = conv3x3_grad_input
-    conv_transpose3x3_backward = conv_transpose3x3_grad_input
-
     def bias_grad(self, grad_output, relu_output) -> None:
         check_activation(grad_output, "grad_output", grad_output)
         self.dtype(grad_output)

@@ -63,14 +63,15 @@ def _fakes(checks):
         weight_shape = (input.shape[1], grad_output.shape[1], 3, 3)
         return input.new_empty(weight_shape), grad_output.new_empty((grad_output.shape[1],))
 
-    # The whole backward: grad_input, grad_weight, grad_bias.
+    # The whole backward: the input gradient's fake (its checks and result), then the
+    # weight's and the bias's gradients.
     def conv3x3_backward(grad_output, relu_output, weight, input, stride):
-        checks.conv3x3_backward(grad_output, relu_output, weight, input, stride)
-        return _empty(input, input.shape), input.new_empty(weight.shape), grad_output.new_empty((grad_output.shape[1],))
+        grad_input = conv3x3_grad_input(grad_output, relu_output, weight, input, stride)
+        return grad_input, input.new_empty(weight.shape), grad_output.new_empty((grad_output.shape[1],))
 
     def conv_transpose3x3_backward(grad_output, relu_output, weight, input, stride):
-        checks.conv_transpose3x3_backward(grad_output, relu_output, weight, input, stride)
-        return _empty(input, input.shape), input.new_empty(weight.shape), grad_output.new_empty((grad_output.shape[1],))
+        grad_input = conv_transpose3x3_grad_input(grad_output, relu_output, weight, input, stride)
+        return grad_input, input.new_empty(weight.shape), grad_output.new_empty((grad_output.shape[1],))
 
     def bias_grad(grad_output, relu_output):
         checks.bias_grad(grad_output, relu_output)

@@ -221,8 +221,16 @@ struct WeightGradSums {
     return 0;
   }
 
-  // The samples of batch chunk `chunk`: [first, end).
-  int64_t first(int64_t chunk, int64_t N) const { return chunk * N / chunks; }
+  // Calls sample(buffers, chunk, n) for each of the N samples, the chunks in
+  // parallel, each thread with its own buffers = make_buffers().
+  template <class MakeBuffers, class Sample>
+  void for_each_sample(int64_t N, const MakeBuffers& make_buffers, const Sample& sample) const {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      auto buffers = make_buffers();
+      for (int64_t chunk = begin; chunk < end; ++chunk)
+        for (int64_t n = chunk * N / chunks; n < (chunk + 1) * N / chunks; ++n) sample(buffers, chunk, n);
+    });
+  }
 
   // Adds one sample to its chunk's sums: a_by_position is gate(a) as
   // [position][channel] (positions_by_channel), b_buffer the padded copy of
@@ -278,18 +286,18 @@ void weight_grad_impl(T* out, T* bias_out, bool grad_output_is_large, const T* a
                       int64_t W_a, int64_t C_b, int64_t H, int64_t W) {
   WeightGradSums<T> sums(Windows(C_b, H, W, stride, H_a, W_a, nhwc), N, C_a, grad_output_is_large);
   const Windows& win = sums.win;
-  at::parallel_for(0, sums.chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> buffer(win.buffer_size()), a_by_position(sums.P * C_a + kReadPast);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for (int64_t n = sums.first(chunk, N); n < sums.first(chunk + 1, N); ++n) {
+  struct Buffers {
+    Scratch<T> b_copy, a_by_position;
+  };
+  sums.for_each_sample(
+      N, [&] { return Buffers{Scratch<T>(win.buffer_size()), Scratch<T>(sums.P * C_a + kReadPast)}; },
+      [&](Buffers& buf, int64_t chunk, int64_t n) {
         const int64_t b_offset = n * C_b * H * W, a_offset = n * C_a * H_a * W_a;
-        pad_sample<T, GatedB>(b + b_offset, b_gate ? b_gate + b_offset : nullptr, win, buffer.data());
+        pad_sample<T, GatedB>(b + b_offset, b_gate ? b_gate + b_offset : nullptr, win, buf.b_copy.data());
         positions_by_channel<T, GatedA>(a + a_offset, a_gate ? a_gate + a_offset : nullptr, C_a, win,
-                                        a_by_position.data());
-        sums.add(chunk, a_by_position.data(), buffer.data());
-      }
-    }
-  });
+                                        buf.a_by_position.data());
+        sums.add(chunk, buf.a_by_position.data(), buf.b_copy.data());
+      });
   sums.write(out, bias_out);
 }
 

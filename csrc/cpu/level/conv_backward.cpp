@@ -37,19 +37,22 @@ void transposed_backward(const ConvBackwardParams& p) {
   const CorrelatePlan<T> input_grad(win, p.weight.data_ptr<T>(),
                                     s.C_in);  // weight [C_in, C_out]: as correlate reads it
   WeightGradSums<T> sums(win, s.N, s.C_in, /*grad_output_is_large=*/true);
-  at::parallel_for(0, sums.chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> g_copy(win.buffer_size()), result(input_grad.result_size()),
-        x_by_position(sums.P * s.C_in + kReadPast);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for (int64_t n = sums.first(chunk, s.N); n < sums.first(chunk + 1, s.N); ++n) {
+  struct Buffers {
+    Scratch<T> g_copy, result, x_by_position;
+  };
+  sums.for_each_sample(
+      s.N,
+      [&] {
+        return Buffers{Scratch<T>(win.buffer_size()), Scratch<T>(input_grad.result_size()),
+                       Scratch<T>(sums.P * s.C_in + kReadPast)};
+      },
+      [&](Buffers& b, int64_t chunk, int64_t n) {
         const int64_t g_offset = n * s.C_out * s.H_out * s.W_out, x_offset = n * s.C_in * s.H * s.W;
-        pad_sample<T, Gated>(g + g_offset, gate ? gate + g_offset : nullptr, win, g_copy.data());
-        input_grad.run(g_copy.data(), result.data(), grad_input + x_offset, nullptr, false);
-        positions_by_channel<T, false>(x + x_offset, nullptr, s.C_in, win, x_by_position.data());
-        sums.add(chunk, x_by_position.data(), g_copy.data());
-      }
-    }
-  });
+        pad_sample<T, Gated>(g + g_offset, gate ? gate + g_offset : nullptr, win, b.g_copy.data());
+        input_grad.run(b.g_copy.data(), b.result.data(), grad_input + x_offset, nullptr, false);
+        positions_by_channel<T, false>(x + x_offset, nullptr, s.C_in, win, b.x_by_position.data());
+        sums.add(chunk, b.x_by_position.data(), b.g_copy.data());
+      });
   sums.write(p.grad_weight.data_ptr<T>(), p.grad_bias.data_ptr<T>());
 }
 
@@ -70,18 +73,22 @@ void conv_nhwc_backward(const ConvBackwardParams& p, const InputGradPlan& input_
                          /*grad_output_is_large=*/false);
   TORCH_INTERNAL_ASSERT(sums.win.Wq == g_win.Wq && g_win.stride == 1 && g_win.nhwc);
   const int64_t g_by_position = (g_win.Wq + 1) * s.C_out;
-  at::parallel_for(0, sums.chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> g_copy(g_win.buffer_size()), result(input_grad.result_size()), x_copy(sums.win.buffer_size());
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for (int64_t n = sums.first(chunk, s.N); n < sums.first(chunk + 1, s.N); ++n) {
+  struct Buffers {
+    Scratch<T> g_copy, result, x_copy;
+  };
+  sums.for_each_sample(
+      s.N,
+      [&] {
+        return Buffers{Scratch<T>(g_win.buffer_size()), Scratch<T>(input_grad.result_size()),
+                       Scratch<T>(sums.win.buffer_size())};
+      },
+      [&](Buffers& b, int64_t chunk, int64_t n) {
         const int64_t g_offset = n * s.C_out * s.H_out * s.W_out, x_offset = n * s.C_in * s.H * s.W;
-        pad_sample<T, Gated>(g + g_offset, gate ? gate + g_offset : nullptr, g_win, g_copy.data());
-        input_grad.run(g_copy.data(), result.data(), grad_input + x_offset, nullptr, false);
-        pad_sample<T, false>(x + x_offset, nullptr, sums.win, x_copy.data());
-        sums.add(chunk, g_copy.data() + g_by_position, x_copy.data());
-      }
-    }
-  });
+        pad_sample<T, Gated>(g + g_offset, gate ? gate + g_offset : nullptr, g_win, b.g_copy.data());
+        input_grad.run(b.g_copy.data(), b.result.data(), grad_input + x_offset, nullptr, false);
+        pad_sample<T, false>(x + x_offset, nullptr, sums.win, b.x_copy.data());
+        sums.add(chunk, b.g_copy.data() + g_by_position, b.x_copy.data());
+      });
   sums.write(p.grad_weight.data_ptr<T>(), p.grad_bias.data_ptr<T>());
 }
 
@@ -116,9 +123,8 @@ void Kernels::conv_backward(const ConvBackwardParams& p) {
       if (p.transposed) return transposed_backward<scalar_t, Gated>(p);
       const BackwardSizes s(p);
       if (p.stride == 1) {
-        // The input gradient at stride 1: a correlation with the kernel
-        // flipped and its channel roles swapped (as correlate_transpose does).
-        const Tensor flipped = p.weight.flip({2, 3}).transpose(0, 1).contiguous();
+        // The input gradient at stride 1, as correlate_transpose computes it.
+        const Tensor flipped = flipped_kernel(p.weight);
         const CorrelatePlan<scalar_t> plan(Windows(s.C_out, s.H_out, s.W_out, 1, s.H, s.W, true),
                                            flipped.data_ptr<scalar_t>(), s.C_in);
         return conv_nhwc_backward<scalar_t, Gated>(p, plan);

@@ -112,14 +112,16 @@ void correlate_transpose_impl(T* out, const T* g, const T* g_gate, const T* w, c
   });
 }
 
+// With stride 1 the transposed correlation is a correlation with the kernel
+// flipped and its channel roles swapped: that kernel, [C_b, C_a, 3, 3].
+Tensor flipped_kernel(const Tensor& weight) { return weight.flip({2, 3}).transpose(0, 1).contiguous(); }
+
 }  // namespace
 
 void Kernels::correlate_transpose(const CorrelateParams& p) {
   if (p.stride == 1) {
-    // With stride 1 the transposed correlation is a correlation with the
-    // kernel flipped and its channel roles swapped.
     CorrelateParams flipped = p;
-    flipped.weight = p.weight.flip({2, 3}).transpose(0, 1).contiguous();
+    flipped.weight = flipped_kernel(p.weight);
     correlate(flipped);
     return;
   }
