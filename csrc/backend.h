@@ -57,10 +57,11 @@ struct BiasGradParams {
 };
 
 // A convolution's backward (or, with `transposed`, a transposed
-// convolution's) in one pass over the samples: grad_input, grad_weight and
-// grad_bias as correlate_transpose (correlate) and weight_grad compute them,
-// the gated output gradient copied once for both. Optional: ops.h composes it
-// from the kernels above for a backend without it (CAE_FUSED_BACKWARD_KERNELS).
+// convolution's): grad_input, grad_weight and grad_bias as correlate_transpose
+// (correlate) and weight_grad compute them, in one pass over the samples where
+// a backend can share work between the two (the CPU copies the gated output
+// gradient once for both; CUDA adds the weight gradient's partial sums in the
+// input gradient's launch).
 struct ConvBackwardParams {
   Tensor grad_input;
   Tensor grad_weight;
@@ -72,6 +73,29 @@ struct ConvBackwardParams {
   int64_t stride;
   bool nhwc;
   bool transposed;
+
+  // The two kernels' work, for a backend that runs them one after the other.
+  CorrelateParams input_grad() const {  // correlate (transposed), else correlate_transpose
+    return {.out = grad_input,
+            .input = grad_output,
+            .input_gate = relu_output,
+            .weight = weight,
+            .bias = std::nullopt,
+            .stride = stride,
+            .relu = false,
+            .nhwc = nhwc};
+  }
+  WeightGradParams weight_and_bias_grad() const {
+    return {.grad_weight = grad_weight,
+            .grad_bias = grad_bias,
+            .small = transposed ? input : grad_output,
+            .small_gate = transposed ? std::nullopt : relu_output,
+            .large = transposed ? grad_output : input,
+            .large_gate = transposed ? relu_output : std::nullopt,
+            .stride = stride,
+            .nhwc = nhwc,
+            .grad_output_is_large = transposed};
+  }
 };
 
 // out = max_pool2x2(input), ceil mode; with grad_output set, grad_input gets
@@ -95,6 +119,6 @@ struct MaxPoolGradParams {
   static void correlate_transpose(const CorrelateParams& p); \
   static void weight_grad(const WeightGradParams& p);        \
   static void bias_grad(const BiasGradParams& p);            \
+  static void conv_backward(const ConvBackwardParams& p);    \
   static void max_pool(const MaxPoolParams& p);              \
   static void max_pool_grad(const MaxPoolGradParams& p);
-#define CAE_FUSED_BACKWARD_KERNELS static void conv_backward(const ConvBackwardParams& p);

@@ -12,8 +12,8 @@
 //                        and in the same pass db = the sum of the gated output
 //                        gradient (the large side when grad_output_is_large)
 //   bias_grad            db[c] = sum gate(g)[c]
-//   conv_backward        (optional) correlate_transpose or correlate, and
-//                        weight_grad, in one pass: a whole layer's backward
+//   conv_backward        correlate_transpose or correlate, and weight_grad:
+//                        a whole layer's backward, sharing work between them
 //   max_pool, max_pool_grad
 //
 // where gate(t) zeroes t where the gate tensor (a fused ReLU's output) is not
@@ -224,33 +224,30 @@ struct Ops {
   }
 
   // The whole backward (grad_input, grad_weight, grad_bias), which autograd
-  // takes when it needs the first two: one pass over the samples where the
-  // backend has conv_backward (the gated gradient copied once for both), the
-  // kernels of the separate ops elsewhere.
+  // takes when it needs the first two: the backend's conv_backward shares work
+  // between them (backend.h); empty tensors take the separate ops' paths.
   static std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_output,
                                                           const OptTensor& relu_output, const Tensor& weight,
                                                           const Tensor& input, int64_t stride,
                                                           bool transposed) {
     check_backward_args(grad_output, relu_output, weight, input, stride, transposed);
-    if constexpr (requires(const ConvBackwardParams& p) { K::conv_backward(p); }) {
-      if (input.numel() > 0 && grad_output.numel() > 0) {
-        const bool nhwc = is_channels_last(input);
-        const auto format = memory_format(nhwc);
-        auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
-        auto grad_weight = at::empty(weight.sizes(), input.options());
-        auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
-        K::conv_backward({.grad_input = grad_input,
-                          .grad_weight = grad_weight,
-                          .grad_bias = grad_bias,
-                          .grad_output = grad_output.contiguous(format),
-                          .relu_output = contiguous_in(relu_output, format),
-                          .weight = weight.contiguous(),
-                          .input = input.contiguous(format),
-                          .stride = stride,
-                          .nhwc = nhwc,
-                          .transposed = transposed});
-        return {grad_input, grad_weight, grad_bias};
-      }
+    if (input.numel() > 0 && grad_output.numel() > 0) {
+      const bool nhwc = is_channels_last(input);
+      const auto format = memory_format(nhwc);
+      auto grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+      auto grad_weight = at::empty(weight.sizes(), input.options());
+      auto grad_bias = at::empty({grad_output.size(1)}, grad_output.options());
+      K::conv_backward({.grad_input = grad_input,
+                        .grad_weight = grad_weight,
+                        .grad_bias = grad_bias,
+                        .grad_output = grad_output.contiguous(format),
+                        .relu_output = contiguous_in(relu_output, format),
+                        .weight = weight.contiguous(),
+                        .input = input.contiguous(format),
+                        .stride = stride,
+                        .nhwc = nhwc,
+                        .transposed = transposed});
+      return {grad_input, grad_weight, grad_bias};
     }
     if (transposed) {
       auto [grad_weight, grad_bias] = conv_transpose3x3_grad_weight(grad_output, relu_output, input, stride);

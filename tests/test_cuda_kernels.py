@@ -56,3 +56,30 @@ def test_many_channel_groups(backend):
     expected = reference.conv_transpose3x3(x, wt, None, 1)
     assert_close(backend.functions.conv_transpose3x3(x, wt, None, 1), expected, backend.tolerance(F64, expected),
                  "conv_transpose3x3")
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels()
+def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backend, fmt, transposed):
+    """A layer's whole backward: the weight gradient's partial sums are added by extra
+    blocks of the input gradient's launch (2330 columns: 73 blocks of sums behind the
+    correlation's own), bitwise equal to the separate ops, which add them in a launch of
+    their own. Gated, stride 2, a batch that spreads over several partial rows."""
+    c_in, c_out, stride = 10, 16, 2
+    x = make_input((9, c_in, 11, 13), torch.float32, backend.device, fmt).detach()
+    if transposed:
+        w = make_input((c_in, c_out, 3, 3), torch.float32, backend.device).detach()
+        g = make_input((9, c_out, 22, 26), torch.float32, backend.device, fmt).detach()
+        whole = backend.ops.conv_transpose3x3_backward
+        grad_input = backend.ops.conv_transpose3x3_grad_input(g, g, w, x, stride)
+        grad_weight, grad_bias = backend.ops.conv_transpose3x3_grad_weight(g, g, x, stride)
+    else:
+        w = make_input((c_out, c_in, 3, 3), torch.float32, backend.device).detach()
+        g = make_input((9, c_out, 6, 7), torch.float32, backend.device, fmt).detach()
+        whole = backend.ops.conv3x3_backward
+        grad_input = backend.ops.conv3x3_grad_input(g, g, w, x, stride)
+        grad_weight, grad_bias = backend.ops.conv3x3_grad_weight(g, g, x, stride)
+    ours = whole(g, g, w, x, stride)
+    for got, separate, what in zip(ours, (grad_input, grad_weight, grad_bias), ("input", "weight", "bias")):
+        assert torch.equal(got, separate), f"{what} gradient differs from the separate op's"

@@ -30,20 +30,17 @@ enum class Capability { baseline = 0, avx2 = 1, avx512 = 2 };
 namespace baseline {
 struct Kernels {
   CAE_BACKEND_KERNELS
-  CAE_FUSED_BACKWARD_KERNELS
 };
 }  // namespace baseline
 #ifdef CAE_CPU_X86
 namespace avx2 {
 struct Kernels {
   CAE_BACKEND_KERNELS
-  CAE_FUSED_BACKWARD_KERNELS
 };
 }  // namespace avx2
 namespace avx512 {
 struct Kernels {
   CAE_BACKEND_KERNELS
-  CAE_FUSED_BACKWARD_KERNELS
 };
 }  // namespace avx512
 #endif

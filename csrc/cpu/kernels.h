@@ -92,7 +92,6 @@ struct CpuKernels {
   static constexpr const char* supported_dtypes = "float32, float64";
   static bool supports(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
   CAE_BACKEND_KERNELS
-  CAE_FUSED_BACKWARD_KERNELS
 };
 
 }  // namespace cae

@@ -1,13 +1,16 @@
 // Host side of the 3x3 correlation (conv3x3 forward, conv_transpose3x3 input
-// gradient), the weight gradient of both (with the bias's), and the bias
-// gradient alone.
+// gradient), the weight gradient of both (with the bias's), the bias gradient
+// alone, and a layer's whole backward (two launches: the weight gradient's
+// partial sums, then the input gradient, whose extra blocks add them).
 #include "kernels.h"
 
 #include "conv3x3_kernels.cuh"
 
 namespace cae {
 
-void CudaKernels::correlate(const CorrelateParams& p) {
+void CudaKernels::correlate(const CorrelateParams& p) { correlate_then_sum(p, {}); }
+
+void CudaKernels::correlate_then_sum(const CorrelateParams& p, const cuda::PendingSums& sums) {
   const Tensor &out = p.out, &x = p.input, &w = p.weight;
   const OptTensor &x_gate = p.input_gate, &bias = p.bias;
   const int64_t stride = p.stride;
@@ -32,18 +35,30 @@ void CudaKernels::correlate(const CorrelateParams& p) {
     const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate");
     cuda::check_smem(plan.smem, "correlate");
-    cuda::launch_correlate<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
+    cuda::launch_correlate<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
+                                            sums.job<cuda::SumsJob<scalar_t, acc_t>>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void CudaKernels::weight_grad(const WeightGradParams& p) {
+  const cuda::PendingSums sums = weight_grad_partials(p);
+  CAE_DEVICE_GUARD(p.small);
+  CAE_DISPATCH_FLOATING_TYPES(p.small.scalar_type(), "cae_weight_grad_sums_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch_reduce_partials(sums.job<cuda::SumsJob<scalar_t, acc_t>>(), CAE_CURRENT_STREAM());
+    CAE_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+cuda::PendingSums CudaKernels::weight_grad_partials(const WeightGradParams& p) {
   const Tensor &out = p.grad_weight, &a_t = p.small, &b_t = p.large;
   const OptTensor &a_gate = p.small_gate, &b_gate = p.large_gate;
   const int64_t stride = p.stride;
   const bool nhwc = p.nhwc;
   CAE_DEVICE_GUARD(a_t);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
+  at::Tensor partial;
   CAE_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "cae_weight_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const cuda::WeightGradArgs<scalar_t> a{out.mutable_data_ptr<scalar_t>(),
@@ -63,17 +78,22 @@ void CudaKernels::weight_grad(const WeightGradParams& p) {
     cuda::check_grid(plan.regions, "weight_grad");
     cuda::check_smem(plan.smem, "weight_grad");
     // Partial rows: the weight's sums, then the bias's.
-    const int outputs = cuda::to_int(out.numel(), "weight size");
     const int columns = cuda::to_int(out.numel() + p.grad_bias.numel(), "weight size");
-    at::Tensor partial = cuda::scratch<acc_t>(a_t, plan.blocks, columns);
+    partial = cuda::scratch<acc_t>(a_t, plan.blocks, columns);
     cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
                                               partial.mutable_data_ptr<acc_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
-    cuda::launch_reduce_partials<scalar_t, acc_t>(
-        partial.const_data_ptr<acc_t>(), plan.blocks, columns,
-        {out.mutable_data_ptr<scalar_t>(), outputs, p.grad_bias.mutable_data_ptr<scalar_t>()}, stream);
-    CAE_KERNEL_LAUNCH_CHECK();
   });
+  return {.partial = partial, .grad_weight = out, .grad_bias = p.grad_bias};
+}
+
+void CudaKernels::conv_backward(const ConvBackwardParams& p) {
+  const cuda::PendingSums sums = weight_grad_partials(p.weight_and_bias_grad());
+  if (p.transposed) {
+    correlate_then_sum(p.input_grad(), sums);
+  } else {
+    correlate_transpose_then_sum(p.input_grad(), sums);
+  }
 }
 
 void CudaKernels::bias_grad(const BiasGradParams& p) {
@@ -94,8 +114,13 @@ void CudaKernels::bias_grad(const BiasGradParams& p) {
     at::Tensor partial = cuda::scratch<acc_t>(g, chunks, a.C);
     cuda::launch_bias_grad<scalar_t, acc_t>(a, chunks, nhwc, partial.mutable_data_ptr<acc_t>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
-    cuda::launch_reduce_partials<scalar_t, acc_t>(partial.const_data_ptr<acc_t>(), chunks, a.C,
-                                                  {out.mutable_data_ptr<scalar_t>(), a.C, nullptr}, stream);
+    cuda::launch_reduce_partials(
+        cuda::SumsJob<scalar_t, acc_t>{partial.const_data_ptr<acc_t>(),
+                                       chunks,
+                                       a.C,
+                                       {out.mutable_data_ptr<scalar_t>(), a.C, nullptr},
+                                       cuda::ceil_div(a.C, 32)},
+        stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
 }

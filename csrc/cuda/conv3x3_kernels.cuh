@@ -127,6 +127,77 @@ CAE_DEVICE void store_pixel(T* __restrict__ out, const Acc (&acc)[COB], const T*
 }
 
 // ---------------------------------------------------------------------------
+// Deterministic sums: per-block partial sums into a scratch buffer
+// [rows][cols], then blocks of reduce_partials add the rows in a fixed order.
+// No float atomics anywhere, so gradients are bitwise reproducible run to run.
+// ---------------------------------------------------------------------------
+
+// Where reduce_partials writes column c: out[c] below `split`, then
+// out_rest[c - split] (the weight gradient's columns, then the bias's).
+template <typename T>
+struct SumsOut {
+  T* out;
+  int split;
+  T* out_rest;
+  CAE_DEVICE T& at(int c) const { return c < split ? out[c] : out_rest[c - split]; }
+};
+
+// Partial sums to add: `blocks` blocks of 32 columns each (0: nothing to add).
+// A launch of their own (reduce_partials_kernel), or extra blocks at the end of
+// a correlation's grid: a layer's backward launches its weight gradient, then
+// its input gradient, whose extra blocks add the weight gradient's partials
+// (one launch fewer per layer, and the sums overlap the correlation).
+template <typename T, typename Acc>
+struct SumsJob {
+  using value_type = T;
+  using acc_type = Acc;
+  const Acc* partial;
+  int rows, cols;
+  SumsOut<T> out;
+  int blocks;
+};
+
+// One block of the sums: out[c] = sum_r partial[r][c] for its 32 columns
+// (coalesced), 8 thread rows each summing every 8th partial row in order,
+// then the 8 in order. `scratch` holds kWarps * 32 accumulators.
+template <typename T, typename Acc>
+CAE_DEVICE void reduce_partials_block(const SumsJob<T, Acc>& job, int block, Acc* scratch) {
+  const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
+  const int c = block * 32 + lane;
+  Acc s = Acc(0);
+  if (c < job.cols) {
+    for (int r = slice; r < job.rows; r += kWarps) s += job.partial[static_cast<index_t>(r) * job.cols + c];
+  }
+  scratch[slice * 32 + lane] = s;
+  __syncthreads();
+  if (slice == 0 && c < job.cols) {
+    Acc total = scratch[lane];
+    for (int k = 1; k < kWarps; ++k) total += scratch[k * 32 + lane];
+    job.out.at(c) = static_cast<T>(total);
+  }
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(SumsJob<T, Acc> job) {
+  __shared__ Acc scratch[kWarps * 32];
+  reduce_partials_block(job, blockIdx.x, scratch);
+}
+
+template <typename T, typename Acc>
+inline void launch_reduce_partials(const SumsJob<T, Acc>& job, cudaStream_t stream) {
+  const auto kernel = reduce_partials_kernel<T, Acc>;
+  CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(job.blocks)), kThreads, 0, stream, job);
+}
+
+// The blocks past a correlation's own `blocks` run `sums`; their dynamic
+// shared memory must hold the sums' scratch too.
+template <typename Acc>
+inline size_t smem_with_sums(size_t smem, int sums_blocks) {
+  const size_t scratch = sums_blocks > 0 ? kWarps * 32 * sizeof(Acc) : 0;
+  return smem > scratch ? smem : scratch;
+}
+
+// ---------------------------------------------------------------------------
 // correlate: out[n, co, oy, ox] = act(bias[co] + sum_{ci, ky, kx}
 //   gate(x)[n, ci, S*oy + ky - 1, S*ox + kx - 1] * w[co, ci, ky, kx])
 // ---------------------------------------------------------------------------
@@ -199,8 +270,12 @@ inline ConvPlan plan_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc)
 }
 
 template <typename T, typename Acc, int S, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a, ConvTiling t) {
+__global__ void __launch_bounds__(kThreads)
+    correlate_kernel(CorrelateArgs<T> a, ConvTiling t, SumsJob<T, Acc> sums) {
   CAE_DYNAMIC_SHARED(Acc, smem);
+  const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;
+  if (static_cast<int>(blockIdx.x) >= own_blocks)
+    return reduce_partials_block(sums, blockIdx.x - own_blocks, smem);
   Acc* w_s = smem;                       // [chunk][9][COB]
   Acc* in_s = smem + t.chunk * 9 * COB;  // [samples][chunk][in_rows][in_cols]
   const int tid = threadIdx.x;
@@ -255,61 +330,17 @@ __global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a,
 
 template <typename T, typename Acc>
 inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int stride, bool nhwc,
-                             cudaStream_t stream) {
+                             const SumsJob<T, Acc>& sums, cudaStream_t stream) {
   with_stride(stride, [&](auto s) {
     with_channel_block(a.C_out, [&](auto cob) {
       with_bool(nhwc, [&](auto layout) {
         const auto kernel =
             correlate_kernel<T, Acc, decltype(s)::value, decltype(cob)::value, decltype(layout)::value>;
-        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
+        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks + sums.blocks), kThreads,
+                   smem_with_sums<Acc>(p.smem, sums.blocks), stream, a, p.t, sums);
       });
     });
   });
-}
-
-// ---------------------------------------------------------------------------
-// Deterministic sums: per-block partial sums into a scratch buffer
-// [rows][cols], then one kernel adds the rows in a fixed order. No float
-// atomics anywhere, so gradients are bitwise reproducible run to run.
-// ---------------------------------------------------------------------------
-
-// Where reduce_partials writes column c: out[c] below `split`, then
-// out_rest[c - split] (the weight gradient's columns, then the bias's).
-template <typename T>
-struct SumsOut {
-  T* out;
-  int split;
-  T* out_rest;
-  CAE_DEVICE T& at(int c) const { return c < split ? out[c] : out_rest[c - split]; }
-};
-
-// out[c] = sum_r partial[r][c]: 32 columns per block (coalesced), 8 thread
-// rows each summing every 8th partial row in order, then the 8 in order.
-template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads)
-    reduce_partials_kernel(const Acc* __restrict__ partial, int rows, int cols, SumsOut<T> out) {
-  __shared__ Acc sums[kWarps][32];
-  const int lane = threadIdx.x % 32, slice = threadIdx.x / 32;
-  const int c = blockIdx.x * 32 + lane;
-  Acc s = Acc(0);
-  if (c < cols) {
-    for (int r = slice; r < rows; r += kWarps) s += partial[static_cast<index_t>(r) * cols + c];
-  }
-  sums[slice][lane] = s;
-  __syncthreads();
-  if (slice == 0 && c < cols) {
-    Acc total = sums[0][lane];
-    for (int k = 1; k < kWarps; ++k) total += sums[k][lane];
-    out.at(c) = static_cast<T>(total);
-  }
-}
-
-template <typename T, typename Acc>
-inline void launch_reduce_partials(const Acc* partial, int rows, int cols, SumsOut<T> out,
-                                   cudaStream_t stream) {
-  const auto kernel = reduce_partials_kernel<T, Acc>;
-  CAE_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(cols, 32))), kThreads, 0, stream, partial, rows,
-             cols, out);
 }
 
 // Warp sum in a fixed tree (lane 0 holds the result).

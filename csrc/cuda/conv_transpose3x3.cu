@@ -6,7 +6,9 @@
 
 namespace cae {
 
-void CudaKernels::correlate_transpose(const CorrelateParams& p) {
+void CudaKernels::correlate_transpose(const CorrelateParams& p) { correlate_transpose_then_sum(p, {}); }
+
+void CudaKernels::correlate_transpose_then_sum(const CorrelateParams& p, const cuda::PendingSums& sums) {
   const Tensor &out = p.out, &g = p.input, &w = p.weight;
   const OptTensor &g_gate = p.input_gate, &bias = p.bias;
   const int64_t stride = p.stride;
@@ -31,7 +33,8 @@ void CudaKernels::correlate_transpose(const CorrelateParams& p) {
     const auto plan = cuda::plan_correlate_transpose<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate_transpose");
     cuda::check_smem(plan.smem, "correlate_transpose");
-    cuda::launch_correlate_transpose<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc, stream);
+    cuda::launch_correlate_transpose<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
+                                                      sums.job<cuda::SumsJob<scalar_t, acc_t>>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -56,9 +56,12 @@ inline ConvPlan plan_correlate_transpose(const CorrelateTransposeArgs<T>& a, int
 
 template <typename T, typename Acc, int S, int COB, bool NHWC>
 __global__ void __launch_bounds__(kThreads)
-    correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t) {
+    correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t, SumsJob<T, Acc> sums) {
   static_assert(S == 1 || S == 2, "stride 1 or 2");
   CAE_DYNAMIC_SHARED(Acc, smem);
+  const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;  // then the sums' (SumsJob)
+  if (static_cast<int>(blockIdx.x) >= own_blocks)
+    return reduce_partials_block(sums, blockIdx.x - own_blocks, smem);
   Acc* w_s = smem;                       // [chunk][9][COB]
   Acc* in_s = smem + t.chunk * 9 * COB;  // [samples][chunk][in_rows][in_cols]
   const int tid = threadIdx.x;
@@ -136,13 +139,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename Acc>
 inline void launch_correlate_transpose(const CorrelateTransposeArgs<T>& a, const ConvPlan& p, int stride,
-                                       bool nhwc, cudaStream_t stream) {
+                                       bool nhwc, const SumsJob<T, Acc>& sums, cudaStream_t stream) {
   with_stride(stride, [&](auto s) {
     with_channel_block(a.C_b, [&](auto cob) {
       with_bool(nhwc, [&](auto layout) {
         const auto kernel = correlate_transpose_kernel<T, Acc, decltype(s)::value, decltype(cob)::value,
                                                        decltype(layout)::value>;
-        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
+        CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks + sums.blocks), kThreads,
+                   smem_with_sums<Acc>(p.smem, sums.blocks), stream, a, p.t, sums);
       });
     });
   });

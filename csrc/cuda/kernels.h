@@ -72,6 +72,32 @@ inline at::Tensor scratch(const at::Tensor& like, int64_t rows, int64_t cols) {
   return like.new_empty({rows, cols}, like.options().dtype(c10::CppTypeToScalarType<Acc>::value));
 }
 
+// A weight gradient's per-block partial sums, not yet added: conv_backward
+// hands them to the input gradient's launch (SumsJob in conv3x3_kernels.cuh),
+// weight_grad to a launch of their own. Type-erased between the two dtype
+// dispatches.
+struct PendingSums {
+  at::Tensor partial;      // [rows, columns] in the accumulation type; undefined: none
+  at::Tensor grad_weight;  // columns [0, grad_weight.numel())
+  at::Tensor grad_bias;    // the rest
+
+  // The kernels' view, a SumsJob<T, Acc> (raw pointers; no blocks when none).
+  template <class Job>
+  Job job() const {
+    using T = typename Job::value_type;
+    using Acc = typename Job::acc_type;
+    if (!partial.defined()) return Job{};
+    const int rows = to_int(partial.size(0), "partial rows"),
+              cols = to_int(partial.size(1), "partial columns");
+    return Job{partial.const_data_ptr<Acc>(),
+               rows,
+               cols,
+               {grad_weight.mutable_data_ptr<T>(), to_int(grad_weight.numel(), "weight size"),
+                grad_bias.mutable_data_ptr<T>()},
+               (cols + 31) / 32};  // blocks of 32 columns
+  }
+};
+
 }  // namespace cuda
 
 struct CudaKernels {
@@ -81,6 +107,13 @@ struct CudaKernels {
     return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
   }
   CAE_BACKEND_KERNELS
+
+ private:
+  // weight_grad up to its partial sums, and the correlations with extra
+  // blocks that add pending sums (none: the plain op).
+  static cuda::PendingSums weight_grad_partials(const WeightGradParams& p);
+  static void correlate_then_sum(const CorrelateParams& p, const cuda::PendingSums& sums);
+  static void correlate_transpose_then_sum(const CorrelateParams& p, const cuda::PendingSums& sums);
 };
 
 }  // namespace cae

@@ -98,23 +98,8 @@ void Kernels::conv_backward(const ConvBackwardParams& p) {
   if (!p.transposed && !p.nhwc) {
     // NCHW: the input gradient pads g channel by channel, the weight gradient
     // wants it position by position; nothing to share, so the two kernels.
-    correlate_transpose({.out = p.grad_input,
-                         .input = p.grad_output,
-                         .input_gate = p.relu_output,
-                         .weight = p.weight,
-                         .bias = std::nullopt,
-                         .stride = p.stride,
-                         .relu = false,
-                         .nhwc = false});
-    weight_grad({.grad_weight = p.grad_weight,
-                 .grad_bias = p.grad_bias,
-                 .small = p.grad_output,
-                 .small_gate = p.relu_output,
-                 .large = p.input,
-                 .large_gate = std::nullopt,
-                 .stride = p.stride,
-                 .nhwc = false,
-                 .grad_output_is_large = false});
+    correlate_transpose(p.input_grad());
+    weight_grad(p.weight_and_bias_grad());
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_conv_backward_cpu", [&] {
