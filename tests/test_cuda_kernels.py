@@ -81,5 +81,6 @@ def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backe
         grad_input = backend.ops.conv3x3_grad_input(g, g, w, x, stride)
         grad_weight, grad_bias = backend.ops.conv3x3_grad_weight(g, g, x, stride)
     ours = whole(g, g, w, x, stride)
-    for got, separate, what in zip(ours, (grad_input, grad_weight, grad_bias), ("input", "weight", "bias")):
-        assert torch.equal(got, separate), f"{what} gradient differs from the separate op's"
+    separate = (grad_input, grad_weight, grad_bias)
+    for got, expected, what in zip(ours, separate, ("input", "weight", "bias"), strict=True):
+        assert torch.equal(got, expected), f"{what} gradient differs from the separate op's"
