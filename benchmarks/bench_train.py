@@ -1,7 +1,8 @@
 """The whole training step (forward, loss, backward, Adam) as ``cae train`` runs it:
 our kernels (backend="cae") against the same network from torch.nn layers, eager and
-under torch.compile, both layouts; with each step's peak memory; and one training
-epoch over the bundled sample."""
+under torch.compile, both layouts; on CUDA also our kernels' step from a CUDA graph, as
+``cae train`` runs it there; with each step's peak memory; and one training epoch over
+the bundled sample."""
 
 import json
 import subprocess
@@ -26,6 +27,7 @@ IMPLS = {
     "torch": ("torch", None),
     "torch-compile": ("torch", "default"),
     "torch-compile-reduce-overhead": ("torch", "reduce-overhead"),
+    "cae-graph": ("cae", None),  # CUDA only: the step captured in a CUDA graph (train.GraphedStep)
 } | {f"cae@{level}": ("cae", None) for level in LOWER_CPU_LEVELS}
 LAYOUTS = ("nchw", "nhwc")
 
@@ -47,15 +49,28 @@ def make_step(model_name, impl, layout, batch, device):
         x = (images[index].to(torch.float32) / 255.0).reshape(batch, 1, 28, 28).to(device)
         batches.append((x,))
 
-    def step(x):
-        train._train_step(model, optimizer, weights, x, x, config.weight_decay)
+    def step(x, target):
+        return train._train_step(model, optimizer, weights, x, target, config.weight_decay)
 
-    return step, batches
+    if impl.endswith("-graph"):  # as the trainer: fused, capturable Adam, its learning rate a tensor
+        train._make_capturable(optimizer, torch.tensor(config.learning_rate, device=device))
+        step = train.GraphedStep(step, train.CudaGraph(device), batch,
+                                 release_grads=lambda: optimizer.zero_grad(set_to_none=True))
+    return (lambda x: step(x, x)), batches
+
+
+def prepare(step, impl, inputs):
+    """Compiles, or warms up and captures, outside the timing: the calls before a replay."""
+    if impl.startswith("torch-compile") or impl.endswith("-graph"):
+        for i in range(train.WARMUP_STEPS + 1):
+            step(*inputs[i % len(inputs)])
 
 
 def skip_unless_applicable(settings, model_name, impl, layout):
     if "@" in impl and settings.device.type != "cpu":
         pytest.skip("CPU levels apply to the CPU kernels")
+    if impl.endswith("-graph") and settings.device.type != "cuda":
+        pytest.skip("CUDA graphs need --device cuda")
     if model_name == "fc" and (impl.startswith("cae") or layout == "nhwc"):
         pytest.skip("the FC autoencoder has no convolutions: one layout, PyTorch's linear layers")
     if settings.quick and impl.startswith("torch-compile") and (model_name, layout, impl) != ("conv-pool", "nchw", "torch-compile"):
@@ -64,14 +79,17 @@ def skip_unless_applicable(settings, model_name, impl, layout):
 
 def peak_memory_bytes(settings, model_name, impl, layout, batch):
     """Peak memory of a training step beyond what the model, data and optimizer hold.
-    GPU: the caching allocator's peak. CPU: the peak resident set of a fresh process
-    during a few steps, above its resident set before them."""
+    GPU: the caching allocator's peak (a graphed step's: of the warm-up, the capture and
+    a replay). CPU: the peak resident set of a fresh process during a few steps, above
+    its resident set before them."""
     if settings.device.type == "cuda":
         step, inputs = make_step(model_name, impl, layout, batch, settings.device)
         step(*inputs[0])
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        if impl.endswith("-graph"):
+            prepare(step, impl, inputs)
         step(*inputs[1])
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
@@ -86,9 +104,7 @@ def peak_memory_bytes(settings, model_name, impl, layout, batch):
 def test_train_step(benchmark, settings, batch, model_name, impl, layout):
     skip_unless_applicable(settings, model_name, impl, layout)
     step, inputs = make_step(model_name, impl, layout, batch, settings.device)
-    if impl.startswith("torch-compile"):
-        for x in inputs:  # compile outside the timing
-            step(*x)
+    prepare(step, impl, inputs)
     benchmark.group = f"train step {model_name} batch {batch}"
     benchmark.extra_info.update(
         kind="train", model=model_name, impl=impl, layout=layout, batch=batch, device=settings.device.type,

@@ -241,3 +241,28 @@ def test_an_unwritable_output_is_one_error_line(trained, tmp_path, capsys):
     assert main(["reconstruct", "--model-dir", str(trained[0]), "--output", str(afile / "r.png")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cae reconstruct: error: ") and err.count("\n") == 1 and str(afile) in err
+
+
+def test_the_cuda_graph_flag(tmp_path, capsys, monkeypatch):
+    parse = build_parser().parse_args
+    assert parse(["train"]).cuda_graph is None  # the trainer decides: on with CUDA and one process
+    assert parse(["train", "--cuda-graph"]).cuda_graph is True
+    assert parse(["train", "--no-cuda-graph"]).cuda_graph is False
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--cuda-graph, --no-cuda-graph" in capsys.readouterr().out
+
+    # Forced on without CUDA: one error line, nothing written.
+    assert main(["train", "--model-dir", str(tmp_path / "run"), "--device", "cpu", "--cuda-graph"]) == 1
+    err = capsys.readouterr().err
+    assert "--cuda-graph needs a CUDA device; this run's device is cpu" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+    # The flag reaches train().
+    import cae_kernels.app.cli as cli
+
+    given = []
+    monkeypatch.setattr(cli, "train", lambda *args, **kwargs: given.append(kwargs["cuda_graph"]))
+    for flags in ([], ["--cuda-graph"], ["--no-cuda-graph"]):
+        assert main(["train", "--model-dir", str(tmp_path / "run"), *flags]) == 0
+    assert given == [None, True, False]

@@ -3,9 +3,13 @@ kernels, bitwise determinism of the model's step, 2048-image weight gradients, 6
 offsets, streams and the device guard, device mismatches. Every op against cuDNN is
 the op suite's ``cuda`` backend (test_ops.py, test_cuda_kernels.py).
 
+And `cae train`'s step captured in a CUDA graph against the eager step.
+
 Skipped without a CUDA GPU or without the CUDA kernels built; scripts/gpu_check.sh is
 the script that runs it on a GPU machine.
 """
+
+import io
 
 import pytest
 import torch
@@ -141,3 +145,32 @@ def test_device_mismatch_is_named():
     x = torch.randn(2, 3, 8, 8, device="cuda")
     with pytest.raises(RuntimeError, match=r"weight is on device cpu but input is on device cuda:0"):
         cae_kernels.conv3x3(x, torch.randn(4, 3, 3, 3))
+
+
+@pytest.mark.parametrize("backend", ["cae", "torch"])
+def test_the_graphed_training_step_gives_the_eager_losses(tmp_path, monkeypatch, backend):
+    """`cae train` on CUDA, the step from a CUDA graph (the default) against --no-cuda-graph:
+    3 epochs of 3 batches of 64 and one of 8, so 3 warm-up steps, the capture, 6 replays
+    and a short batch in every epoch run eagerly. The same kernels in the same order;
+    only Adam's learning rate is a device tensor instead of a number, so losses and
+    weights agree to 1e-4 relative (float32 rounding of the step size, at most)."""
+    from cae_kernels.app import training
+
+    replays, real_replay = [], training.CudaGraph.replay
+
+    def counted(self):
+        replays.append(1)
+        return real_replay(self)
+
+    monkeypatch.setattr(training.CudaGraph, "replay", counted)
+    options = dict(backend=backend, device="cuda", limit=200, batch_size=64, epochs=3, noise_factor=0.2,
+                   log_every=1, out=io.StringIO(), progress=False)
+    eager = training.train(tmp_path / "eager", cuda_graph=False, **options)
+    assert not replays
+    graphed = training.train(tmp_path / "graphed", **options)  # capturing the ops would fail on a host sync
+    assert len(replays) == 6 and graphed.step == eager.step == 12
+    for key in ("train_loss", "eval_loss", "eval_rmse"):
+        got, expected = ([h[key] for h in r.history] for r in (graphed, eager))
+        assert got == pytest.approx(expected, rel=1e-4), key
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(graphed.model.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=name)

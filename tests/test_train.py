@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import cae_kernels.app.training as training
 from cae_kernels.app import build_model, checkpoints, evaluate, evaluation, load_model, train
 from cae_kernels.app.data import Split, load_data
+from cae_kernels.app.distributed import World
 from cae_kernels.app.models import ConvAutoencoder
 from cae_kernels.app.rundir import Config, ConfigError, atomic_write
 
@@ -383,3 +384,96 @@ def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"afile is a file, not a directory"):
         load_model(afile)
     assert afile.read_text() == "mine"
+
+
+# --- the step from a CUDA graph: its logic on the CPU, with DirectCalls for the graph -------------------------
+
+
+def test_when_the_step_is_graphed():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    one, two = World(), World(rank=0, size=2)
+    assert training._use_cuda_graph(None, cuda, one)  # the default on CUDA
+    assert not training._use_cuda_graph(None, cpu, one) and not training._use_cuda_graph(None, cuda, two)
+    assert not training._use_cuda_graph(False, cuda, one) and not training._use_cuda_graph(False, cpu, one)
+    assert training._use_cuda_graph(True, cuda, one)
+    with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA device; this run's device is cpu"):
+        training._use_cuda_graph(True, cpu, one)
+    with pytest.raises(ConfigError, match="not supported with 2 torchrun processes"):
+        training._use_cuda_graph(True, cuda, two)
+
+
+def _steps(batches, graphed):
+    """Losses of Adam steps on ``batches`` (x, target): eagerly, or through a GraphedStep
+    over DirectCalls; and the inputs each call of the step function got."""
+    torch.manual_seed(0)
+    model = ConvAutoencoder(backend="torch")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen = []
+
+    def step(x, target):
+        seen.append(x)
+        return training._train_step(model, optimizer, model.weights(), x, target, 1e-5)
+
+    if graphed:
+        step = training.GraphedStep(step, training.DirectCalls(), batch=16,
+                                    release_grads=lambda: optimizer.zero_grad(set_to_none=True), warmup=2)
+    return [step(x, target)[0].item() for x, target in batches], seen
+
+
+def test_the_graphed_step_gives_the_eager_losses():
+    """Two warm-up steps, the capture on static buffers, replays with each batch copied in,
+    and the short batch eager: the losses of eager steps, bit for bit (the same ops)."""
+    images = load_data().train.images[:16 * 6 + 5].float() / 255
+    batches = [(images[i:i + 16], images[i:i + 16]) for i in range(0, len(images), 16)]  # 6 of 16, 1 of 5
+    batches = batches[:3] + batches[-1:] + batches[3:]  # a short batch before the capture too
+    eager, _ = _steps(batches, graphed=False)
+    graphed, seen = _steps(batches, graphed=True)
+    assert graphed == eager
+    # Calls: 2 warm-ups on the batches, the capture's replay on the static buffers, the short
+    # batch eagerly, 3 replays, the short batch eagerly.
+    static = seen[2]
+    assert seen[0] is batches[0][0] and seen[1] is batches[1][0] and static is not batches[2][0]
+    assert seen[3] is batches[3][0] and len(seen[3]) == 5
+    assert all(x is static for x in seen[4:7]) and seen[7] is batches[7][0] and len(seen) == 8
+
+
+def _graphed_on_the_cpu(monkeypatch):
+    """The trainer's graphed path on the CPU: DirectCalls instead of a CUDA graph."""
+    monkeypatch.setattr(training, "_use_cuda_graph", lambda requested, device, world: True)
+    monkeypatch.setattr(training._Trainer, "new_graph", lambda self: training.DirectCalls())
+
+
+def test_the_graphed_trainer_logic_on_the_cpu(tmp_path, monkeypatch):
+    """With the graph's twin: the losses of eager training (to the float rounding of the
+    fused Adam it takes), a checkpoint as an eager run writes it, and bitwise resume."""
+    options = dict(TINY, limit=200, epochs=3)  # 3 batches of 64 and one of 8 an epoch: captured in epoch 2
+    eager = run(tmp_path / "eager", **options)
+    _graphed_on_the_cpu(monkeypatch)
+    whole = run(tmp_path / "whole", **options)
+    for key in ("train_loss", "eval_loss", "eval_rmse"):
+        got, expected = ([h[key] for h in r.history] for r in (whole, eager))
+        assert got == pytest.approx(expected, rel=1e-5), key
+    assert whole.step == 12
+    group = state(tmp_path / "whole")["optimizer"]["param_groups"][0]
+    assert group["lr"] == 1e-3 and type(group["lr"]) is float and group["capturable"] is False
+
+    run(tmp_path / "split", **{**options, "epochs": 2})  # 2 warm-ups, capture; then again after the resume
+    resumed = run(tmp_path / "split", **options)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+
+
+def test_the_graphed_learning_rate_follows_the_schedule(tmp_path, monkeypatch):
+    """The learning rate is a tensor the graph reads, filled when the schedule changes it."""
+    _graphed_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(training, "LR_DECAY_STEPS", 2)
+    rates, real_step = [], training._train_step
+
+    def spy(model, optimizer, *args):
+        (group,) = optimizer.param_groups
+        rates.append(group["lr"].item())
+        return real_step(model, optimizer, *args)
+
+    monkeypatch.setattr(training, "_train_step", spy)
+    run(tmp_path / "run", **dict(TINY, limit=320, epochs=1))  # 5 steps: 3 warm-up, 2 replayed
+    assert rates == pytest.approx([1e-3, 1e-3, 0.96e-3, 0.96e-3, 0.96 ** 2 * 1e-3], rel=1e-6)

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--log-every", type=_positive_int, default=10, metavar="STEPS",
                        help="write train scalars to TensorBoard every STEPS steps (default: 10)")
     hyper.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal)")
+    hyper.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                       help="run the training step from a CUDA graph captured after a few eager steps: "
+                            "the step's kernels launch as one graph, not one by one from Python; an error "
+                            "without CUDA or under torchrun (default: on with a CUDA device and one process)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
@@ -188,7 +192,7 @@ _TRAIN_OPTIONS = ("model", "filters", "downsample", "hidden", "dropout", "epochs
 def _train(args) -> int:
     options = {name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None}
     train(args.model_dir, progress=not args.no_progress, log_every=args.log_every,
-          keep_checkpoints=args.keep_checkpoints, **options)
+          keep_checkpoints=args.keep_checkpoints, cuda_graph=args.cuda_graph, **options)
     return 0
 
 

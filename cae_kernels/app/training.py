@@ -5,7 +5,8 @@ checkpoint (``checkpoints``) and ends with the same weights, bit for bit on the 
 one uninterrupted run: the checkpoint holds the model, optimizer, step, epoch, the RNG
 states (data order, noise, dropout) and the per-epoch history.  One trainer at a time
 holds a directory (``rundir.lock``).  Under ``torchrun`` training is data parallel
-(``distributed``); rank 0 alone writes files.
+(``distributed``); rank 0 alone writes files.  On CUDA with one process the step runs
+from a CUDA graph captured after a few eager steps (``GraphedStep``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from .evaluation import build_model, encode_split, evaluate, noisy, parameter_ta
 from .rundir import Config, ConfigError, resolve_config
 from .summaries import Writers, save_frame, write_pictures
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["CudaGraph", "DirectCalls", "GraphedStep", "TrainResult", "train"]
 
 LR_DECAY_RATE = 0.96
 LR_DECAY_STEPS = 1000
 GRID_IMAGES = 10
 EMBEDDING_POINTS = 1000
+WARMUP_STEPS = 3  # eager steps before the capture, as PyTorch's whole-network example takes
 
 
 @dataclass
@@ -75,6 +77,130 @@ def _train_step(model, optimizer, weights, x, target, weight_decay) -> tuple[tor
     return loss.detach(), rmse, grad_norm
 
 
+def _use_cuda_graph(requested: bool | None, device: torch.device, world: World) -> bool:
+    """Whether the training step runs from a CUDA graph: ``requested`` True (``--cuda-graph``),
+    False (``--no-cuda-graph``) or None (the default: on CUDA, one process)."""
+    if requested is False:
+        return False
+    if device.type != "cuda":
+        if requested:
+            raise ConfigError(f"--cuda-graph needs a CUDA device; this run's device is {device} "
+                              f"(leave --cuda-graph out, or pass --device cuda)")
+        return False
+    if world.size > 1:
+        if requested:
+            raise ConfigError(f"--cuda-graph is not supported with {world.size} torchrun processes "
+                              f"(DistributedDataParallel's steps run eagerly); leave it out")
+        return False
+    return True
+
+
+class CudaGraph:
+    """One function's CUDA work captured once and replayed (``torch.cuda.CUDAGraph``), as
+    PyTorch's notes on whole-network capture prescribe: warm-up calls on a side stream
+    (lazy initialization and the allocator's first blocks happen outside the capture),
+    then the capture on that stream.  ``DirectCalls`` is its eager twin."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.outputs = None
+
+    def warm_up(self, fn):
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                result = fn()
+            current.wait_stream(self.stream)
+        return result
+
+    def capture(self, fn) -> None:
+        """Records ``fn``'s work without running it; ``replay`` runs it."""
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=self.stream):
+            self.outputs = fn()
+
+    def replay(self):
+        """Runs the captured work on the current stream; returns the captured outputs,
+        the same tensors every time, overwritten by each replay."""
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+        return self.outputs
+
+
+class DirectCalls:
+    """``CudaGraph``'s eager twin: ``capture`` keeps the function, ``replay`` calls it.
+    With it the graphed step's logic runs where no GPU is (the tests)."""
+
+    def __init__(self):
+        self.fn = None
+
+    def warm_up(self, fn):
+        return fn()
+
+    def capture(self, fn) -> None:
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
+
+
+class GraphedStep:
+    """``step(x, target)`` run from a captured graph: ``graph`` is a ``CudaGraph`` (or its
+    twin ``DirectCalls``).
+
+    The first ``warmup`` batches of ``batch`` images run eagerly through
+    ``graph.warm_up``.  At the next one the step is captured once on static input and
+    target buffers, after ``release_grads`` (the gradients set to None, so that the
+    captured backward allocates them from the graph's own memory), and replayed; every
+    later batch of ``batch`` images is copied into the buffers and replayed.  A batch of
+    another size (an epoch's short last batch, which the loader keeps) runs eagerly.
+    """
+
+    def __init__(self, step, graph, batch: int, release_grads, warmup: int = WARMUP_STEPS):
+        self.step, self.graph, self.batch, self.release_grads, self.warmup = step, graph, batch, release_grads, warmup
+        self.warmed = 0
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None  # input, target: set at the capture
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor):
+        if len(x) != self.batch:
+            return self.step(x, target)
+        if self.static is None:
+            if self.warmed < self.warmup:
+                self.warmed += 1
+                return self.graph.warm_up(lambda: self.step(x, target))
+            self.static = (torch.empty_like(x), torch.empty_like(target))
+            self.release_grads()
+            self.graph.capture(lambda: self.step(*self.static))
+        self.static[0].copy_(x)
+        self.static[1].copy_(target)
+        return self.graph.replay()
+
+
+def _make_capturable(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
+    """Adam for a captured step: capturable and fused, its step counts on the device, the
+    learning rate ``lr``, a device tensor the schedule fills in place (a number would be
+    fixed in the graph).  After ``load_state_dict``, whose saved groups replace these
+    settings and whose state tensors are new ones: so before the capture."""
+    for group in optimizer.param_groups:
+        group.update(capturable=True, fused=True, lr=lr)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, lr: float) -> dict:
+    """The optimizer's state_dict as an eager run writes it: the learning rate a number,
+    not capturable (a graphed run's own settings, made again when it resumes)."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group.update(lr=lr, capturable=False)
+    return state
+
+
 def _rng_state(noise: torch.Generator, device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "noise": noise.get_state()}
     if device.type == "cuda":
@@ -91,8 +217,12 @@ def _set_rng_state(state: dict, noise: torch.Generator, device: torch.device) ->
 
 def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
           keep_checkpoints: int = checkpoints.DEFAULT_KEEP, dataset: Dataset | None = None,
-          **options) -> TrainResult:
+          cuda_graph: bool | None = None, **options) -> TrainResult:
     """Train (or resume training) the run in ``model_dir``; ``options`` are ``Config`` fields.
+
+    ``cuda_graph``: run the step from a CUDA graph captured after ``WARMUP_STEPS`` eager
+    steps (None, the default: on CUDA with one process; True where that is not possible
+    is a ``ConfigError``).
 
     Only the options given explicitly are checked against an existing run's stored
     configuration.  Writes config, checkpoints (the last ``keep_checkpoints``), event
@@ -108,10 +238,12 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
     try:
         if config.batch_size % world.size:
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the {world.size} processes")
+        graphed = _use_cuda_graph(cuda_graph, device, world)
         data = dataset if dataset is not None else load_data(config.data_dir)
         with rundir.lock(model_dir) if world.main else contextlib.nullcontext():
             config, _ = resolve_config(model_dir, options)  # again, now that no other trainer can write it
-            trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout)
+            trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout,
+                               graphed)
             return trainer.run(progress, log_every, keep_checkpoints)
     finally:
         world.leave()
@@ -121,9 +253,9 @@ class _Trainer:
     """One call of ``train``: the model, optimizer and generators, restored, then the epochs."""
 
     def __init__(self, model_dir: Path, config: Config, world: World, device: torch.device, data: Dataset,
-                 out):
-        self.model_dir, self.config, self.world, self.device, self.data, self.out = (
-            model_dir, config, world, device, data, out)
+                 out, graphed: bool = False):
+        self.model_dir, self.config, self.world, self.device, self.data, self.out, self.graphed = (
+            model_dir, config, world, device, data, out, graphed)
         self.train_split = data.train.head(config.limit)
         self.eval_split = data.eval.head(config.limit)
         torch.manual_seed(config.seed)
@@ -136,6 +268,10 @@ class _Trainer:
         # On CUDA the fused Adam: one kernel for every parameter instead of a few per tensor.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                           fused=True if device.type == "cuda" else None)
+        self.lr = config.learning_rate  # the learning rate of the last step, as set
+        self.lr_tensor: torch.Tensor | None = None  # graphed: Adam's learning rate on the device
+        # The epoch's summed loss, on the device (a graphed step adds to it: one tensor for the run).
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.step, self.epoch, self.history = 0, 0, []
         self.saved: tuple[Path, int, int] | None = None  # the newest checkpoint on disk: path, epoch, step
 
@@ -176,7 +312,38 @@ class _Trainer:
                  f"memory format: {config.memory_format}, device: {self.device}"
                  + (f" (CPU kernels: {cae_kernels.cpu_capability()})" if uses_cpu_kernels else "")
                  + (f", {world.size} processes" if world.size > 1 else ""))
+        if self.device.type == "cuda":
+            self.say(f"CUDA graph: the step is captured after {WARMUP_STEPS} eager steps (--no-cuda-graph: eager)"
+                     if self.graphed else "CUDA graph: off, eager steps")
         self.say(parameter_table(self.model))
+
+    def step_runner(self, net: nn.Module):
+        """The training step, ``(x, target) -> (loss, rmse, grad_norm)``, its loss added to
+        ``loss_sum``: eager, or graphed (a ``GraphedStep``, set up after ``restore``)."""
+        config = self.config
+
+        def step(x, target):
+            loss, rmse, grad_norm = _train_step(net, self.optimizer, self.weights, x, target, config.weight_decay)
+            self.loss_sum += loss * len(target)  # no host sync: read at the epoch's end
+            return loss, rmse, grad_norm
+
+        if not self.graphed:
+            return step
+        self.lr_tensor = torch.tensor(self.lr, dtype=torch.float32, device=self.device)
+        _make_capturable(self.optimizer, self.lr_tensor)
+        return GraphedStep(step, self.new_graph(), config.batch_size,
+                           release_grads=lambda: self.optimizer.zero_grad(set_to_none=True))
+
+    def new_graph(self):
+        return CudaGraph(self.device)
+
+    def set_learning_rate(self, lr: float) -> None:
+        if self.lr_tensor is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        elif lr != self.lr:
+            self.lr_tensor.fill_(lr)  # in place: the graph reads this tensor
+        self.lr = lr
 
     def run(self, progress: bool, log_every: int, keep: int) -> TrainResult:
         config, world = self.config, self.world
@@ -192,11 +359,12 @@ class _Trainer:
         if world.size > 1:
             net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        step = self.step_runner(net)
         writers = Writers(self.model_dir, self.step if self.step else None) if world.main else None
         try:
             for epoch in range(self.epoch + 1, config.epochs + 1):
                 self.epoch = epoch
-                record = self.train_epoch(net, writers, progress and world.main, log_every)
+                record = self.train_epoch(net, step, writers, progress and world.main, log_every)
                 self.end_epoch(record, writers, keep)
             if world.main:
                 codes_split = self.eval_split.head(EMBEDDING_POINTS)
@@ -214,7 +382,7 @@ class _Trainer:
                 writers.close()
         return TrainResult(self.model.eval(), config, self.history, self.step)
 
-    def train_epoch(self, net: nn.Module, writers: Writers | None, progress: bool, log_every: int) -> dict:
+    def train_epoch(self, net: nn.Module, step, writers: Writers | None, progress: bool, log_every: int) -> dict:
         """One pass over the shuffled training split; returns the epoch's record (without eval)."""
         config, world, split = self.config, self.world, self.train_split
         net.train()
@@ -224,7 +392,8 @@ class _Trainer:
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {self.epoch}/{config.epochs}", unit="step",
                    leave=False, file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
         order = torch.randperm(len(split), generator=self.order_generator)
-        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=self.device), 0  # summed on the device
+        self.loss_sum.zero_()
+        seen = 0
         with bar:
             for index, start in enumerate(range(0, len(order), config.batch_size), 1):
                 batch = order[start:start + config.batch_size]
@@ -232,13 +401,9 @@ class _Trainer:
                     continue  # too few for every rank to get one; skipped on all ranks alike
                 target = scaled(split.images[batch[world.rank::world.size]], self.device)
                 lr = _learning_rate(config, self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss, rmse, grad_norm = _train_step(net, self.optimizer, self.weights,
-                                                    noisy(target, config.noise_factor, self.noise_generator),
-                                                    target, config.weight_decay)
+                self.set_learning_rate(lr)
+                loss, rmse, grad_norm = step(noisy(target, config.noise_factor, self.noise_generator), target)
                 self.step += 1
-                loss_sum += loss * len(target)  # no host sync: read at the epoch's end
                 seen += len(target)
                 rate = seen * world.size / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} img/s", refresh=False)
@@ -247,7 +412,8 @@ class _Trainer:
                     writers.train_scalars(self.step, loss=loss.item(), rmse=rmse.item(), learning_rate=lr,
                                           grad_norm=grad_norm.item())
         seconds = time.perf_counter() - started
-        return {"epoch": self.epoch, "step": self.step, "train_loss": mean_over_ranks(loss_sum.item(), seen, world),
+        return {"epoch": self.epoch, "step": self.step,
+                "train_loss": mean_over_ranks(self.loss_sum.item(), seen, world),
                 "learning_rate": _learning_rate(config, self.step), "seconds": seconds,
                 "images_per_second": len(split) / seconds}
 
@@ -266,7 +432,7 @@ class _Trainer:
         save_frame(self.model_dir, epoch, rows)
         path = checkpoints.save(self.model_dir, {
             "config": config.to_json(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "step": step, "epoch": epoch,
+            "optimizer": _optimizer_state(self.optimizer, self.lr), "step": step, "epoch": epoch,
             "history": self.history, "rng": rng}, keep)
         self.saved = (path, epoch, step)
         write_pictures(self.model_dir, self.history)
