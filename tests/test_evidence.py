@@ -288,3 +288,55 @@ def test_count_launches_script(capsys):
     assert count_launches.main(["--model", "pool", "--budget", str(total - 1)]) == 1
     assert count_launches.main(["--model", "pool", "--budget", f"pool={total}", "--budget", "stride=1"]) == 0
     assert count_launches.main(["--model", "pool", "--budget", f"pool={total - 1}"]) == 1
+
+
+# --- scripts/kernel_notes.py ---------------------------------------------------------
+
+
+def test_kernel_notes_model_of_a_step(sim):
+    kernel_notes = load_script("kernel_notes")
+    sass = kernel_notes.load_sass_report()
+    shorten = kernel_notes._sass_report_module().shorten
+    model, calls = kernel_notes.record_step("pool", torch.contiguous_format, batch_size=4)
+    rows = kernel_notes.model_step(calls, sass, shorten)
+    count_launches = load_script("count_launches")
+    assert len(rows) == sum(count_launches.count_step("pool", batch_size=4).values())
+    layers = {name.rsplit(".", 1)[-1] for name in model._specs}
+    assert {r.layer.rsplit(".", 1)[-1] for r in rows} == layers  # every launch has its layer
+    forward = next(r for r in rows if r.layer.endswith("conv1_2") and r.op == "conv3x3")
+    # conv1_2: 16 -> 16 channels at 28 x 28: input, weight, bias read, output written
+    activation = 4 * 16 * 28 * 28 * 4
+    assert forward.est.bytes == 2 * activation + (16 * 16 * 9 + 16) * 4
+    assert forward.est.flops == 2 * 9 * 16 * 16 * 4 * 28 * 28
+    assert forward.est.outputs == 4 * 16 * 28 * 28
+    assert forward.time > kernel_notes.LAUNCH_US * 1e-6
+    assert forward.per_sm >= 1 and forward.registers == sass[forward.kernel][0]
+
+
+def test_kernel_notes_bias_grad_and_reduction(sim):
+    kernel_notes = load_script("kernel_notes")
+    g = torch.randn(3, 5, 6, 7)
+    with sim.record_launches() as recorder, kernel_notes._OpRecorder(recorder) as mode:
+        grad_bias = sim.ops.bias_grad(g, None)
+    torch.testing.assert_close(grad_bias, g.sum((0, 2, 3)))
+    (call,) = mode.calls
+    rows = kernel_notes.model_step(mode.calls, kernel_notes.load_sass_report(),
+                                   kernel_notes._sass_report_module().shorten)
+    bias, reduce = rows
+    chunks = call.launches[0].grid[0]
+    assert bias.est.bytes == g.numel() * 4 + chunks * 5 * 4  # g read, the partials written
+    assert reduce.est.bytes == chunks * 5 * 4 + 5 * 4  # the partials read, the sum written
+
+
+def test_kernel_notes_splice_and_check(tmp_path, monkeypatch):
+    kernel_notes = load_script("kernel_notes")
+    doc = tmp_path / "kernels.md"
+    doc.write_text(f"# prose\n\n{kernel_notes.BEGIN}\nold\n{kernel_notes.END}\n\nmore prose\n")
+    monkeypatch.setattr(kernel_notes, "DOC", doc)
+    monkeypatch.setattr(kernel_notes, "ROOT", tmp_path)
+    generated = f"{kernel_notes.BEGIN}\nnew table\n{kernel_notes.END}\n"
+    monkeypatch.setattr(kernel_notes, "generate", lambda: generated)
+    assert kernel_notes.main(["--check"]) == 1
+    assert kernel_notes.main([]) == 0
+    assert doc.read_text() == f"# prose\n\n{generated}\nmore prose\n"
+    assert kernel_notes.main(["--check"]) == 0
