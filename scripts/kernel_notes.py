@@ -77,9 +77,11 @@ Per launch:
 - *instr/output*: warp instructions x 32 / output elements, from the kernel's loop
   structure: the inner loop's FFMA and shared loads (input tap: 1 load, stride-2 correlate
   2 wavefronts for its 2-way bank conflict; weights: one broadcast load per 4 output
-  channels), and for the convolution kernels the staging of their shared memory (its
-  dynamic size read as elements, one pass; {STAGE_INSTRUCTIONS} instructions per staged
-  element). The weight gradient's staging is not counted (a lower bound).
+  channels), and for the convolution kernels the staging of their shared memory (the
+  tile's input window and weights, every input channel once; {STAGE_INSTRUCTIONS}
+  instructions per staged element). The weight gradient's staging is not counted (a lower
+  bound). *instr/output* of `weight_grad` is per gradient element: a reduction over all
+  positions of the batch.
 - *time* = max(t mem / SM fill, max(t issue, t shared) / wave efficiency) + {LAUNCH_US:.0f} us
   per launch, where t mem = bytes / ({HBM_FRACTION:.0%} of HBM), t issue = warp instructions /
   ({ISSUE_PER_CLOCK} x {SMS} x clock), t shared = wavefronts / ({LDS_PER_CLOCK} x {SMS} x
@@ -273,7 +275,7 @@ def estimate(call, launch, index_in_op):
             input_wavefronts = taps
         weight_loads = taps * math.ceil(cob / 4)
         per_channel_issue = taps * cob + taps + weight_loads + 2
-        staged = launch.shared_bytes / acc_bytes  # every element of the pass's shared memory
+        staged = c_in * _staged_per_channel(launch, family, stride, cob, out, acc_bytes)
         e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS
         e.wavefronts = warps * c_in * (input_wavefronts + weight_loads) + launch.blocks * staged / 32
     elif family == "weight_grad":
@@ -312,6 +314,37 @@ def estimate(call, launch, index_in_op):
     else:
         raise SystemExit(f"kernel_notes: no model for kernel {launch.kernel} (add one)")
     return e
+
+
+def _pow2_at_least(n, lo, hi):
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def _staged_per_channel(launch, family, stride, cob, out, acc_bytes):
+    """Shared-memory elements a convolution block stages per input channel: the tile's
+    input window (odd plane stride) in each of its images, and 9 x COB weights. The tile
+    follows plan_output_tile; checked against the recorded shared memory, which is
+    exactly a whole number of such channels (the chunk), so a planner change that this
+    copy misses stops the script instead of skewing the numbers."""
+    n, _, height, width = out.shape
+    cols = _pow2_at_least(width, 2, 32)
+    rows = _pow2_at_least(height, 2, 256 // cols)
+    samples = 256 // (rows * cols)
+    if family == "correlate":
+        in_rows, in_cols = (rows - 1) * stride + 3, (cols - 1) * stride + 3
+    elif stride == 1:
+        in_rows, in_cols = rows + 2, cols + 2
+    else:
+        in_rows, in_cols = rows // 2 + 1, cols // 2 + 1
+    per_channel = 9 * cob + samples * ((in_rows * in_cols) | 1)
+    chunk, rest = divmod(launch.shared_bytes, per_channel * acc_bytes)
+    if rest or chunk < 1:
+        raise SystemExit(f"kernel_notes: {launch.kernel} stages {launch.shared_bytes} B, not a whole number of "
+                         f"channels of {per_channel * acc_bytes} B: update _staged_per_channel to the planner")
+    return per_channel
 
 
 def _weight_grad_results(call):
