@@ -13,7 +13,10 @@ have the signatures of the public ones::
 
 Every launch is counted, per kernel (``launch_counts()``, ``reset_launch_counts()``, or
 ``with sim.count_launches() as counts:``): how many kernels a training step launches is
-known without a GPU (``scripts/count_launches.py``).
+known without a GPU (``scripts/count_launches.py``). ``with sim.record_launches() as
+launches:`` lists each launch's kernel, grid, block and dynamic shared memory, as the
+launchers planned them; with ``dry_run=True`` the kernels are not run at all (garbage
+results, but a large step's launch plan in seconds: ``scripts/kernel_notes.py``).
 
 A kernel bug the emulator detects (a thread skipping a barrier, a deadlock, a bad
 launch) raises RuntimeError. It is slow (a 128-block launch of 256 threads takes
@@ -175,6 +178,75 @@ def count_launches():
                 counts[name] = count - before.get(name, 0)
 
 
+class Launch(collections.namedtuple("Launch", "kernel grid block shared_bytes")):
+    """One recorded launch: the kernel's name (as ``launch_counts()`` gives it), grid and
+    block as ``(x, y, z)``, and the dynamic shared memory per block in bytes."""
+
+    __slots__ = ()
+
+    @property
+    def blocks(self):
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def threads_per_block(self):
+        return self.block[0] * self.block[1] * self.block[2]
+
+
+def _take_launch_records():
+    names, numbers = ops._sim_take_launch_records()
+    return [
+        Launch(name, tuple(numbers[7 * i : 7 * i + 3]), tuple(numbers[7 * i + 3 : 7 * i + 6]), numbers[7 * i + 6])
+        for i, name in enumerate(names)
+    ]
+
+
+class LaunchRecorder:
+    """What ``record_launches()`` yields: ``launches``, the launches so far in order
+    (complete once the ``with`` block ends); ``poll()`` brings it up to date inside
+    the block and returns the launches since the previous ``poll()``."""
+
+    def __init__(self):
+        self.launches = []
+
+    def poll(self):
+        new = _take_launch_records()
+        self.launches += new
+        return new
+
+
+@contextlib.contextmanager
+def record_launches(dry_run=False):
+    """Records the launches made inside the ``with`` block, in order::
+
+        with sim.record_launches() as recorder:
+            sim.max_pool2x2(x)
+        assert recorder.launches[0].kernel.startswith("cae::cuda::max_pool")
+
+    ``dry_run=True``: every launch is checked, counted and recorded, but no kernel
+    runs: **whatever the kernels should write keeps its old contents** (outputs come
+    from ``torch.empty``: garbage, possibly NaN), so only the launch plan is
+    meaningful -- which is the point: a batch-256 training step takes seconds
+    instead of hours. Not reentrant (one recorder per process).
+    """
+    if _recording[0]:
+        raise RuntimeError("sim.record_launches() is already active (it is not reentrant)")
+    recorder = LaunchRecorder()
+    _recording[0] = True
+    ops._sim_set_launch_recording(True)
+    ops._sim_set_dry_run(bool(dry_run))
+    try:
+        yield recorder
+    finally:
+        ops._sim_set_dry_run(False)
+        recorder.poll()
+        ops._sim_set_launch_recording(False)
+        _recording[0] = False
+
+
+_recording = [False]  # whether a record_launches() block is active
+
+
 if __name__ == "__main__":  # python -m cae_kernels.sim --build
     import sys
 
@@ -198,9 +270,12 @@ else:
 __all__ = [
     "conv3x3",
     "conv_transpose3x3",
+    "Launch",
+    "LaunchRecorder",
     "count_launches",
     "launch_counts",
     "max_pool2x2",
     "ops",
+    "record_launches",
     "reset_launch_counts",
 ]

@@ -206,6 +206,62 @@ def test_count_launches_context(sim):
     assert counts == {"early_return_kernel": 1}
 
 
+def pow2_at_least(n, lo, hi):
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def test_record_launches_gives_the_planned_shape(sim):
+    # A stride-1 conv3x3, 9 images of 40x40, 5 -> 20 channels: the output tile is
+    # 8 x 32 pixels of one image (256 threads), 5 x 2 tiles per image, 16 output
+    # channels per thread (2 groups for 20); one pass stages all 5 input channels:
+    # their 10 x 34 windows (odd stride 341) and 5 x 9 x 16 weights.
+    N, C_in, C_out, H, W = 9, 5, 20, 40, 40
+    x, w = torch.randn(N, C_in, H, W), torch.randn(C_out, C_in, 3, 3)
+    cols = pow2_at_least(W, 2, 32)
+    rows = pow2_at_least(H, 2, 256 // cols)
+    samples = 256 // (rows * cols)
+    blocks = -(-H // rows) * -(-W // cols) * -(-N // samples) * -(-C_out // 16)
+    window = ((rows - 1) + 3) * ((cols - 1) + 3)
+    shared = (C_in * 9 * 16 + samples * C_in * (window | 1)) * 4
+    assert (cols, rows, samples, blocks, shared) == (32, 8, 1, 180, 9700)
+    with sim.record_launches() as recorder:
+        y = sim.conv3x3(x, w, None)
+    (launch,) = recorder.launches
+    assert launch == sim.Launch("cae::cuda::correlate_kernel<float, float, 1, 16, false>",
+                                (blocks, 1, 1), (256, 1, 1), shared)
+    assert launch.blocks == blocks and launch.threads_per_block == 256
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+    # A dry run plans, checks and records the same launch.
+    with sim.record_launches(dry_run=True) as recorder:
+        sim.conv3x3(x, w, None)
+    assert recorder.launches == [launch]
+
+
+def test_record_launches_dry_run_runs_no_thread(sim):
+    # The kernel's threads would fail (thread 0 skips a barrier): in a dry run it is
+    # counted and recorded, but nothing runs, so nothing fails.
+    with sim.count_launches() as counts, sim.record_launches(dry_run=True) as recorder:
+        sim.ops._sim_fault("early_return")
+        with pytest.raises(RuntimeError):  # the configuration is still checked
+            sim.ops._sim_fault("too_many_threads")
+        assert [launch.kernel for launch in recorder.poll()] == ["early_return_kernel"]
+    assert counts == {"early_return_kernel": 1}
+    assert recorder.launches == [sim.Launch("early_return_kernel", (1, 1, 1), (64, 1, 1), 0)]
+    # Outside the block kernels run again, and nothing more is recorded.
+    with pytest.raises(RuntimeError):
+        sim.ops._sim_fault("early_return")
+    assert len(recorder.launches) == 1
+    with sim.record_launches() as recorder, pytest.raises(RuntimeError, match="not reentrant"):
+        with sim.record_launches():
+            pass
+    with sim.record_launches() as inner:  # the failed nesting left no recorder behind
+        sim.max_pool2x2(torch.randn(1, 1, 4, 4))
+    assert len(inner.launches) == 1
+
+
 @pytest.mark.parametrize("downsample", ["pool", "stride"])
 def test_models_sim_backend_matches_cae(downsample):
     from cae_kernels.app.models import ConvAutoencoder
@@ -235,3 +291,55 @@ def test_count_launches_script(capsys):
     assert count_launches.main(["--model", "pool", "--budget", str(total - 1)]) == 1
     assert count_launches.main(["--model", "pool", "--budget", f"pool={total}", "--budget", "stride=1"]) == 0
     assert count_launches.main(["--model", "pool", "--budget", f"pool={total - 1}"]) == 1
+
+
+# --- scripts/kernel_notes.py ---------------------------------------------------------
+
+
+def test_kernel_notes_model_of_a_step(sim):
+    kernel_notes = load_script("kernel_notes")
+    sass = kernel_notes.load_sass_report()
+    shorten = kernel_notes._sass_report_module().shorten
+    model, calls = kernel_notes.record_step("pool", torch.contiguous_format, batch_size=4)
+    rows = kernel_notes.model_step(calls, sass, shorten)
+    count_launches = load_script("count_launches")
+    assert len(rows) == sum(count_launches.count_step("pool", batch_size=4).values())
+    layers = {name.rsplit(".", 1)[-1] for name in model._specs}
+    assert {r.layer.rsplit(".", 1)[-1] for r in rows} == layers  # every launch has its layer
+    forward = next(r for r in rows if r.layer.endswith("conv1_2") and r.op == "conv3x3")
+    # conv1_2: 16 -> 16 channels at 28 x 28: input, weight, bias read, output written
+    activation = 4 * 16 * 28 * 28 * 4
+    assert forward.est.bytes == 2 * activation + (16 * 16 * 9 + 16) * 4
+    assert forward.est.flops == 2 * 9 * 16 * 16 * 4 * 28 * 28
+    assert forward.est.outputs == 4 * 16 * 28 * 28
+    assert forward.time > kernel_notes.LAUNCH_US * 1e-6
+    assert forward.per_sm >= 1 and forward.registers == sass[forward.kernel][0]
+
+
+def test_kernel_notes_bias_grad_and_reduction(sim):
+    kernel_notes = load_script("kernel_notes")
+    g = torch.randn(3, 5, 6, 7)
+    with sim.record_launches() as recorder, kernel_notes._OpRecorder(recorder) as mode:
+        grad_bias = sim.ops.bias_grad(g, None)
+    torch.testing.assert_close(grad_bias, g.sum((0, 2, 3)))
+    (call,) = mode.calls
+    rows = kernel_notes.model_step(mode.calls, kernel_notes.load_sass_report(),
+                                   kernel_notes._sass_report_module().shorten)
+    bias, reduce = rows
+    chunks = call.launches[0].grid[0]
+    assert bias.est.bytes == g.numel() * 4 + chunks * 5 * 4  # g read, the partials written
+    assert reduce.est.bytes == chunks * 5 * 4 + 5 * 4  # the partials read, the sum written
+
+
+def test_kernel_notes_splice_and_check(tmp_path, monkeypatch):
+    kernel_notes = load_script("kernel_notes")
+    doc = tmp_path / "kernels.md"
+    doc.write_text(f"# prose\n\n{kernel_notes.BEGIN}\nold\n{kernel_notes.END}\n\nmore prose\n")
+    monkeypatch.setattr(kernel_notes, "DOC", doc)
+    monkeypatch.setattr(kernel_notes, "ROOT", tmp_path)
+    generated = f"{kernel_notes.BEGIN}\nnew table\n{kernel_notes.END}\n"
+    monkeypatch.setattr(kernel_notes, "generate", lambda: generated)
+    assert kernel_notes.main(["--check"]) == 1
+    assert kernel_notes.main([]) == 0
+    assert doc.read_text() == f"# prose\n\n{generated}\nmore prose\n"
+    assert kernel_notes.main(["--check"]) == 0

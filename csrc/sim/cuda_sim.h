@@ -334,6 +334,21 @@ inline std::mutex& launch_mutex() {
 // the names found for kernel addresses; both under launch_mutex().
 inline std::map<std::string, uint64_t> g_launch_counts;
 inline std::map<const void*, std::string> g_kernel_names;
+// The launch recorder (see set_launch_recording()), under launch_mutex().
+inline bool g_recording = false;
+inline bool g_dry_run = false;
+}  // namespace detail
+
+// One recorded launch: the kernel (as kernel_name() gives it) and its
+// configuration.
+struct LaunchRecord {
+  std::string kernel;
+  dim3 grid, block;
+  size_t smem_bytes;
+};
+
+namespace detail {
+inline std::vector<LaunchRecord> g_launch_records;
 
 // The kernel's own name where the dynamic symbol table has it (templates
 // instantiated in a named namespace), demangled without its return and
@@ -874,10 +889,17 @@ inline void check_config(const char* name, dim3 g, dim3 b, size_t smem) {
 
 // Counts a launch that passed check_config. Not inside run_launch: a call
 // there changes what GCC fears getcontext may clobber (-Wclobbered).
-inline void count_launch(const char* name, const void* kernel) {
+inline void count_launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem) {
   if (t_in_launch) return;  // run_launch refuses it (and this thread holds the mutex)
   std::lock_guard<std::mutex> lock(launch_mutex());
-  ++g_launch_counts[kernel_name(name, kernel)];
+  const std::string& kernel_text = kernel_name(name, kernel);
+  ++g_launch_counts[kernel_text];
+  if (g_recording) g_launch_records.push_back({kernel_text, grid, block, smem});
+}
+
+inline bool dry_run() {
+  std::lock_guard<std::mutex> lock(launch_mutex());
+  return g_dry_run;
 }
 
 inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, void (*invoke)(const void*),
@@ -994,7 +1016,8 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
   };
   const Pack pack{kernel, detail::convert_args<std::decay_t<P>...>(std::forward<A>(args)...)};
   detail::check_config(name, grid, block, smem_bytes);
-  detail::count_launch(name, reinterpret_cast<const void*>(kernel));
+  detail::count_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem_bytes);
+  if (detail::dry_run()) return;  // counted and recorded, not run (see set_dry_run())
   detail::run_launch(name, grid, block, smem_bytes, &detail::invoke_pack<Pack>, &pack);
 }
 
@@ -1009,6 +1032,30 @@ inline std::vector<std::pair<std::string, uint64_t>> launch_counts() {
 inline void reset_launch_counts() {
   std::lock_guard<std::mutex> lock(detail::launch_mutex());
   detail::g_launch_counts.clear();
+}
+
+// The launch recorder: while on, every launch that passed the configuration
+// checks is appended to a list (kernel, grid, block, dynamic shared memory);
+// take_launch_records() hands the list over and empties it. Turning it on
+// empties the list.
+inline void set_launch_recording(bool on) {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  detail::g_recording = on;
+  if (on) detail::g_launch_records.clear();
+}
+
+inline std::vector<LaunchRecord> take_launch_records() {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  return std::exchange(detail::g_launch_records, {});
+}
+
+// Dry run: launches are checked, counted and recorded but their threads never
+// run, so whatever the kernels would write (outputs, scratch) keeps the
+// values it had. For launch shapes of large problems in seconds; the results
+// are garbage.
+inline void set_dry_run(bool on) {
+  std::lock_guard<std::mutex> lock(detail::launch_mutex());
+  detail::g_dry_run = on;
 }
 
 // Dynamic shared memory of the current block (see CAE_DYNAMIC_SHARED).

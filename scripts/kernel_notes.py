@@ -1,0 +1,553 @@
+#!/usr/bin/env python3
+"""The generated tables of docs/kernels.md: every CUDA kernel launch of one training step at
+batch 256, with its launch shape, traffic, work and an *estimated* H200 time.
+
+Nothing here runs on a GPU. One training step of each model variant (``pool``, ``stride``;
+``cae_kernels.app.training._train_step`` on ``ConvAutoencoder(backend="sim")``), NCHW and
+NHWC, runs on the emulated CUDA kernels in dry-run mode (``sim.record_launches(dry_run=True)``:
+the launchers plan and check every launch exactly as the GPU build does, the kernels do not
+run), so grid, block and dynamic shared memory are the planners' own. Registers and static
+shared memory per kernel come from the committed SASS report
+(benchmarks/results/sass-sm90.md). Everything else is arithmetic on the op's tensor shapes,
+with the model and its constants written out in the generated text (``MODEL``).
+
+    python scripts/kernel_notes.py            # rewrite the tables in docs/kernels.md
+    python scripts/kernel_notes.py --check    # exit 1 if the committed tables are stale
+    python scripts/kernel_notes.py --print    # the tables on stdout
+
+The output depends only on the sources and the SASS report (no timing, no machine state);
+it takes about 15 s once the emulated kernels are built.
+"""
+
+
+import argparse
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "kernels.md"
+SASS_REPORT = ROOT / "benchmarks" / "results" / "sass-sm90.md"
+BEGIN = "<!-- kernel_notes.py: begin (generated, do not edit) -->"
+END = "<!-- kernel_notes.py: end -->"
+
+BATCH = 256
+VARIANTS = ("pool", "stride")
+LAYOUTS = (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last))
+
+# --- the machine: H200 SXM -------------------------------------------------------------
+SMS = 132
+CLOCK_HZ = 1.98e9
+HBM_BYTES_PER_S = 4.8e12
+HBM_FRACTION = 0.8  # achievable share of the HBM bandwidth for streaming kernels
+FP32_FLOPS = SMS * 128 * 2 * CLOCK_HZ  # 128 FP32 lanes per SM, an FMA is 2 FLOPs: ~67 TFLOP/s
+ISSUE_PER_CLOCK = 4  # warp instructions per SM and clock (4 schedulers); also FFMA: 4 x 32 lanes
+LDS_PER_CLOCK = 1  # shared-memory wavefronts per SM and clock (128 bytes/clock)
+LAUNCH_US = 2.0  # fixed cost per launch: back-to-back small kernels in one stream, no graph
+STAGE_INSTRUCTIONS = 30  # per staged element: index arithmetic (inline divisions), bounds, load, store
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 228 * 1024
+RESERVED_SHARED = 1024  # per block, sm_80 and later
+MAX_THREADS_PER_SM = 2048
+MAX_BLOCKS_PER_SM = 32
+PYTORCH_STEP_MS = (0.35, 0.45)  # the issue's estimate of PyTorch + cuDNN GPU time per step
+
+MODEL = f"""\
+**Model (an estimate, not a measurement).** H200 SXM: {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz,
+{HBM_BYTES_PER_S / 1e12:.1f} TB/s HBM3e of which {HBM_FRACTION:.0%} is taken as achievable,
+{FP32_FLOPS / 1e12:.0f} TFLOP/s FP32 FMA ({ISSUE_PER_CLOCK} warp instructions issued per SM
+and clock), {LDS_PER_CLOCK} shared-memory wavefront per SM and clock, {SHARED_PER_SM // 1024} KiB
+shared memory, 64K registers, {MAX_THREADS_PER_SM} threads and {MAX_BLOCKS_PER_SM} blocks per SM.
+Per launch:
+
+- *launch shape*: grid, block and dynamic shared memory as the launcher planned them (recorded
+  by the emulator in dry-run); *regs*: registers per thread from `sass-sm90.md`;
+  *blocks/SM*: the least of the register, shared-memory (dynamic + static, at least the
+  {RESERVED_SHARED} B the system reserves per block), thread and block limits; *waves*:
+  blocks / ({SMS} x blocks/SM).
+- *bytes*: compulsory traffic, each tensor the kernel reads counted once and each it writes
+  once (the weight-gradient partial sums included: written by `weight_grad`, read by
+  `reduce_partials`); L2 re-reads of staged windows are not counted.
+- *FLOPs*: 2 x multiply-adds of the product, counting the taps that fall on padding (9 per
+  output and input channel; a stride-2 transposed convolution: 9 per input pixel).
+- *instr/output*: warp instructions x 32 / output elements, from the kernel's loop
+  structure: the inner loop's FFMA and shared loads (input tap: 1 load, stride-2 correlate
+  2 wavefronts for its 2-way bank conflict; weights: one broadcast load per 4 output
+  channels), and for the convolution kernels the staging of their shared memory (the
+  tile's input window and weights, every input channel once; {STAGE_INSTRUCTIONS}
+  instructions per staged element). The weight gradient's staging is not counted (a lower
+  bound). *instr/output* of `weight_grad` is per gradient element: a reduction over all
+  positions of the batch.
+- *time* = max(t mem / SM fill, max(t issue, t shared) / wave efficiency) + {LAUNCH_US:.0f} us
+  per launch, where t mem = bytes / ({HBM_FRACTION:.0%} of HBM), t issue = warp instructions /
+  ({ISSUE_PER_CLOCK} x {SMS} x clock), t shared = wavefronts / ({LDS_PER_CLOCK} x {SMS} x
+  clock); SM fill = min(blocks, {SMS}) / {SMS}; wave efficiency = waves / ceil(waves) above
+  one wave, the SM fill below it (a lone block is taken to get its SM's whole throughput:
+  optimistic). Latency (a kernel of a few blocks is latency-bound, not throughput-bound) is
+  only in the fixed per-launch cost, which is the model's largest single assumption.
+"""
+
+
+# --- the SASS report ------------------------------------------------------------------
+
+def load_sass_report(path=SASS_REPORT):
+    """{short kernel name: (registers, static shared bytes)} from the report's table."""
+    kernels = {}
+    for line in Path(path).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 13 and cells[0].startswith("`") and cells[1].isdigit():
+            kernels[cells[0].strip("`")] = (int(cells[1]), int(cells[7]))
+    if not kernels:
+        raise SystemExit(f"kernel_notes: no kernel table in {path}")
+    return kernels
+
+
+def _sass_report_module():
+    spec = importlib.util.spec_from_file_location("sass_report", ROOT / "scripts" / "sass_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- recording a step -----------------------------------------------------------------
+
+@dataclass
+class OpCall:
+    """One call of a cae_sim op with the launches it made."""
+
+    layer: str
+    op: str
+    args: dict  # schema argument name -> tensor (or None)
+    results: list  # result tensors
+    launches: list = field(default_factory=list)
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Attributes each cae_sim op call, and the launches it makes, to a layer: forward ops
+    by the layer whose module runs, backward ops by the tensors they share with it."""
+
+    def __init__(self, recorder, model=None):
+        super().__init__()
+        self.recorder = recorder
+        self.calls = []
+        self.layer = None
+        self.by_weight, self.by_input, self.by_output = {}, {}, {}
+        self.hooks = []
+        for name in model._specs if model is not None else ():
+            module = model.get_submodule(name)
+            self.hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: self._enter(name)))
+
+    def _enter(self, name):
+        self.layer = name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        namespace, _, op = func._schema.name.partition("::")
+        if namespace != "cae_sim" or op.startswith("_sim"):  # torch's ops, the emulator's hooks
+            return func(*args, **kwargs)
+        self.recorder.poll()
+        out = func(*args, **kwargs)
+        launches = self.recorder.poll()
+        names = [a.name for a in func._schema.arguments]
+        bound = dict(zip(names, args, strict=False))
+        bound.update(kwargs)
+        results = list(out) if isinstance(out, (tuple, list)) else [out]
+        self.calls.append(OpCall(self._layer(op, bound, results), op, bound, results, launches))
+        return out
+
+    def _layer(self, op, bound, results):
+        def key(t):
+            return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+        if op in ("conv3x3", "conv_transpose3x3", "max_pool2x2"):  # forward: the running module
+            if bound.get("weight") is not None:
+                self.by_weight[key(bound["weight"])] = self.layer
+            self.by_input[key(bound["input"])] = self.layer
+            self.by_output[key(results[0])] = self.layer
+            return self.layer
+        # backward: the tensors it shares with the layer's forward (saved for backward)
+        for table, arg in ((self.by_weight, "weight"), (self.by_input, "input"), (self.by_output, "relu_output")):
+            if bound.get(arg) is not None and key(bound[arg]) in table:
+                return table[key(bound[arg])]
+        return "?"
+
+    def close(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def record_step(downsample, memory_format, batch_size=BATCH, seed=0):
+    """The cae_sim op calls (with their launches) of one dry-run training step."""
+    from cae_kernels import sim
+    from cae_kernels.app.models import ConvAutoencoder
+    from cae_kernels.app.training import _train_step
+
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch_size, 1, 28, 28)
+    with sim.record_launches(dry_run=True) as recorder:
+        mode = _OpRecorder(recorder, model)
+        try:
+            with mode:
+                _train_step(model, optimizer, model.weights(), x, x, weight_decay=0.0)
+        finally:
+            mode.close()
+    recorded = sum(len(call.launches) for call in mode.calls)
+    if recorded != len(recorder.launches):
+        raise RuntimeError(f"{len(recorder.launches)} launches, {recorded} of them inside a cae_sim op")
+    return model, mode.calls
+
+
+# --- the model of a launch ------------------------------------------------------------
+
+def nbytes(t):
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def kernel_family(name):
+    base = name.split("<", 1)[0].rsplit("::", 1)[-1]
+    return base.removesuffix("_kernel")
+
+
+def template_args(name):
+    inner = name[name.index("<") + 1 : name.rindex(">")]
+    return [a.strip() for a in inner.split(",")]
+
+
+@dataclass
+class Estimate:
+    bytes: int = 0
+    flops: int = 0
+    outputs: int = 0
+    warp_instructions: float = 0.0
+    wavefronts: float = 0.0
+
+
+def _conv_shapes(call):
+    """(MACs, output tensor of the correlate/correlate_transpose launch, inputs it reads)."""
+    a = call.args
+    forward = call.op in ("conv3x3", "conv_transpose3x3")
+    weight = a["weight"]
+    if forward:
+        out = call.results[0]
+        reads = [a["input"], weight, a.get("bias")]
+    else:
+        out = a["input"]  # the input gradient has the input's shape
+        reads = [a["grad_output"], a.get("relu_output"), weight]
+    return weight, out, reads
+
+
+def _small_positions(call):
+    """N x positions of the strided (small) side of the layer: the 3x3 product's length."""
+    a = call.args
+    sides = [t for t in (a.get("input"), a.get("grad_output")) if isinstance(t, torch.Tensor)]
+    if not sides and call.results:
+        sides = [call.results[0]]
+    return min(t.shape[0] * t.shape[2] * t.shape[3] for t in sides)
+
+
+def estimate(call, launch, index_in_op):
+    """The Estimate of one launch of `call`."""
+    family = kernel_family(launch.kernel)
+    a = call.args
+    e = Estimate()
+    warps = launch.blocks * launch.threads_per_block // 32
+    if family in ("correlate", "correlate_transpose"):
+        weight, out, reads = _conv_shapes(call)
+        targs = template_args(launch.kernel)
+        acc_bytes = 8 if targs[1] == "double" else 4
+        stride, cob = int(targs[2]), int(targs[3])
+        c_in = reads[0].shape[1]  # the channels the kernel stages and sums over
+        e.bytes = sum(nbytes(t) for t in reads) + nbytes(out)
+        e.flops = 2 * weight.numel() * _small_positions(call)
+        e.outputs = out.numel()
+        # per warp and input channel: taps x (COB FFMA + an input load + weight loads)
+        if family == "correlate":
+            taps, input_wavefronts = 9, 9 * stride  # stride 2: 2-way bank conflicts
+        else:
+            taps = 9 if stride == 1 else 9 / 4  # stride 2: 1, 2, 2 or 4 taps by parity
+            input_wavefronts = taps
+        weight_loads = taps * math.ceil(cob / 4)
+        per_channel_issue = taps * cob + taps + weight_loads + 2
+        staged = c_in * _staged_per_channel(launch, family, stride, cob, out, acc_bytes)
+        e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS
+        e.wavefronts = warps * c_in * (input_wavefronts + weight_loads) + launch.blocks * staged / 32
+    elif family == "weight_grad":
+        targs = template_args(launch.kernel)
+        stride, car = int(targs[2]), int(targs[3])
+        grad_w, grad_b = _weight_grad_results(call)
+        positions = _small_positions(call)
+        macs = grad_w.numel() * positions
+        c_a, c_b = grad_w.shape[0], grad_w.shape[1]
+        partial = launch.blocks * (grad_w.numel() + (grad_b.numel() if grad_b is not None else 0)) * 4
+        e.bytes = nbytes(a["grad_output"]) + nbytes(a.get("relu_output")) + nbytes(a["input"]) + partial
+        e.flops = 2 * macs
+        e.outputs = grad_w.numel()
+        warp_iterations = positions / 32 * math.ceil(c_a / car) * c_b
+        e.warp_instructions = warp_iterations * (9 * car + car + 1 + 9 + 4)
+        e.wavefronts = warp_iterations * (car + 1 + 9 * stride)
+    elif family == "reduce_partials":
+        grad_w, grad_b = _weight_grad_results(call)
+        cols = (grad_w.numel() if grad_w is not None else 0) + (grad_b.numel() if grad_b is not None else 0)
+        rows = call.launches[index_in_op - 1].grid[0]  # partial rows: the previous launch's grid.x
+        e.bytes = rows * cols * 4 + cols * (grad_b if grad_b is not None else grad_w).element_size()
+        e.outputs = cols
+        e.flops = rows * cols
+    elif family.startswith("bias_grad"):
+        g = a["grad_output"]
+        e.bytes = nbytes(g) + nbytes(a.get("relu_output")) + launch.grid[0] * g.shape[1] * 4
+        e.outputs = launch.grid[0] * g.shape[1]
+        e.flops = g.numel()
+    elif family.startswith("max_pool"):
+        if call.op == "max_pool2x2":
+            e.bytes = nbytes(a["input"]) + nbytes(call.results[0])
+            e.outputs = call.results[0].numel()
+        else:
+            e.bytes = nbytes(a["grad_output"]) + 2 * nbytes(a["input"])
+            e.outputs = a["input"].numel()
+    else:
+        raise SystemExit(f"kernel_notes: no model for kernel {launch.kernel} (add one)")
+    return e
+
+
+def _pow2_at_least(n, lo, hi):
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def _staged_per_channel(launch, family, stride, cob, out, acc_bytes):
+    """Shared-memory elements a convolution block stages per input channel: the tile's
+    input window (odd plane stride) in each of its images, and 9 x COB weights. The tile
+    follows plan_output_tile; checked against the recorded shared memory, which is
+    exactly a whole number of such channels (the chunk), so a planner change that this
+    copy misses stops the script instead of skewing the numbers."""
+    n, _, height, width = out.shape
+    cols = _pow2_at_least(width, 2, 32)
+    rows = _pow2_at_least(height, 2, 256 // cols)
+    samples = 256 // (rows * cols)
+    if family == "correlate":
+        in_rows, in_cols = (rows - 1) * stride + 3, (cols - 1) * stride + 3
+    elif stride == 1:
+        in_rows, in_cols = rows + 2, cols + 2
+    else:
+        in_rows, in_cols = rows // 2 + 1, cols // 2 + 1
+    per_channel = 9 * cob + samples * ((in_rows * in_cols) | 1)
+    chunk, rest = divmod(launch.shared_bytes, per_channel * acc_bytes)
+    if rest or chunk < 1:
+        raise SystemExit(f"kernel_notes: {launch.kernel} stages {launch.shared_bytes} B, not a whole number of "
+                         f"channels of {per_channel * acc_bytes} B: update _staged_per_channel to the planner")
+    return per_channel
+
+
+def _weight_grad_results(call):
+    weights = [t for t in call.results if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-2:] == (3, 3)]
+    biases = [t for t in call.results if isinstance(t, torch.Tensor) and t.dim() == 1]
+    return (weights[0] if weights else None), (biases[0] if biases else None)
+
+
+def blocks_per_sm(launch, registers, static_shared):
+    threads = launch.threads_per_block
+    warps = math.ceil(threads / 32)
+    regs_per_warp = math.ceil(registers * 32 / 256) * 256
+    by_registers = REGISTERS_PER_SM // (regs_per_warp * warps)
+    shared = launch.shared_bytes + max(static_shared, RESERVED_SHARED)
+    by_shared = SHARED_PER_SM // shared
+    return min(by_registers, by_shared, MAX_THREADS_PER_SM // threads, MAX_BLOCKS_PER_SM)
+
+
+def wave_efficiency(blocks, waves):
+    """The share of the GPU's throughput a launch gets: under one wave, the share of SMs
+    with a block (a lone block is taken to get its SM's whole throughput: optimistic);
+    over one, the last wave's idle slots (waves / ceil(waves))."""
+    return min(blocks, SMS) / SMS if waves <= 1 else waves / math.ceil(waves)
+
+
+@dataclass
+class Row:
+    layer: str
+    op: str
+    kernel: str
+    launch: object
+    registers: int
+    per_sm: int
+    waves: float
+    est: Estimate
+    t_mem: float
+    t_issue: float
+    t_lds: float
+    time: float
+
+
+def model_launch(call, index, launch, sass, shorten):
+    short = shorten(launch.kernel)
+    if short not in sass:
+        raise SystemExit(f"kernel_notes: {short} is not in {SASS_REPORT.name}: regenerate the SASS report")
+    registers, static_shared = sass[short]
+    per_sm = blocks_per_sm(launch, registers, static_shared)
+    waves = launch.blocks / (SMS * per_sm)
+    est = estimate(call, launch, index)
+    # Memory: any SM with a block pulls its share of the bandwidth; compute: the
+    # waves' idle slots are lost.
+    fill = min(launch.blocks, SMS) / SMS
+    t_mem = est.bytes / (HBM_FRACTION * HBM_BYTES_PER_S)
+    t_issue = est.warp_instructions / (ISSUE_PER_CLOCK * SMS * CLOCK_HZ)
+    t_lds = est.wavefronts / (LDS_PER_CLOCK * SMS * CLOCK_HZ)
+    time = max(t_mem / fill, max(t_issue, t_lds) / wave_efficiency(launch.blocks, waves)) + LAUNCH_US * 1e-6
+    return Row(call.layer, call.op, short, launch, registers, per_sm, waves, est, t_mem, t_issue, t_lds, time)
+
+
+def model_step(calls, sass, shorten):
+    return [model_launch(call, i, launch, sass, shorten) for call in calls for i, launch in enumerate(call.launches)]
+
+
+# --- the text ---------------------------------------------------------------------------
+
+def _us(seconds):
+    return f"{seconds * 1e6:.1f}"
+
+
+def _shape(launch):
+    grid = "x".join(str(d) for d in launch.grid if d != 1) or "1"
+    if launch.grid[1:] != (1, 1):
+        grid = "x".join(str(d) for d in launch.grid)
+    return f"{grid} x {launch.block[0]}"
+
+
+def step_table(rows):
+    lines = [
+        "| # | layer | op | kernel | grid x block | dyn. shared KiB | regs | blocks/SM | waves | MB | MFLOP "
+        "| instr/output | t mem us | t issue us | t shared us | time us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows, 1):
+        e = r.est
+        per_output = f"{e.warp_instructions * 32 / e.outputs:.0f}" if e.warp_instructions else "-"
+        lines.append(
+            f"| {i} | {r.layer} | `{r.op}` | `{r.kernel}` | {_shape(r.launch)} | {r.launch.shared_bytes / 1024:.1f} "
+            f"| {r.registers} | {r.per_sm} | {r.waves:.2f} | {e.bytes / 1e6:.2f} | {e.flops / 1e6:.0f} "
+            f"| {per_output} | {_us(r.t_mem)} | {_us(r.t_issue)} | {_us(r.t_lds)} | {_us(r.time)} |"
+        )
+    return lines
+
+
+def summary(steps):
+    lines = [
+        "| model | layout | launches | MB | GFLOP | kernel time beyond launch cost us | launch cost us "
+        "| expected step us | vs PyTorch+cuDNN (350-450 us) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, layout), rows in steps.items():
+        total = sum(r.time for r in rows)
+        fixed = len(rows) * LAUNCH_US * 1e-6
+        ratio = f"{total * 1e3 / PYTORCH_STEP_MS[1]:.2f}-{total * 1e3 / PYTORCH_STEP_MS[0]:.2f}"
+        lines.append(
+            f"| {variant} | {layout} | {len(rows)} | {sum(r.est.bytes for r in rows) / 1e6:.1f} "
+            f"| {sum(r.est.flops for r in rows) / 1e9:.2f} | {_us(total - fixed)} | {_us(fixed)} | {_us(total)} "
+            f"| {ratio} |"
+        )
+    return lines
+
+
+def per_kernel(steps):
+    """Launches and expected time per kernel family, one column per model and layout."""
+    families = {}
+    for config, rows in steps.items():
+        for r in rows:
+            cell = families.setdefault(kernel_family(r.launch.kernel), {}).setdefault(config, [0, 0.0])
+            cell[0] += 1
+            cell[1] += r.time
+    configs = list(steps)
+    lines = ["| kernel | " + " | ".join(f"{v} {layout}" for v, layout in configs) + " |",
+             "|---|" + "---|" * len(configs)]
+    for name, cells in sorted(families.items(), key=lambda kv: -max(t for _, t in kv[1].values())):
+        lines.append(f"| `{name}` | " + " | ".join(
+            f"{cells[c][0]} x, {_us(cells[c][1])} us" if c in cells else "-" for c in configs) + " |")
+    return lines
+
+
+FORWARD_OPS = ("conv3x3", "conv_transpose3x3", "max_pool2x2")
+
+
+def per_layer(steps):
+    """Each layer's expected forward and backward time, one column per model and layout."""
+    layers = {}
+    for config, rows in steps.items():
+        for r in rows:
+            cell = layers.setdefault(r.layer, {}).setdefault(config, [0.0, 0.0])
+            cell[0 if r.op in FORWARD_OPS else 1] += r.time
+    configs = list(steps)
+    lines = ["| layer | " + " | ".join(f"{v} {layout}: fwd + bwd us" for v, layout in configs) + " |",
+             "|---|" + "---|" * len(configs)]
+    for name, cells in layers.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{_us(cells[c][0])} + {_us(cells[c][1])}" if c in cells else "-" for c in configs) + " |")
+    return lines
+
+
+def generate():
+    from cae_kernels import sim  # noqa: F401  (builds the emulated kernels on first use)
+
+    sass = load_sass_report()
+    shorten = _sass_report_module().shorten
+    steps = {}
+    for variant in VARIANTS:
+        for layout, memory_format in LAYOUTS:
+            _, calls = record_step(variant, memory_format)
+            steps[(variant, layout)] = model_step(calls, sass, shorten)
+    out = [BEGIN, "", f"Generated by `python scripts/kernel_notes.py` from the planners (dry-run launches "
+           f"at batch {BATCH}, float32) and `benchmarks/results/sass-sm90.md`.", "", MODEL.rstrip(), "",
+           "### One training step, summed", ""]
+    out += summary(steps)
+    out += ["", "Launches and expected time per kernel (launch cost included):", ""]
+    out += per_kernel(steps)
+    out += ["", "Expected time per layer, forward + backward (launch cost included):", ""]
+    out += per_layer(steps)
+    for (variant, layout), rows in steps.items():
+        out += ["", f"### `{variant}` model, {layout}, batch {BATCH}", ""]
+        out += step_table(rows)
+    out += ["", END]
+    return "\n".join(out) + "\n"
+
+
+def splice(doc_text, generated):
+    if BEGIN not in doc_text or END not in doc_text:
+        raise SystemExit(f"kernel_notes: {DOC} lacks the markers {BEGIN!r} ... {END!r}")
+    head, rest = doc_text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + generated.rstrip("\n") + tail
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if docs/kernels.md's tables are stale")
+    mode.add_argument("--print", action="store_true", help="print the tables instead of writing them")
+    args = parser.parse_args(argv)
+    generated = generate()
+    if args.print:
+        sys.stdout.write(generated)
+        return 0
+    current = DOC.read_text()
+    updated = splice(current, generated)
+    if args.check:
+        if updated != current:
+            print(f"kernel_notes: the tables in {DOC.relative_to(ROOT)} are stale: run "
+                  "python scripts/kernel_notes.py", file=sys.stderr)
+            return 1
+        return 0
+    if updated != current:
+        DOC.write_text(updated)
+        print(f"kernel_notes: updated {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
