@@ -73,6 +73,19 @@ def test_resume_of_the_fc_model_with_dropout_and_noise(tmp_path):
     assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
 
 
+def test_resume_takes_this_devices_adam_not_the_checkpoints(tmp_path):
+    """A checkpoint's optimizer groups carry the writing run's Adam (fused on CUDA): resumed
+    on the CPU, the run takes the CPU's again and ends where an uninterrupted one does."""
+    whole = run(tmp_path / "whole", **TINY)
+    run(tmp_path / "split", **{**TINY, "epochs": 1})
+    checkpoint = state(tmp_path / "split")
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = True  # as a CUDA run writes it
+    checkpoints.save(tmp_path / "split", checkpoint)
+    resumed = run(tmp_path / "split", **TINY)
+    assert_same_weights(whole.model.state_dict(), resumed.model.state_dict())
+
+
 def test_interrupt_keeps_the_checkpoint_and_resume_completes(tmp_path, monkeypatch):
     options = dict(backend="torch", **TINY)
     whole = run(tmp_path / "whole", **options)

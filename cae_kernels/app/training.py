@@ -178,6 +178,24 @@ class GraphedStep:
         return self.graph.replay()
 
 
+def _fused_adam(device: torch.device) -> bool | None:
+    """On CUDA the fused Adam: one kernel for every parameter instead of a few per tensor."""
+    return True if device.type == "cuda" else None
+
+
+def _use_fused_adam(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """After ``load_state_dict``: the saved groups carry the writing run's choice (a checkpoint
+    written on the CPU would turn the fused Adam off on CUDA, and the reverse), so this
+    run's device decides again; the step counts follow (fused: float32 on the device)."""
+    fused = _fused_adam(device)
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and fused:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 def _make_capturable(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
     """Adam for a captured step: capturable and fused, its step counts on the device, the
     learning rate ``lr``, a device tensor the schedule fills in place (a number would be
@@ -265,9 +283,8 @@ class _Trainer:
         self.order_generator = torch.Generator().manual_seed(config.seed)
         self.noise_generator = torch.Generator().manual_seed(self._noise_seed())
         self.weights = self.model.weights()
-        # On CUDA the fused Adam: one kernel for every parameter instead of a few per tensor.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
-                                          fused=True if device.type == "cuda" else None)
+                                          fused=_fused_adam(device))
         self.lr = config.learning_rate  # the learning rate of the last step, as set
         self.lr_tensor: torch.Tensor | None = None  # graphed: Adam's learning rate on the device
         # The epoch's summed loss, on the device (a graphed step adds to it: one tensor for the run).
@@ -290,6 +307,7 @@ class _Trainer:
         path, checkpoint = found
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        _use_fused_adam(self.optimizer, self.device)
         self.step, self.epoch, self.history = checkpoint["step"], checkpoint["epoch"], checkpoint["history"]
         self.saved = (path, self.epoch, self.step)
         self.order_generator.set_state(checkpoint["rng"]["data_order"])
