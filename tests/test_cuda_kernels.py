@@ -84,3 +84,30 @@ def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backe
     separate = (grad_input, grad_weight, grad_bias)
     for got, expected, what in zip(ours, separate, ("input", "weight", "bias"), strict=True):
         assert torch.equal(got, expected), f"{what} gradient differs from the separate op's"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # 130 images of 16 x 16 at stride 1: regions of 64 positions (520, more than the
+        # 512 partial rows: some blocks add a second region), 2 passes over 16 units
+        (130, 8, 8, 16, 1),
+        # stride 2, 24 channels of b: more than a region's shared memory holds at once,
+        # so the channels are staged in chunks
+        (2, 8, 24, 16, 2),
+    ],
+    ids=["regions-over-partial-rows", "channels-in-chunks"],
+)
+@on_cuda_kernels()
+def test_weight_grad_staging(backend, shape):
+    """The weight gradient stages every channel of a region at once where it fits, in
+    chunks where it does not, and a block with several regions adds them up in order."""
+    n, c_out, c_in, size, stride = shape
+    x = make_input((n, c_in, size, size), F64, backend.device).detach()
+    out_size = (size - 1) // stride + 1
+    g = make_input((n, c_out, out_size, out_size), F64, backend.device).detach()
+    ours, ours_bias = backend.ops.conv3x3_grad_weight(g, g, x, stride)
+    gated = g * (g > 0)
+    ref = torch.nn.grad.conv2d_weight(x, (c_out, c_in, 3, 3), gated, stride, 1)
+    assert_close(ours, ref, backend.tolerance(F64, ref), "weight gradient")
+    assert_close(ours_bias, gated.sum((0, 2, 3)), backend.tolerance(F64, ref), "bias gradient")

@@ -358,14 +358,17 @@ CAE_DEVICE Acc warp_sum(Acc v) {
 //
 // A GEMM [C_a] x [C_b * 9] with a reduction over N * H_a * W_a positions.
 // Each block owns regions of positions (`samples` images x a tile of up to
-// 32 x 32) and passes over channel chunks; in a pass each warp owns one
-// "unit": CA_R channels of a x one channel of b x 9 taps = 9 * CA_R
-// accumulators, over a share of the region's positions (lanes take
-// consecutive positions). Then: warp shuffles, shared memory across the warps
-// that split one unit's positions, and one partial sum per block into
-// scratch; reduce_partials adds the blocks in order. The bias's gradient is
-// summed from the values the product loads, into the same partial rows (no
-// pass or launch of its own).
+// 32 x 32) and stages a region's a and b, every channel of both where they
+// fit (the regions are sized so that they do for the autoencoder's layers:
+// the inputs are read from global memory once), else chunks of channels.
+// Then passes over the staged "units", one per warp: CA_R channels of a x one
+// channel of b x 9 taps = 9 * CA_R accumulators, over a share of the region's
+// positions (lanes take consecutive positions); warp shuffles, shared memory
+// across the warps that split one unit's positions, and the block's partial
+// sums, stored by the block's first region and added to by its later ones
+// (the same thread, in region order); reduce_partials adds the blocks in
+// order. The bias's gradient is summed from the values the product loads,
+// into the same partial rows (no pass or launch of its own).
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -396,12 +399,13 @@ constexpr index_t kFillRegions = 264;
 struct WeightGradTiling {
   int rows, cols, samples, tiles_y, tiles_x;
   int regions;
-  int b_rows, b_cols;              // the b window of a region (with halo)
-  int positions, a_stride;         // positions per region; a's channel stride in shared memory (odd)
-  int b_channel_stride;            // b's channel stride in shared memory (odd)
-  int groups, ca_chunk, cb_chunk;  // a pass: `groups` groups of CA_R a-channels x cb_chunk b-channels
-  int items, splits;               // units = items (groups * cb_chunk) x splits of the positions, <= kWarps
-  bool vec_a, vec_b;               // NHWC vector loads allowed
+  int b_rows, b_cols;       // the b window of a region (with halo)
+  int positions, a_stride;  // positions per region; a's channel stride in shared memory (odd)
+  int b_channel_stride;     // b's channel stride in shared memory (odd)
+  int ca_stage, cb_stage;   // channels staged at once: a (a multiple of CA_R), b
+  int units;                // (ca_stage / CA_R) x cb_stage units per staging
+  int items, splits;        // a pass: `items` units x `splits` warps each (<= kWarps)
+  bool vec_a, vec_b;        // NHWC vector loads allowed
 };
 
 struct WeightGradPlan {
@@ -413,76 +417,81 @@ struct WeightGradPlan {
 
 inline int weight_grad_ca_block(int C_a) { return C_a >= 4 ? 4 : 1; }
 
+// The region of about `target` positions: whole images up to 32 x 32 (several
+// small ones together), the tile halved (the longer side first) while larger.
+inline void plan_region(WeightGradTiling& t, int N, int H_a, int W_a, int stride, int target) {
+  t.rows = H_a < 32 ? H_a : 32;
+  t.cols = W_a < 32 ? W_a : 32;
+  while (t.rows * t.cols > target) {
+    if (t.rows >= t.cols) {
+      t.rows = ceil_div(t.rows, 2);
+    } else {
+      t.cols = ceil_div(t.cols, 2);
+    }
+  }
+  const int per_image = t.rows * t.cols;
+  t.samples = per_image >= target ? 1 : ceil_div(target, per_image);
+  if (t.samples > N) t.samples = N;
+  t.b_rows = (t.rows - 1) * stride + 3;
+  t.b_cols = (t.cols - 1) * stride + 3;
+  t.positions = t.samples * per_image;
+  t.a_stride = odd_stride(t.positions);
+  t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
+}
+
 template <typename T, typename Acc>
 inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, bool nhwc) {
   WeightGradTiling t{};
   const int car = weight_grad_ca_block(a.C_a);
-  // The region: whole images up to 32 x 32 (several small ones together),
-  // halved (tile first, then the image count) until a pass over one a-channel
-  // group and one b-channel fits.
-  t.rows = a.H_a < 32 ? a.H_a : 32;
-  t.cols = a.W_a < 32 ? a.W_a : 32;
+  const int ca_all = car * ceil_div(a.C_a, car);
   const index_t positions = static_cast<index_t>(a.N) * a.H_a * a.W_a;
   int target = kRegionPositions;
   while (target > kMinRegionPositions && positions / target < kFillRegions) target /= 2;
-  size_t fixed = 0;
-  for (;;) {
-    const int per_image = t.rows * t.cols;
-    t.samples = per_image >= target ? 1 : ceil_div(target, per_image);
-    if (t.samples > a.N) t.samples = a.N;
-    t.b_rows = (t.rows - 1) * stride + 3;
-    t.b_cols = (t.cols - 1) * stride + 3;
-    t.positions = t.samples * per_image;
-    t.a_stride = odd_stride(t.positions);
-    t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
-    fixed = static_cast<size_t>(t.positions) * sizeof(int) + kWarps * 10 * car * sizeof(Acc);
-    const size_t smallest =
-        fixed + (static_cast<size_t>(car) * t.a_stride + t.b_channel_stride) * sizeof(Acc);
-    if (smallest <= kSmemBudget || (t.rows == 1 && t.cols == 1 && t.samples == 1)) break;
-    if (t.rows * t.cols == 1) {
-      target = t.samples / 2;
-    } else if (t.rows >= t.cols) {
-      t.rows = ceil_div(t.rows, 2);
-    } else {
-      t.cols = ceil_div(t.cols, 2);
+  auto bytes = [&](int ca, int cb) {
+    return static_cast<size_t>(t.positions) * sizeof(int) +
+           (kWarps * 10 * car + static_cast<size_t>(ca) * t.a_stride +
+            static_cast<size_t>(cb) * t.b_channel_stride) *
+               sizeof(Acc);
+  };
+  // Every channel staged at once: regions halved down to kMinRegionPositions
+  // until they fit. Else chunks of channels, as few stagings as fit (halving
+  // on while not even one a-group and one b-channel fit).
+  for (;; target /= 2) {
+    plan_region(t, a.N, a.H_a, a.W_a, stride, target);
+    if (bytes(ca_all, a.C_b) <= kSmemBudget) {
+      t.ca_stage = ca_all, t.cb_stage = a.C_b;
+      break;
+    }
+    if (target > kMinRegionPositions) continue;
+    if (bytes(car, 1) <= kSmemBudget || target <= 1) {
+      int best = 0;
+      for (int cb = a.C_b; cb >= 1; --cb) {
+        int ca = ca_all;
+        while (ca > car && bytes(ca, cb) > kSmemBudget) ca -= car;
+        if (bytes(ca, cb) > kSmemBudget && !(ca == car && cb == 1)) continue;
+        const int stagings = ceil_div(a.C_a, ca) * ceil_div(a.C_b, cb);
+        if (best == 0 || stagings < best) best = stagings, t.ca_stage = ca, t.cb_stage = cb;
+      }
+      break;
     }
   }
   t.tiles_y = ceil_div(a.H_a, t.rows);
   t.tiles_x = ceil_div(a.W_a, t.cols);
   const index_t regions = static_cast<index_t>(ceil_div(a.N, t.samples)) * t.tiles_y * t.tiles_x;
   t.regions = static_cast<int>(regions < (index_t{1} << 31) ? regions : (index_t{1} << 31) - 1);
-  // Pick the pass shape (groups x cb_chunk <= kWarps) with the fewest passes
-  // that fits the budget; ties: more units busy.
-  int best_passes = 0;
-  for (int groups = 1; groups <= kWarps; ++groups) {
-    for (int cb = 1; groups * cb <= kWarps; ++cb) {
-      const int ca_chunk = groups * car;
-      if (ca_chunk > car * ceil_div(a.C_a, car) || cb > a.C_b) continue;
-      const size_t bytes = fixed + (static_cast<size_t>(ca_chunk) * t.a_stride +
-                                    static_cast<size_t>(cb) * t.b_channel_stride) *
-                                       sizeof(Acc);
-      if (bytes > kSmemBudget && !(groups == 1 && cb == 1)) continue;
-      const int passes = ceil_div(a.C_a, ca_chunk) * ceil_div(a.C_b, cb);
-      if (best_passes == 0 || passes < best_passes || (passes == best_passes && groups * cb > t.items)) {
-        best_passes = passes;
-        t.groups = groups, t.ca_chunk = ca_chunk, t.cb_chunk = cb, t.items = groups * cb;
-      }
-    }
-  }
+  t.units = t.ca_stage / car * t.cb_stage;
+  t.items = t.units < kWarps ? t.units : kWarps;
   t.splits = kWarps / t.items;
   constexpr int V = vec_width<T>();
-  t.vec_a = nhwc && t.ca_chunk % V == 0 && vector_ok<V>(a.a, a.C_a, a.C_a) &&
+  t.vec_a = nhwc && t.ca_stage % V == 0 && vector_ok<V>(a.a, a.C_a, a.C_a) &&
             (a.a_gate == nullptr || vector_ok<V>(a.a_gate, a.C_a, a.C_a));
-  t.vec_b = nhwc && t.cb_chunk % V == 0 && vector_ok<V>(a.b, a.C_b, a.C_b) &&
+  t.vec_b = nhwc && t.cb_stage % V == 0 && vector_ok<V>(a.b, a.C_b, a.C_b) &&
             (a.b_gate == nullptr || vector_ok<V>(a.b_gate, a.C_b, a.C_b));
   WeightGradPlan p;
   p.t = t;
   p.regions = regions;
   p.blocks = static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
-  p.smem = static_cast<size_t>(t.positions) * sizeof(int) +
-           (kWarps * 10 * car + static_cast<size_t>(t.ca_chunk) * t.a_stride +
-            static_cast<size_t>(t.cb_chunk) * t.b_channel_stride) *
-               sizeof(Acc);
+  p.smem = bytes(t.ca_stage, t.cb_stage);
   return p;
 }
 
@@ -533,9 +542,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int RB = R + CA_R;  // and its bias sums
   CAE_DYNAMIC_SHARED(Acc, smem);
   Acc* red_s = smem;                         // [kWarps][RB]
-  Acc* a_s = red_s + kWarps * RB;            // [ca_chunk][a_stride]
-  Acc* b_s = a_s + t.ca_chunk * t.a_stride;  // [cb_chunk][b_channel_stride]
-  int* offset_s = reinterpret_cast<int*>(b_s + t.cb_chunk * t.b_channel_stride);  // [positions]
+  Acc* a_s = red_s + kWarps * RB;            // [ca_stage][a_stride]
+  Acc* b_s = a_s + t.ca_stage * t.a_stride;  // [cb_stage][b_channel_stride]
+  int* offset_s = reinterpret_cast<int*>(b_s + t.cb_stage * t.b_channel_stride);  // [positions]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int per_image = t.rows * t.cols;
   const int b_image = t.b_rows * t.b_cols;
@@ -550,39 +559,28 @@ __global__ void __launch_bounds__(kThreads)
     offset_s[p] = s * b_image + y * S * t.b_cols + xx * S;
   }
 
-  // This warp's unit: item (a-channel group, b-channel) and position split.
+  // This warp's share of a pass: unit `item` of the pass, position split `split`.
   const bool busy = warp < t.items * t.splits;
   const int item = warp % t.items, split = warp / t.items;
-  const int group = item / t.cb_chunk, cbl = item % t.cb_chunk;
   // The bias's gradient comes from values the product loads anyway: a's CA_R
-  // channels in the units of the chunk's first b-channel, or (the output
-  // gradient on the large side) b's pixels under a position's own S x S taps
-  // (rows and columns 1..S of its window: each pixel of b belongs to one
-  // position) in the units of the first a-channel group.
+  // channels in the units of the first b-channel, or (the output gradient on
+  // the large side) b's pixels under a position's own S x S taps (rows and
+  // columns 1..S of its window: each pixel of b belongs to one position) in
+  // the units of the first a-channel group.
   const bool bias_of_large = a.grad_output_is_large;
-  const bool bias_unit = bias_of_large ? group == 0 : cbl == 0;
 
-  for (int ca0 = 0; ca0 < a.C_a; ca0 += t.ca_chunk) {
-    const int ca_count = a.C_a - ca0 < t.ca_chunk ? a.C_a - ca0 : t.ca_chunk;
-    for (int cb0 = 0; cb0 < a.C_b; cb0 += t.cb_chunk) {
-      const int cb_count = a.C_b - cb0 < t.cb_chunk ? a.C_b - cb0 : t.cb_chunk;
-      const bool mine = busy && group * CA_R < ca_count && cbl < cb_count;
-      // Each bias channel once: in the first pass over the other side's channels.
-      const bool bias_pass = bias_of_large ? ca0 == 0 : cb0 == 0;
-      const bool sums_bias = mine && bias_pass && bias_unit;
-      Acc acc[CA_R][9], bias_acc[CA_R];
-      CAE_UNROLL
-      for (int r = 0; r < CA_R; ++r) {
-        bias_acc[r] = Acc(0);
-        CAE_UNROLL
-        for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
-      }
-
+  for (int ca0 = 0; ca0 < a.C_a; ca0 += t.ca_stage) {
+    const int ca_count = a.C_a - ca0 < t.ca_stage ? a.C_a - ca0 : t.ca_stage;
+    for (int cb0 = 0; cb0 < a.C_b; cb0 += t.cb_stage) {
+      const int cb_count = a.C_b - cb0 < t.cb_stage ? a.C_b - cb0 : t.cb_stage;
+      // Each bias channel once: in the first staging of the other side's channels.
+      const bool bias_staging = bias_of_large ? ca0 == 0 : cb0 == 0;
       for (int region = blockIdx.x; region < t.regions; region += gridDim.x) {
+        const bool first_region = region == static_cast<int>(blockIdx.x);
         const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
-        __syncthreads();  // the previous region (or pass) is done reading
+        __syncthreads();  // the previous region (or staging) is done reading
         stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0,
-                                              ca0, ca_count, t.ca_chunk, t, t.vec_a, tid);
+                                              ca0, ca_count, t.ca_stage, t, t.vec_a, tid);
         const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       cb0,    cb_count, t.b_rows,
                          t.b_cols, t.samples,    t.b_channel_stride, b_image};
         if (NHWC) {
@@ -592,61 +590,80 @@ __global__ void __launch_bounds__(kThreads)
           stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
         }
         __syncthreads();
-        if (mine) {
-          const Acc* av = a_s + group * CA_R * t.a_stride;
-          const Acc* bv = b_s + cbl * t.b_channel_stride;
-          for (int p = split * 32 + lane; p < t.positions; p += 32 * t.splits) {
-            Acc x[CA_R];
+        for (int unit0 = 0; unit0 < t.units; unit0 += t.items) {
+          const int unit = unit0 + item;
+          const int group = unit / t.cb_stage, cbl = unit % t.cb_stage;  // once a pass
+          const bool mine = busy && unit < t.units && group * CA_R < ca_count && cbl < cb_count;
+          const bool sums_bias = mine && bias_staging && (bias_of_large ? group == 0 : cbl == 0);
+          Acc acc[CA_R][9], bias_acc[CA_R];
+          CAE_UNROLL
+          for (int r = 0; r < CA_R; ++r) {
+            bias_acc[r] = Acc(0);
             CAE_UNROLL
-            for (int r = 0; r < CA_R; ++r) x[r] = av[r * t.a_stride + p];
-            if (sums_bias && !bias_of_large) {
+            for (int k = 0; k < 9; ++k) acc[r][k] = Acc(0);
+          }
+          if (mine) {
+            const Acc* av = a_s + group * CA_R * t.a_stride;
+            const Acc* bv = b_s + cbl * t.b_channel_stride;
+            for (int p = split * 32 + lane; p < t.positions; p += 32 * t.splits) {
+              Acc x[CA_R];
               CAE_UNROLL
-              for (int r = 0; r < CA_R; ++r) bias_acc[r] += x[r];
-            }
-            const Acc* win3 = bv + offset_s[p];
-            CAE_UNROLL
-            for (int ky = 0; ky < 3; ++ky) {
-              CAE_UNROLL
-              for (int kx = 0; kx < 3; ++kx) {
-                const Acc y = win3[ky * t.b_cols + kx];
+              for (int r = 0; r < CA_R; ++r) x[r] = av[r * t.a_stride + p];
+              if (sums_bias && !bias_of_large) {
                 CAE_UNROLL
-                for (int r = 0; r < CA_R; ++r) acc[r][ky * 3 + kx] += x[r] * y;
-                if (ky >= 1 && ky <= S && kx >= 1 && kx <= S && sums_bias && bias_of_large) bias_acc[0] += y;
+                for (int r = 0; r < CA_R; ++r) bias_acc[r] += x[r];
+              }
+              const Acc* win3 = bv + offset_s[p];
+              CAE_UNROLL
+              for (int ky = 0; ky < 3; ++ky) {
+                CAE_UNROLL
+                for (int kx = 0; kx < 3; ++kx) {
+                  const Acc y = win3[ky * t.b_cols + kx];
+                  CAE_UNROLL
+                  for (int r = 0; r < CA_R; ++r) acc[r][ky * 3 + kx] += x[r] * y;
+                  if (ky >= 1 && ky <= S && kx >= 1 && kx <= S && sums_bias && bias_of_large)
+                    bias_acc[0] += y;
+                }
               }
             }
           }
-        }
-      }
-      // Reduce: lanes (shuffles), then the warps that split the positions
-      // (shared memory, in split order), then one partial per block.
-      if (busy) {  // whole warps: the full mask is exact
-        CAE_UNROLL
-        for (int r = 0; r < CA_R; ++r) {
-          CAE_UNROLL
-          for (int k = 0; k < 9; ++k) {
-            const Acc s = warp_sum(acc[r][k]);
-            if (lane == 0) red_s[warp * RB + r * 9 + k] = s;
+          // Reduce: lanes (shuffles), then the warps that split the positions
+          // (shared memory, in split order), into the block's partial row.
+          if (busy) {  // whole warps: the full mask is exact
+            CAE_UNROLL
+            for (int r = 0; r < CA_R; ++r) {
+              CAE_UNROLL
+              for (int k = 0; k < 9; ++k) {
+                const Acc s = warp_sum(acc[r][k]);
+                if (lane == 0) red_s[warp * RB + r * 9 + k] = s;
+              }
+              const Acc s = warp_sum(bias_acc[r]);
+              if (lane == 0) red_s[warp * RB + R + r] = s;
+            }
           }
-          const Acc s = warp_sum(bias_acc[r]);
-          if (lane == 0) red_s[warp * RB + R + r] = s;
-        }
-      }
-      __syncthreads();
-      for (int i = tid; i < t.items * RB; i += kThreads) {
-        const int it = i / RB, e = i % RB;
-        const int g = it / t.cb_chunk, cb = cb0 + it % t.cb_chunk;
-        const int ca = ca0 + g * CA_R + (e < R ? e / 9 : e - R);
-        int column = -1;  // in the block's partial row
-        if (e < R) {
-          if (ca < ca0 + ca_count && cb < cb0 + cb_count) column = (ca * a.C_b + cb) * 9 + e % 9;
-        } else if (bias_pass && (bias_of_large ? g == 0 && e == R : cb == cb0)) {
-          const int c = bias_of_large ? cb : ca;
-          if (c < (bias_of_large ? cb0 + cb_count : ca0 + ca_count)) column = weight_outputs + c;
-        }
-        if (column >= 0) {
-          Acc s = red_s[it * RB + e];
-          for (int sp = 1; sp < t.splits; ++sp) s += red_s[(sp * t.items + it) * RB + e];
-          partial[partial_row + column] = s;
+          __syncthreads();
+          for (int i = tid; i < t.items * RB; i += kThreads) {
+            const int it = i / RB, e = i % RB;
+            const int u = unit0 + it;
+            const int g = u / t.cb_stage, cb = cb0 + u % t.cb_stage;
+            const int ca = ca0 + g * CA_R + (e < R ? e / 9 : e - R);
+            int column = -1;  // in the block's partial row
+            if (u >= t.units) {
+              // past the last unit of the staging
+            } else if (e < R) {
+              if (ca < ca0 + ca_count && cb < cb0 + cb_count) column = (ca * a.C_b + cb) * 9 + e % 9;
+            } else if (bias_staging && (bias_of_large ? g == 0 && e == R : cb == cb0)) {
+              const int c = bias_of_large ? cb : ca;
+              if (c < (bias_of_large ? cb0 + cb_count : ca0 + ca_count)) column = weight_outputs + c;
+            }
+            if (column >= 0) {
+              Acc s = red_s[it * RB + e];
+              for (int sp = 1; sp < t.splits; ++sp) s += red_s[(sp * t.items + it) * RB + e];
+              Acc& sum = partial[partial_row + column];  // this thread's in every region of the block
+              sum = first_region ? s : sum + s;
+            }
+          }
+          __syncthreads();  // red_s is read before the next pass writes it
         }
       }
     }
