@@ -87,11 +87,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int c0 = 0; c0 < a.C_a; c0 += t.chunk) {
     const int count = a.C_a - c0 < t.chunk ? a.C_a - c0 : t.chunk;
     __syncthreads();  // the previous pass is done reading
+    // w [C_a][C_b][3][3] holds an input channel's 9 * COB weights of the
+    // block's output channels contiguously: consecutive threads read
+    // consecutive elements (coalesced), then transpose (j, k) -> (k, j)
+    // into [chunk][9][COB]; the divisors are compile-time (multiply-shift).
     for (int i = tid; i < count * 9 * COB; i += kThreads) {
-      const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
-      const int cb = cb0 + j;
-      w_s[i] =
-          cb < a.C_b ? static_cast<Acc>(a.w[(static_cast<index_t>(c0 + c) * a.C_b + cb) * 9 + k]) : Acc(0);
+      const int c = i / (9 * COB), m = i - c * (9 * COB);
+      const int j = m / 9, k = m - j * 9;
+      w_s[(c * 9 + k) * COB + j] =
+          cb0 + j < a.C_b ? static_cast<Acc>(a.w[(static_cast<index_t>(c0 + c) * a.C_b + cb0) * 9 + m])
+                          : Acc(0);
     }
     const Window win{o.n0,
                      S == 1 ? o.y0 - 1 : o.y0 / 2,
