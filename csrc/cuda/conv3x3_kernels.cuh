@@ -245,8 +245,20 @@ inline ConvPlan plan_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc)
   return p;
 }
 
+// __launch_bounds__'s blocks per SM for correlate_kernel: the register cap
+// (64K / (kThreads * blocks): 4 -> 64, 3 -> 80, 2 -> 128 per thread) that its
+// variants meet without spilling on sm_90; without one ptxas picks a cap of
+// its own, and spilled in some (benchmarks/results/sass-sm90.md). 4 up to 4
+// accumulators per thread (3 when NHWC staging converts 8 half-width values
+// at a time), 3 for 8, 2 for 16. Shared memory (up to kSmemBudget) allows 4.
+template <typename T, typename Acc, int COB, bool NHWC>
+constexpr int conv_min_blocks() {
+  return COB <= 4 ? (NHWC && sizeof(T) < 4 ? 3 : 4) : COB <= 8 ? 3 : 2;
+}
+
 template <typename T, typename Acc, int S, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads) correlate_kernel(CorrelateArgs<T> a, ConvTiling t) {
+__global__ void __launch_bounds__(kThreads, conv_min_blocks<T, Acc, COB, NHWC>())
+    correlate_kernel(CorrelateArgs<T> a, ConvTiling t) {
   CAE_DYNAMIC_SHARED(Acc, smem);
   Acc* w_s = smem;                       // [chunk][9][COB]
   Acc* in_s = smem + t.chunk * 9 * COB;  // [samples][chunk][in_rows][in_cols]
@@ -529,8 +541,18 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
   }
 }
 
+// __launch_bounds__'s blocks per SM for weight_grad_kernel (see
+// conv_min_blocks): a unit's 9 * CA_R sums and CA_R bias sums per thread
+// besides two staging walks. CA_R = 1: 3 (80 registers), 2 in double or when
+// NHWC staging converts 8 half-width values at a time; CA_R = 4: 2 (128), 1 in
+// double (its 40 double sums alone take 80 registers).
+template <typename T, typename Acc, int CA_R, bool NHWC>
+constexpr int weight_grad_min_blocks() {
+  return CA_R == 1 ? (sizeof(Acc) > 4 || (NHWC && sizeof(T) < 4) ? 2 : 3) : sizeof(Acc) > 4 ? 1 : 2;
+}
+
 template <typename T, typename Acc, int S, int CA_R, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, weight_grad_min_blocks<T, Acc, CA_R, NHWC>())
     weight_grad_kernel(WeightGradArgs<T> a, WeightGradTiling t, Acc* __restrict__ partial) {
   constexpr int R = CA_R * 9;   // the weight's accumulators of a unit
   constexpr int RB = R + CA_R;  // and its bias sums

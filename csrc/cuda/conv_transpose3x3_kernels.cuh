@@ -54,8 +54,17 @@ inline ConvPlan plan_correlate_transpose(const CorrelateTransposeArgs<T>& a, int
   return p;
 }
 
+// __launch_bounds__'s blocks per SM (see conv_min_blocks): the gather's tap
+// patterns take more registers than correlate_kernel's. 3 (80 registers) for
+// one accumulator per thread and for 4 in NCHW, 2 (128) for 4 in NHWC and for
+// 8 or 16, 1 for 16 doubles.
+template <typename Acc, int COB, bool NHWC>
+constexpr int transpose_min_blocks() {
+  return COB == 1 || (COB == 4 && !NHWC) ? 3 : COB >= 16 && sizeof(Acc) > 4 ? 1 : 2;
+}
+
 template <typename T, typename Acc, int S, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, transpose_min_blocks<Acc, COB, NHWC>())
     correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t) {
   static_assert(S == 1 || S == 2, "stride 1 or 2");
   CAE_DYNAMIC_SHARED(Acc, smem);
