@@ -32,20 +32,48 @@ struct Window {
   int sample_stride;   // shared-memory elements between samples
 };
 
+// The digits of a thread's elements in a row-major index space of four
+// dimensions (digit[0] fastest; radices of the first three given, the last
+// unbounded), element `first` and every kThreads-th after it. The first
+// digits and kThreads's own cost a division per dimension once; advance()
+// then adds kThreads's digits with carries, at most one per digit (a digit
+// and a step digit are both below the radix): no division per element. The
+// walk ends when the last digit reaches that dimension's size.
+struct StridedDigits {
+  int digit[4], step[4], radix[3];
+
+  CAE_DEVICE StridedDigits(int first, int r0, int r1, int r2) : radix{r0, r1, r2} {
+    unsigned f = first, k = kThreads;  // unsigned: the shorter division
+    CAE_UNROLL
+    for (int d = 0; d < 3; ++d) {
+      const unsigned r = radix[d];
+      digit[d] = static_cast<int>(f % r), step[d] = static_cast<int>(k % r);
+      f /= r, k /= r;
+    }
+    digit[3] = static_cast<int>(f), step[3] = static_cast<int>(k);
+  }
+
+  CAE_DEVICE void advance() {
+    int carry = 0;
+    CAE_UNROLL
+    for (int d = 0; d < 3; ++d) {
+      digit[d] += step[d] + carry;
+      carry = digit[d] >= radix[d];
+      if (carry) digit[d] -= radix[d];
+    }
+    digit[3] += step[3] + carry;
+  }
+};
+
 // Copies gate(x) over the window into dst[s * sample_stride + c *
 // channel_stride + r * cols + col], zero outside the image or batch.
 // NCHW: consecutive threads read consecutive columns of one row.
 template <typename Acc, typename T>
 CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
                            int W, const Window& win, int tid) {
-  const int total = win.samples * win.count * win.rows * win.cols;
-  for (int i = tid; i < total; i += kThreads) {
-    const int col = i % win.cols;
-    int rest = i / win.cols;
-    const int r = rest % win.rows;
-    rest /= win.rows;
-    const int c = rest % win.count;
-    const int s = rest / win.count;
+  StridedDigits at(tid, win.cols, win.rows, win.count);  // (col, r, c, s)
+  for (; at.digit[3] < win.samples; at.advance()) {
+    const int col = at.digit[0], r = at.digit[1], c = at.digit[2], s = at.digit[3];
     const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
     Acc v = Acc(0);
     if (n < N && y >= 0 && y < H && xx >= 0 && xx < W) {
@@ -63,25 +91,44 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
                            int W, const Window& win, bool vec, int tid) {
   const int lanes = vec ? win.count / V : win.count;  // loads per pixel
   const int width = vec ? V : 1;
-  const int total = win.samples * win.rows * win.cols * lanes;
-  for (int i = tid; i < total; i += kThreads) {
-    const int c = (i % lanes) * width;
-    int rest = i / lanes;
-    const int col = rest % win.cols;
-    rest /= win.cols;
-    const int r = rest % win.rows;
-    const int s = rest / win.rows;
+  StridedDigits at(tid, lanes, win.cols, win.rows);  // (lane, col, r, s)
+  for (; at.digit[3] < win.samples; at.advance()) {
+    const int c = at.digit[0] * width, col = at.digit[1], r = at.digit[2], s = at.digit[3];
     const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
     Acc* d = dst + s * win.sample_stride + c * win.channel_stride + r * win.cols + col;
     const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
-    const index_t at = ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c;
+    const index_t at_x = ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c;
     if (vec) {
       Acc e[V];
-      load_gated_vec<Acc>(e, x, gate, at, inside);
+      load_gated_vec<Acc>(e, x, gate, at_x, inside);
       CAE_UNROLL
       for (int j = 0; j < V; ++j) d[j * win.channel_stride] = e[j];
     } else {
-      *d = inside ? load_gated<Acc>(x, gate, at) : Acc(0);
+      *d = inside ? load_gated<Acc>(x, gate, at_x) : Acc(0);
+    }
+  }
+}
+
+// A pass's weights in shared memory as [taps][COB] (taps = input channels x
+// 9, what the products read as broadcasts) from COB rows of `taps`
+// consecutive elements, `row_stride` apart in w, starting at w + first: a
+// convolution weight [C_out][C_in][3][3] read for output channels co0.. and
+// input channels c0... Consecutive threads read consecutive elements of each
+// row (coalesced); a thread takes one tap of W rows at a time and stores them
+// as one shared-memory vector. Rows from `rows` on (channels past C_out) are
+// zeros.
+template <int COB, typename Acc, typename T>
+CAE_DEVICE void stage_weight_rows(Acc* w_s, const T* __restrict__ w, index_t first, index_t row_stride,
+                                  int rows, int taps, int tid) {
+  constexpr int W = vec_width<Acc, COB>();  // divides COB (1, 4, 8, 16)
+  for (int e = tid; e < taps; e += kThreads) {
+    CAE_UNROLL
+    for (int j = 0; j < COB; j += W) {
+      Vec<Acc, W> v;
+      CAE_UNROLL
+      for (int k = 0; k < W; ++k)
+        v.v[k] = j + k < rows ? static_cast<Acc>(w[first + (j + k) * row_stride + e]) : Acc(0);
+      *reinterpret_cast<Vec<Acc, W>*>(w_s + e * COB + j) = v;
     }
   }
 }
@@ -269,8 +316,19 @@ inline ConvPlan plan_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc)
   return p;
 }
 
+// __launch_bounds__'s blocks per SM for correlate_kernel: the register cap
+// (64K / (kThreads * blocks): 4 -> 64, 3 -> 80, 2 -> 128 per thread) that its
+// variants meet without spilling on sm_90; without one ptxas picks a cap of
+// its own, and spilled in some (benchmarks/results/sass-sm90.md). 4 up to 4
+// accumulators per thread (3 in NHWC, whose vector staging needs more), 3 for
+// 8, 2 for 16. Shared memory (up to kSmemBudget) allows 4.
+template <typename T, typename Acc, int COB, bool NHWC>
+constexpr int conv_min_blocks() {
+  return COB <= 4 ? (NHWC ? 3 : 4) : COB <= 8 ? 3 : 2;
+}
+
 template <typename T, typename Acc, int S, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, conv_min_blocks<T, Acc, COB, NHWC>())
     correlate_kernel(CorrelateArgs<T> a, ConvTiling t, SumsJob<T, Acc> sums) {
   CAE_DYNAMIC_SHARED(Acc, smem);
   const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;
@@ -294,12 +352,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int c0 = 0; c0 < a.C_in; c0 += t.chunk) {
     const int count = a.C_in - c0 < t.chunk ? a.C_in - c0 : t.chunk;
     __syncthreads();  // the previous pass is done reading
-    for (int i = tid; i < count * 9 * COB; i += kThreads) {
-      const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
-      const int co = co0 + j;
-      w_s[i] =
-          co < a.C_out ? static_cast<Acc>(a.w[(static_cast<index_t>(co) * a.C_in + c0 + c) * 9 + k]) : Acc(0);
-    }
+    stage_weight_rows<COB>(w_s, a.w, (static_cast<index_t>(co0) * a.C_in + c0) * 9,
+                           static_cast<index_t>(a.C_in) * 9, a.C_out - co0, count * 9, tid);
     const Window win{o.n0,      o.y0 * S - 1,     o.x0 * S - 1,   c0, count, t.in_rows, t.in_cols,
                      t.samples, t.channel_stride, t.sample_stride};
     if (NHWC) {
@@ -351,22 +405,21 @@ CAE_DEVICE Acc warp_sum(Acc v) {
   return v;
 }
 
-// 32 warp sums at once, in fixed trees: lane l returns the sum of v[l] over
-// the warp. Each step halves the values a lane carries (it keeps one half,
-// sends the other to its partner): 31 shuffles instead of 32 x 5.
-template <typename Acc>
-CAE_DEVICE Acc warp_sums_transposed(Acc (&v)[32], int lane) {
+// 32 warp sums at once, in fixed trees: lane l ends with the sum of v[l] over
+// the warp in v[0]. Each step halves the values a lane carries (it keeps one
+// half, sends the other to its partner): 31 shuffles instead of 32 x 5. The
+// step is a template parameter so that every index is a constant (registers,
+// not local memory).
+template <int Half = 16, typename Acc>
+CAE_DEVICE void warp_sums_transposed(Acc (&v)[32], int lane) {
+  const bool upper = (lane & Half) != 0;
   CAE_UNROLL
-  for (int half = 16; half > 0; half /= 2) {
-    const bool upper = (lane & half) != 0;
-    CAE_UNROLL
-    for (int i = 0; i < half; ++i) {
-      const Acc send = upper ? v[i] : v[i + half];
-      const Acc keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, half);
-    }
+  for (int i = 0; i < Half; ++i) {
+    const Acc send = upper ? v[i] : v[i + Half];
+    const Acc keep = upper ? v[i + Half] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, Half);
   }
-  return v[0];
+  if constexpr (Half > 1) warp_sums_transposed<Half / 2>(v, lane);
 }
 
 // ---------------------------------------------------------------------------
@@ -522,39 +575,50 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
   if (NHWC) {
     const int lanes = vec ? padded_count / V : padded_count;
     const int width = vec ? V : 1;
-    for (int i = tid; i < t.positions * lanes; i += kThreads) {
-      const int c = (i % lanes) * width, p = i / lanes;
-      const int s = p / per_image, y = y0 + (p % per_image) / t.cols, xx = x0 + p % t.cols;
-      const int n = n0 + s;
+    StridedDigits at(tid, lanes, t.cols, t.rows);  // (lane, x, y, s)
+    for (; at.digit[3] < t.samples; at.advance()) {
+      const int c = at.digit[0] * width, px = at.digit[1], py = at.digit[2], s = at.digit[3];
+      const int p = s * per_image + py * t.cols + px;
+      const int n = n0 + s, y = y0 + py, xx = x0 + px;
       // c < count: a short last chunk (count, a multiple of V when vec, is
       // then below padded_count) stages zeros for the channels it lacks.
       const bool inside = n < N && y < H && xx < W && c < count;
-      const index_t at = ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c;
+      const index_t at_x = ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c;
       if (vec) {
         Acc e[V];
-        load_gated_vec<Acc>(e, x, gate, at, inside);
+        load_gated_vec<Acc>(e, x, gate, at_x, inside);
         CAE_UNROLL
         for (int j = 0; j < V; ++j) dst[(c + j) * t.a_stride + p] = e[j];
       } else {
-        dst[c * t.a_stride + p] = inside ? load_gated<Acc>(x, gate, at) : Acc(0);
+        dst[c * t.a_stride + p] = inside ? load_gated<Acc>(x, gate, at_x) : Acc(0);
       }
     }
   } else {
-    for (int i = tid; i < t.positions * padded_count; i += kThreads) {
-      const int p = i % t.positions, c = i / t.positions;
-      const int s = p / per_image, y = y0 + (p % per_image) / t.cols, xx = x0 + p % t.cols;
-      const int n = n0 + s;
+    StridedDigits at(tid, t.cols, t.rows, t.samples);  // (x, y, s, c)
+    for (; at.digit[3] < padded_count; at.advance()) {
+      const int px = at.digit[0], py = at.digit[1], s = at.digit[2], c = at.digit[3];
+      const int n = n0 + s, y = y0 + py, xx = x0 + px;
       Acc v = Acc(0);
       if (c < count && n < N && y < H && xx < W) {
         v = load_gated<Acc>(x, gate, ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx);
       }
-      dst[c * t.a_stride + p] = v;
+      dst[c * t.a_stride + s * per_image + py * t.cols + px] = v;
     }
   }
 }
 
+// __launch_bounds__'s blocks per SM for weight_grad_kernel (see
+// conv_min_blocks): a unit's 9 * CA_R sums and CA_R bias sums per thread
+// besides two staging walks. CA_R = 1: 3 (80 registers), 2 in double or when
+// NHWC staging converts 8 half-width values at a time; CA_R = 4: 2 (128), 1 in
+// double (its 40 double sums alone take 80 registers).
+template <typename T, typename Acc, int CA_R, bool NHWC>
+constexpr int weight_grad_min_blocks() {
+  return CA_R == 1 ? (sizeof(Acc) > 4 || (NHWC && sizeof(T) < 4) ? 2 : 3) : sizeof(Acc) > 4 ? 1 : 2;
+}
+
 template <typename T, typename Acc, int S, int CA_R, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, weight_grad_min_blocks<T, Acc, CA_R, NHWC>())
     weight_grad_kernel(WeightGradArgs<T> a, WeightGradTiling t, Acc* __restrict__ partial) {
   constexpr int R = CA_R * 9;   // the weight's accumulators of a unit
   constexpr int RB = R + CA_R;  // and its bias sums
@@ -564,7 +628,6 @@ __global__ void __launch_bounds__(kThreads)
   Acc* b_s = a_s + t.ca_stage * t.a_stride;  // [cb_stage][b_channel_stride]
   int* offset_s = reinterpret_cast<int*>(b_s + t.cb_stage * t.b_channel_stride);  // [positions]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int per_image = t.rows * t.cols;
   const int b_image = t.b_rows * t.b_cols;
   // A block's partial sums: the weight's [C_a][C_b][9], then the bias's.
   const int weight_outputs = a.C_a * a.C_b * 9;
@@ -572,9 +635,9 @@ __global__ void __launch_bounds__(kThreads)
       static_cast<index_t>(blockIdx.x) * (weight_outputs + (a.grad_output_is_large ? a.C_b : a.C_a));
 
   // Where position p's 3x3 window starts in the staged b.
-  for (int p = tid; p < t.positions; p += kThreads) {
-    const int s = p / per_image, y = (p % per_image) / t.cols, xx = p % t.cols;
-    offset_s[p] = s * b_image + y * S * t.b_cols + xx * S;
+  StridedDigits at(tid, t.cols, t.rows, t.samples);  // (x, y, s, 0)
+  for (int p = tid; p < t.positions; p += kThreads, at.advance()) {
+    offset_s[p] = at.digit[2] * b_image + at.digit[1] * S * t.b_cols + at.digit[0] * S;
   }
 
   // This warp's share of a pass: unit `item` of the pass, position split `split`.
@@ -662,7 +725,8 @@ __global__ void __launch_bounds__(kThreads)
               Acc first[32];
               CAE_UNROLL
               for (int e = 0; e < 32; ++e) first[e] = sums[e];
-              red_s[warp * RB + lane] = warp_sums_transposed(first, lane);
+              warp_sums_transposed(first, lane);
+              red_s[warp * RB + lane] = first[0];
             }
             CAE_UNROLL
             for (int e = kTransposed; e < RB; ++e) {

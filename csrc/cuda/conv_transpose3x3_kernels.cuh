@@ -54,8 +54,17 @@ inline ConvPlan plan_correlate_transpose(const CorrelateTransposeArgs<T>& a, int
   return p;
 }
 
+// __launch_bounds__'s blocks per SM (see conv_min_blocks): the gather's tap
+// patterns take more registers than correlate_kernel's. 3 (80 registers) for
+// one accumulator per thread and for 4 in NCHW, 2 (128) for 4 in NHWC and for
+// 8 or 16, 1 for 16 doubles.
+template <typename Acc, int COB, bool NHWC>
+constexpr int transpose_min_blocks() {
+  return COB == 1 || (COB == 4 && !NHWC) ? 3 : COB >= 16 && sizeof(Acc) > 4 ? 1 : 2;
+}
+
 template <typename T, typename Acc, int S, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, transpose_min_blocks<Acc, COB, NHWC>())
     correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t, SumsJob<T, Acc> sums) {
   static_assert(S == 1 || S == 2, "stride 1 or 2");
   CAE_DYNAMIC_SHARED(Acc, smem);
@@ -90,11 +99,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int c0 = 0; c0 < a.C_a; c0 += t.chunk) {
     const int count = a.C_a - c0 < t.chunk ? a.C_a - c0 : t.chunk;
     __syncthreads();  // the previous pass is done reading
+    // w [C_a][C_b][3][3] holds an input channel's 9 * COB weights of the
+    // block's output channels contiguously: consecutive threads read
+    // consecutive elements (coalesced), then transpose (j, k) -> (k, j)
+    // into [chunk][9][COB]; the divisors are compile-time (multiply-shift).
     for (int i = tid; i < count * 9 * COB; i += kThreads) {
-      const int j = i % COB, k = (i / COB) % 9, c = i / (9 * COB);
-      const int cb = cb0 + j;
-      w_s[i] =
-          cb < a.C_b ? static_cast<Acc>(a.w[(static_cast<index_t>(c0 + c) * a.C_b + cb) * 9 + k]) : Acc(0);
+      const int c = i / (9 * COB), m = i - c * (9 * COB);
+      const int j = m / 9, k = m - j * 9;
+      w_s[(c * 9 + k) * COB + j] =
+          cb0 + j < a.C_b ? static_cast<Acc>(a.w[(static_cast<index_t>(c0 + c) * a.C_b + cb0) * 9 + m])
+                          : Acc(0);
     }
     const Window win{o.n0,
                      S == 1 ? o.y0 - 1 : o.y0 / 2,
