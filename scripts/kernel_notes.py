@@ -49,7 +49,9 @@ FP32_FLOPS = SMS * 128 * 2 * CLOCK_HZ  # 128 FP32 lanes per SM, an FMA is 2 FLOP
 ISSUE_PER_CLOCK = 4  # warp instructions per SM and clock (4 schedulers); also FFMA: 4 x 32 lanes
 LDS_PER_CLOCK = 1  # shared-memory wavefronts per SM and clock (128 bytes/clock)
 LAUNCH_US = 2.0  # fixed cost per launch: back-to-back small kernels in one stream, no graph
-STAGE_INSTRUCTIONS = 30  # per staged element: index arithmetic (inline divisions), bounds, load, store
+# Per staged element, float32, from the sm_90 SASS of the staging loops (division-free walks;
+# benchmarks/results/sass-sm90.md's notes): index arithmetic, bounds, load, convert, store.
+STAGE_INSTRUCTIONS = {False: 58, True: 25}  # by layout: NCHW, NHWC (vector loads)
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 RESERVED_SHARED = 1024  # per block, sm_80 and later
@@ -79,8 +81,9 @@ Per launch:
   structure: the inner loop's FFMA and shared loads (input tap: 1 load, stride-2 correlate
   2 wavefronts for its 2-way bank conflict; weights: one broadcast load per 4 output
   channels), and for the convolution kernels the staging of their shared memory (the
-  tile's input window and weights, every input channel once; {STAGE_INSTRUCTIONS}
-  instructions per staged element). The weight gradient's staging is not counted (a lower
+  tile's input window and weights, every input channel once; {STAGE_INSTRUCTIONS[False]}
+  instructions per staged element in NCHW, {STAGE_INSTRUCTIONS[True]} in NHWC, as the sm_90 SASS of the
+  staging loops has them). The weight gradient's staging is not counted (a lower
   bound). *instr/output* of `weight_grad` is per gradient element: a reduction over all
   positions of the batch.
 - *time* = max(t mem / SM fill, max(t issue, t shared) / wave efficiency) + {LAUNCH_US:.0f} us
@@ -262,7 +265,7 @@ def estimate(call, launch, index_in_op):
         weight, out, reads = _conv_shapes(call)
         targs = template_args(launch.kernel)
         acc_bytes = 8 if targs[1] == "double" else 4
-        stride, cob = int(targs[2]), int(targs[3])
+        stride, cob, nhwc = int(targs[2]), int(targs[3]), targs[4] == "true"
         c_in = reads[0].shape[1]  # the channels the kernel stages and sums over
         e.bytes = sum(nbytes(t) for t in reads) + nbytes(out)
         e.flops = 2 * weight.numel() * _small_positions(call)
@@ -276,7 +279,7 @@ def estimate(call, launch, index_in_op):
         weight_loads = taps * math.ceil(cob / 4)
         per_channel_issue = taps * cob + taps + weight_loads + 2
         staged = c_in * _staged_per_channel(launch, family, stride, cob, out, acc_bytes)
-        e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS
+        e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc]
         e.wavefronts = warps * c_in * (input_wavefronts + weight_loads) + launch.blocks * staged / 32
     elif family == "weight_grad":
         targs = template_args(launch.kernel)
