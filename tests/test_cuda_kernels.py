@@ -4,12 +4,14 @@ planners -- many weight-gradient regions, many channel groups, extreme shared-me
 plans -- yet stay small enough for the emulator, in float64 against
 torch.nn.functional."""
 
+import contextlib
+
 import pytest
 import torch
 
 from cae_kernels import reference
 
-from backends import FORMATS, assert_close, make_input, on_cuda_kernels
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels
 
 F64 = torch.float64
 
@@ -56,3 +58,80 @@ def test_many_channel_groups(backend):
     expected = reference.conv_transpose3x3(x, wt, None, 1)
     assert_close(backend.functions.conv_transpose3x3(x, wt, None, 1), expected, backend.tolerance(F64, expected),
                  "conv_transpose3x3")
+
+
+# The tensor-core correlation (csrc/cuda/conv3x3_mma_kernels.cuh): float16 and bfloat16
+# on sm_80+ (the emulator's device is sm_90), 2+ input and 5+ output channels.
+MMA_SHAPES = (
+    (1, 8, 16, 9, 13),  # batch 1, odd sizes (ragged tiles); two n = 8 tiles
+    (2, 16, 8, 14, 14),  # an autoencoder layer (16 -> 8 at 14x14)
+    (3, 5, 12, 7, 6),  # 5 input channels padded to 8 (an odd group count); 12 outputs in a group of 16
+    (2, 100, 17, 5, 6),  # several passes through shared memory; two groups of 16 output channels
+)
+
+
+@contextlib.contextmanager
+def mma_launches(backend, arch="90"):
+    """The launches of the tensor-core correlation inside the block (a list with one
+    count; None off the emulator, where launches are not counted), on an emulated
+    device of compute capability ``arch``."""
+    if backend.name != "sim":
+        yield [None]
+        return
+    counted = [0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAE_SIM_ARCH", arch)
+        with backend.functions.count_launches() as counts:
+            yield counted
+    counted[0] = sum(c for name, c in counts.items() if "correlate_mma_kernel" in name)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+@on_cuda_kernels()
+def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
+    """conv3x3's forward (ReLU fused) and conv_transpose3x3's input gradient through a
+    fused ReLU (the gated correlation) against float64 at the dtype's tolerance; on the
+    emulator the tensor-core kernel ran for every one of them."""
+    for n, c_in, c_out, h, w in MMA_SHAPES:
+        x = make_input((n, c_in, h, w), dtype, backend.device, fmt, scale=0.5)
+        weight = make_input((c_out, c_in, 3, 3), dtype, backend.device, scale=0.5)
+        bias = make_input((c_out,), dtype, backend.device)
+        with mma_launches(backend) as launched:
+            y = backend.functions.conv3x3(x, weight, bias, stride, "relu")
+        expected = torch.relu(reference.conv3x3(x.double(), weight.double(), bias.double(), stride))
+        assert_close(y, expected, backend.tolerance(dtype, expected), f"conv3x3 of {x.shape}")
+        assert launched[0] in (None, 1), launched
+        # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its input gradient is
+        # correlate(gate(g), weight) with the forward output as the gate.
+        xt = make_input((n, c_out, h, w), dtype, backend.device, fmt, scale=0.5)
+        out = backend.functions.conv_transpose3x3(xt, weight.detach(), None, stride, "relu")
+        g = torch.randn_like(out)
+        with mma_launches(backend) as launched:
+            (ours,) = torch.autograd.grad(out, xt, g)
+        xd = xt.detach().double().requires_grad_()
+        ref = reference.conv_transpose3x3(xd, weight.double(), None, stride)
+        (expected,) = torch.autograd.grad(ref, xd, g.double() * (out.detach() > 0))
+        assert_close(ours, expected, backend.tolerance(dtype, expected), f"gated input gradient of {xt.shape}")
+        assert launched[0] in (None, 1), launched
+
+
+def test_correlate_exact_path_below_sm80():
+    """On an emulated sm_75 the same float16 correlation runs on the plain kernel (no
+    tensor cores), and both agree within float16's tolerance."""
+    backend = BACKENDS["sim"]
+    x = make_input((2, 8, 9, 7), torch.float16, "cpu", scale=0.5).detach()
+    weight = make_input((16, 8, 3, 3), torch.float16, "cpu", scale=0.5).detach()
+    results = {}
+    for arch in ("75", "90"):
+        with mma_launches(backend, arch) as launched:
+            results[arch] = backend.functions.conv3x3(x, weight, None, 1)
+        assert launched[0] == (arch == "90"), (arch, launched)
+    expected = reference.conv3x3(x.double(), weight.double(), None, 1)
+    for arch, y in results.items():
+        assert_close(y, expected, backend.tolerance(torch.float16, expected), f"sm_{arch}")
+    x32, w32 = x.float(), weight.float()
+    with mma_launches(backend) as launched:
+        backend.functions.conv3x3(x32, w32, None, 1)
+    assert launched[0] == 0  # float32 keeps the exact path

@@ -4,8 +4,38 @@
 #include "kernels.h"
 
 #include "conv3x3_kernels.cuh"
+#include "conv3x3_mma_kernels.cuh"
 
 namespace cae {
+
+namespace {
+
+// float16 and bfloat16 correlations run on tensor cores where the device has
+// the m16n8k16 products (sm_80 and newer) and the shape suits them
+// (plan_correlate_mma); everything else on the plain kernel. The emulator's
+// device is sm_90 (CAE_SIM_ARCH chooses another).
+template <typename T>
+bool correlate_on_tensor_cores(const cuda::CorrelateArgs<T>& a, int stride, bool nhwc, int device,
+                               cudaStream_t stream) {
+  using Kind = std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16, cuda::MmaBF16>;
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+    int major = 0;
+    TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+                "cae: cannot read the compute capability of CUDA device ", device);
+    if (major < 8) return false;
+    const cuda::MmaConvPlan plan = cuda::plan_correlate_mma(a, stride, nhwc);
+    if (!plan.ok) return false;
+    cuda::check_grid(plan.blocks, "correlate");
+    cuda::check_smem(plan.smem, "correlate");
+    cuda::launch_correlate_mma<T, Kind>(a, plan, nhwc, stream);
+    return true;
+  } else {
+    (void)a, (void)stride, (void)nhwc, (void)device, (void)stream;
+    return false;
+  }
+}
+
+}  // namespace
 
 void CudaKernels::correlate(const CorrelateParams& p) {
   const Tensor &out = p.out, &x = p.input, &w = p.weight;
@@ -29,6 +59,10 @@ void CudaKernels::correlate(const CorrelateParams& p) {
                                           cuda::to_int(out.size(2), "height"),
                                           cuda::to_int(out.size(3), "width"),
                                           relu};
+    if (correlate_on_tensor_cores(a, static_cast<int>(stride), nhwc, x.device().index(), stream)) {
+      CAE_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.blocks, "correlate");
     cuda::check_smem(plan.smem, "correlate");
