@@ -11,7 +11,7 @@ import torch
 
 from cae_kernels import reference
 
-from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32_off
 
 F64 = torch.float64
 
@@ -60,13 +60,14 @@ def test_many_channel_groups(backend):
                  "conv_transpose3x3")
 
 
-# The tensor-core correlation (csrc/cuda/conv3x3_mma_kernels.cuh): float16 and bfloat16
-# on sm_80+ (the emulator's device is sm_90), 2+ input and 5+ output channels.
+# The tensor-core correlation (csrc/cuda/conv3x3_mma_kernels.cuh): float16 and bfloat16,
+# and float32 on TF32 where PyTorch allows it for cuDNN's convolutions, on sm_80+ (the
+# emulator's device is sm_90), with 2+ input and 5+ output channels.
 MMA_SHAPES = (
     (1, 8, 16, 9, 13),  # batch 1, odd sizes (ragged tiles); two n = 8 tiles
     (2, 16, 8, 14, 14),  # an autoencoder layer (16 -> 8 at 14x14)
-    (3, 5, 12, 7, 6),  # 5 input channels padded to 8 (an odd group count); 12 outputs in a group of 16
-    (2, 100, 17, 5, 6),  # several passes through shared memory; two groups of 16 output channels
+    (3, 5, 12, 9, 10),  # 5 input channels padded to 8 (an odd group count); 12 outputs in a group of 16
+    (2, 100, 17, 9, 10),  # several passes through shared memory; two groups of 16 output channels
 )
 
 
@@ -86,14 +87,20 @@ def mma_launches(backend, arch="90"):
     counted[0] = sum(c for name, c in counts.items() if "correlate_mma_kernel" in name)
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("stride", [1, 2])
 @on_cuda_kernels()
 def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
     """conv3x3's forward (ReLU fused) and conv_transpose3x3's input gradient through a
-    fused ReLU (the gated correlation) against float64 at the dtype's tolerance; on the
-    emulator the tensor-core kernel ran for every one of them."""
+    fused ReLU (the gated correlation) against float64 at the dtype's tolerance (float32
+    with TF32 allowed: TF32 has float16's 10-bit mantissa); on the emulator the
+    tensor-core kernel ran for every one of them."""
+    with tf32_off(allowed=True):
+        check_tensor_cores(backend, stride, fmt, dtype, torch.float16 if dtype == torch.float32 else dtype)
+
+
+def check_tensor_cores(backend, stride, fmt, dtype, tolerance_dtype):
     for n, c_in, c_out, h, w in MMA_SHAPES:
         x = make_input((n, c_in, h, w), dtype, backend.device, fmt, scale=0.5)
         weight = make_input((c_out, c_in, 3, 3), dtype, backend.device, scale=0.5)
@@ -101,7 +108,7 @@ def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
         with mma_launches(backend) as launched:
             y = backend.functions.conv3x3(x, weight, bias, stride, "relu")
         expected = torch.relu(reference.conv3x3(x.double(), weight.double(), bias.double(), stride))
-        assert_close(y, expected, backend.tolerance(dtype, expected), f"conv3x3 of {x.shape}")
+        assert_close(y, expected, backend.tolerance(tolerance_dtype, expected), f"conv3x3 of {x.shape}")
         assert launched[0] in (None, 1), launched
         # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its input gradient is
         # correlate(gate(g), weight) with the forward output as the gate.
@@ -113,13 +120,15 @@ def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
         xd = xt.detach().double().requires_grad_()
         ref = reference.conv_transpose3x3(xd, weight.double(), None, stride)
         (expected,) = torch.autograd.grad(ref, xd, g.double() * (out.detach() > 0))
-        assert_close(ours, expected, backend.tolerance(dtype, expected), f"gated input gradient of {xt.shape}")
+        assert_close(ours, expected, backend.tolerance(tolerance_dtype, expected),
+                     f"gated input gradient of {xt.shape}")
         assert launched[0] in (None, 1), launched
 
 
-def test_correlate_exact_path_below_sm80():
+def test_correlate_exact_path_below_sm80_or_without_tf32():
     """On an emulated sm_75 the same float16 correlation runs on the plain kernel (no
-    tensor cores), and both agree within float16's tolerance."""
+    tensor cores), and both agree within float16's tolerance; float32 runs on tensor
+    cores only where TF32 is allowed."""
     backend = BACKENDS["sim"]
     x = make_input((2, 8, 9, 7), torch.float16, "cpu", scale=0.5).detach()
     weight = make_input((16, 8, 3, 3), torch.float16, "cpu", scale=0.5).detach()
@@ -131,7 +140,15 @@ def test_correlate_exact_path_below_sm80():
     expected = reference.conv3x3(x.double(), weight.double(), None, 1)
     for arch, y in results.items():
         assert_close(y, expected, backend.tolerance(torch.float16, expected), f"sm_{arch}")
-    x32, w32 = x.float(), weight.float()
-    with mma_launches(backend) as launched:
-        backend.functions.conv3x3(x32, w32, None, 1)
-    assert launched[0] == 0  # float32 keeps the exact path
+    for allowed, arch in [(False, "90"), (True, "75"), (True, "90")]:
+        with tf32_off(allowed), mma_launches(backend, arch) as launched:
+            backend.functions.conv3x3(x.float(), weight.float(), None, 1)
+        assert launched[0] == (allowed and arch == "90"), (allowed, arch, launched)
+    # 16 tiny images per block at stride 2: their tf32 windows (4 bytes a channel) do
+    # not fit in shared memory with 8 channels, float16's (2 bytes) do.
+    x = make_input((3, 5, 7, 6), torch.float16, "cpu").detach()
+    weight = make_input((12, 5, 3, 3), torch.float16, "cpu").detach()
+    for dtype, mma in [(torch.float32, False), (torch.float16, True)]:
+        with tf32_off(allowed=True), mma_launches(backend) as launched:
+            backend.functions.conv3x3(x.to(dtype), weight.to(dtype), None, 2)
+        assert launched[0] == mma, (dtype, launched)

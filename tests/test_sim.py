@@ -76,6 +76,18 @@ def test_mma_fragment_layout(dtype):
     assert not torch.allclose(sim.ops._sim_mma(a.t().contiguous(), b, c).double(), expected, atol=1e-2)
 
 
+def test_mma_tf32_fragment_layout():
+    """The m16n8k8 tf32 product likewise; the product reads a float's upper 19 bits
+    (sign, exponent, 10 mantissa bits) and ignores the rest, as the hardware does."""
+    tf32 = lambda t: (t.view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731
+    a, b, c = torch.randn(16, 8), torch.randn(8, 8), torch.randn(16, 8)
+    d = sim.ops._sim_mma(a, b, c)
+    expected = tf32(a).double() @ tf32(b).double() + c.double()
+    torch.testing.assert_close(d.double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(tf32(a), a)  # the low bits were there to ignore
+    assert not torch.allclose(sim.ops._sim_mma(a, b.t().contiguous(), c).double(), expected, atol=1e-2)
+
+
 @pytest.mark.parametrize("fault,message", [
     ("early_return", "every thread must reach every barrier"),
     ("divergent_barrier", "divergent barriers"),

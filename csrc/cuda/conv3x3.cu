@@ -12,13 +12,17 @@ namespace {
 
 // float16 and bfloat16 correlations run on tensor cores where the device has
 // the m16n8k16 products (sm_80 and newer) and the shape suits them
-// (plan_correlate_mma); everything else on the plain kernel. The emulator's
-// device is sm_90 (CAE_SIM_ARCH chooses another).
+// (plan_correlate_mma); float32 ones too, on tf32, where PyTorch would let
+// cuDNN convolve in TF32 (torch.backends.cudnn.allow_tf32); everything else on
+// the plain kernel. The emulator's device is sm_90 (CAE_SIM_ARCH chooses
+// another).
 template <typename T>
 bool correlate_on_tensor_cores(const cuda::CorrelateArgs<T>& a, int stride, bool nhwc, int device,
                                cudaStream_t stream) {
-  using Kind = std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16, cuda::MmaBF16>;
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+  using Kind = std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16,
+                                  std::conditional_t<std::is_same_v<T, float>, cuda::MmaTF32, cuda::MmaBF16>>;
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
+    if (std::is_same_v<T, float> && !cuda::conv_allows_tf32()) return false;
     int major = 0;
     TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
                 "cae: cannot read the compute capability of CUDA device ", device);

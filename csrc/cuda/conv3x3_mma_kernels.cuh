@@ -1,22 +1,23 @@
-// The 3x3 correlation on tensor cores (sm_80 and newer; float16, bfloat16):
-// an implicit GEMM per block, out[pixel][co] = sum_k A[pixel][k] B[k][co] with
-// k = (tap, input channel), through warp-level m16n8k16 products (mma.cuh)
-// with fp32 accumulation. The plain kernel (conv3x3_kernels.cuh) serves every
-// other case: sm_75, float32/float64, one input channel, fewer than 5 output
-// channels.
+// The 3x3 correlation on tensor cores (sm_80 and newer): an implicit GEMM per
+// block, out[pixel][co] = sum_k A[pixel][k] B[k][co] with k = (tap, input
+// channel), through warp-level products (mma.cuh) with fp32 accumulation:
+// m16n8k16 for float16 and bfloat16, m16n8k8 on tf32 for float32 where
+// PyTorch allows TF32 in cuDNN's convolutions. The plain kernel
+// (conv3x3_kernels.cuh) serves every other case: sm_75, float64, float32
+// without TF32, one input channel, fewer than 5 output channels.
 //
 // Layout of the work: the block's output tile is correlate_kernel's
 // (plan_output_tile: 256 pixels of one or more images) and its output
 // channels a group of COB (8 or 16: one or two n = 8 tiles). Warp w owns the
 // tile's pixels [32 w, 32 w + 32), two m = 16 tiles. Input channels pass
 // through shared memory in chunks of CP (a multiple of 8, zero-padded), stored
-// as the fragments read them: channel pairs packed in 32-bit words, a pixel's
-// channels contiguous, so each A register is one 32-bit load. k runs over
-// groups of 8 channels of one tap (j = tap * CP / 8 + g), two groups per
-// product; the odd group left over at the end gets a product of its own with
-// zeros in the other half. After the last chunk the accumulators go through
-// shared memory to one pixel per thread, stored by store_pixel (bias, ReLU,
-// both layouts) as correlate_kernel stores them.
+// as the fragments read them: 32-bit words of two 16-bit channels or one tf32
+// one, a pixel's channels contiguous, so each A register is one 32-bit load.
+// k runs over groups of 8 channels of one tap (j = tap * CP / 8 + g): two
+// groups per k = 16 product (the odd group left over at the end gets a
+// product of its own with zeros in the other half), one per k = 8 product. After the last chunk the
+// accumulators go through shared memory to one pixel per thread, stored by store_pixel (bias, ReLU, both
+// layouts) as correlate_kernel stores them.
 #pragma once
 
 #include "conv3x3_kernels.cuh"
@@ -31,7 +32,7 @@ struct MmaConvTiling {
   int stride;            // of the convolution (only the start of each pixel's window depends on it)
   int in_rows, in_cols;  // the input window of a tile (with halo)
   int chunk;             // input channels per pass: a multiple of 8
-  int pixel_words;       // shared-memory words per pixel: chunk / 2, padded against bank conflicts
+  int pixel_words;       // shared-memory words per pixel: the chunk's words, padded against bank conflicts
   bool vec_out;          // NHWC vector stores allowed
 };
 
@@ -44,14 +45,28 @@ struct MmaConvPlan {
 
 constexpr int kMmaPixelsPerWarp = kThreads / kWarps;  // 32: two m = 16 tiles
 
+// Channels per shared-memory word: two of 16 bits, or one tf32.
+template <typename T>
+constexpr int mma_channels_per_word() {
+  return static_cast<int>(4 / sizeof(T));
+}
+
+// A pixel's words for `chunk` channels; at stride 1 (pixels pixel_words words
+// apart) an odd number of 4-word runs puts a fragment's 8 pixels x 4 words on
+// 32 distinct banks.
+inline int mma_pixel_words(int chunk, int per_word, int stride) {
+  const int words = chunk / per_word;
+  return words + (stride == 1 && (words / 4) % 2 == 0 ? 4 : 0);
+}
+
 // Shared memory of a pass over `chunk` channels: the window, the weights
-// [groups][COB][4 words], the groups' offsets; the epilogue reuses it for the
-// [256][COB + 1] accumulators.
-inline size_t mma_conv_smem(const MmaConvTiling& t, int cob) {
+// [groups][COB][8 channels' words], the groups' offsets; the epilogue reuses
+// it for the [256][COB + 1] accumulators.
+inline size_t mma_conv_smem(const MmaConvTiling& t, int cob, int per_word) {
   const size_t groups = static_cast<size_t>(9) * (t.chunk / 8);
-  const size_t pass =
-      (static_cast<size_t>(t.samples) * t.in_rows * t.in_cols * t.pixel_words + groups * cob * 4 + groups) *
-      4;
+  const size_t pass = (static_cast<size_t>(t.samples) * t.in_rows * t.in_cols * t.pixel_words +
+                       groups * cob * (8 / per_word) + groups) *
+                      4;
   const size_t epilogue = static_cast<size_t>(kThreads) * (cob + 1) * sizeof(float);
   return pass > epilogue ? pass : epilogue;
 }
@@ -71,44 +86,55 @@ inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, boo
   t.tile_blocks =
       static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
   // The widest chunk that fits, then balanced over the passes it takes.
+  constexpr int E = mma_channels_per_word<T>();
   const int padded = ceil_div(a.C_in, 8) * 8;
   int chunk = padded;
   for (; chunk >= 8; chunk -= 8) {
     t.chunk = chunk;
-    // Stride 1: pixels S * pixel_words words apart; an odd number of 4-word
-    // groups puts a fragment's 8 pixels x 4 words on 32 distinct banks.
-    t.pixel_words = chunk / 2 + (stride == 1 && (chunk / 8) % 2 == 0 ? 4 : 0);
-    if (mma_conv_smem(t, cob) <= kSmemBudget) break;
+    t.pixel_words = mma_pixel_words(chunk, E, stride);
+    if (mma_conv_smem(t, cob, E) <= kSmemBudget) break;
   }
   if (chunk < 8) return p;
   const int passes = ceil_div(padded, chunk);
   t.chunk = ceil_div(ceil_div(a.C_in, passes), 8) * 8;
-  t.pixel_words = t.chunk / 2 + (stride == 1 && (t.chunk / 8) % 2 == 0 ? 4 : 0);
+  t.pixel_words = mma_pixel_words(t.chunk, E, stride);
   const int vo = vec_width<T, 8>();
   t.vec_out = nhwc && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
   p.ok = true;
   p.blocks = tile.blocks() * ceil_div(a.C_out, cob);
-  p.smem = mma_conv_smem(t, cob);
+  p.smem = mma_conv_smem(t, cob, E);
   return p;
 }
 
+// The operand word of channels (lo, hi) (16-bit types), or of lo alone (tf32).
+template <class Kind, typename T>
+CAE_DEVICE uint32_t mma_word(T lo, T hi) {
+  if constexpr (std::is_same<Kind, MmaTF32>::value) {
+    (void)hi;
+    return to_tf32(static_cast<float>(lo));
+  } else {
+    return pack2(lo, hi);
+  }
+}
+
 // Stages gate(x) over the window, channels [c0, c0 + count) padded with zeros
-// to t.chunk, as packed pairs: dst[pixel * pixel_words + pair]. NCHW:
+// to t.chunk, as operand words: dst[pixel * pixel_words + word]. NCHW:
 // consecutive threads read consecutive columns; NHWC: consecutive channels.
-template <bool NHWC, typename T>
-CAE_DEVICE void stage_pairs(uint32_t* dst, const CorrelateArgs<T>& a, const MmaConvTiling& t, int n0, int y0,
+template <class Kind, bool NHWC, typename T>
+CAE_DEVICE void stage_words(uint32_t* dst, const CorrelateArgs<T>& a, const MmaConvTiling& t, int n0, int y0,
                             int x0, int c0, int count, int tid) {
-  const int pairs = t.chunk / 2;
+  constexpr int E = mma_channels_per_word<T>();
+  const int words = t.chunk / E;  // words per pixel
   const int pixels = t.samples * t.in_rows * t.in_cols;
   const T zero = static_cast<T>(0.0f);
-  for (int i = tid; i < pixels * pairs; i += kThreads) {
-    int pixel, pair;
+  for (int i = tid; i < pixels * words; i += kThreads) {
+    int pixel, word;
     if (NHWC) {
-      pair = i % pairs, pixel = i / pairs;
+      word = i % words, pixel = i / words;
     } else {
-      const int plane = t.in_rows * t.in_cols;  // (s, pair, row, col), col fastest
-      const int s = i / (pairs * plane), rest = i - s * pairs * plane;
-      pair = rest / plane, pixel = s * plane + rest % plane;
+      const int plane = t.in_rows * t.in_cols;  // (s, word, row, col), col fastest
+      const int s = i / (words * plane), rest = i - s * words * plane;
+      word = rest / plane, pixel = s * plane + rest % plane;
     }
     const int col = pixel % t.in_cols, r = (pixel / t.in_cols) % t.in_rows,
               s = pixel / (t.in_cols * t.in_rows);
@@ -116,8 +142,8 @@ CAE_DEVICE void stage_pairs(uint32_t* dst, const CorrelateArgs<T>& a, const MmaC
     T v[2] = {zero, zero};
     if (n < a.N && y >= 0 && y < a.H && xx >= 0 && xx < a.W) {
       CAE_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int c = c0 + 2 * pair + e;
+      for (int e = 0; e < E; ++e) {
+        const int c = c0 + E * word + e;
         if (c < c0 + count) {
           const index_t at = NHWC ? ((static_cast<index_t>(n) * a.H + y) * a.W + xx) * a.C_in + c
                                   : ((static_cast<index_t>(n) * a.C_in + c) * a.H + y) * a.W + xx;
@@ -126,20 +152,29 @@ CAE_DEVICE void stage_pairs(uint32_t* dst, const CorrelateArgs<T>& a, const MmaC
         }
       }
     }
-    dst[pixel * t.pixel_words + pair] = pack2(v[0], v[1]);
+    dst[pixel * t.pixel_words + word] = mma_word<Kind>(v[0], v[1]);
   }
 }
 
+// Launch bounds of 2 blocks per SM (at most 128 registers): without them
+// ptxas keeps the tf32 NCHW kernel at 64 registers and spills.
 template <typename T, class Kind, int COB, bool NHWC>
-__global__ void __launch_bounds__(kThreads) correlate_mma_kernel(CorrelateArgs<T> a, MmaConvTiling t) {
+__global__ void __launch_bounds__(kThreads, 2) correlate_mma_kernel(CorrelateArgs<T> a, MmaConvTiling t) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int NT = COB / 8;  // n = 8 tiles
-  const int G = t.chunk / 8;   // channel groups per tap
+  constexpr bool TF32 = std::is_same<Kind, MmaTF32>::value;
+  constexpr int E = mma_channels_per_word<T>();
+  constexpr int W = 8 / E;  // words of a group of 8 channels
+  // A product's second half of k: the next group (k = 16), or channels 4..7
+  // of the same group (tf32, k = 8); its offset from the first in B's words.
+  constexpr int J = TF32 ? 1 : 2;
+  constexpr int b_half = TF32 ? 4 : COB * W;
+  const int G = t.chunk / 8;  // channel groups per tap
   const int groups = 9 * G;
   CAE_DYNAMIC_SHARED(uint32_t, smem);
-  uint32_t* w_s = smem;                                          // [groups][COB][4]: B's words
-  int* goff_s = reinterpret_cast<int*>(w_s + groups * COB * 4);  // [groups]: A's word offset per group
-  uint32_t* in_s = w_s + groups * COB * 4 + groups;              // [samples][in_rows][in_cols][pixel_words]
+  uint32_t* w_s = smem;                                          // [groups][COB][W]: B's words
+  int* goff_s = reinterpret_cast<int*>(w_s + groups * COB * W);  // [groups]: A's word offset per group
+  uint32_t* in_s = w_s + groups * COB * W + groups;              // [samples][in_rows][in_cols][pixel_words]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // the fragments' groupID and thread in group
   const TileOrigin o =
@@ -160,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) correlate_mma_kernel(CorrelateArgs<T
   }
   for (int j = tid; j < groups; j += kThreads) {
     const int tap = j / G, ky = tap / 3, kx = tap % 3;
-    goff_s[j] = (ky * t.in_cols + kx) * t.pixel_words + (j % G) * 4;
+    goff_s[j] = (ky * t.in_cols + kx) * t.pixel_words + (j % G) * W;
   }
 
   float acc[2][NT][4];
@@ -176,37 +211,43 @@ __global__ void __launch_bounds__(kThreads) correlate_mma_kernel(CorrelateArgs<T
   for (int c0 = 0; c0 < a.C_in; c0 += t.chunk) {
     const int count = a.C_in - c0 < t.chunk ? a.C_in - c0 : t.chunk;
     __syncthreads();  // the previous pass is done reading
-    // B[k][co]: word (j, n, pair) holds channels c0 + 8 (j % G) + 2 pair, + 1 of tap j / G.
-    for (int i = tid; i < groups * COB * 4; i += kThreads) {
-      const int pair = i % 4, nn = (i / 4) % COB, j = i / (4 * COB);
-      const int co = co0 + nn, c = (j % G) * 8 + 2 * pair, tap = j / G;
+    // B[k][co]: word (j, n, word) holds channel(s) c0 + 8 (j % G) + E word (+ 1) of tap j / G.
+    for (int i = tid; i < groups * COB * W; i += kThreads) {
+      const int word = i % W, nn = (i / W) % COB, j = i / (W * COB);
+      const int co = co0 + nn, c = (j % G) * 8 + E * word, tap = j / G;
       const T zero = static_cast<T>(0.0f);
       T v[2] = {zero, zero};
       CAE_UNROLL
-      for (int e = 0; e < 2; ++e) {
+      for (int e = 0; e < E; ++e) {
         if (co < a.C_out && c + e < count)
           v[e] = a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + tap];
       }
-      w_s[i] = pack2(v[0], v[1]);
+      w_s[i] = mma_word<Kind>(v[0], v[1]);
     }
-    stage_pairs<NHWC>(in_s, a, t, o.n0, o.y0 * t.stride - 1, o.x0 * t.stride - 1, c0, count, tid);
+    stage_words<Kind, NHWC>(in_s, a, t, o.n0, o.y0 * t.stride - 1, o.x0 * t.stride - 1, c0, count, tid);
     __syncthreads();
-    // Products over pairs of groups (j, j + 1); an odd last group alone.
-    for (int j = 0; j < groups; j += 2) {
-      const bool pair_ok = j + 1 < groups;
-      const int lo = goff_s[j], hi = pair_ok ? goff_s[j + 1] : 0;
+    // k = 16: products over pairs of groups (j, j + 1), an odd last group
+    // alone; k = 8: one group per product. Unrolled less than nvcc would
+    // (4 times and more: registers, and spills in the tf32 kernels).
+#if !defined(CAE_SIM)
+#pragma unroll(TF32 ? 1 : 2)
+#endif
+    for (int j = 0; j < groups; j += J) {
+      const bool pair_ok = TF32 || j + 1 < groups;
+      const int lo = goff_s[j], hi = TF32 ? lo + 4 : pair_ok ? goff_s[j + 1] : 0;
       uint32_t b[NT][2];
       CAE_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        b[nt][0] = w_s[(j * COB + nt * 8 + g) * 4 + tq];
-        b[nt][1] = pair_ok ? w_s[((j + 1) * COB + nt * 8 + g) * 4 + tq] : 0u;
+        const int at = (j * COB + nt * 8 + g) * W + tq;
+        b[nt][0] = w_s[at];
+        b[nt][1] = pair_ok ? w_s[at + b_half] : 0u;
       }
       CAE_UNROLL
       for (int m = 0; m < 2; ++m) {
         const uint32_t af[4] = {in_s[base[m][0] + lo], in_s[base[m][1] + lo],
                                 pair_ok ? in_s[base[m][0] + hi] : 0u, pair_ok ? in_s[base[m][1] + hi] : 0u};
         CAE_UNROLL
-        for (int nt = 0; nt < NT; ++nt) mma_m16n8k16<Kind>(acc[m][nt], af, b[nt], acc[m][nt]);
+        for (int nt = 0; nt < NT; ++nt) mma<Kind>(acc[m][nt], af, b[nt], acc[m][nt]);
       }
     }
   }
@@ -240,8 +281,8 @@ __global__ void __launch_bounds__(kThreads) correlate_mma_kernel(CorrelateArgs<T
 #endif
 }
 
-// Kind: MmaF16 or MmaBF16, as T is c10::Half or c10::BFloat16 (the caller's
-// choice: this header stays torch-free).
+// Kind: MmaF16, MmaBF16 or MmaTF32, as T is c10::Half, c10::BFloat16 or float
+// (the caller's choice: this header stays torch-free).
 template <typename T, class Kind>
 inline void launch_correlate_mma(const CorrelateArgs<T>& a, const MmaConvPlan& p, bool nhwc,
                                  cudaStream_t stream) {

@@ -66,6 +66,11 @@ inline void check_smem(size_t bytes, const char* op) {
               " bytes of shared memory per block (at most 49152)");
 }
 
+// Whether PyTorch lets convolutions on CUDA run in TF32
+// (torch.backends.cudnn.allow_tf32); float32 correlations then use tensor
+// cores. Host-compiled (precision.cpp): nvcc does not parse ATen/Context.h.
+bool conv_allows_tf32();
+
 // Scratch for per-block partial sums, in the accumulation type.
 template <typename Acc>
 inline at::Tensor scratch(const at::Tensor& like, int64_t rows, int64_t cols) {
