@@ -92,37 +92,50 @@ def mma_launches(backend, arch="90"):
 @pytest.mark.parametrize("stride", [1, 2])
 @on_cuda_kernels()
 def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
-    """conv3x3's forward (ReLU fused) and conv_transpose3x3's input gradient through a
-    fused ReLU (the gated correlation) against float64 at the dtype's tolerance (float32
-    with TF32 allowed: TF32 has float16's 10-bit mantissa); on the emulator the
-    tensor-core kernel ran for every one of them."""
+    """Both convolutions' forward and input gradient through a fused ReLU (the gated
+    correlations) against float64 at the dtype's tolerance (float32 with TF32 allowed:
+    TF32 has float16's 10-bit mantissa); on the emulator the tensor-core kernel ran for
+    each correlation, and for each transposed one at stride 1."""
     with tf32_off(allowed=True):
         check_tensor_cores(backend, stride, fmt, dtype, torch.float16 if dtype == torch.float32 else dtype)
 
 
 def check_tensor_cores(backend, stride, fmt, dtype, tolerance_dtype):
+    def check(name, ours, expected, launched, mma):
+        assert_close(ours, expected, backend.tolerance(tolerance_dtype, expected), name)
+        assert launched[0] in (None, int(mma)), (name, launched)
+
     for n, c_in, c_out, h, w in MMA_SHAPES:
         x = make_input((n, c_in, h, w), dtype, backend.device, fmt, scale=0.5)
-        weight = make_input((c_out, c_in, 3, 3), dtype, backend.device, scale=0.5)
-        bias = make_input((c_out,), dtype, backend.device)
+        weight = make_input((c_out, c_in, 3, 3), dtype, backend.device, scale=0.5).detach()
+        bias = make_input((c_out,), dtype, backend.device).detach()
+        xd, wd = x.detach().double().requires_grad_(), weight.double()
+        # correlate: conv3x3's forward
         with mma_launches(backend) as launched:
             y = backend.functions.conv3x3(x, weight, bias, stride, "relu")
-        expected = torch.relu(reference.conv3x3(x.double(), weight.double(), bias.double(), stride))
-        assert_close(y, expected, backend.tolerance(tolerance_dtype, expected), f"conv3x3 of {x.shape}")
-        assert launched[0] in (None, 1), launched
-        # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its input gradient is
-        # correlate(gate(g), weight) with the forward output as the gate.
+        ref = reference.conv3x3(xd, wd, bias.double(), stride)
+        check(f"conv3x3 of {x.shape}", y, torch.relu(ref), launched, True)
+        # correlate_transpose of the gated gradient: conv3x3's input gradient through
+        # its ReLU (tensor cores at stride 1: a correlation with the flipped kernel)
+        g = torch.randn_like(y)
+        with mma_launches(backend) as launched:
+            (ours,) = torch.autograd.grad(y, x, g)
+        (expected,) = torch.autograd.grad(ref, xd, g.double() * (y.detach() > 0))  # our output's mask
+        check(f"conv3x3's gated input gradient of {x.shape}", ours, expected, launched, stride == 1)
+        # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its forward is
+        # correlate_transpose (stride 1: tensor cores), its input gradient correlate of
+        # gate(g) with the forward output as the gate.
         xt = make_input((n, c_out, h, w), dtype, backend.device, fmt, scale=0.5)
-        out = backend.functions.conv_transpose3x3(xt, weight.detach(), None, stride, "relu")
+        xtd = xt.detach().double().requires_grad_()
+        with mma_launches(backend) as launched:
+            out = backend.functions.conv_transpose3x3(xt, weight, None, stride, "relu")
+        ref = reference.conv_transpose3x3(xtd, wd, None, stride)
+        check(f"conv_transpose3x3 of {xt.shape}", out, torch.relu(ref), launched, stride == 1)
         g = torch.randn_like(out)
         with mma_launches(backend) as launched:
             (ours,) = torch.autograd.grad(out, xt, g)
-        xd = xt.detach().double().requires_grad_()
-        ref = reference.conv_transpose3x3(xd, weight.double(), None, stride)
-        (expected,) = torch.autograd.grad(ref, xd, g.double() * (out.detach() > 0))
-        assert_close(ours, expected, backend.tolerance(tolerance_dtype, expected),
-                     f"gated input gradient of {xt.shape}")
-        assert launched[0] in (None, 1), launched
+        (expected,) = torch.autograd.grad(ref, xtd, g.double() * (out.detach() > 0))
+        check(f"conv_transpose3x3's gated input gradient of {xt.shape}", ours, expected, launched, True)
 
 
 def test_correlate_exact_path_below_sm80_or_without_tf32():

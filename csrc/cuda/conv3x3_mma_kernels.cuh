@@ -4,7 +4,9 @@
 // m16n8k16 for float16 and bfloat16, m16n8k8 on tf32 for float32 where
 // PyTorch allows TF32 in cuDNN's convolutions. The plain kernel
 // (conv3x3_kernels.cuh) serves every other case: sm_75, float64, float32
-// without TF32, one input channel, fewer than 5 output channels.
+// without TF32, one input channel, fewer than 5 output channels. At stride 1
+// the transposed correlation is this one with the kernel flipped
+// (flipped_weight): correlate_transpose takes it too.
 //
 // Layout of the work: the block's output tile is correlate_kernel's
 // (plan_output_tile: 256 pixels of one or more images) and its output
@@ -34,6 +36,7 @@ struct MmaConvTiling {
   int chunk;             // input channels per pass: a multiple of 8
   int pixel_words;       // shared-memory words per pixel: the chunk's words, padded against bank conflicts
   bool vec_out;          // NHWC vector stores allowed
+  bool flipped_weight;   // w is [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
 };
 
 struct MmaConvPlan {
@@ -219,8 +222,10 @@ __global__ void __launch_bounds__(kThreads, 2) correlate_mma_kernel(CorrelateArg
       T v[2] = {zero, zero};
       CAE_UNROLL
       for (int e = 0; e < E; ++e) {
-        if (co < a.C_out && c + e < count)
-          v[e] = a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + tap];
+        if (co < a.C_out && c + e < count) {
+          v[e] = t.flipped_weight ? a.w[(static_cast<index_t>(c0 + c + e) * a.C_out + co) * 9 + 8 - tap]
+                                  : a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + tap];
+        }
       }
       w_s[i] = mma_word<Kind>(v[0], v[1]);
     }
