@@ -43,10 +43,13 @@ SUBSET+=" and not ((float16 or bfloat16) and not (3x3x5x9x11 and relu))"
 # it gets every kernel's template paths once -- output-channel blocks of 16, 8, 4
 # and 1, two channel groups, several shared-memory passes, both layouts and
 # strides, float64, fused ReLU (the gated backward) -- plus pooling, the gated
-# backward ops, the fault hooks and the sanitizer check: about 2 min.
+# backward ops, the fault hooks and the sanitizer check, and the tensor-core
+# correlation (mma.sync is a warp collective: float16 NHWC, its fragment layouts):
+# about 3 min.
 # Reproducibility across schedules is the schedules mode's job.
 TSAN_SUBSET="sim and (((test_conv3x3 or test_conv_transpose3x3) and relu and float64"
-TSAN_SUBSET+=" and not 2x16x8x14x14 and not 4x2x3x1x1) or test_max_pool2x2 or gated or bugs or sanitizer)"
+TSAN_SUBSET+=" and not 2x16x8x14x14 and not 4x2x3x1x1) or test_max_pool2x2 or gated or bugs or sanitizer"
+TSAN_SUBSET+=" or fragment_layout or (tensor_cores and float16 and not bfloat16 and nhwc))"
 # --capture=sys: pytest captures Python's output only, so a sanitizer's report
 # (written to fd 2 just before it aborts the process) reaches the log.
 pytest_run() {

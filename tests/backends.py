@@ -5,7 +5,7 @@ tolerances that fit it, and the helpers every op test shares:
   (csrc/cpu/capability.h), that level in use for the test's duration;
 - ``sim``: the CUDA kernels run on the CPU by the emulator (``cae_kernels.sim``, ops
   ``torch.ops.cae_sim`` on CPU tensors), on small shapes: it runs every CUDA thread as
-  a fiber on one core;
+  a fiber on one core; TF32 off, as on a GPU;
 - ``cuda``: the CUDA kernels on a GPU, where there is one and they were built; TF32 off,
   so that cuDNN's references are full precision.
 
@@ -80,14 +80,17 @@ class Backend:
                 yield self
         else:
             self.functions  # noqa: B018  (the emulator's build, if any, before the test's clock)
-            yield self
+            with tf32_off():  # float32 on the exact path (TF32 tensor cores: test_cuda_kernels.py)
+                yield self
 
 
 @contextlib.contextmanager
-def tf32_off():
-    """cuDNN and cuBLAS in full float32 precision (PyTorch's default allows TF32 in cuDNN)."""
+def tf32_off(allowed=False):
+    """cuDNN and cuBLAS in full float32 precision (PyTorch's default allows TF32 in cuDNN),
+    and so our float32 convolutions (TF32 tensor cores where cuDNN may use them); or,
+    ``allowed``, both with TF32."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:

@@ -4,12 +4,14 @@ planners -- many weight-gradient regions, many channel groups, extreme shared-me
 plans -- yet stay small enough for the emulator, in float64 against
 torch.nn.functional."""
 
+import contextlib
+
 import pytest
 import torch
 
 from cae_kernels import reference
 
-from backends import FORMATS, assert_close, make_input, on_cuda_kernels
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32_off
 
 F64 = torch.float64
 
@@ -58,29 +60,41 @@ def test_many_channel_groups(backend):
                  "conv_transpose3x3")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @on_cuda_kernels()
-def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backend, fmt, transposed):
+def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backend, fmt, transposed, stride,
+                                                                           dtype):
     """A layer's whole backward: the weight gradient's partial sums are added by extra
     blocks of the input gradient's launch (2330 columns: 73 blocks of sums behind the
     correlation's own), bitwise equal to the separate ops, which add them in a launch of
-    their own. Gated, stride 2, a batch that spreads over several partial rows."""
-    c_in, c_out, stride = 10, 16, 2
-    x = make_input((9, c_in, 11, 13), torch.float32, backend.device, fmt).detach()
+    their own. Gated, a batch that spreads over several partial rows; float16 takes the
+    tensor-core correlation where it applies (the input gradient of a transposed
+    convolution, and of a convolution at stride 1), float32 the exact kernels."""
+    c_in, c_out = 10, 16
+    x = make_input((9, c_in, 11, 13), dtype, backend.device, fmt).detach()
     if transposed:
-        w = make_input((c_in, c_out, 3, 3), torch.float32, backend.device).detach()
-        g = make_input((9, c_out, 22, 26), torch.float32, backend.device, fmt).detach()
+        w = make_input((c_in, c_out, 3, 3), dtype, backend.device).detach()
+        g = make_input((9, c_out, 11 * stride, 13 * stride), dtype, backend.device, fmt).detach()
         whole = backend.ops.conv_transpose3x3_backward
         grad_input = backend.ops.conv_transpose3x3_grad_input(g, g, w, x, stride)
         grad_weight, grad_bias = backend.ops.conv_transpose3x3_grad_weight(g, g, x, stride)
     else:
-        w = make_input((c_out, c_in, 3, 3), torch.float32, backend.device).detach()
-        g = make_input((9, c_out, 6, 7), torch.float32, backend.device, fmt).detach()
+        w = make_input((c_out, c_in, 3, 3), dtype, backend.device).detach()
+        size = ((11 - 1) // stride + 1, (13 - 1) // stride + 1)
+        g = make_input((9, c_out, *size), dtype, backend.device, fmt).detach()
         whole = backend.ops.conv3x3_backward
         grad_input = backend.ops.conv3x3_grad_input(g, g, w, x, stride)
         grad_weight, grad_bias = backend.ops.conv3x3_grad_weight(g, g, x, stride)
-    ours = whole(g, g, w, x, stride)
+    with contextlib.ExitStack() as stack:
+        counts = stack.enter_context(backend.functions.count_launches()) if backend.name == "sim" else None
+        ours = whole(g, g, w, x, stride)
+    if counts is not None:  # the emulator counts: weight gradient, then the input gradient with the sums
+        assert sum(counts.values()) == 2 and not any("reduce_partials" in k for k in counts), counts
+        on_tensor_cores = dtype == torch.float16 and (transposed or stride == 1)
+        assert any("correlate_mma_kernel" in k for k in counts) == on_tensor_cores, counts
     separate = (grad_input, grad_weight, grad_bias)
     for got, expected, what in zip(ours, separate, ("input", "weight", "bias"), strict=True):
         assert torch.equal(got, expected), f"{what} gradient differs from the separate op's"
@@ -111,3 +125,110 @@ def test_weight_grad_staging(backend, shape):
     ref = torch.nn.grad.conv2d_weight(x, (c_out, c_in, 3, 3), gated, stride, 1)
     assert_close(ours, ref, backend.tolerance(F64, ref), "weight gradient")
     assert_close(ours_bias, gated.sum((0, 2, 3)), backend.tolerance(F64, ref), "bias gradient")
+
+
+# The tensor-core correlation (csrc/cuda/conv3x3_mma_kernels.cuh): float16 and bfloat16,
+# and float32 on TF32 where PyTorch allows it for cuDNN's convolutions, on sm_80+ (the
+# emulator's device is sm_90), with 2+ input and 5+ output channels.
+MMA_SHAPES = (
+    (1, 8, 16, 9, 13),  # batch 1, odd sizes (ragged tiles); two n = 8 tiles
+    (2, 16, 8, 14, 14),  # an autoencoder layer (16 -> 8 at 14x14)
+    (3, 5, 12, 9, 10),  # 5 input channels padded to 8 (an odd group count); 12 outputs in a group of 16
+    (2, 100, 17, 9, 10),  # several passes through shared memory; two groups of 16 output channels
+)
+
+
+@contextlib.contextmanager
+def mma_launches(backend, arch="90"):
+    """The launches of the tensor-core correlation inside the block (a list with one
+    count; None off the emulator, where launches are not counted), on an emulated
+    device of compute capability ``arch``."""
+    if backend.name != "sim":
+        yield [None]
+        return
+    counted = [0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAE_SIM_ARCH", arch)
+        with backend.functions.count_launches() as counts:
+            yield counted
+    counted[0] = sum(c for name, c in counts.items() if "correlate_mma_kernel" in name)
+
+
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+@on_cuda_kernels()
+def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
+    """Both convolutions' forward and input gradient through a fused ReLU (the gated
+    correlations) against float64 at the dtype's tolerance (float32 with TF32 allowed:
+    TF32 has float16's 10-bit mantissa); on the emulator the tensor-core kernel ran for
+    each correlation, and for each transposed one at stride 1."""
+    with tf32_off(allowed=True):
+        check_tensor_cores(backend, stride, fmt, dtype, torch.float16 if dtype == torch.float32 else dtype)
+
+
+def check_tensor_cores(backend, stride, fmt, dtype, tolerance_dtype):
+    def check(name, ours, expected, launched, mma):
+        assert_close(ours, expected, backend.tolerance(tolerance_dtype, expected), name)
+        assert launched[0] in (None, int(mma)), (name, launched)
+
+    for n, c_in, c_out, h, w in MMA_SHAPES:
+        x = make_input((n, c_in, h, w), dtype, backend.device, fmt, scale=0.5)
+        weight = make_input((c_out, c_in, 3, 3), dtype, backend.device, scale=0.5).detach()
+        bias = make_input((c_out,), dtype, backend.device).detach()
+        xd, wd = x.detach().double().requires_grad_(), weight.double()
+        # correlate: conv3x3's forward
+        with mma_launches(backend) as launched:
+            y = backend.functions.conv3x3(x, weight, bias, stride, "relu")
+        ref = reference.conv3x3(xd, wd, bias.double(), stride)
+        check(f"conv3x3 of {x.shape}", y, torch.relu(ref), launched, True)
+        # correlate_transpose of the gated gradient: conv3x3's input gradient through
+        # its ReLU (tensor cores at stride 1: a correlation with the flipped kernel)
+        g = torch.randn_like(y)
+        with mma_launches(backend) as launched:
+            (ours,) = torch.autograd.grad(y, x, g)
+        (expected,) = torch.autograd.grad(ref, xd, g.double() * (y.detach() > 0))  # our output's mask
+        check(f"conv3x3's gated input gradient of {x.shape}", ours, expected, launched, stride == 1)
+        # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its forward is
+        # correlate_transpose (stride 1: tensor cores), its input gradient correlate of
+        # gate(g) with the forward output as the gate.
+        xt = make_input((n, c_out, h, w), dtype, backend.device, fmt, scale=0.5)
+        xtd = xt.detach().double().requires_grad_()
+        with mma_launches(backend) as launched:
+            out = backend.functions.conv_transpose3x3(xt, weight, None, stride, "relu")
+        ref = reference.conv_transpose3x3(xtd, wd, None, stride)
+        check(f"conv_transpose3x3 of {xt.shape}", out, torch.relu(ref), launched, stride == 1)
+        g = torch.randn_like(out)
+        with mma_launches(backend) as launched:
+            (ours,) = torch.autograd.grad(out, xt, g)
+        (expected,) = torch.autograd.grad(ref, xtd, g.double() * (out.detach() > 0))
+        check(f"conv_transpose3x3's gated input gradient of {xt.shape}", ours, expected, launched, True)
+
+
+def test_correlate_exact_path_below_sm80_or_without_tf32():
+    """On an emulated sm_75 the same float16 correlation runs on the plain kernel (no
+    tensor cores), and both agree within float16's tolerance; float32 runs on tensor
+    cores only where TF32 is allowed."""
+    backend = BACKENDS["sim"]
+    x = make_input((2, 8, 9, 7), torch.float16, "cpu", scale=0.5).detach()
+    weight = make_input((16, 8, 3, 3), torch.float16, "cpu", scale=0.5).detach()
+    results = {}
+    for arch in ("75", "90"):
+        with mma_launches(backend, arch) as launched:
+            results[arch] = backend.functions.conv3x3(x, weight, None, 1)
+        assert launched[0] == (arch == "90"), (arch, launched)
+    expected = reference.conv3x3(x.double(), weight.double(), None, 1)
+    for arch, y in results.items():
+        assert_close(y, expected, backend.tolerance(torch.float16, expected), f"sm_{arch}")
+    for allowed, arch in [(False, "90"), (True, "75"), (True, "90")]:
+        with tf32_off(allowed), mma_launches(backend, arch) as launched:
+            backend.functions.conv3x3(x.float(), weight.float(), None, 1)
+        assert launched[0] == (allowed and arch == "90"), (allowed, arch, launched)
+    # 16 tiny images per block at stride 2: their tf32 windows (4 bytes a channel) do
+    # not fit in shared memory with 8 channels, float16's (2 bytes) do.
+    x = make_input((3, 5, 7, 6), torch.float16, "cpu").detach()
+    weight = make_input((12, 5, 3, 3), torch.float16, "cpu").detach()
+    for dtype, mma in [(torch.float32, False), (torch.float16, True)]:
+        with tf32_off(allowed=True), mma_launches(backend) as launched:
+            backend.functions.conv3x3(x.to(dtype), weight.to(dtype), None, 2)
+        assert launched[0] == mma, (dtype, launched)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from backends import tf32_off
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -227,7 +229,7 @@ def test_record_launches_gives_the_planned_shape(sim):
     window = ((rows - 1) + 3) * ((cols - 1) + 3)
     shared = (C_in * 9 * 16 + samples * C_in * (window | 1)) * 4
     assert (cols, rows, samples, blocks, shared) == (32, 8, 1, 180, 9700)
-    with sim.record_launches() as recorder:
+    with tf32_off(), sim.record_launches() as recorder:  # the exact kernel, not TF32 tensor cores
         y = sim.conv3x3(x, w, None)
     (launch,) = recorder.launches
     assert launch == sim.Launch("cae::cuda::correlate_kernel<float, float, 1, 16, false>",
@@ -235,7 +237,7 @@ def test_record_launches_gives_the_planned_shape(sim):
     assert launch.blocks == blocks and launch.threads_per_block == 256
     torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
     # A dry run plans, checks and records the same launch.
-    with sim.record_launches(dry_run=True) as recorder:
+    with tf32_off(), sim.record_launches(dry_run=True) as recorder:
         sim.conv3x3(x, w, None)
     assert recorder.launches == [launch]
 
@@ -268,13 +270,14 @@ def test_models_sim_backend_matches_cae(downsample):
     from cae_kernels.app.training import _train_step
 
     models = {}
-    for backend in ("cae", "sim"):
-        torch.manual_seed(7)
-        model = ConvAutoencoder(downsample=downsample, backend=backend)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-        loss, _, grad_norm = _train_step(model, optimizer, model.weights(), x, x, weight_decay=0.0)
-        models[backend] = (model, loss.item(), grad_norm.item())
+    with tf32_off():  # the emulated float32 convolutions on the exact path, not TF32
+        for backend in ("cae", "sim"):
+            torch.manual_seed(7)
+            model = ConvAutoencoder(downsample=downsample, backend=backend)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+            loss, _, grad_norm = _train_step(model, optimizer, model.weights(), x, x, weight_decay=0.0)
+            models[backend] = (model, loss.item(), grad_norm.item())
     (cae, cae_loss, cae_norm), (emulated, sim_loss, sim_norm) = models["cae"], models["sim"]
     assert sim_loss == pytest.approx(cae_loss, rel=1e-5)
     assert sim_norm == pytest.approx(cae_norm, rel=1e-4)

@@ -15,7 +15,7 @@ import torch
 import cae_kernels
 from cae_kernels import reference, sim
 
-from backends import FORMATS, make_input
+from backends import FORMATS, HALF_DTYPES, make_input
 
 
 def test_cpu_kernels_keep_their_dtypes():
@@ -58,6 +58,34 @@ def test_bitwise_reproducible_across_runs_and_schedules(fmt, monkeypatch):
     for schedule in ["reverse", "shuffle:12345"]:
         monkeypatch.setenv("CAE_SIM_SCHEDULE", schedule)
         assert bitwise_equal(first, forward_backward(*inputs)), schedule
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_mma_fragment_layout(dtype):
+    """One warp's m16n8k16 product through csrc/cuda/mma.cuh, its fragments loaded as the
+    PTX ISA lays them out: D = A B + C for all-distinct A, B and C, so a wrong index in
+    the emulator's gather (or a half swapped in a register) shows. The products are
+    exact in float32, only the sum of 17 terms rounds."""
+    a = torch.randn(16, 16, dtype=torch.float64).to(dtype)
+    b = torch.randn(16, 8, dtype=torch.float64).to(dtype)
+    c = torch.randn(16, 8, dtype=torch.float32)
+    d = sim.ops._sim_mma(a, b, c)
+    expected = a.double() @ b.double() + c.double()
+    torch.testing.assert_close(d.double(), expected, rtol=1e-5, atol=1e-5)
+    # A transposed operand is a different product: the check can fail.
+    assert not torch.allclose(sim.ops._sim_mma(a.t().contiguous(), b, c).double(), expected, atol=1e-2)
+
+
+def test_mma_tf32_fragment_layout():
+    """The m16n8k8 tf32 product likewise; the product reads a float's upper 19 bits
+    (sign, exponent, 10 mantissa bits) and ignores the rest, as the hardware does."""
+    tf32 = lambda t: (t.view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731
+    a, b, c = torch.randn(16, 8), torch.randn(8, 8), torch.randn(16, 8)
+    d = sim.ops._sim_mma(a, b, c)
+    expected = tf32(a).double() @ tf32(b).double() + c.double()
+    torch.testing.assert_close(d.double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(tf32(a), a)  # the low bits were there to ignore
+    assert not torch.allclose(sim.ops._sim_mma(a, b.t().contiguous(), c).double(), expected, atol=1e-2)
 
 
 @pytest.mark.parametrize("fault,message", [

@@ -5,37 +5,89 @@
 #include "kernels.h"
 
 #include "conv3x3_kernels.cuh"
+#include "conv3x3_mma_kernels.cuh"
 
 namespace cae {
+
+namespace {
+
+template <typename T>
+cuda::CorrelateArgs<T> correlate_args(const CorrelateParams& p) {
+  return {p.out.mutable_data_ptr<T>(),
+          p.input.const_data_ptr<T>(),
+          cuda::data_or_null<T>(p.input_gate),
+          p.weight.const_data_ptr<T>(),
+          cuda::data_or_null<T>(p.bias),
+          cuda::to_int(p.input.size(0), "batch"),
+          cuda::to_int(p.input.size(1), "channels"),
+          cuda::to_int(p.input.size(2), "height"),
+          cuda::to_int(p.input.size(3), "width"),
+          cuda::to_int(p.out.size(1), "channels"),
+          cuda::to_int(p.out.size(2), "height"),
+          cuda::to_int(p.out.size(3), "width"),
+          p.relu};
+}
+
+template <typename T>
+bool launch_on_tensor_cores(const CorrelateParams& p, cuda::CorrelateWeight weight,
+                            const cuda::PendingSums& sums, cudaStream_t stream) {
+  using Kind = std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16,
+                                  std::conditional_t<std::is_same_v<T, float>, cuda::MmaTF32, cuda::MmaBF16>>;
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
+    if (std::is_same_v<T, float> && !cuda::conv_allows_tf32()) return false;
+    const int device = p.input.device().index();
+    int major = 0;
+    TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+                "cae: cannot read the compute capability of CUDA device ", device);
+    if (major < 8) return false;
+    const cuda::CorrelateArgs<T> a = correlate_args<T>(p);
+    cuda::MmaConvPlan plan = cuda::plan_correlate_mma(a, static_cast<int>(p.stride), p.nhwc);
+    if (!plan.ok) return false;
+    plan.t.flipped_weight = weight == cuda::CorrelateWeight::InOutFlipped;
+    cuda::check_grid(plan.blocks, "correlate");
+    cuda::check_smem(plan.smem, "correlate");
+    cuda::launch_correlate_mma<T, Kind>(a, plan, p.nhwc, sums.job<cuda::SumsJob<T, float>>(), stream);
+    return true;
+  } else {
+    (void)p, (void)weight, (void)sums, (void)stream;
+    return false;
+  }
+}
+
+}  // namespace
+
+// float16 and bfloat16 correlations run on tensor cores where the device has
+// the m16n8k16 products (sm_80 and newer) and the shape suits them
+// (plan_correlate_mma); float32 ones too, on tf32, where PyTorch would let
+// cuDNN convolve in TF32 (torch.backends.cudnn.allow_tf32); everything else on
+// the plain kernels. The emulator's device is sm_90 (CAE_SIM_ARCH chooses
+// another).
+bool cuda::correlate_on_tensor_cores(const CorrelateParams& p, CorrelateWeight weight,
+                                     const PendingSums& sums) {
+  const cudaStream_t stream = CAE_CURRENT_STREAM();
+  bool launched = false;
+  CAE_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_correlate_mma_cuda",
+                              [&] { launched = launch_on_tensor_cores<scalar_t>(p, weight, sums, stream); });
+  return launched;
+}
 
 void CudaKernels::correlate(const CorrelateParams& p) { correlate_then_sum(p, {}); }
 
 void CudaKernels::correlate_then_sum(const CorrelateParams& p, const cuda::PendingSums& sums) {
-  const Tensor &out = p.out, &x = p.input, &w = p.weight;
-  const OptTensor &x_gate = p.input_gate, &bias = p.bias;
-  const int64_t stride = p.stride;
-  const bool relu = p.relu, nhwc = p.nhwc;
-  CAE_DEVICE_GUARD(x);
+  CAE_DEVICE_GUARD(p.input);
+  if (cuda::correlate_on_tensor_cores(p, cuda::CorrelateWeight::OutIn, sums)) {
+    CAE_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int stride = static_cast<int>(p.stride);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
-  CAE_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cae_correlate_cuda", [&] {
+  CAE_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_correlate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const cuda::CorrelateArgs<scalar_t> a{out.mutable_data_ptr<scalar_t>(),
-                                          x.const_data_ptr<scalar_t>(),
-                                          cuda::data_or_null<scalar_t>(x_gate),
-                                          w.const_data_ptr<scalar_t>(),
-                                          cuda::data_or_null<scalar_t>(bias),
-                                          cuda::to_int(x.size(0), "batch"),
-                                          cuda::to_int(x.size(1), "channels"),
-                                          cuda::to_int(x.size(2), "height"),
-                                          cuda::to_int(x.size(3), "width"),
-                                          cuda::to_int(out.size(1), "channels"),
-                                          cuda::to_int(out.size(2), "height"),
-                                          cuda::to_int(out.size(3), "width"),
-                                          relu};
-    const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
+    const cuda::CorrelateArgs<scalar_t> a = correlate_args<scalar_t>(p);
+    const auto plan = cuda::plan_correlate<scalar_t, acc_t>(a, stride, p.nhwc);
     cuda::check_grid(plan.blocks, "correlate");
     cuda::check_smem(plan.smem, "correlate");
-    cuda::launch_correlate<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
+    cuda::launch_correlate<scalar_t, acc_t>(a, plan, stride, p.nhwc,
                                             sums.job<cuda::SumsJob<scalar_t, acc_t>>(), stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });

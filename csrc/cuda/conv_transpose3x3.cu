@@ -14,6 +14,12 @@ void CudaKernels::correlate_transpose_then_sum(const CorrelateParams& p, const c
   const int64_t stride = p.stride;
   const bool relu = p.relu, nhwc = p.nhwc;
   CAE_DEVICE_GUARD(g);
+  // At stride 1 the transposed correlation is a correlation with the flipped
+  // kernel: tensor cores where conv3x3.cu's kernel takes it.
+  if (stride == 1 && cuda::correlate_on_tensor_cores(p, cuda::CorrelateWeight::InOutFlipped, sums)) {
+    CAE_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const cudaStream_t stream = CAE_CURRENT_STREAM();
   CAE_DISPATCH_FLOATING_TYPES(g.scalar_type(), "cae_correlate_transpose_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

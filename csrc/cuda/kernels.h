@@ -66,6 +66,22 @@ inline void check_smem(size_t bytes, const char* op) {
               " bytes of shared memory per block (at most 49152)");
 }
 
+// Whether PyTorch lets convolutions on CUDA run in TF32
+// (torch.backends.cudnn.allow_tf32); float32 correlations then use tensor
+// cores. Host-compiled (precision.cpp): nvcc does not parse ATen/Context.h.
+bool conv_allows_tf32();
+
+// The 3x3 correlation on tensor cores, where the device, dtype and shape
+// allow it (conv3x3.cu); false: nothing launched, the caller's plain kernel
+// runs. OutIn: p.weight is [C_out, C_in, 3, 3] (correlate); InOutFlipped: it
+// is [C_in, C_out, 3, 3] and read flipped (correlate_transpose at stride 1).
+// Inside the caller's device guard.
+// Pending sums (PendingSums, below) are added by extra blocks, as in the plain
+// kernels.
+enum class CorrelateWeight { OutIn, InOutFlipped };
+struct PendingSums;
+bool correlate_on_tensor_cores(const CorrelateParams& p, CorrelateWeight weight, const PendingSums& sums);
+
 // Scratch for per-block partial sums, in the accumulation type.
 template <typename Acc>
 inline at::Tensor scratch(const at::Tensor& like, int64_t rows, int64_t cols) {

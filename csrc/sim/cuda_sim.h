@@ -177,6 +177,18 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+// The emulated device's compute capability: sm_90 unless CAE_SIM_ARCH names
+// another (e.g. 75), read at every call, so that host code choosing a kernel
+// by architecture (tensor cores from sm_80 on) runs either way in tests.
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  (void)device;
+  const char* env = std::getenv("CAE_SIM_ARCH");
+  const int arch = env != nullptr && *env != 0 ? std::atoi(env) : 90;
+  if (arch < 10) return cudaErrorInvalidValue;
+  *value = attr == cudaDevAttrComputeCapabilityMajor ? arch / 10 : arch % 10;
+  return cudaSuccess;
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess                     ? "no error"
          : e == cudaErrorInvalidConfiguration ? "invalid configuration argument"
@@ -1146,6 +1158,97 @@ inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE
 }
 
 [[noreturn]] inline void __trap() { ::cae_sim::detail::fail("__trap() called"); }
+
+// ---------------------------------------------------------------------------
+// Tensor cores: mma.sync.aligned.{m16n8k16 (f16, bf16), m16n8k8 (tf32)}.row.col
+// .f32 with fp32 accumulation, as the PTX ISA specifies the fragments ("Matrix
+// Fragments for mma.m16n8k16 / .m16n8k8"). A warp collective: every lane
+// leaves its fragments in the warp's slots, a warp barrier, each lane computes
+// its four elements of D from all the lanes' fragments, a second barrier
+// before the slots are reused. With groupID g = lane / 4 and t = lane % 4:
+//   f16/bf16 A (16 x 16, row): a[r] holds 2 elements (low half first):
+//            rows g (a[0], a[2]) or g + 8 (a[1], a[3]); columns 2t, 2t + 1,
+//            plus 8 in a[2], a[3]
+//            B (16 x 8, col): b[0] rows 2t, 2t + 1, b[1] rows 2t + 8, 2t + 9;
+//            column g
+//   tf32     A (16 x 8): a[0] (g, t), a[1] (g + 8, t), a[2] (g, t + 4),
+//            a[3] (g + 8, t + 4); B (8 x 8): b[0] (t, g), b[1] (t + 4, g)
+//   C, D (16 x 8, f32): c[0], c[1] row g, c[2], c[3] row g + 8; columns 2t,
+//            2t + 1
+// Products are exact in fp32 (tf32 inputs: the low 13 mantissa bits are
+// ignored, as the hardware does); the sum runs in k order in fp32.
+// ---------------------------------------------------------------------------
+namespace cae_sim {
+enum class MmaType : unsigned char { F16, BF16, TF32 };
+namespace detail {
+struct MmaLane {
+  uint32_t a[4], b[2];
+};
+inline MmaLane g_mma_lanes[32][32];  // [warp][lane]; blocks run one at a time
+
+inline float half_bits_to_float(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  float v;
+  if (exp == 0x1f) {
+    const uint32_t bits = sign | 0x7f800000u | (mant << 13);  // inf, NaN
+    std::memcpy(&v, &bits, 4);
+    return v;
+  }
+  v = exp == 0 ? std::ldexp(static_cast<float>(mant), -24)
+               : std::ldexp(static_cast<float>(mant | 0x400u), static_cast<int>(exp) - 25);
+  return sign ? -v : v;
+}
+
+inline float mma_element(MmaType type, uint32_t word, int half) {
+  float v;
+  if (type == MmaType::TF32) {
+    const uint32_t bits = word & ~0x1fffu;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  }
+  const uint32_t h = half ? word >> 16 : word & 0xffffu;
+  if (type == MmaType::F16) return half_bits_to_float(h);
+  const uint32_t bits = h << 16;  // bfloat16: the upper half of a float
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// A[r][k] and B[k][n] of the warp's fragments.
+inline float mma_a(MmaType type, const MmaLane* lanes, int r, int k) {
+  if (type == MmaType::TF32) return mma_element(type, lanes[(r % 8) * 4 + k % 4].a[(r / 8) + 2 * (k / 4)], 0);
+  return mma_element(type, lanes[(r % 8) * 4 + (k % 8) / 2].a[(r / 8) + 2 * (k / 8)], k % 2);
+}
+inline float mma_b(MmaType type, const MmaLane* lanes, int k, int n) {
+  if (type == MmaType::TF32) return mma_element(type, lanes[n * 4 + k % 4].b[k / 4], 0);
+  return mma_element(type, lanes[n * 4 + (k % 8) / 2].b[k / 8], k % 2);
+}
+}  // namespace detail
+
+// d = A B + c of the warp's fragments (every lane of a whole warp calls it).
+inline void mma_sync(MmaType type, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                     const float (&c)[4], const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  using namespace detail;
+  const unsigned linear = cur_fiber()->linear, lane = linear & 31;
+  if (linear >> 5 >= 32)
+    fail("mma.sync at %s:%d: warp %u of a block of at most 32 warps", file, line, linear >> 5);
+  MmaLane* lanes = g_mma_lanes[linear >> 5];
+  std::memcpy(lanes[lane].a, a, sizeof a);
+  std::memcpy(lanes[lane].b, b, sizeof b);
+  bool p;
+  warp_op(WK::Sync, "mma.sync", 0xffffffffu, 0, 0, 32, &p, file, line);  // all 32 lanes, as .aligned requires
+  const int k_size = type == MmaType::TF32 ? 8 : 16;
+  const int g = static_cast<int>(lane / 4), t = static_cast<int>(lane % 4);
+  float out[4];
+  for (int j = 0; j < 4; ++j) {
+    const int r = g + 8 * (j / 2), n = 2 * t + j % 2;
+    float s = c[j];
+    for (int k = 0; k < k_size; ++k) s += mma_a(type, lanes, r, k) * mma_b(type, lanes, k, n);
+    out[j] = s;
+  }
+  warp_op(WK::Sync, "mma.sync", 0xffffffffu, 0, 0, 32, &p, file, line);  // every lane has read the slots
+  std::memcpy(d, out, sizeof out);
+}
+}  // namespace cae_sim
 
 // Fences: one OS thread runs everything, a compiler barrier is enough.
 inline void __threadfence() { __asm__ __volatile__("" ::: "memory"); }

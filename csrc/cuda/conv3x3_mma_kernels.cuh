@@ -1,0 +1,313 @@
+// The 3x3 correlation on tensor cores (sm_80 and newer): an implicit GEMM per
+// block, out[pixel][co] = sum_k A[pixel][k] B[k][co] with k = (tap, input
+// channel), through warp-level products (mma.cuh) with fp32 accumulation:
+// m16n8k16 for float16 and bfloat16, m16n8k8 on tf32 for float32 where
+// PyTorch allows TF32 in cuDNN's convolutions. The plain kernel
+// (conv3x3_kernels.cuh) serves every other case: sm_75, float64, float32
+// without TF32, one input channel, fewer than 5 output channels. At stride 1
+// the transposed correlation is this one with the kernel flipped
+// (flipped_weight): correlate_transpose takes it too.
+//
+// Layout of the work: the block's output tile is correlate_kernel's
+// (plan_output_tile: 256 pixels of one or more images) and its output
+// channels a group of COB (8 or 16: one or two n = 8 tiles). Warp w owns the
+// tile's pixels [32 w, 32 w + 32), two m = 16 tiles. Input channels pass
+// through shared memory in chunks of CP (a multiple of 8, zero-padded), stored
+// as the fragments read them: 32-bit words of two 16-bit channels or one tf32
+// one, a pixel's channels contiguous, so each A register is one 32-bit load.
+// k runs over groups of 8 channels of one tap (j = tap * CP / 8 + g): two
+// groups per k = 16 product (the odd group left over at the end gets a
+// product of its own with zeros in the other half), one per k = 8 product. After the last chunk the
+// accumulators go through shared memory to one pixel per thread, stored by store_pixel (bias, ReLU, both
+// layouts) as correlate_kernel stores them.
+#pragma once
+
+#include "conv3x3_kernels.cuh"
+#include "mma.cuh"
+
+namespace cae {
+namespace cuda {
+
+struct MmaConvTiling {
+  int rows, cols, samples, tiles_y, tiles_x;
+  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile)
+  int stride;            // of the convolution (only the start of each pixel's window depends on it)
+  int in_rows, in_cols;  // the input window of a tile (with halo)
+  int chunk;             // input channels per pass: a multiple of 8
+  int pixel_words;       // shared-memory words per pixel: the chunk's words, padded against bank conflicts
+  bool vec_out;          // NHWC vector stores allowed
+  bool flipped_weight;   // w is [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
+};
+
+struct MmaConvPlan {
+  bool ok;  // the tensor-core kernel takes this shape
+  MmaConvTiling t;
+  index_t blocks;
+  size_t smem;
+};
+
+constexpr int kMmaPixelsPerWarp = kThreads / kWarps;  // 32: two m = 16 tiles
+
+// Channels per shared-memory word: two of 16 bits, or one tf32.
+template <typename T>
+constexpr int mma_channels_per_word() {
+  return static_cast<int>(4 / sizeof(T));
+}
+
+// A pixel's words for `chunk` channels; at stride 1 (pixels pixel_words words
+// apart) an odd number of 4-word runs puts a fragment's 8 pixels x 4 words on
+// 32 distinct banks.
+inline int mma_pixel_words(int chunk, int per_word, int stride) {
+  const int words = chunk / per_word;
+  return words + (stride == 1 && (words / 4) % 2 == 0 ? 4 : 0);
+}
+
+// Shared memory of a pass over `chunk` channels: the window, the weights
+// [groups][COB][8 channels' words], the groups' offsets; the epilogue reuses
+// it for the [256][COB + 1] accumulators.
+inline size_t mma_conv_smem(const MmaConvTiling& t, int cob, int per_word) {
+  const size_t groups = static_cast<size_t>(9) * (t.chunk / 8);
+  const size_t pass = (static_cast<size_t>(t.samples) * t.in_rows * t.in_cols * t.pixel_words +
+                       groups * cob * (8 / per_word) + groups) *
+                      4;
+  const size_t epilogue = static_cast<size_t>(kThreads) * (cob + 1) * sizeof(float);
+  return pass > epilogue ? pass : epilogue;
+}
+
+template <typename T>
+inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, bool nhwc) {
+  MmaConvPlan p{};
+  const int cob = channel_block(a.C_out);
+  if (a.C_in < 2 || cob < 8) return p;  // p.ok false: the plain kernel
+  const OutputTile tile = plan_output_tile(a.N, a.H_out, a.W_out);
+  MmaConvTiling& t = p.t;
+  t.rows = tile.rows, t.cols = tile.cols, t.samples = tile.samples;
+  t.tiles_y = tile.tiles_y, t.tiles_x = tile.tiles_x;
+  t.stride = stride;
+  t.in_rows = (tile.rows - 1) * stride + 3;
+  t.in_cols = (tile.cols - 1) * stride + 3;
+  t.tile_blocks =
+      static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
+  // The widest chunk that fits, then balanced over the passes it takes.
+  constexpr int E = mma_channels_per_word<T>();
+  const int padded = ceil_div(a.C_in, 8) * 8;
+  int chunk = padded;
+  for (; chunk >= 8; chunk -= 8) {
+    t.chunk = chunk;
+    t.pixel_words = mma_pixel_words(chunk, E, stride);
+    if (mma_conv_smem(t, cob, E) <= kSmemBudget) break;
+  }
+  if (chunk < 8) return p;
+  const int passes = ceil_div(padded, chunk);
+  t.chunk = ceil_div(ceil_div(a.C_in, passes), 8) * 8;
+  t.pixel_words = mma_pixel_words(t.chunk, E, stride);
+  const int vo = vec_width<T, 8>();
+  t.vec_out = nhwc && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
+  p.ok = true;
+  p.blocks = tile.blocks() * ceil_div(a.C_out, cob);
+  p.smem = mma_conv_smem(t, cob, E);
+  return p;
+}
+
+// The operand word of channels (lo, hi) (16-bit types), or of lo alone (tf32).
+template <class Kind, typename T>
+CAE_DEVICE uint32_t mma_word(T lo, T hi) {
+  if constexpr (std::is_same<Kind, MmaTF32>::value) {
+    (void)hi;
+    return to_tf32(static_cast<float>(lo));
+  } else {
+    return pack2(lo, hi);
+  }
+}
+
+// Stages gate(x) over the window, channels [c0, c0 + count) padded with zeros
+// to t.chunk, as operand words: dst[pixel * pixel_words + word]. NCHW:
+// consecutive threads read consecutive columns; NHWC: consecutive channels.
+template <class Kind, bool NHWC, typename T>
+CAE_DEVICE void stage_words(uint32_t* dst, const CorrelateArgs<T>& a, const MmaConvTiling& t, int n0, int y0,
+                            int x0, int c0, int count, int tid) {
+  constexpr int E = mma_channels_per_word<T>();
+  const int words = t.chunk / E;  // words per pixel
+  const int pixels = t.samples * t.in_rows * t.in_cols;
+  const T zero = static_cast<T>(0.0f);
+  for (int i = tid; i < pixels * words; i += kThreads) {
+    int pixel, word;
+    if (NHWC) {
+      word = i % words, pixel = i / words;
+    } else {
+      const int plane = t.in_rows * t.in_cols;  // (s, word, row, col), col fastest
+      const int s = i / (words * plane), rest = i - s * words * plane;
+      word = rest / plane, pixel = s * plane + rest % plane;
+    }
+    const int col = pixel % t.in_cols, r = (pixel / t.in_cols) % t.in_rows,
+              s = pixel / (t.in_cols * t.in_rows);
+    const int n = n0 + s, y = y0 + r, xx = x0 + col;
+    T v[2] = {zero, zero};
+    if (n < a.N && y >= 0 && y < a.H && xx >= 0 && xx < a.W) {
+      CAE_UNROLL
+      for (int e = 0; e < E; ++e) {
+        const int c = c0 + E * word + e;
+        if (c < c0 + count) {
+          const index_t at = NHWC ? ((static_cast<index_t>(n) * a.H + y) * a.W + xx) * a.C_in + c
+                                  : ((static_cast<index_t>(n) * a.C_in + c) * a.H + y) * a.W + xx;
+          v[e] = a.x[at];
+          if (a.x_gate != nullptr && !(static_cast<float>(a.x_gate[at]) > 0.0f)) v[e] = zero;
+        }
+      }
+    }
+    dst[pixel * t.pixel_words + word] = mma_word<Kind>(v[0], v[1]);
+  }
+}
+
+// Launch bounds of 2 blocks per SM (at most 128 registers): without them
+// ptxas keeps the tf32 NCHW kernel at 64 registers and spills.
+template <typename T, class Kind, int COB, bool NHWC>
+__global__ void __launch_bounds__(kThreads, 2)
+    correlate_mma_kernel(CorrelateArgs<T> a, MmaConvTiling t, SumsJob<T, float> sums) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int NT = COB / 8;  // n = 8 tiles
+  constexpr bool TF32 = std::is_same<Kind, MmaTF32>::value;
+  constexpr int E = mma_channels_per_word<T>();
+  constexpr int W = 8 / E;  // words of a group of 8 channels
+  // A product's second half of k: the next group (k = 16), or channels 4..7
+  // of the same group (tf32, k = 8); its offset from the first in B's words.
+  constexpr int J = TF32 ? 1 : 2;
+  constexpr int b_half = TF32 ? 4 : COB * W;
+  const int G = t.chunk / 8;  // channel groups per tap
+  const int groups = 9 * G;
+  CAE_DYNAMIC_SHARED(uint32_t, smem);
+  const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;  // then the sums' (SumsJob)
+  if (static_cast<int>(blockIdx.x) >= own_blocks)
+    return reduce_partials_block(sums, blockIdx.x - own_blocks, reinterpret_cast<float*>(smem));
+  uint32_t* w_s = smem;                                          // [groups][COB][W]: B's words
+  int* goff_s = reinterpret_cast<int*>(w_s + groups * COB * W);  // [groups]: A's word offset per group
+  uint32_t* in_s = w_s + groups * COB * W + groups;              // [samples][in_rows][in_cols][pixel_words]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;  // the fragments' groupID and thread in group
+  const TileOrigin o =
+      tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
+
+  // Where the windows of this lane's A rows start: rows g and g + 8 of the
+  // warp's two m tiles (tile pixels q = 32 warp + 16 m + row).
+  int base[2][2];
+  CAE_UNROLL
+  for (int m = 0; m < 2; ++m) {
+    CAE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int q = warp * kMmaPixelsPerWarp + 16 * m + 8 * h + g;
+      const int px = q % t.cols, py = (q / t.cols) % t.rows, ps = q / (t.cols * t.rows);
+      base[m][h] = ((ps * t.in_rows + py * t.stride) * t.in_cols + px * t.stride) * t.pixel_words + tq;
+    }
+  }
+  for (int j = tid; j < groups; j += kThreads) {
+    const int tap = j / G, ky = tap / 3, kx = tap % 3;
+    goff_s[j] = (ky * t.in_cols + kx) * t.pixel_words + (j % G) * W;
+  }
+
+  float acc[2][NT][4];
+  CAE_UNROLL
+  for (int m = 0; m < 2; ++m) {
+    CAE_UNROLL
+    for (int nt = 0; nt < NT; ++nt) {
+      CAE_UNROLL
+      for (int e = 0; e < 4; ++e) acc[m][nt][e] = 0.0f;
+    }
+  }
+
+  for (int c0 = 0; c0 < a.C_in; c0 += t.chunk) {
+    const int count = a.C_in - c0 < t.chunk ? a.C_in - c0 : t.chunk;
+    __syncthreads();  // the previous pass is done reading
+    // B[k][co]: word (j, n, word) holds channel(s) c0 + 8 (j % G) + E word (+ 1) of tap j / G.
+    for (int i = tid; i < groups * COB * W; i += kThreads) {
+      const int word = i % W, nn = (i / W) % COB, j = i / (W * COB);
+      const int co = co0 + nn, c = (j % G) * 8 + E * word, tap = j / G;
+      const T zero = static_cast<T>(0.0f);
+      T v[2] = {zero, zero};
+      CAE_UNROLL
+      for (int e = 0; e < E; ++e) {
+        if (co < a.C_out && c + e < count) {
+          v[e] = t.flipped_weight ? a.w[(static_cast<index_t>(c0 + c + e) * a.C_out + co) * 9 + 8 - tap]
+                                  : a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + tap];
+        }
+      }
+      w_s[i] = mma_word<Kind>(v[0], v[1]);
+    }
+    stage_words<Kind, NHWC>(in_s, a, t, o.n0, o.y0 * t.stride - 1, o.x0 * t.stride - 1, c0, count, tid);
+    __syncthreads();
+    // k = 16: products over pairs of groups (j, j + 1), an odd last group
+    // alone; k = 8: one group per product. Unrolled less than nvcc would
+    // (4 times and more: registers, and spills in the tf32 kernels).
+#if !defined(CAE_SIM)
+#pragma unroll(TF32 ? 1 : 2)
+#endif
+    for (int j = 0; j < groups; j += J) {
+      const bool pair_ok = TF32 || j + 1 < groups;
+      const int lo = goff_s[j], hi = TF32 ? lo + 4 : pair_ok ? goff_s[j + 1] : 0;
+      uint32_t b[NT][2];
+      CAE_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        const int at = (j * COB + nt * 8 + g) * W + tq;
+        b[nt][0] = w_s[at];
+        b[nt][1] = pair_ok ? w_s[at + b_half] : 0u;
+      }
+      CAE_UNROLL
+      for (int m = 0; m < 2; ++m) {
+        const uint32_t af[4] = {in_s[base[m][0] + lo], in_s[base[m][1] + lo],
+                                pair_ok ? in_s[base[m][0] + hi] : 0u, pair_ok ? in_s[base[m][1] + hi] : 0u};
+        CAE_UNROLL
+        for (int nt = 0; nt < NT; ++nt) mma<Kind>(acc[m][nt], af, b[nt], acc[m][nt]);
+      }
+    }
+  }
+
+  // Epilogue: D fragments -> [pixel][COB + 1] floats -> one pixel per thread.
+  __syncthreads();  // the last pass is done reading
+  float* out_s = reinterpret_cast<float*>(smem);
+  CAE_UNROLL
+  for (int m = 0; m < 2; ++m) {
+    CAE_UNROLL
+    for (int nt = 0; nt < NT; ++nt) {
+      CAE_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int q = warp * kMmaPixelsPerWarp + 16 * m + 8 * (e / 2) + g;
+        out_s[q * (COB + 1) + nt * 8 + 2 * tq + e % 2] = acc[m][nt][e];
+      }
+    }
+  }
+  __syncthreads();
+  const int px = tid % t.cols, py = (tid / t.cols) % t.rows, ps = tid / (t.cols * t.rows);
+  const int n = o.n0 + ps, oy = o.y0 + py, ox = o.x0 + px;
+  if (n < a.N && oy < a.H_out && ox < a.W_out) {
+    float v[COB];
+    CAE_UNROLL
+    for (int j = 0; j < COB; ++j) v[j] = out_s[tid * (COB + 1) + j];
+    store_pixel<COB, NHWC>(a.out, v, a.bias, a.relu, n, co0, a.C_out, a.H_out, a.W_out, oy, ox, t.vec_out);
+  }
+#else
+  (void)a, (void)t;
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// Kind: MmaF16, MmaBF16 or MmaTF32, as T is c10::Half, c10::BFloat16 or float
+// (the caller's choice: this header stays torch-free).
+template <typename T, class Kind>
+inline void launch_correlate_mma(const CorrelateArgs<T>& a, const MmaConvPlan& p, bool nhwc,
+                                 const SumsJob<T, float>& sums, cudaStream_t stream) {
+  const auto launch = [&](auto cob) {
+    with_bool(nhwc, [&](auto layout) {
+      const auto kernel = correlate_mma_kernel<T, Kind, decltype(cob)::value, decltype(layout)::value>;
+      CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks + sums.blocks), kThreads,
+                 smem_with_sums<float>(p.smem, sums.blocks), stream, a, p.t, sums);
+    });
+  };
+  if (channel_block(a.C_out) == 8) {
+    launch(std::integral_constant<int, 8>{});
+  } else {
+    launch(std::integral_constant<int, 16>{});
+  }
+}
+
+}  // namespace cuda
+}  // namespace cae
