@@ -52,6 +52,10 @@ LAUNCH_US = 2.0  # fixed cost per launch: back-to-back small kernels in one stre
 # Per staged element, float32, from the sm_90 SASS of the staging loops (division-free walks;
 # benchmarks/results/sass-sm90.md's notes): index arithmetic, bounds, load, convert, store.
 STAGE_INSTRUCTIONS = {False: 58, True: 25}  # by layout: NCHW, NHWC (vector loads)
+# Tensor cores through mma.sync: issue slots a product holds its warp's scheduler (the tensor
+# pipe's rate for mma.sync on sm_90, about 512 dense f16 multiply-adds per SM and clock, so an
+# m16n8k16 (2048) takes 4 per scheduler; tf32 half the rate: m16n8k8 (1024) also 4).
+MMA_ISSUE = 4
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 RESERVED_SHARED = 1024  # per block, sm_80 and later
@@ -281,6 +285,32 @@ def estimate(call, launch, index_in_op):
         staged = c_in * _staged_per_channel(launch, family, stride, cob, out, acc_bytes)
         e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc]
         e.wavefronts = warps * c_in * (input_wavefronts + weight_loads) + launch.blocks * staged / 32
+    elif family == "correlate_mma":
+        # implicit GEMM on tensor cores (conv3x3_mma_kernels.cuh): per warp and 8-channel group of
+        # a tap, one product per m16 tile pair and n8 tile (k16: two groups a product), its A
+        # and B fragments loaded from shared memory (32-bit words); the window and weights
+        # staged as for correlate; the accumulators go through shared memory to store_pixel.
+        weight, out, reads = _conv_shapes(call)
+        targs = template_args(launch.kernel)
+        tf32, cob, nhwc = "TF32" in targs[1], int(targs[2]), targs[3] == "true"
+        c_in = reads[0].shape[1]
+        groups = math.ceil(c_in / 8)
+        e.bytes = sum(nbytes(t) for t in reads) + nbytes(out)
+        e.flops = 2 * weight.numel() * _small_positions(call)
+        e.outputs = out.numel()
+        k_steps = 9 * (groups if tf32 else math.ceil(groups / 2))
+        products_per_warp = k_steps * 2 * (cob // 8)  # 2 m16 tiles x the n8 tiles
+        fragment_loads = k_steps * (2 * 4 + (cob // 8) * 2)  # A: 4 words a tile; B: 2 a tile
+        mma_warps = launch.blocks * launch.threads_per_block // 32
+        n, _, height, width = out.shape
+        cols = _pow2_at_least(width, 2, 32)
+        rows = _pow2_at_least(height, 2, 256 // cols)
+        stride = 1 if out.shape[2] == reads[0].shape[2] else 2
+        window = ((rows - 1) * stride + 3) * ((cols - 1) * stride + 3) * (256 // (rows * cols))
+        staged = groups * 8 * (window + 9 * cob)
+        e.warp_instructions = (mma_warps * (products_per_warp * MMA_ISSUE + fragment_loads + 2 * cob)
+                               + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc])
+        e.wavefronts = mma_warps * (fragment_loads + 2 * cob) + launch.blocks * staged / 32
     elif family == "weight_grad":
         targs = template_args(launch.kernel)
         stride, car = int(targs[2]), int(targs[3])
