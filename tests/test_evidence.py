@@ -346,3 +346,18 @@ def test_kernel_notes_splice_and_check(tmp_path, monkeypatch):
     assert kernel_notes.main([]) == 0
     assert doc.read_text() == f"# prose\n\n{generated}\nmore prose\n"
     assert kernel_notes.main(["--check"]) == 0
+
+
+def test_saved_bytes_counts_each_storage_once():
+    from cae_kernels import nn as cae_nn
+
+    saved = load_script("saved_bytes")
+    layer = cae_nn.Conv3x3(1, 3, activation="relu")
+    x, target = torch.rand(2, 1, 5, 5), torch.rand(2, 3, 5, 5)
+    # The conv keeps its input, weight and ReLU output; the loss its logits (that output:
+    # counted once) and its target.
+    assert saved.saved_bytes(layer, x, target) == x.nbytes + layer.weight.nbytes + 2 * target.nbytes
+    # A model's activations grow with the batch, its weights do not.
+    sizes = [saved.measure("pool", "cae", torch.contiguous_format, batch) for batch in (2, 4, 6)]
+    assert sizes[2] - sizes[1] == sizes[1] - sizes[0] > 0
+    assert sizes[0] > sizes[1] - sizes[0]
