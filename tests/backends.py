@@ -85,16 +85,21 @@ class Backend:
 
 
 @contextlib.contextmanager
-def tf32_off(allowed=False):
-    """cuDNN and cuBLAS in full float32 precision (PyTorch's default allows TF32 in cuDNN),
-    and so our float32 convolutions (TF32 tensor cores where cuDNN may use them); or,
-    ``allowed``, both with TF32."""
+def tf32(allowed):
+    """cuDNN's and cuBLAS's float32 precision inside the block: TF32 where ``allowed``
+    (PyTorch's default for cuDNN), else full float32; our float32 convolutions follow
+    cuDNN's setting (TF32 tensor cores where cuDNN may use them)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def tf32_off():
+    """Full float32 precision (cuDNN's references, our exact kernels)."""
+    return tf32(False)
 
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

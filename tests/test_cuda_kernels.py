@@ -11,7 +11,7 @@ import torch
 
 from cae_kernels import reference
 
-from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32_off
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32
 
 F64 = torch.float64
 
@@ -163,7 +163,7 @@ def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
     correlations) against float64 at the dtype's tolerance (float32 with TF32 allowed:
     TF32 has float16's 10-bit mantissa); on the emulator the tensor-core kernel ran for
     each correlation, and for each transposed one at stride 1."""
-    with tf32_off(allowed=True):
+    with tf32(True):
         check_tensor_cores(backend, stride, fmt, dtype, torch.float16 if dtype == torch.float32 else dtype)
 
 
@@ -221,7 +221,7 @@ def test_correlate_exact_path_below_sm80_or_without_tf32():
     for arch, y in results.items():
         assert_close(y, expected, backend.tolerance(torch.float16, expected), f"sm_{arch}")
     for allowed, arch in [(False, "90"), (True, "75"), (True, "90")]:
-        with tf32_off(allowed), mma_launches(backend, arch) as launched:
+        with tf32(allowed), mma_launches(backend, arch) as launched:
             backend.functions.conv3x3(x.float(), weight.float(), None, 1)
         assert launched[0] == (allowed and arch == "90"), (allowed, arch, launched)
     # 16 tiny images per block at stride 2: their tf32 windows (4 bytes a channel) do
@@ -229,6 +229,6 @@ def test_correlate_exact_path_below_sm80_or_without_tf32():
     x = make_input((3, 5, 7, 6), torch.float16, "cpu").detach()
     weight = make_input((12, 5, 3, 3), torch.float16, "cpu").detach()
     for dtype, mma in [(torch.float32, False), (torch.float16, True)]:
-        with tf32_off(allowed=True), mma_launches(backend) as launched:
+        with tf32(True), mma_launches(backend) as launched:
             backend.functions.conv3x3(x.to(dtype), weight.to(dtype), None, 2)
         assert launched[0] == mma, (dtype, launched)
