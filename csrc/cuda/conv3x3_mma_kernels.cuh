@@ -123,35 +123,29 @@ CAE_DEVICE uint32_t mma_word(T lo, T hi) {
 // Stages gate(x) over the window, channels [c0, c0 + count) padded with zeros
 // to t.chunk, as operand words: dst[pixel * pixel_words + word]. NCHW:
 // consecutive threads read consecutive columns; NHWC: consecutive channels.
+// The elements are walked without a division per element (StridedDigits).
 template <class Kind, bool NHWC, typename T>
 CAE_DEVICE void stage_words(uint32_t* dst, const CorrelateArgs<T>& a, const MmaConvTiling& t, int n0, int y0,
                             int x0, int c0, int count, int tid) {
   constexpr int E = mma_channels_per_word<T>();
   const int words = t.chunk / E;  // words per pixel
-  const int pixels = t.samples * t.in_rows * t.in_cols;
-  const T zero = static_cast<T>(0.0f);
-  for (int i = tid; i < pixels * words; i += kThreads) {
-    int pixel, word;
-    if (NHWC) {
-      word = i % words, pixel = i / words;
-    } else {
-      const int plane = t.in_rows * t.in_cols;  // (s, word, row, col), col fastest
-      const int s = i / (words * plane), rest = i - s * words * plane;
-      word = rest / plane, pixel = s * plane + rest % plane;
-    }
-    const int col = pixel % t.in_cols, r = (pixel / t.in_cols) % t.in_rows,
-              s = pixel / (t.in_cols * t.in_rows);
+  // NHWC (word, col, r, s); NCHW (col, r, word, s): word fastest, or col.
+  StridedDigits at = NHWC ? StridedDigits(tid, words, t.in_cols, t.in_rows)
+                          : StridedDigits(tid, t.in_cols, t.in_rows, words);
+  for (; at.digit[3] < t.samples; at.advance()) {
+    const int word = at.digit[NHWC ? 0 : 2], col = at.digit[NHWC ? 1 : 0], r = at.digit[1 + NHWC],
+              s = at.digit[3];
+    const int pixel = (s * t.in_rows + r) * t.in_cols + col;
     const int n = n0 + s, y = y0 + r, xx = x0 + col;
-    T v[2] = {zero, zero};
+    T v[2] = {static_cast<T>(0.0f), static_cast<T>(0.0f)};
     if (n < a.N && y >= 0 && y < a.H && xx >= 0 && xx < a.W) {
       CAE_UNROLL
       for (int e = 0; e < E; ++e) {
         const int c = c0 + E * word + e;
         if (c < c0 + count) {
-          const index_t at = NHWC ? ((static_cast<index_t>(n) * a.H + y) * a.W + xx) * a.C_in + c
-                                  : ((static_cast<index_t>(n) * a.C_in + c) * a.H + y) * a.W + xx;
-          v[e] = a.x[at];
-          if (a.x_gate != nullptr && !(static_cast<float>(a.x_gate[at]) > 0.0f)) v[e] = zero;
+          const index_t i = NHWC ? ((static_cast<index_t>(n) * a.H + y) * a.W + xx) * a.C_in + c
+                                 : ((static_cast<index_t>(n) * a.C_in + c) * a.H + y) * a.W + xx;
+          v[e] = static_cast<T>(load_gated<float>(a.x, a.x_gate, i));  // exact: T is 16-bit or float
         }
       }
     }
