@@ -191,14 +191,15 @@ def check_tensor_cores(backend, stride, fmt, dtype, tolerance_dtype):
             (ours,) = torch.autograd.grad(y, x, g)
         (expected,) = torch.autograd.grad(ref, xd, g.double() * (y.detach() > 0))  # our output's mask
         check(f"conv3x3's gated input gradient of {x.shape}", ours, expected, launched, True)
-        # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its forward is
+        # conv_transpose3x3 (c_out -> c_in channels) with bias and ReLU: its forward is
         # correlate_transpose, its input gradient correlate of gate(g) with the forward
         # output as the gate.
         xt = make_input((n, c_out, h, w), dtype, backend.device, fmt, scale=0.5)
         xtd = xt.detach().double().requires_grad_()
+        bias_t = make_input((c_in,), dtype, backend.device).detach()
         with mma_launches(backend) as launched:
-            out = backend.functions.conv_transpose3x3(xt, weight, None, stride, "relu")
-        ref = reference.conv_transpose3x3(xtd, wd, None, stride)
+            out = backend.functions.conv_transpose3x3(xt, weight, bias_t, stride, "relu")
+        ref = reference.conv_transpose3x3(xtd, wd, bias_t.double(), stride)
         check(f"conv_transpose3x3 of {xt.shape}", out, torch.relu(ref), launched, True)
         g = torch.randn_like(out)
         with mma_launches(backend) as launched:
