@@ -316,9 +316,11 @@ def test_weight_grad_exact_path_below_sm80_without_tf32_or_out_of_shape():
 @on_cuda_kernels()
 def test_weight_grad_on_tensor_cores_tiling(backend):
     """float16 on tensor cores: 520 one-image regions over 512 partial rows (some
-    blocks add a second region), and 24 channels on the large side: 27 tiles, 9 units,
-    more than a pass of 8 warps."""
-    for shape, transposed in [((520, 8, 2, 8, 8), False), ((2, 8, 24, 6, 6), True)]:
+    blocks add a second region), the fragments added across 8 warps that split the
+    positions (2 large channels: one unit) or by each lane (12: 5 units, one split);
+    24 channels on the large side: 27 tiles, 9 units, more than a pass of 8 warps."""
+    cases = [((520, 8, 2, 8, 8), False), ((520, 5, 12, 8, 8), False), ((2, 8, 24, 6, 6), True)]
+    for shape, transposed in cases:
         ours, expected, launched = weight_grads(backend, transposed, 1, "nchw", torch.float16, shape)
         assert launched in (None, 1), (shape, launched)
         for got, ref, what in zip(ours, expected, ("weight", "bias"), strict=True):

@@ -316,7 +316,8 @@ inline void launch_correlate_mma(const CorrelateArgs<T>& a, const MmaConvPlan& p
 // weight_grad_kernel's warps do (`items` units at once, each split over the
 // positions by `splits` warps); the D fragments are added across the splits
 // through shared memory in split order, then into the block's partial row
-// (first region stores, later ones add): bitwise deterministic.
+// (first region stores, later ones add; with one split each lane adds its own
+// D there, no shared memory): bitwise deterministic.
 //
 // The staged values are float (the staging and the bias sums are the plain
 // kernel's), and each operand register is built from two float loads: B's k
@@ -337,12 +338,18 @@ struct MmaWeightGradPlan {
   size_t smem;
 };
 
-// Shared memory: the warps' D tiles [kWarps][16][unit columns], a [C_a][a_stride],
-// b [C_b][b_channel_stride], the windows' offsets [positions].
+// Floats of the warps' D tiles [kWarps][16][unit columns] where units are split
+// over the positions (none with one split: 12 KiB less, which lets the
+// stride-2 16 x 16 channel layers' 64-position regions fit).
+CAE_HOST_DEVICE int weight_grad_mma_tiles_floats(const WeightGradTiling& t) {
+  return t.splits > 1 ? kWarps * kMmaRows * kWeightGradMmaColumns : 0;
+}
+
+// Shared memory: the D tiles, a [C_a][a_stride], b [C_b][b_channel_stride],
+// the windows' offsets [positions].
 inline size_t weight_grad_mma_smem(const WeightGradTiling& t, int C_a, int C_b) {
-  return (static_cast<size_t>(kWarps) * kMmaRows * kWeightGradMmaColumns +
-          static_cast<size_t>(C_a) * t.a_stride + static_cast<size_t>(C_b) * t.b_channel_stride +
-          t.positions) *
+  return (static_cast<size_t>(weight_grad_mma_tiles_floats(t)) + static_cast<size_t>(C_a) * t.a_stride +
+          static_cast<size_t>(C_b) * t.b_channel_stride + t.positions) *
          4;
 }
 
@@ -354,6 +361,9 @@ inline MmaWeightGradPlan plan_weight_grad_mma(const WeightGradArgs<T>& a, int st
   MmaWeightGradPlan p{};
   if (a.C_a < 5 || a.C_a > kMmaRows) return p;
   WeightGradTiling& t = p.t;
+  t.units = ceil_div(ceil_div(9 * a.C_b, 8), kWeightGradMmaTiles);
+  t.items = t.units < kWarps ? t.units : kWarps;
+  t.splits = kWarps / t.items;
   for (int target = region_target(a);; target /= 2) {
     plan_region(t, a.N, a.H_a, a.W_a, stride, target);
     if (weight_grad_mma_smem(t, a.C_a, a.C_b) <= kSmemBudget) break;
@@ -362,9 +372,6 @@ inline MmaWeightGradPlan plan_weight_grad_mma(const WeightGradArgs<T>& a, int st
   t.ca_stage = a.C_a, t.cb_stage = a.C_b;
   const index_t regions = finish_weight_grad_tiling(t, a, nhwc);
   if (regions >= (index_t{1} << 31)) return p;
-  t.units = ceil_div(ceil_div(9 * a.C_b, 8), kWeightGradMmaTiles);
-  t.items = t.units < kWarps ? t.units : kWarps;
-  t.splits = kWarps / t.items;
   p.ok = true;
   p.blocks = partial_blocks(regions);
   p.smem = weight_grad_mma_smem(t, a.C_a, a.C_b);
@@ -382,8 +389,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int P = 2 * E;                       // positions of a lane in a product
   constexpr int NTW = kWeightGradMmaTiles, RC = kWeightGradMmaColumns;
   CAE_DYNAMIC_SHARED(float, smem);
-  float* red_s = smem;                                                       // [kWarps][16][RC]
-  float* a_s = red_s + kWarps * kMmaRows * RC;                               // [C_a][a_stride]
+  float* red_s = smem;                                                       // [kWarps][16][RC] or none
+  float* a_s = red_s + weight_grad_mma_tiles_floats(t);                      // [C_a][a_stride]
   float* b_s = a_s + a.C_a * t.a_stride;                                     // [C_b][b_channel_stride]
   int* offset_s = reinterpret_cast<int*>(b_s + a.C_b * t.b_channel_stride);  // [positions]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -493,6 +500,20 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
       // D: [g][2 tq], [g][2 tq + 1], [g + 8][2 tq], [g + 8][2 tq + 1] of each tile.
+      if (t.splits == 1) {  // the lane's own into the partial row (the same lane in every region)
+        CAE_UNROLL
+        for (int j = 0; j < NTW; ++j) {
+          CAE_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int row = g + 8 * (e / 2), n = (unit * NTW + j) * 8 + 2 * tq + e % 2;
+            if (busy && unit < t.units && row < a.C_a && n < columns) {
+              float& sum = partial[partial_row + row * columns + n];
+              sum = first_region ? acc[j][e] : sum + acc[j][e];
+            }
+          }
+        }
+        continue;  // t.splits is the block's: every thread skips the barriers below
+      }
       if (busy) {
         CAE_UNROLL
         for (int j = 0; j < NTW; ++j) {
