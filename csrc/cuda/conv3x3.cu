@@ -1,7 +1,9 @@
 // Host side of the 3x3 correlation (conv3x3 forward, conv_transpose3x3 input
 // gradient), the weight gradient of both (with the bias's), the bias gradient
 // alone, and a layer's whole backward (two launches: the weight gradient's
-// partial sums, then the input gradient, whose extra blocks add them).
+// partial sums, then the input gradient, whose extra blocks add them). The
+// correlations and the weight gradient take tensor cores where the device,
+// dtype and shape allow (conv3x3_mma_kernels.cuh), else the plain kernels.
 #include "kernels.h"
 
 #include "conv3x3_kernels.cuh"

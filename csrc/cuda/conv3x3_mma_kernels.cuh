@@ -1,4 +1,7 @@
-// The 3x3 correlation on tensor cores (sm_80 and newer): an implicit GEMM per
+// The 3x3 correlation and the weight gradient on tensor cores (sm_80 and
+// newer); the weight gradient's layout is with its kernel, below.
+//
+// The correlation: an implicit GEMM per
 // block, out[pixel][co] = sum_k A[pixel][k] B[k][co] with k = (tap, input
 // channel), through warp-level products (mma.cuh) with fp32 accumulation:
 // m16n8k16 for float16 and bfloat16, m16n8k8 on tf32 for float32 where
