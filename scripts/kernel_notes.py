@@ -311,9 +311,7 @@ def estimate(call, launch, index_in_op):
         e.warp_instructions = (mma_warps * (products_per_warp * MMA_ISSUE + fragment_loads + 2 * cob)
                                + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc])
         e.wavefronts = mma_warps * (fragment_loads + 2 * cob) + launch.blocks * staged / 32
-    elif family == "weight_grad":
-        targs = template_args(launch.kernel)
-        stride, car = int(targs[2]), int(targs[3])
+    elif family in ("weight_grad", "weight_grad_mma"):
         grad_w, grad_b = _weight_grad_results(call)
         positions = _small_positions(call)
         macs = grad_w.numel() * positions
@@ -322,6 +320,21 @@ def estimate(call, launch, index_in_op):
         e.bytes = nbytes(a["grad_output"]) + nbytes(a.get("relu_output")) + nbytes(a["input"]) + partial
         e.flops = 2 * macs
         e.outputs = grad_w.numel()
+        targs = template_args(launch.kernel)
+        if family == "weight_grad_mma":
+            # tensor cores (conv3x3_mma_kernels.cuh): per warp, unit of 3 n8 tiles of the 9 C_b
+            # columns and k step (16 positions, tf32 8): 3 products; the lane's k positions'
+            # window offsets, A (2 rows) and B (each tile) as staged floats, one load each;
+            # a 32-bit operand word built from each pair (or tf32 value); ~8 for addressing.
+            k = 8 if "TF32" in targs[1] else 16
+            lane_k = k // 4
+            units = math.ceil(math.ceil(9 * c_b / 8) / 3)
+            warp_iterations = units * positions / k
+            loads = lane_k * (1 + 2 + 3)
+            e.warp_instructions = warp_iterations * (3 * MMA_ISSUE + loads + (4 + 2 * 3) + 8)
+            e.wavefronts = warp_iterations * loads
+            return e
+        stride, car = int(targs[2]), int(targs[3])
         warp_iterations = positions / 32 * math.ceil(c_a / car) * c_b
         e.warp_instructions = warp_iterations * (9 * car + car + 1 + 9 + 4)
         e.wavefronts = warp_iterations * (car + 1 + 9 * stride)

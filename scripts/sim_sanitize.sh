@@ -44,8 +44,8 @@ SUBSET+=" and not ((float16 or bfloat16) and not (3x3x5x9x11 and relu))"
 # and 1, two channel groups, several shared-memory passes, both layouts and
 # strides, float64, fused ReLU (the gated backward) -- plus pooling, the gated
 # backward ops, the fault hooks and the sanitizer check, and the tensor-core
-# correlation (mma.sync is a warp collective: float16 NHWC, its fragment layouts):
-# about 3 min.
+# correlation and weight gradient (mma.sync is a warp collective: float16 NHWC,
+# its fragment layouts).
 # Reproducibility across schedules is the schedules mode's job.
 TSAN_SUBSET="sim and (((test_conv3x3 or test_conv_transpose3x3) and relu and float64"
 TSAN_SUBSET+=" and not 2x16x8x14x14 and not 4x2x3x1x1) or test_max_pool2x2 or gated or bugs or sanitizer"

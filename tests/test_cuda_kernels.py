@@ -95,6 +95,7 @@ def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backe
         assert sum(counts.values()) == 2 and not any("reduce_partials" in k for k in counts), counts
         on_tensor_cores = dtype == torch.float16
         assert any("correlate_mma_kernel" in k for k in counts) == on_tensor_cores, counts
+        assert any("weight_grad_mma_kernel" in k for k in counts) == (dtype == torch.float16), counts
     separate = (grad_input, grad_weight, grad_bias)
     for got, expected, what in zip(ours, separate, ("input", "weight", "bias"), strict=True):
         assert torch.equal(got, expected), f"{what} gradient differs from the separate op's"
@@ -139,10 +140,10 @@ MMA_SHAPES = (
 
 
 @contextlib.contextmanager
-def mma_launches(backend, arch="90"):
-    """The launches of the tensor-core correlation inside the block (a list with one
-    count; None off the emulator, where launches are not counted), on an emulated
-    device of compute capability ``arch``."""
+def mma_launches(backend, arch="90", kernel="correlate_mma_kernel"):
+    """The launches of a tensor-core kernel (the correlation's, or the weight
+    gradient's) inside the block (a list with one count; None off the emulator, where
+    launches are not counted), on an emulated device of compute capability ``arch``."""
     if backend.name != "sim":
         yield [None]
         return
@@ -151,7 +152,7 @@ def mma_launches(backend, arch="90"):
         mp.setenv("CAE_SIM_ARCH", arch)
         with backend.functions.count_launches() as counts:
             yield counted
-    counted[0] = sum(c for name, c in counts.items() if "correlate_mma_kernel" in name)
+    counted[0] = sum(c for name, c in counts.items() if kernel in name)
 
 
 @pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
@@ -293,3 +294,95 @@ def test_correlate_transpose_stride2_tensor_cores_tap_by_tap(backend, fmt, c_in,
         expected = torch.nn.grad.conv2d_input(x.shape, w.double(), g.double(), 2, 1)
         assert launched[0] in (None, 1), launched
         assert torch.equal(ours.double(), expected), f"conv3x3's input gradient, tap {tap}"
+
+
+# The weight gradient on tensor cores (weight_grad_mma_kernel): 5 to 16 channels on the
+# small side (a: the output gradient of a convolution, the input of a transposed one),
+# any on the large side. (N, C_small, C_large, H, W of the small side.)
+WEIGHT_GRAD_MMA_SHAPES = (
+    (1, 8, 16, 9, 13),  # batch 1, odd sizes: positions not a multiple of 16
+    (2, 16, 8, 14, 14),  # an autoencoder layer (16 x 8 channels at 14x14)
+    (3, 5, 12, 5, 7),  # 5 rows of M padded to 16; 108 columns: a last unit of 2 tiles, half used
+    (2, 8, 1, 11, 9),  # the 1-channel image: 9 columns, one unit split over 8 warps
+)
+
+
+def weight_grads(backend, transposed, stride, fmt, dtype, shape, seed=0, arch="90"):
+    """Our weight and bias gradients of one layer through its fused ReLU (gated),
+    float64 references, and the tensor-core kernel's launches (on an emulated device of
+    compute capability ``arch``)."""
+    n, small, large, h, w = shape
+    torch.manual_seed(seed)
+    if transposed:  # weight [small, large]: its input is the small side
+        x = make_input((n, small, h, w), dtype, backend.device, fmt, scale=0.5).detach()
+        weight = make_input((small, large, 3, 3), dtype, backend.device, scale=0.5).detach()
+        y = backend.functions.conv_transpose3x3(x, weight, None, stride, "relu")
+        op, ref_fn = backend.ops.conv_transpose3x3_grad_weight, reference.conv_transpose3x3
+    else:  # weight [small, large]: its input is the large side
+        size = (h * stride - stride + 1, w * stride - stride + 1)  # odd at stride 2 too
+        x = make_input((n, large, *size), dtype, backend.device, fmt, scale=0.5).detach()
+        weight = make_input((small, large, 3, 3), dtype, backend.device, scale=0.5).detach()
+        y = backend.functions.conv3x3(x, weight, None, stride, "relu")
+        op, ref_fn = backend.ops.conv3x3_grad_weight, reference.conv3x3
+    g = torch.randn_like(y)
+    with mma_launches(backend, arch, "weight_grad_mma_kernel") as launched:
+        ours = op(g, y, x, stride)
+    wd = weight.double().requires_grad_()
+    gated = g.double() * (y > 0)
+    (expected,) = torch.autograd.grad(ref_fn(x.double(), wd, None, stride), wd, gated)
+    return ours, (expected, gated.sum((0, 2, 3))), launched[0]
+
+
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@on_cuda_kernels()
+def test_weight_grad_on_tensor_cores(backend, transposed, stride, fmt, dtype):
+    """Both convolutions' gated weight and bias gradients against float64 at the dtype's
+    tolerance (float32 with TF32 allowed: float16's), the tensor-core kernel launched
+    once for each on the emulator; bitwise the same in a second run."""
+    tolerance_dtype = torch.float16 if dtype == torch.float32 else dtype
+    with tf32(True):
+        for shape in WEIGHT_GRAD_MMA_SHAPES:
+            ours, expected, launched = weight_grads(backend, transposed, stride, fmt, dtype, shape)
+            assert launched in (None, 1), (shape, launched)
+            for got, ref, what in zip(ours, expected, ("weight", "bias"), strict=True):
+                assert_close(got, ref, backend.tolerance(tolerance_dtype, ref), f"{what} gradient of {shape}")
+            again, _, _ = weight_grads(backend, transposed, stride, fmt, dtype, shape)
+            assert all(torch.equal(a, b) for a, b in zip(ours, again, strict=True)), f"run to run, {shape}"
+
+
+def test_weight_grad_exact_path_below_sm80_without_tf32_or_out_of_shape():
+    """The plain weight gradient where tensor cores do not apply: float32 without TF32
+    (then float32's tolerance), an emulated sm_75, fewer than 5 or more than 16 channels
+    on the small side; the bias gradient is exact float32 on tensor cores too."""
+    backend = BACKENDS["sim"]
+    shape = WEIGHT_GRAD_MMA_SHAPES[1]
+    for allowed, arch in [(False, "90"), (True, "75")]:
+        with tf32(allowed):
+            ours, expected, launched = weight_grads(backend, False, 1, "nchw", torch.float32, shape, arch=arch)
+        assert launched == 0, (allowed, arch, launched)
+        for got, ref in zip(ours, expected, strict=True):
+            assert_close(got, ref, backend.tolerance(torch.float32, ref))
+    with tf32(True):
+        ours, expected, launched = weight_grads(backend, False, 1, "nchw", torch.float32, shape)
+        assert launched == 1
+        assert_close(ours[1], expected[1], backend.tolerance(torch.float32, expected[1]), "bias gradient")
+        for small in (4, 17):
+            _, _, launched = weight_grads(backend, True, 2, "nchw", torch.float16, (2, small, 8, 6, 6))
+            assert launched == 0, (small, launched)
+
+
+@on_cuda_kernels()
+def test_weight_grad_on_tensor_cores_tiling(backend):
+    """float16 on tensor cores: 520 one-image regions over 512 partial rows (some
+    blocks add a second region), the fragments added across 8 warps that split the
+    positions (2 large channels: one unit) or by each lane (12: 5 units, one split);
+    24 channels on the large side: 27 tiles, 9 units, more than a pass of 8 warps."""
+    cases = [((520, 8, 2, 8, 8), False), ((520, 5, 12, 8, 8), False), ((2, 8, 24, 6, 6), True)]
+    for shape, transposed in cases:
+        ours, expected, launched = weight_grads(backend, transposed, 1, "nchw", torch.float16, shape)
+        assert launched in (None, 1), (shape, launched)
+        for got, ref, what in zip(ours, expected, ("weight", "bias"), strict=True):
+            assert_close(got, ref, backend.tolerance(torch.float16, ref), f"{what} gradient of {shape}")

@@ -1,7 +1,9 @@
 // Host side of the 3x3 correlation (conv3x3 forward, conv_transpose3x3 input
 // gradient), the weight gradient of both (with the bias's), the bias gradient
 // alone, and a layer's whole backward (two launches: the weight gradient's
-// partial sums, then the input gradient, whose extra blocks add them).
+// partial sums, then the input gradient, whose extra blocks add them). The
+// correlations and the weight gradient take tensor cores where the device,
+// dtype and shape allow (conv3x3_mma_kernels.cuh), else the plain kernels.
 #include "kernels.h"
 
 #include "conv3x3_kernels.cuh"
@@ -28,18 +30,34 @@ cuda::CorrelateArgs<T> correlate_args(const CorrelateParams& p) {
           p.relu};
 }
 
+// The tensor-core products' input type for T: float16, bfloat16, or float32
+// on tf32 (mma_dtype<T> says whether T has one).
+template <typename T>
+constexpr bool mma_dtype =
+    std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
+template <typename T>
+using MmaKind =
+    std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16,
+                       std::conditional_t<std::is_same_v<T, float>, cuda::MmaTF32, cuda::MmaBF16>>;
+
+// Whether T's products may run on tensor cores on t's device: sm_80 and newer,
+// float32 only where PyTorch lets cuDNN convolve in TF32.
+template <typename T>
+bool tensor_cores_allowed(const Tensor& t) {
+  if (!mma_dtype<T> || (std::is_same_v<T, float> && !cuda::conv_allows_tf32())) return false;
+  const int device = t.device().index();
+  int major = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+              "cae: cannot read the compute capability of CUDA device ", device);
+  return major >= 8;
+}
+
 template <typename T>
 bool launch_on_tensor_cores(const CorrelateParams& p, cuda::CorrelateWeight weight,
                             const cuda::PendingSums& sums, cudaStream_t stream) {
-  using Kind = std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16,
-                                  std::conditional_t<std::is_same_v<T, float>, cuda::MmaTF32, cuda::MmaBF16>>;
-  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
-    if (std::is_same_v<T, float> && !cuda::conv_allows_tf32()) return false;
-    const int device = p.input.device().index();
-    int major = 0;
-    TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
-                "cae: cannot read the compute capability of CUDA device ", device);
-    if (major < 8) return false;
+  using Kind = MmaKind<T>;
+  if constexpr (mma_dtype<T>) {
+    if (!tensor_cores_allowed<T>(p.input)) return false;
     const cuda::CorrelateArgs<T> a = correlate_args<T>(p);
     const cuda::MmaTaps taps = weight == cuda::CorrelateWeight::OutIn          ? cuda::MmaTaps::Correlate
                                : weight == cuda::CorrelateWeight::InOutFlipped ? cuda::MmaTaps::Flipped
@@ -53,6 +71,28 @@ bool launch_on_tensor_cores(const CorrelateParams& p, cuda::CorrelateWeight weig
   } else {
     (void)p, (void)weight, (void)sums, (void)stream;
     return false;
+  }
+}
+
+// The weight gradient's partial sums on tensor cores where the device, dtype
+// and shape allow it (plan_weight_grad_mma): the partial rows, or an undefined
+// tensor (nothing launched, the plain kernel's turn).
+template <typename T>
+at::Tensor weight_grad_on_tensor_cores(const cuda::WeightGradArgs<T>& a, const WeightGradParams& p,
+                                       int columns, cudaStream_t stream) {
+  if constexpr (mma_dtype<T>) {
+    if (!tensor_cores_allowed<T>(p.small)) return {};
+    const int stride = static_cast<int>(p.stride);
+    const cuda::MmaWeightGradPlan plan = cuda::plan_weight_grad_mma(a, stride, p.nhwc);
+    if (!plan.ok) return {};
+    cuda::check_smem(plan.smem, "weight_grad");
+    at::Tensor partial = cuda::scratch<float>(p.small, plan.blocks, columns);
+    cuda::launch_weight_grad_mma<T, MmaKind<T>>(a, plan, stride, p.nhwc, partial.mutable_data_ptr<float>(),
+                                                stream);
+    return partial;
+  } else {
+    (void)a, (void)p, (void)columns, (void)stream;
+    return {};
   }
 }
 
@@ -128,11 +168,16 @@ cuda::PendingSums CudaKernels::weight_grad_partials(const WeightGradParams& p) {
                                            cuda::to_int(b_t.size(2), "height"),
                                            cuda::to_int(b_t.size(3), "width"),
                                            p.grad_output_is_large};
+    // Partial rows: the weight's sums, then the bias's.
+    const int columns = cuda::to_int(out.numel() + p.grad_bias.numel(), "weight size");
+    partial = weight_grad_on_tensor_cores(a, p, columns, stream);
+    if (partial.defined()) {
+      CAE_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const auto plan = cuda::plan_weight_grad<scalar_t, acc_t>(a, static_cast<int>(stride), nhwc);
     cuda::check_grid(plan.regions, "weight_grad");
     cuda::check_smem(plan.smem, "weight_grad");
-    // Partial rows: the weight's sums, then the bias's.
-    const int columns = cuda::to_int(out.numel() + p.grad_bias.numel(), "weight size");
     partial = cuda::scratch<acc_t>(a_t, plan.blocks, columns);
     cuda::launch_weight_grad<scalar_t, acc_t>(a, plan, static_cast<int>(stride), nhwc,
                                               partial.mutable_data_ptr<acc_t>(), stream);

@@ -440,6 +440,8 @@ CAE_DEVICE void warp_sums_transposed(Acc (&v)[32], int lane) {
 // (the same thread, in region order); reduce_partials adds the blocks in
 // order. The bias's gradient is summed from the values the product loads,
 // into the same partial rows (no pass or launch of its own).
+// weight_grad_mma_kernel (conv3x3_mma_kernels.cuh) is the same work on tensor
+// cores for 5 to 16 channels of a, with the same regions and partial rows.
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -510,14 +512,43 @@ inline void plan_region(WeightGradTiling& t, int N, int H_a, int W_a, int stride
   t.b_channel_stride = odd_stride(t.samples * t.b_rows * t.b_cols);
 }
 
+// The first region size to try: kRegionPositions, halved while the batch
+// gives fewer than kFillRegions regions.
+template <typename T>
+inline int region_target(const WeightGradArgs<T>& a) {
+  const index_t positions = static_cast<index_t>(a.N) * a.H_a * a.W_a;
+  int target = kRegionPositions;
+  while (target > kMinRegionPositions && positions / target < kFillRegions) target /= 2;
+  return target;
+}
+
+// The tiling's regions and NHWC vector loads, once the region and the staged
+// channels are chosen; the number of regions.
+template <typename T>
+inline index_t finish_weight_grad_tiling(WeightGradTiling& t, const WeightGradArgs<T>& a, bool nhwc) {
+  t.tiles_y = ceil_div(a.H_a, t.rows);
+  t.tiles_x = ceil_div(a.W_a, t.cols);
+  const index_t regions = static_cast<index_t>(ceil_div(a.N, t.samples)) * t.tiles_y * t.tiles_x;
+  t.regions = static_cast<int>(regions < (index_t{1} << 31) ? regions : (index_t{1} << 31) - 1);
+  constexpr int V = vec_width<T>();
+  t.vec_a = nhwc && t.ca_stage % V == 0 && vector_ok<V>(a.a, a.C_a, a.C_a) &&
+            (a.a_gate == nullptr || vector_ok<V>(a.a_gate, a.C_a, a.C_a));
+  t.vec_b = nhwc && t.cb_stage % V == 0 && vector_ok<V>(a.b, a.C_b, a.C_b) &&
+            (a.b_gate == nullptr || vector_ok<V>(a.b_gate, a.C_b, a.C_b));
+  return regions;
+}
+
+// Rows of the partial sums: a block per region, at most kMaxPartialBlocks.
+inline int partial_blocks(index_t regions) {
+  return static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
+}
+
 template <typename T, typename Acc>
 inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, bool nhwc) {
   WeightGradTiling t{};
   const int car = weight_grad_ca_block(a.C_a);
   const int ca_all = car * ceil_div(a.C_a, car);
-  const index_t positions = static_cast<index_t>(a.N) * a.H_a * a.W_a;
-  int target = kRegionPositions;
-  while (target > kMinRegionPositions && positions / target < kFillRegions) target /= 2;
+  int target = region_target(a);
   auto bytes = [&](int ca, int cb) {
     return static_cast<size_t>(t.positions) * sizeof(int) +
            (kWarps * 10 * car + static_cast<size_t>(ca) * t.a_stride +
@@ -546,22 +577,14 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
       break;
     }
   }
-  t.tiles_y = ceil_div(a.H_a, t.rows);
-  t.tiles_x = ceil_div(a.W_a, t.cols);
-  const index_t regions = static_cast<index_t>(ceil_div(a.N, t.samples)) * t.tiles_y * t.tiles_x;
-  t.regions = static_cast<int>(regions < (index_t{1} << 31) ? regions : (index_t{1} << 31) - 1);
+  const index_t regions = finish_weight_grad_tiling(t, a, nhwc);
   t.units = t.ca_stage / car * t.cb_stage;
   t.items = t.units < kWarps ? t.units : kWarps;
   t.splits = kWarps / t.items;
-  constexpr int V = vec_width<T>();
-  t.vec_a = nhwc && t.ca_stage % V == 0 && vector_ok<V>(a.a, a.C_a, a.C_a) &&
-            (a.a_gate == nullptr || vector_ok<V>(a.a_gate, a.C_a, a.C_a));
-  t.vec_b = nhwc && t.cb_stage % V == 0 && vector_ok<V>(a.b, a.C_b, a.C_b) &&
-            (a.b_gate == nullptr || vector_ok<V>(a.b_gate, a.C_b, a.C_b));
   WeightGradPlan p;
   p.t = t;
   p.regions = regions;
-  p.blocks = static_cast<int>(regions < kMaxPartialBlocks ? regions : kMaxPartialBlocks);
+  p.blocks = partial_blocks(regions);
   p.smem = bytes(t.ca_stage, t.cb_stage);
   return p;
 }
@@ -607,6 +630,15 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
   }
 }
 
+// Where position p's 3x3 window starts in the staged b: offset_s[p].
+CAE_DEVICE void stage_window_offsets(int* offset_s, const WeightGradTiling& t, int stride, int tid) {
+  const int b_image = t.b_rows * t.b_cols;
+  StridedDigits at(tid, t.cols, t.rows, t.samples);  // (x, y, s, 0)
+  for (int p = tid; p < t.positions; p += kThreads, at.advance()) {
+    offset_s[p] = at.digit[2] * b_image + at.digit[1] * stride * t.b_cols + at.digit[0] * stride;
+  }
+}
+
 // __launch_bounds__'s blocks per SM for weight_grad_kernel (see
 // conv_min_blocks): a unit's 9 * CA_R sums and CA_R bias sums per thread
 // besides two staging walks. CA_R = 1: 3 (80 registers), 2 in double or when
@@ -634,11 +666,7 @@ __global__ void __launch_bounds__(kThreads, weight_grad_min_blocks<T, Acc, CA_R,
   const index_t partial_row =
       static_cast<index_t>(blockIdx.x) * (weight_outputs + (a.grad_output_is_large ? a.C_b : a.C_a));
 
-  // Where position p's 3x3 window starts in the staged b.
-  StridedDigits at(tid, t.cols, t.rows, t.samples);  // (x, y, s, 0)
-  for (int p = tid; p < t.positions; p += kThreads, at.advance()) {
-    offset_s[p] = at.digit[2] * b_image + at.digit[1] * S * t.b_cols + at.digit[0] * S;
-  }
+  stage_window_offsets(offset_s, t, S, tid);
 
   // This warp's share of a pass: unit `item` of the pass, position split `split`.
   const bool busy = warp < t.items * t.splits;

@@ -1,4 +1,7 @@
-// The 3x3 correlation on tensor cores (sm_80 and newer): an implicit GEMM per
+// The 3x3 correlation and the weight gradient on tensor cores (sm_80 and
+// newer); the weight gradient's layout is with its kernel, below.
+//
+// The correlation: an implicit GEMM per
 // block, out[pixel][co] = sum_k A[pixel][k] B[k][co] with k = (tap, input
 // channel), through warp-level products (mma.cuh) with fp32 accumulation:
 // m16n8k16 for float16 and bfloat16, m16n8k8 on tf32 for float32 where
@@ -356,6 +359,256 @@ inline void launch_correlate_mma(const CorrelateArgs<T>& a, const MmaConvPlan& p
   } else {
     launch(std::integral_constant<int, 16>{});
   }
+}
+
+// ---------------------------------------------------------------------------
+// The weight gradient on tensor cores: weight_grad_kernel's GEMM (see there)
+//   out[ca][(cb, tap)] = sum_p gate(a)[ca][p] * gate(b)[cb][p shifted by tap]
+// with M = C_a (at most 16, rows past it zero), N = 9 C_b (column n = cb * 9 +
+// tap: a row of the weight gradient, so D's columns are the partial row's
+// columns), K = the region's positions, in products of 16 positions (f16,
+// bf16) or 8 (tf32). The regions, their staging (gates, both layouts, every
+// channel at once: the shapes this kernel takes), the partial rows and the
+// bias's exact fp32 sums are weight_grad_kernel's. A unit is
+// kWeightGradMmaTiles n = 8 tiles of the columns; warps take units as
+// weight_grad_kernel's warps do (`items` units at once, each split over the
+// positions by `splits` warps); the D fragments are added across the splits
+// through shared memory in split order, then into the block's partial row
+// (first region stores, later ones add; with one split each lane adds its own
+// D there, no shared memory): bitwise deterministic.
+//
+// The staged values are float (the staging and the bias sums are the plain
+// kernel's), and each operand register is built from two float loads: B's k
+// is a position, whose window a table lookup places (offset_s) and, at stride
+// 2 or across a row of the region, not next to the previous position's, so
+// B's two consecutive-k values are never one 32-bit word; A's are, but a
+// 16-bit copy of a would cost a staging of its own.
+// ---------------------------------------------------------------------------
+
+constexpr int kMmaRows = 16;            // M: a's channels, zero-padded
+constexpr int kWeightGradMmaTiles = 3;  // n = 8 tiles a warp's unit owns
+constexpr int kWeightGradMmaColumns = 8 * kWeightGradMmaTiles;
+
+struct MmaWeightGradPlan {
+  bool ok;  // the tensor-core kernel takes this shape
+  WeightGradTiling t;
+  int blocks;  // rows of the partial sums
+  size_t smem;
+};
+
+// Floats of the warps' D tiles [kWarps][16][unit columns] where units are split
+// over the positions (none with one split: 12 KiB less, which lets the
+// stride-2 16 x 16 channel layers' 64-position regions fit).
+CAE_HOST_DEVICE int weight_grad_mma_tiles_floats(const WeightGradTiling& t) {
+  return t.splits > 1 ? kWarps * kMmaRows * kWeightGradMmaColumns : 0;
+}
+
+// Shared memory: the D tiles, a [C_a][a_stride], b [C_b][b_channel_stride],
+// the windows' offsets [positions].
+inline size_t weight_grad_mma_smem(const WeightGradTiling& t, int C_a, int C_b) {
+  return (static_cast<size_t>(weight_grad_mma_tiles_floats(t)) + static_cast<size_t>(C_a) * t.a_stride +
+          static_cast<size_t>(C_b) * t.b_channel_stride + t.positions) *
+         4;
+}
+
+// Tensor cores for 5 to 16 channels of a (the autoencoder's 8- and 16-channel
+// products; fewer waste most of M), any channels of b, where a region of at
+// least kMinRegionPositions holds every channel of both; else plan.ok false.
+template <typename T>
+inline MmaWeightGradPlan plan_weight_grad_mma(const WeightGradArgs<T>& a, int stride, bool nhwc) {
+  MmaWeightGradPlan p{};
+  if (a.C_a < 5 || a.C_a > kMmaRows) return p;
+  WeightGradTiling& t = p.t;
+  t.units = ceil_div(ceil_div(9 * a.C_b, 8), kWeightGradMmaTiles);
+  t.items = t.units < kWarps ? t.units : kWarps;
+  t.splits = kWarps / t.items;
+  for (int target = region_target(a);; target /= 2) {
+    plan_region(t, a.N, a.H_a, a.W_a, stride, target);
+    if (weight_grad_mma_smem(t, a.C_a, a.C_b) <= kSmemBudget) break;
+    if (target <= kMinRegionPositions) return p;
+  }
+  t.ca_stage = a.C_a, t.cb_stage = a.C_b;
+  const index_t regions = finish_weight_grad_tiling(t, a, nhwc);
+  if (regions >= (index_t{1} << 31)) return p;
+  p.ok = true;
+  p.blocks = partial_blocks(regions);
+  p.smem = weight_grad_mma_smem(t, a.C_a, a.C_b);
+  return p;
+}
+
+// Launch bounds of 2 blocks per SM (at most 128 registers), as correlate_mma_kernel.
+template <typename T, class Kind, bool NHWC>
+__global__ void __launch_bounds__(kThreads, 2)
+    weight_grad_mma_kernel(WeightGradArgs<T> a, WeightGradTiling t, int S, float* __restrict__ partial) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr bool TF32 = std::is_same<Kind, MmaTF32>::value;
+  constexpr int E = mma_channels_per_word<T>();  // positions per operand register: 2, or 1 (tf32)
+  constexpr int KS = 8 * E;                      // positions per product
+  constexpr int P = 2 * E;                       // positions of a lane in a product
+  constexpr int NTW = kWeightGradMmaTiles, RC = kWeightGradMmaColumns;
+  CAE_DYNAMIC_SHARED(float, smem);
+  float* red_s = smem;                                                       // [kWarps][16][RC] or none
+  float* a_s = red_s + weight_grad_mma_tiles_floats(t);                      // [C_a][a_stride]
+  float* b_s = a_s + a.C_a * t.a_stride;                                     // [C_b][b_channel_stride]
+  int* offset_s = reinterpret_cast<int*>(b_s + a.C_b * t.b_channel_stride);  // [positions]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;  // the fragments' groupID and thread in group
+  const int b_image = t.b_rows * t.b_cols;
+  const int columns = 9 * a.C_b;  // N, and a row of the weight gradient
+  const int weight_outputs = a.C_a * columns;
+  const bool bias_of_large = a.grad_output_is_large;
+  const int bias_channels = bias_of_large ? a.C_b : a.C_a;
+  const index_t partial_row = static_cast<index_t>(blockIdx.x) * (weight_outputs + bias_channels);
+  stage_window_offsets(offset_s, t, S, tid);
+
+  const bool busy = warp < t.items * t.splits;
+  const int item = warp % t.items, split = warp / t.items;
+  // This lane's A rows g and g + 8 (channels of a; zero past C_a).
+  const bool row_ok[2] = {g < a.C_a, g + 8 < a.C_a};
+
+  for (int region = blockIdx.x; region < t.regions; region += gridDim.x) {
+    const bool first_region = region == static_cast<int>(blockIdx.x);
+    const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+    __syncthreads();  // the previous region is done reading
+    stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0, 0,
+                                          a.C_a, a.C_a, t, t.vec_a, tid);
+    const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       0,      a.C_b, t.b_rows,
+                     t.b_cols, t.samples,    t.b_channel_stride, b_image};
+    if (NHWC) {
+      stage_nhwc<vec_width<T>()>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, t.vec_b, tid);
+    } else {
+      stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
+    }
+    __syncthreads();
+
+    // The bias's gradient in exact fp32 (never tf32): a warp per channel, lanes
+    // over the positions, a fixed tree; the sums of a (or of b's pixels under
+    // a position's own S x S taps) that weight_grad_kernel adds.
+    for (int c = warp; c < bias_channels; c += kWarps) {
+      float s = 0.0f;
+      for (int p = lane; p < t.positions; p += 32) {
+        if (bias_of_large) {
+          const float* win3 = b_s + c * t.b_channel_stride + offset_s[p];
+          for (int ky = 1; ky <= S; ++ky) {
+            for (int kx = 1; kx <= S; ++kx) s += win3[ky * t.b_cols + kx];
+          }
+        } else {
+          s += a_s[c * t.a_stride + p];
+        }
+      }
+      s = warp_sum(s);
+      if (lane == 0) {
+        float& sum = partial[partial_row + weight_outputs + c];  // this lane's in every region
+        sum = first_region ? s : sum + s;
+      }
+    }
+
+    for (int unit0 = 0; unit0 < t.units; unit0 += t.items) {
+      const int unit = unit0 + item;
+      float acc[NTW][4];
+      CAE_UNROLL
+      for (int j = 0; j < NTW; ++j) {
+        CAE_UNROLL
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+      }
+      if (busy && unit < t.units) {
+        // Where this lane's B column g of each tile starts: channel cb, tap (ky, kx).
+        int boff[NTW];
+        CAE_UNROLL
+        for (int j = 0; j < NTW; ++j) {
+          const int n = (unit * NTW + j) * 8 + g, cb = n / 9, tap = n - 9 * cb;  // once a unit
+          boff[j] = n < columns ? cb * t.b_channel_stride + (tap / 3) * t.b_cols + tap % 3 : 0;
+        }
+        for (int k0 = split * KS; k0 < t.positions; k0 += KS * t.splits) {
+          // The lane's positions: k = 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9 (k = 16),
+          // or tq, tq + 4 (tf32); zeros past the region's positions.
+          int q[P], off[P];
+          bool valid[P];
+          CAE_UNROLL
+          for (int i = 0; i < P; ++i) {
+            q[i] = k0 + (TF32 ? tq + 4 * i : 2 * tq + (i & 1) + 8 * (i >> 1));
+            valid[i] = q[i] < t.positions;
+            off[i] = valid[i] ? offset_s[q[i]] : 0;
+          }
+          float va[2][P];
+          CAE_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            CAE_UNROLL
+            for (int i = 0; i < P; ++i)
+              va[r][i] = valid[i] && row_ok[r] ? a_s[(g + 8 * r) * t.a_stride + q[i]] : 0.0f;
+          }
+          // a[2h + r]: row g + 8 r, positions E h .. E h + E - 1 of the lane's.
+          uint32_t af[4];
+          CAE_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            CAE_UNROLL
+            for (int r = 0; r < 2; ++r)
+              af[2 * h + r] =
+                  mma_word<Kind>(static_cast<T>(va[r][E * h]), static_cast<T>(va[r][E * h + E - 1]));
+          }
+          CAE_UNROLL
+          for (int j = 0; j < NTW; ++j) {
+            float vb[P];
+            CAE_UNROLL
+            for (int i = 0; i < P; ++i) vb[i] = valid[i] ? b_s[boff[j] + off[i]] : 0.0f;
+            const uint32_t bf[2] = {mma_word<Kind>(static_cast<T>(vb[0]), static_cast<T>(vb[E - 1])),
+                                    mma_word<Kind>(static_cast<T>(vb[E]), static_cast<T>(vb[2 * E - 1]))};
+            mma<Kind>(acc[j], af, bf, acc[j]);
+          }
+        }
+      }
+      // D: [g][2 tq], [g][2 tq + 1], [g + 8][2 tq], [g + 8][2 tq + 1] of each tile.
+      if (t.splits == 1) {  // the lane's own into the partial row (the same lane in every region)
+        CAE_UNROLL
+        for (int j = 0; j < NTW; ++j) {
+          CAE_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int row = g + 8 * (e / 2), n = (unit * NTW + j) * 8 + 2 * tq + e % 2;
+            if (busy && unit < t.units && row < a.C_a && n < columns) {
+              float& sum = partial[partial_row + row * columns + n];
+              sum = first_region ? acc[j][e] : sum + acc[j][e];
+            }
+          }
+        }
+        continue;  // t.splits is the block's: every thread skips the barriers below
+      }
+      if (busy) {
+        CAE_UNROLL
+        for (int j = 0; j < NTW; ++j) {
+          CAE_UNROLL
+          for (int e = 0; e < 4; ++e)
+            red_s[(warp * kMmaRows + g + 8 * (e / 2)) * RC + j * 8 + 2 * tq + e % 2] = acc[j][e];
+        }
+      }
+      __syncthreads();
+      // The splits in order, into the partial row (the same thread in every region).
+      for (int i = tid; i < t.items * kMmaRows * RC; i += kThreads) {
+        const int col = i % RC, row = (i / RC) % kMmaRows, it = i / (RC * kMmaRows);
+        const int n = (unit0 + it) * RC + col;
+        if (unit0 + it < t.units && row < a.C_a && n < columns) {
+          float s = red_s[(it * kMmaRows + row) * RC + col];
+          for (int sp = 1; sp < t.splits; ++sp) s += red_s[((sp * t.items + it) * kMmaRows + row) * RC + col];
+          float& sum = partial[partial_row + row * columns + n];
+          sum = first_region ? s : sum + s;
+        }
+      }
+      __syncthreads();  // red_s is read before the next pass writes it
+    }
+  }
+#else
+  (void)a, (void)t, (void)S, (void)partial;
+  __trap();  // never launched below sm_80
+#endif
+}
+
+// Kind as for launch_correlate_mma; partial: [p.blocks][C_a C_b 9 + bias channels].
+template <typename T, class Kind>
+inline void launch_weight_grad_mma(const WeightGradArgs<T>& a, const MmaWeightGradPlan& p, int stride,
+                                   bool nhwc, float* partial, cudaStream_t stream) {
+  with_bool(nhwc, [&](auto layout) {
+    const auto kernel = weight_grad_mma_kernel<T, Kind, decltype(layout)::value>;
+    CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t, stride, partial);
+  });
 }
 
 }  // namespace cuda
