@@ -98,16 +98,47 @@ def check_bias(bias, input, channels) -> None:
     check_like(bias, "bias", input)
 
 
-def check_relu_output(relu_output, grad_output) -> None:
+def check_relu_output(relu_output, grad_output, name="relu_output") -> None:
     if relu_output is None:
         return
-    check_activation(relu_output, "relu_output", grad_output)
-    check_same_shape(relu_output, "relu_output", grad_output.shape, "the shape of grad_output")
+    check_activation(relu_output, name, grad_output)
+    check_same_shape(relu_output, name, grad_output.shape, "the shape of grad_output")
 
 
 def check_input_channels(input, expected, weight) -> None:
     _check(input.shape[1] == expected, "cae: input has ", input.shape[1], " channels but weight of sizes ",
            _sizes(weight.shape), " expects ", expected)
+
+
+def check_block_biases(op, weights, biases) -> None:
+    _check(len(biases) == len(weights), "cae: ", op, " takes a bias per weight, got ", len(weights),
+           " weights and ", len(biases), " biases")
+
+
+def check_encoder_block_counts(weights, biases) -> None:
+    """The encoder block's own checks; each convolution's follow (its fake's, in order)."""
+    _check(len(weights) in (2, 3),
+           "cae: encoder_block takes 2 weights (then a max-pool) or 3 (then a stride-2 convolution), got ",
+           len(weights))
+    check_block_biases("encoder_block", weights, biases)
+
+
+def check_decoder_block_counts(weights, biases) -> None:
+    _check(len(weights) > 0, "cae: decoder_block takes one or more weights, got 0")
+    check_block_biases("decoder_block", weights, biases)
+
+
+def check_crop(output_size, full_shape) -> None:
+    """The decoder block's crop (after its convolutions' checks)."""
+    h, w = full_shape[2], full_shape[3]
+    _check(len(output_size) == 2 and 0 <= output_size[0] <= h and 0 <= output_size[1] <= w,
+           "cae: decoder_block's output_size must be [H, W] within its output of [", h, ", ", w, "], got ",
+           _sizes(output_size))
+
+
+def check_block_grad_output(grad_output, input, expected) -> None:
+    check_activation(grad_output, "grad_output", input)
+    check_same_shape(grad_output, "grad_output", expected, "the block's output")
 
 
 class OpChecks:
