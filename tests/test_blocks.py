@@ -4,7 +4,9 @@ variants and layouts, odd sizes, batch 0 and 1, ReLU or none; gradcheck, opcheck
 same error from the fakes as from the kernels; and the model on them (fused vs per-op,
 bytes saved for the backward)."""
 
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cae_kernels import reference
 from cae_kernels._registration import _suggest_memory_format
+from cae_kernels.app.models import ConvAutoencoder
 
 from backends import FORMATS, HALF_DTYPES, assert_close, make_input, on_every_backend
 
@@ -281,3 +284,66 @@ def test_block_functions_check_their_arguments():
         cae_kernels.encoder_block(x, [w, w], [b, b], activation="tanh")
     with pytest.raises(ValueError, match=r"output_size must be two ints \(h, w\), got \[4\]"):
         cae_kernels.decoder_block(x, [w.transpose(0, 1)], [torch.randn(2)], (4,))
+
+
+# --- the model on the blocks ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_model_fused_matches_per_op(downsample, fmt):
+    """Same outputs and gradients as the per-op path (the same CPU kernels: equal), the
+    same state_dict, the same layer shapes."""
+    torch.manual_seed(3)
+    fused = ConvAutoencoder(downsample=downsample, memory_format=FORMATS[fmt], image_size=(13, 11), fused=True)
+    per_op = ConvAutoencoder(downsample=downsample, memory_format=FORMATS[fmt], image_size=(13, 11), fused=False)
+    per_op.load_state_dict(fused.state_dict())
+    assert fused.uses_fused_blocks(torch.zeros(1)) and not per_op.uses_fused_blocks(torch.zeros(1))
+    x = torch.rand(3, 1, 13, 11)
+    outputs = []
+    for model in (fused, per_op):
+        out = model(x)
+        torch.nn.functional.binary_cross_entropy_with_logits(out, x).backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert outputs[0].stride() == outputs[1].stride()
+    for (name, p), q in zip(fused.named_parameters(), per_op.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert fused.layer_shapes(4) == per_op.layer_shapes(4)
+
+
+def test_model_chooses_the_fused_path_by_device_and_backend():
+    x = torch.zeros(1)
+    assert not ConvAutoencoder(backend="cae").uses_fused_blocks(x)  # the CPU kernels: per op
+    assert not ConvAutoencoder(backend="torch").uses_fused_blocks(x)
+    assert ConvAutoencoder(backend="cae", fused=True).uses_fused_blocks(x)
+    with pytest.raises(ValueError, match="fused blocks are this package's ops"):
+        ConvAutoencoder(backend="torch", fused=True)
+    meta = torch.zeros(1, device="meta")
+    assert not ConvAutoencoder(backend="cae").uses_fused_blocks(meta)
+    if torch.cuda.is_available():
+        assert ConvAutoencoder(backend="cae").uses_fused_blocks(x.cuda())
+
+
+def _saved_bytes_script():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "saved_bytes.py"
+    spec = importlib.util.spec_from_file_location("saved_bytes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_fused_model_saves_at_most_a_quarter(downsample):
+    """The fused step keeps the image, each block's output (the next block's input), the
+    parameters and the loss's logits: exactly, and at most a quarter of the per-op path's."""
+    saved = _saved_bytes_script()
+    batch = 8
+    fused = saved.measure(downsample, "cae", torch.contiguous_format, batch, fused=True)
+    per_op = saved.measure(downsample, "cae", torch.contiguous_format, batch, fused=False)
+    model = ConvAutoencoder(downsample=downsample)
+    params = sum(p.nbytes for p in model.parameters())
+    image = batch * 28 * 28 * 4
+    block_outputs = batch * (16 * 14 * 14 + 8 * 7 * 7 + 8 * 4 * 4) * 4
+    assert fused == params + 2 * image + block_outputs  # the image (also the target) and the logits
+    assert fused <= per_op / 4
