@@ -347,3 +347,22 @@ def test_fused_model_saves_at_most_a_quarter(downsample):
     block_outputs = batch * (16 * 14 * 14 + 8 * 7 * 7 + 8 * 4 * 4) * 4
     assert fused == params + 2 * image + block_outputs  # the image (also the target) and the logits
     assert fused <= per_op / 4
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_fused_model_under_torch_compile(downsample):
+    """The blocks trace whole (fakes, autograd) in one graph: the same loss and gradients."""
+    model = ConvAutoencoder(downsample=downsample, image_size=(13, 11), fused=True).double()
+    x = torch.rand(2, 1, 13, 11, dtype=F64)
+
+    def step(x):
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(x), x)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        loss = fn(x)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager)
+    for ours, theirs in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
