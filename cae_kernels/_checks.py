@@ -111,16 +111,8 @@ def check_input_channels(input, expected, weight) -> None:
 
 
 def check_block_biases(op, weights, biases) -> None:
-    _check(len(biases) == len(weights), "cae: ", op, " takes a bias per weight, got ", len(weights),
-           " weights and ", len(biases), " biases")
-
-
-def check_encoder_block_counts(weights, biases) -> None:
-    """The encoder block's own checks; each convolution's follow (its fake's, in order)."""
-    _check(len(weights) in (2, 3),
-           "cae: encoder_block takes 2 weights (then a max-pool) or 3 (then a stride-2 convolution), got ",
-           len(weights))
-    check_block_biases("encoder_block", weights, biases)
+    _check(len(biases) == len(weights), "cae: ", op, " takes a bias per weight: ", len(weights), " weights, ",
+           len(biases), " biases")
 
 
 def check_decoder_block_counts(weights, biases) -> None:
@@ -211,6 +203,18 @@ class OpChecks:
         check_activation(grad_output, "grad_output", grad_output)
         self.dtype(grad_output)
         check_relu_output(relu_output, grad_output)
+
+    def encoder_block(self, input, weights, biases) -> None:
+        _check(len(weights) in (2, 3), "cae: encoder_block takes 2 weights (pool) or 3 (strided), got ",
+               len(weights))
+        check_block_biases("encoder_block", weights, biases)
+        self.conv3x3(input, weights[0], biases[0], 1)
+        channels = weights[0].shape[0]
+        for i in range(1, len(weights)):
+            check_weight(weights[i], input, "[C1, C1, 3, 3]")
+            _check(tuple(weights[i].shape[:2]) == (channels, channels), "cae: encoder_block's weight ", i,
+                   " must have sizes [", channels, ", ", channels, ", 3, 3], got ", _sizes(weights[i].shape))
+            check_bias(biases[i], input, channels)
 
     def max_pool2x2(self, input) -> None:
         check_activation(input, "input", input)

@@ -86,14 +86,12 @@ def _fakes(checks):
         checks.max_pool2x2_grad_input(grad_output, input)
         return _empty(input, input.shape)
 
-    # The blocks: their own checks, then their convolutions' fakes in order (the C++ op
-    # checks every convolution before it runs one).
+    # The blocks: their own checks, then their convolutions' (the C++ op checks every
+    # convolution before it runs one).
     def encoder_block(input, weights, biases, relu):
-        _checks.check_encoder_block_counts(weights, biases)
-        a = input
-        for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-            a = conv3x3(a, weight, bias, 2 if i == 2 else 1, relu)
-        return a if len(weights) == 3 else _empty(input, max_pool2x2(a).shape)
+        checks.encoder_block(input, weights, biases)
+        n, _, h, w = input.shape
+        return _empty(input, (n, weights[0].shape[0], pool_output_size(h), pool_output_size(w)))
 
     def _block_grads(input, weights, biases, input_grad):
         grad_input = _empty(input, input.shape) if input_grad else input.new_empty((0,))

@@ -48,9 +48,8 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
       "decoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu, SymInt[] output_size) -> "
       "Tensor");
   m.def(
-      "decoder_block_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, bool "
-      "relu, "
-      "SymInt[] output_size, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
+      "decoder_block_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
+      "bool relu, SymInt[] output_size, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
 }
 
 // Autocast: the convolutions run in the autocast region's lower precision

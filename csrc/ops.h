@@ -337,25 +337,26 @@ struct Ops {
   // chain's interior from the block's input instead of keeping it.
 
   static void check_block_biases(const char* op, at::TensorList weights, at::TensorList biases) {
-    TORCH_CHECK(biases.size() == weights.size(), "cae: ", op, " takes a bias per weight, got ",
-                weights.size(), " weights and ", biases.size(), " biases");
+    TORCH_CHECK(biases.size() == weights.size(), "cae: ", op, " takes a bias per weight: ", weights.size(),
+                " weights, ", biases.size(), " biases");
   }
 
-  // The block's own checks, then each convolution's as its op runs them, on
-  // the channels the convolution before makes (a1, a2 have the input's dtype
-  // and device), so a bad weight fails before anything runs.
+  // The block's own checks, then the first convolution's as its op runs them;
+  // the others' weights must be [C1, C1, 3, 3] (as a fused kernel takes
+  // them), so a bad weight fails before anything runs.
   static void check_encoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases) {
-    TORCH_CHECK(
-        weights.size() == 2 || weights.size() == 3,
-        "cae: encoder_block takes 2 weights (then a max-pool) or 3 (then a stride-2 convolution), got ",
-        weights.size());
+    TORCH_CHECK(weights.size() == 2 || weights.size() == 3,
+                "cae: encoder_block takes 2 weights (pool) or 3 (strided), got ", weights.size());
     check_block_biases("encoder_block", weights, biases);
     check_input_and_weight(input, 1, weights[0], false);
-    check_bias(biases[0], input, weights[0].size(0));
+    const int64_t channels = weights[0].size(0);
+    check_bias(biases[0], input, channels);
     for (size_t i = 1; i < weights.size(); ++i) {
-      check_weight(weights[i], input, "[C_out, C_in, 3, 3]");
-      check_channels(weights[i - 1].size(0), weights[i].size(1), weights[i]);
-      check_bias(biases[i], input, weights[i].size(0));
+      check_weight(weights[i], input, "[C1, C1, 3, 3]");
+      TORCH_CHECK(weights[i].size(0) == channels && weights[i].size(1) == channels,
+                  "cae: encoder_block's weight ", i, " must have sizes [", channels, ", ", channels,
+                  ", 3, 3], got ", weights[i].sizes());
+      check_bias(biases[i], input, channels);
     }
   }
 

@@ -235,17 +235,17 @@ def bad_block_calls(device):
     x = t(2, 3, 8, 8)
     w1, w2, b = t(4, 3, 3, 3), t(4, 4, 3, 3), t(4)
     yield ("one weight", "encoder_block", (x, [w1], [b], True),
-           "cae: encoder_block takes 2 weights (then a max-pool) or 3 (then a stride-2 convolution), got 1")
+           "cae: encoder_block takes 2 weights (pool) or 3 (strided), got 1")
     yield ("four weights", "encoder_block", (x, [w1, w2, w2, w2], [b] * 4, False),
-           "cae: encoder_block takes 2 weights (then a max-pool) or 3 (then a stride-2 convolution), got 4")
+           "cae: encoder_block takes 2 weights (pool) or 3 (strided), got 4")
     yield ("bias count", "encoder_block", (x, [w1, w2], [b], True),
-           "cae: encoder_block takes a bias per weight, got 2 weights and 1 biases")
+           "cae: encoder_block takes a bias per weight: 2 weights, 1 biases")
     yield ("first weight", "encoder_block", (x, [t(4, 2, 3, 3), w2], [b, b], True),
            "cae: input has 3 channels but weight of sizes [4, 2, 3, 3] expects 2")
     yield ("second weight", "encoder_block", (x, [w1, t(4, 5, 3, 3)], [b, b], True),
-           "cae: input has 4 channels but weight of sizes [4, 5, 3, 3] expects 5")
+           "cae: encoder_block's weight 1 must have sizes [4, 4, 3, 3], got [4, 5, 3, 3]")
     yield ("down weight", "encoder_block", (x, [w1, w2, t(4, 4, 5, 5)], [b, b, b], True),
-           "cae: weight must be [C_out, C_in, 3, 3], got sizes [4, 4, 5, 5]")
+           "cae: weight must be [C1, C1, 3, 3], got sizes [4, 4, 5, 5]")
     yield ("second bias", "encoder_block", (x, [w1, w2], [b, t(5)], True),
            "cae: bias must have sizes [4], got [5]")
     yield ("grad_output", "encoder_block_backward", (t(2, 4, 8, 8), x, None, [w1, w2], [b, b], True, True),
@@ -256,7 +256,7 @@ def bad_block_calls(device):
     yield ("no weights", "decoder_block", (x, [], [], True, [8, 8]),
            "cae: decoder_block takes one or more weights, got 0")
     yield ("decoder bias count", "decoder_block", (x, [wt1, wt2], [b], True, [8, 8]),
-           "cae: decoder_block takes a bias per weight, got 2 weights and 1 biases")
+           "cae: decoder_block takes a bias per weight: 2 weights, 1 biases")
     yield ("decoder channels", "decoder_block", (x, [wt1, t(3, 1, 3, 3)], [b, t(1)], True, [8, 8]),
            "cae: input has 4 channels but weight of sizes [3, 1, 3, 3] expects 3")
     yield ("output_size", "decoder_block", (x, [wt1, wt2], [b, t(1)], True, [17, 9]),
