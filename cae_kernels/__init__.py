@@ -6,7 +6,7 @@ below or the layers of ``cae_kernels.nn``.
 
 from . import nn
 from ._registration import cpu_capabilities, cpu_capability, set_cpu_capability
-from .functional import conv3x3, conv_transpose3x3, max_pool2x2, with_cuda
+from .functional import conv3x3, conv_transpose3x3, decoder_block, encoder_block, max_pool2x2, with_cuda
 
 # The one place the version is written: pyproject.toml reads this literal (without importing).
 __version__ = "0.1.0"
@@ -14,6 +14,8 @@ __all__ = [
     "conv3x3",
     "conv_transpose3x3",
     "max_pool2x2",
+    "encoder_block",
+    "decoder_block",
     "nn",
     "with_cuda",
     "cpu_capability",

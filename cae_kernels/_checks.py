@@ -98,16 +98,39 @@ def check_bias(bias, input, channels) -> None:
     check_like(bias, "bias", input)
 
 
-def check_relu_output(relu_output, grad_output) -> None:
+def check_relu_output(relu_output, grad_output, name="relu_output") -> None:
     if relu_output is None:
         return
-    check_activation(relu_output, "relu_output", grad_output)
-    check_same_shape(relu_output, "relu_output", grad_output.shape, "the shape of grad_output")
+    check_activation(relu_output, name, grad_output)
+    check_same_shape(relu_output, name, grad_output.shape, "the shape of grad_output")
 
 
 def check_input_channels(input, expected, weight) -> None:
     _check(input.shape[1] == expected, "cae: input has ", input.shape[1], " channels but weight of sizes ",
            _sizes(weight.shape), " expects ", expected)
+
+
+def check_block_biases(op, weights, biases) -> None:
+    _check(len(biases) == len(weights), "cae: ", op, " takes a bias per weight: ", len(weights), " weights, ",
+           len(biases), " biases")
+
+
+def check_decoder_block_counts(weights, biases) -> None:
+    _check(len(weights) > 0, "cae: decoder_block takes one or more weights, got 0")
+    check_block_biases("decoder_block", weights, biases)
+
+
+def check_crop(output_size, full_shape) -> None:
+    """The decoder block's crop (after its convolutions' checks)."""
+    h, w = full_shape[2], full_shape[3]
+    _check(len(output_size) == 2 and 0 <= output_size[0] <= h and 0 <= output_size[1] <= w,
+           "cae: decoder_block's output_size must be [H, W] within its output of [", h, ", ", w, "], got ",
+           _sizes(output_size))
+
+
+def check_block_grad_output(grad_output, input, expected) -> None:
+    check_activation(grad_output, "grad_output", input)
+    check_same_shape(grad_output, "grad_output", expected, "the block's output")
 
 
 class OpChecks:
@@ -180,6 +203,18 @@ class OpChecks:
         check_activation(grad_output, "grad_output", grad_output)
         self.dtype(grad_output)
         check_relu_output(relu_output, grad_output)
+
+    def encoder_block(self, input, weights, biases) -> None:
+        _check(len(weights) in (2, 3), "cae: encoder_block takes 2 weights (pool) or 3 (strided), got ",
+               len(weights))
+        check_block_biases("encoder_block", weights, biases)
+        self.conv3x3(input, weights[0], biases[0], 1)
+        channels = weights[0].shape[0]
+        for i in range(1, len(weights)):
+            check_weight(weights[i], input, "[C1, C1, 3, 3]")
+            _check(tuple(weights[i].shape[:2]) == (channels, channels), "cae: encoder_block's weight ", i,
+                   " must have sizes [", channels, ", ", channels, ", 3, 3], got ", _sizes(weights[i].shape))
+            check_bias(biases[i], input, channels)
 
     def max_pool2x2(self, input) -> None:
         check_activation(input, "input", input)

@@ -86,10 +86,42 @@ def _fakes(checks):
         checks.max_pool2x2_grad_input(grad_output, input)
         return _empty(input, input.shape)
 
+    # The blocks: their own checks, then their convolutions' (the C++ op checks every
+    # convolution before it runs one).
+    def encoder_block(input, weights, biases, relu):
+        checks.encoder_block(input, weights, biases)
+        n, _, h, w = input.shape
+        return _empty(input, (n, weights[0].shape[0], pool_output_size(h), pool_output_size(w)))
+
+    def _block_grads(input, weights, biases, input_grad):
+        grad_input = _empty(input, input.shape) if input_grad else input.new_empty((0,))
+        return grad_input, [input.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases]
+
+    def encoder_block_backward(grad_output, input, output, weights, biases, relu, input_grad):
+        out = encoder_block(input, weights, biases, relu)
+        _checks.check_block_grad_output(grad_output, input, out.shape)
+        _checks._check(output is not None or not (len(weights) == 3 and relu),
+                       "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)")
+        _checks.check_relu_output(output, grad_output, "output")
+        return _block_grads(input, weights, biases, input_grad)
+
+    def decoder_block(input, weights, biases, relu, output_size):
+        _checks.check_decoder_block_counts(weights, biases)
+        a = input
+        for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+            a = conv_transpose3x3(a, weight, bias, 2 if i + 1 < len(weights) else 1, relu)
+        _checks.check_crop(output_size, a.shape)
+        return _empty(input, (a.shape[0], a.shape[1], *output_size))
+
+    def decoder_block_backward(grad_output, input, weights, biases, relu, output_size, input_grad):
+        out = decoder_block(input, weights, biases, relu, output_size)
+        _checks.check_block_grad_output(grad_output, input, out.shape)
+        return _block_grads(input, weights, biases, input_grad)
+
     return {fake.__name__: fake for fake in (
         conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv_transpose3x3, conv_transpose3x3_grad_input,
         conv_transpose3x3_grad_weight, conv3x3_backward, conv_transpose3x3_backward, bias_grad, max_pool2x2,
-        max_pool2x2_grad_input)}
+        max_pool2x2_grad_input, encoder_block, encoder_block_backward, decoder_block, decoder_block_backward)}
 
 
 def _setup_conv(ctx, inputs, output):
@@ -102,6 +134,33 @@ def _setup_conv(ctx, inputs, output):
 def _setup_max_pool(ctx, inputs, output):
     (input,) = inputs
     ctx.save_for_backward(input)
+
+
+def _setup_encoder_block(ctx, inputs, output):
+    input, weights, biases, relu = inputs
+    # The block's input (a1, a2 are recomputed from it); the strided block's output
+    # too, its last ReLU's mask: the next block's input, the same storage.
+    mask = output if relu and len(weights) == 3 else None
+    ctx.save_for_backward(input, mask, *weights, *biases)
+    ctx.relu, ctx.count = relu, len(weights)
+
+
+def _setup_decoder_block(ctx, inputs, output):
+    input, weights, biases, relu, output_size = inputs
+    ctx.save_for_backward(input, *weights, *biases)
+    ctx.relu, ctx.count, ctx.output_size = relu, len(weights), list(output_size)
+
+
+def _block_gradients(ctx, grads):
+    """The backward's (grad_input, grad_weights, grad_biases) as autograd takes them: each
+    where ``needs_input_grad`` asks for it (a Tensor[] argument: a list of flags)."""
+    grad_input, grad_weights, grad_biases = grads
+    needs_input, needs_weights, needs_biases = ctx.needs_input_grad[:3]
+    return (
+        grad_input if needs_input else None,
+        [g if needed else None for g, needed in zip(grad_weights, needs_weights, strict=True)],
+        [g if needed else None for g, needed in zip(grad_biases, needs_biases, strict=True)],
+    )
 
 
 def register(namespace, kernels=kernels_by_device):
@@ -139,6 +198,20 @@ def register(namespace, kernels=kernels_by_device):
             return None
         return ops.max_pool2x2_grad_input(grad_output, input)
 
+    # The blocks' backward ops compute every weight's and bias's gradient; the input's
+    # only where autograd needs it.
+    def encoder_block_backward(ctx, grad_output):
+        input, mask, *params = ctx.saved_tensors
+        grads = ops.encoder_block_backward(grad_output, input, mask, params[:ctx.count], params[ctx.count:],
+                                           ctx.relu, ctx.needs_input_grad[0])
+        return (*_block_gradients(ctx, grads), None)
+
+    def decoder_block_backward(ctx, grad_output):
+        input, *params = ctx.saved_tensors
+        grads = ops.decoder_block_backward(grad_output, input, params[:ctx.count], params[ctx.count:], ctx.relu,
+                                           ctx.output_size, ctx.needs_input_grad[0])
+        return (*_block_gradients(ctx, grads), None, None)
+
     for name, fake in _fakes(_checks.OpChecks(kernels)).items():
         torch.library.register_fake(f"{namespace}::{name}")(fake)
 
@@ -155,6 +228,12 @@ def register(namespace, kernels=kernels_by_device):
     )
     torch.library.register_autograd(
         f"{namespace}::max_pool2x2", max_pool_backward, setup_context=_setup_max_pool
+    )
+    torch.library.register_autograd(
+        f"{namespace}::encoder_block", encoder_block_backward, setup_context=_setup_encoder_block
+    )
+    torch.library.register_autograd(
+        f"{namespace}::decoder_block", decoder_block_backward, setup_context=_setup_decoder_block
     )
     return ops
 

@@ -1,4 +1,5 @@
-"""The public functions: ``conv3x3``, ``conv_transpose3x3`` and ``max_pool2x2``.
+"""The public functions: ``conv3x3``, ``conv_transpose3x3``, ``max_pool2x2`` and the
+blocks that chain them, ``encoder_block`` and ``decoder_block``.
 
 Each is one registered op (``torch.ops.cae.*``) with its own backward ops, so
 it works under autograd, ``torch.compile`` and ``torch.library.opcheck``.
@@ -66,6 +67,47 @@ class _Functions:
             input, weight, bias, _check_stride(stride), _relu_flag(activation)
         )
 
+    def encoder_block(self, input, weights, biases, activation="relu"):
+        """An encoder block in one op: two 3x3 convolutions (stride 1, bias, activation),
+        then a 2x2 max-pool, or with a third weight a stride-2 convolution (bias,
+        activation).
+
+        Same result as ``max_pool2x2(conv3x3(conv3x3(x, w1, b1, 1, act), w2, b2, 1, act))``
+        or ``conv3x3(..., w_down, b_down, 2, act)``. Its backward recomputes the two inner
+        activations from ``input`` instead of keeping them: autograd saves only the
+        input (and, for the strided block with ReLU, the output, its mask).
+
+        Args:
+            input: ``[N, C0, H, W]``, NCHW or channels_last.
+            weights: ``[w1, w2]`` or ``[w1, w2, w_down]``, ``[C1, C0, 3, 3]``, ``[C1, C1, 3, 3]``, ...
+            biases: one ``[C1]`` per weight.
+            activation: None or ``"relu"``, for every convolution.
+        Returns:
+            ``[N, C1, ceil(H / 2), ceil(W / 2)]`` in the input's memory format.
+        """
+        return self._ops.encoder_block(input, list(weights), list(biases), _relu_flag(activation))
+
+    def decoder_block(self, input, weights, biases, output_size, activation="relu"):
+        """A decoder block in one op: every weight but the last a stride-2 3x3 transposed
+        convolution (bias, activation), the last a linear stride-1 one, the result
+        center-cropped to ``output_size`` (top row ``(H - h) // 2``, likewise the left
+        column). The backward recomputes the inner activations from ``input``.
+
+        Args:
+            input: ``[N, C0, H, W]``, NCHW or channels_last.
+            weights: ``[C_in, C_out, 3, 3]`` each (``nn.ConvTranspose2d``'s layout).
+            biases: one ``[C_out]`` per weight.
+            output_size: ``(h, w)``, at most the last convolution's output size.
+            activation: None or ``"relu"``, for every transposed convolution but the last.
+        Returns:
+            ``[N, C_out, h, w]`` in the input's memory format.
+        """
+        output_size = list(output_size)
+        if len(output_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int | torch.SymInt)
+                                        for s in output_size):
+            raise ValueError(f"output_size must be two ints (h, w), got {output_size!r}")
+        return self._ops.decoder_block(input, list(weights), list(biases), _relu_flag(activation), output_size)
+
     def max_pool2x2(self, input):
         """2x2 max-pool with stride 2; odd sizes round up (7 -> 4), NaN propagates.
 
@@ -78,6 +120,8 @@ _cae = _Functions(torch.ops.cae)
 conv3x3 = _cae.conv3x3
 conv_transpose3x3 = _cae.conv_transpose3x3
 max_pool2x2 = _cae.max_pool2x2
+encoder_block = _cae.encoder_block
+decoder_block = _cae.decoder_block
 with_cuda = _registration.with_cuda
 
-__all__ = ["conv3x3", "conv_transpose3x3", "max_pool2x2"]
+__all__ = ["conv3x3", "conv_transpose3x3", "decoder_block", "encoder_block", "max_pool2x2"]

@@ -266,6 +266,8 @@ else:
     conv3x3 = _functions.conv3x3
     conv_transpose3x3 = _functions.conv_transpose3x3
     max_pool2x2 = _functions.max_pool2x2
+    encoder_block = _functions.encoder_block
+    decoder_block = _functions.decoder_block
 
 __all__ = [
     "conv3x3",
@@ -273,6 +275,8 @@ __all__ = [
     "Launch",
     "LaunchRecorder",
     "count_launches",
+    "decoder_block",
+    "encoder_block",
     "launch_counts",
     "max_pool2x2",
     "ops",

@@ -34,6 +34,22 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   m.def("bias_grad(Tensor grad_output, Tensor? relu_output) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def("max_pool2x2_grad_input(Tensor grad_output, Tensor input) -> Tensor");
+  // Blocks (ops.h): an encoder block, weights [w1, w2] (then a 2x2 max-pool)
+  // or [w1, w2, w_down] (then a stride-2 convolution), a bias per weight; a
+  // decoder block, stride-2 transposed convolutions then a linear stride-1
+  // one, center-cropped to output_size. The backward ops recompute the
+  // interior from the block's input and return (grad_input, grad_weights,
+  // grad_biases); without input_grad, grad_input is an empty tensor.
+  m.def("encoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu) -> Tensor");
+  m.def(
+      "encoder_block_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor[] weights, Tensor[] "
+      "biases, bool relu, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "decoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu, SymInt[] output_size) -> "
+      "Tensor");
+  m.def(
+      "decoder_block_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
+      "bool relu, SymInt[] output_size, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
 }
 
 // Autocast: the convolutions run in the autocast region's lower precision

@@ -23,7 +23,11 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "backend.h"
 #include "shapes.h"
@@ -34,11 +38,21 @@
 
 namespace cae {
 
-inline constexpr const char* kOpNames[] = {
-    "conv3x3",           "conv3x3_grad_input",           "conv3x3_grad_weight",
-    "conv_transpose3x3", "conv_transpose3x3_grad_input", "conv_transpose3x3_grad_weight",
-    "conv3x3_backward",  "conv_transpose3x3_backward",   "bias_grad",
-    "max_pool2x2",       "max_pool2x2_grad_input"};
+inline constexpr const char* kOpNames[] = {"conv3x3",
+                                           "conv3x3_grad_input",
+                                           "conv3x3_grad_weight",
+                                           "conv_transpose3x3",
+                                           "conv_transpose3x3_grad_input",
+                                           "conv_transpose3x3_grad_weight",
+                                           "conv3x3_backward",
+                                           "conv_transpose3x3_backward",
+                                           "bias_grad",
+                                           "max_pool2x2",
+                                           "max_pool2x2_grad_input",
+                                           "encoder_block",
+                                           "encoder_block_backward",
+                                           "decoder_block",
+                                           "decoder_block_backward"};
 
 template <class K>
 struct Ops {
@@ -319,6 +333,218 @@ struct Ops {
     return grad_input;
   }
 
+  // --- Blocks: a chain of the ops above, whose backward recomputes the
+  // chain's interior from the block's input instead of keeping it.
+
+  static void check_block_biases(const char* op, at::TensorList weights, at::TensorList biases) {
+    TORCH_CHECK(biases.size() == weights.size(), "cae: ", op, " takes a bias per weight: ", weights.size(),
+                " weights, ", biases.size(), " biases");
+  }
+
+  // The block's own checks, then the first convolution's as its op runs them;
+  // the others' weights must be [C1, C1, 3, 3] (as a fused kernel takes
+  // them), so a bad weight fails before anything runs.
+  static void check_encoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases) {
+    TORCH_CHECK(weights.size() == 2 || weights.size() == 3,
+                "cae: encoder_block takes 2 weights (pool) or 3 (strided), got ", weights.size());
+    check_block_biases("encoder_block", weights, biases);
+    check_input_and_weight(input, 1, weights[0], false);
+    const int64_t channels = weights[0].size(0);
+    check_bias(biases[0], input, channels);
+    for (size_t i = 1; i < weights.size(); ++i) {
+      check_weight(weights[i], input, "[C1, C1, 3, 3]");
+      TORCH_CHECK(weights[i].size(0) == channels && weights[i].size(1) == channels,
+                  "cae: encoder_block's weight ", i, " must have sizes [", channels, ", ", channels,
+                  ", 3, 3], got ", weights[i].sizes());
+      check_bias(biases[i], input, channels);
+    }
+  }
+
+  // a1 and a2 (with `interior`: the backward's recompute, which needs no
+  // `out` from the composed path) and the block's output.
+  struct EncoderActivations {
+    Tensor a1, a2, out;
+  };
+
+  static EncoderActivations encoder_block_activations(const Tensor& input, at::TensorList weights,
+                                                      at::TensorList biases, bool relu, bool interior) {
+    const bool strided = weights.size() == 3;
+    if constexpr (requires(const EncoderBlockParams& p) { K::encoder_block(p); }) {
+      if (input.numel() > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto options = input.options().memory_format(memory_format(nhwc));
+        const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
+        EncoderActivations acts;
+        if (interior) {
+          acts.a1 = at::empty({n, weights[0].size(0), h, w}, options);
+          acts.a2 = at::empty({n, weights[1].size(0), h, w}, options);
+        }
+        acts.out = at::empty({n, weights.back().size(0), pool_output_size(h), pool_output_size(w)}, options);
+        const auto given = [&](const Tensor& t) { return interior ? OptTensor(t) : std::nullopt; };
+        const auto format = memory_format(nhwc);
+        if (K::encoder_block({.out = acts.out,
+                              .interior_a1 = given(acts.a1),
+                              .interior_a2 = given(acts.a2),
+                              .input = input.contiguous(format),
+                              .w1 = weights[0].contiguous(),
+                              .b1 = biases[0].contiguous(),
+                              .w2 = weights[1].contiguous(),
+                              .b2 = biases[1].contiguous(),
+                              .w_down = strided ? OptTensor(weights[2].contiguous()) : std::nullopt,
+                              .b_down = strided ? OptTensor(biases[2].contiguous()) : std::nullopt,
+                              .relu = relu,
+                              .nhwc = nhwc}))
+          return acts;
+      }
+    }
+    EncoderActivations acts;
+    acts.a1 = conv3x3(input, weights[0], biases[0], 1, relu);
+    acts.a2 = conv3x3(acts.a1, weights[1], biases[1], 1, relu);
+    if (!interior)
+      acts.out = strided ? conv3x3(acts.a2, weights[2], biases[2], 2, relu) : max_pool2x2(acts.a2);
+    return acts;
+  }
+
+  // act(conv(act(conv(input)))) then a max-pool (2 weights) or a stride-2
+  // convolution with its activation (3 weights): the backend's fused kernel
+  // where it has one (backend.h EncoderBlockParams) and it takes the shape,
+  // else the per-op kernels.
+  static Tensor encoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases, bool relu) {
+    check_encoder_block(input, weights, biases);
+    return encoder_block_activations(input, weights, biases, relu, false).out;
+  }
+
+  using BlockGrads = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
+
+  // The input gradient where needed, else an empty tensor (nothing computed),
+  // and every weight's and bias's gradient. a1 and a2 are recomputed from the
+  // input; `output` is the strided block's last ReLU mask (needed there with
+  // `relu`, unused otherwise: the max-pool's backward reads a2).
+  static BlockGrads encoder_block_backward(const Tensor& grad_output, const Tensor& input,
+                                           const OptTensor& output, at::TensorList weights,
+                                           at::TensorList biases, bool relu, bool input_grad) {
+    check_encoder_block(input, weights, biases);
+    const bool strided = weights.size() == 3;
+    check_activation(grad_output, "grad_output", input);
+    check_same_shape(grad_output, "grad_output",
+                     {input.size(0), weights.back().size(0), pool_output_size(input.size(2)),
+                      pool_output_size(input.size(3))},
+                     "the block's output");
+    TORCH_CHECK(output.has_value() || !(strided && relu),
+                "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)");
+    check_relu_output(output, grad_output, "output");
+    const auto acts = encoder_block_activations(input, weights, biases, relu, true);
+    const auto gate = [&](const Tensor& t) { return relu ? OptTensor(t) : std::nullopt; };
+    std::vector<Tensor> grad_weights(weights.size()), grad_biases(weights.size());
+    Tensor grad_a2, grad_a1, grad_input;
+    if (strided) {
+      std::tie(grad_a2, grad_weights[2], grad_biases[2]) =
+          conv_backward(grad_output, relu ? output : OptTensor(), weights[2], acts.a2, 2, false);
+    } else {
+      grad_a2 = max_pool2x2_grad_input(grad_output, acts.a2);
+    }
+    std::tie(grad_a1, grad_weights[1], grad_biases[1]) =
+        conv_backward(grad_a2, gate(acts.a2), weights[1], acts.a1, 1, false);
+    if (input_grad) {
+      std::tie(grad_input, grad_weights[0], grad_biases[0]) =
+          conv_backward(grad_a1, gate(acts.a1), weights[0], input, 1, false);
+    } else {
+      std::tie(grad_weights[0], grad_biases[0]) = conv3x3_grad_weight(grad_a1, gate(acts.a1), input, 1);
+      grad_input = at::empty({0}, input.options());
+    }
+    return {grad_input, grad_weights, grad_biases};
+  }
+
+  // A decoder block: every weight but the last a stride-2 transposed
+  // convolution with its bias and activation, the last a linear stride-1 one;
+  // its output center-cropped to output_size ([H, W]).
+  static void check_decoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases,
+                                  at::IntArrayRef output_size) {
+    TORCH_CHECK(!weights.empty(), "cae: decoder_block takes one or more weights, got 0");
+    check_block_biases("decoder_block", weights, biases);
+    const auto stride = [&](size_t i) -> int64_t { return i + 1 < weights.size() ? 2 : 1; };
+    check_input_and_weight(input, stride(0), weights[0], true);
+    check_bias(biases[0], input, weights[0].size(1));
+    int64_t scale = stride(0);
+    for (size_t i = 1; i < weights.size(); ++i) {
+      check_weight(weights[i], input, "[C_in, C_out, 3, 3]");
+      check_channels(weights[i - 1].size(1), weights[i].size(0), weights[i]);
+      check_bias(biases[i], input, weights[i].size(1));
+      scale *= stride(i);
+    }
+    const int64_t h = input.size(2) * scale, w = input.size(3) * scale;
+    TORCH_CHECK(output_size.size() == 2 && output_size[0] >= 0 && output_size[1] >= 0 &&
+                    output_size[0] <= h && output_size[1] <= w,
+                "cae: decoder_block's output_size must be [H, W] within its output of [", h, ", ", w,
+                "], got ", output_size);
+  }
+
+  // The transposed convolutions' outputs but the last's (the interior).
+  static std::vector<Tensor> decoder_block_interior(const Tensor& input, at::TensorList weights,
+                                                    at::TensorList biases, bool relu) {
+    std::vector<Tensor> hidden;
+    for (size_t i = 0; i + 1 < weights.size(); ++i)
+      hidden.push_back(
+          conv_transpose3x3(hidden.empty() ? input : hidden.back(), weights[i], biases[i], 2, relu));
+    return hidden;
+  }
+
+  // The crop's corner: as ConvAutoencoder.decode rounds, top = (H - h) / 2.
+  static std::pair<int64_t, int64_t> crop_corner(at::IntArrayRef full, at::IntArrayRef size) {
+    return {(full[2] - size[0]) / 2, (full[3] - size[1]) / 2};
+  }
+
+  static Tensor decoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases, bool relu,
+                              c10::SymIntArrayRef output_size) {
+    const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
+    check_decoder_block(input, weights, biases, size);
+    const auto hidden = decoder_block_interior(input, weights, biases, relu);
+    Tensor full =
+        conv_transpose3x3(hidden.empty() ? input : hidden.back(), weights.back(), biases.back(), 1, false);
+    if (full.size(2) == size[0] && full.size(3) == size[1]) return full;
+    const auto [top, left] = crop_corner(full.sizes(), size);
+    auto out = at::empty({full.size(0), full.size(1), size[0], size[1]},
+                         full.options().memory_format(memory_format(is_channels_last(input))));
+    return out.copy_(full.narrow(2, top, size[0]).narrow(3, left, size[1]));
+  }
+
+  // As encoder_block_backward; the interior is recomputed from the input (the
+  // last transposed convolution is linear: its output is never needed).
+  static BlockGrads decoder_block_backward(const Tensor& grad_output, const Tensor& input,
+                                           at::TensorList weights, at::TensorList biases, bool relu,
+                                           c10::SymIntArrayRef output_size, bool input_grad) {
+    const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
+    check_decoder_block(input, weights, biases, size);
+    check_activation(grad_output, "grad_output", input);
+    check_same_shape(grad_output, "grad_output", {input.size(0), weights.back().size(1), size[0], size[1]},
+                     "the block's output");
+    const auto hidden = decoder_block_interior(input, weights, biases, relu);
+    const Tensor& last_input = hidden.empty() ? input : hidden.back();
+    const std::array<int64_t, 4> full{input.size(0), weights.back().size(1), last_input.size(2),
+                                      last_input.size(3)};
+    Tensor grad = grad_output;
+    if (full[2] != size[0] || full[3] != size[1]) {  // the crop's backward: zeros around grad_output
+      const auto [top, left] = crop_corner(full, size);
+      grad = at::zeros(full, grad_output.options().memory_format(memory_format(is_channels_last(input))));
+      grad.narrow(2, top, size[0]).narrow(3, left, size[1]).copy_(grad_output);
+    }
+    std::vector<Tensor> grad_weights(weights.size()), grad_biases(weights.size());
+    for (size_t i = weights.size(); i-- > 0;) {
+      const Tensor& x = i == 0 ? input : hidden[i - 1];
+      const int64_t stride = i + 1 < weights.size() ? 2 : 1;
+      const OptTensor gate = relu && i + 1 < weights.size() ? OptTensor(hidden[i]) : std::nullopt;
+      if (i > 0 || input_grad) {
+        std::tie(grad, grad_weights[i], grad_biases[i]) =
+            conv_backward(grad, gate, weights[i], x, stride, true);
+      } else {
+        std::tie(grad_weights[0], grad_biases[0]) = conv_transpose3x3_grad_weight(grad, gate, input, stride);
+        grad = at::empty({0}, input.options());
+      }
+    }
+    return {grad, grad_weights, grad_biases};
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("conv3x3", &conv3x3);
     m.impl("conv3x3_grad_input", &conv3x3_grad_input);
@@ -331,6 +557,10 @@ struct Ops {
     m.impl("bias_grad", &bias_grad);
     m.impl("max_pool2x2", &max_pool2x2);
     m.impl("max_pool2x2_grad_input", &max_pool2x2_grad_input);
+    m.impl("encoder_block", &encoder_block);
+    m.impl("encoder_block_backward", &encoder_block_backward);
+    m.impl("decoder_block", &decoder_block);
+    m.impl("decoder_block_backward", &decoder_block_backward);
   }
 };
 

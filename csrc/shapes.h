@@ -70,15 +70,21 @@ inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& 
 
 // The forward's output when ReLU was fused: the gradient passes where it is
 // positive, so it must match grad_output exactly.
-inline void check_relu_output(const std::optional<at::Tensor>& relu_output, const at::Tensor& grad_output) {
+inline void check_relu_output(const std::optional<at::Tensor>& relu_output, const at::Tensor& grad_output,
+                              const char* name = "relu_output") {
   if (!relu_output.has_value()) return;
-  check_activation(*relu_output, "relu_output", grad_output);
-  check_same_shape(*relu_output, "relu_output", grad_output.sizes(), "the shape of grad_output");
+  check_activation(*relu_output, name, grad_output);
+  check_same_shape(*relu_output, name, grad_output.sizes(), "the shape of grad_output");
+}
+
+// `channels`: the input's, or inside a block the previous convolution's output's.
+inline void check_channels(int64_t channels, int64_t expected, const at::Tensor& weight) {
+  TORCH_CHECK(channels == expected, "cae: input has ", channels, " channels but weight of sizes ",
+              weight.sizes(), " expects ", expected);
 }
 
 inline void check_input_channels(const at::Tensor& input, int64_t expected, const at::Tensor& weight) {
-  TORCH_CHECK(input.size(1) == expected, "cae: input has ", input.size(1), " channels but weight of sizes ",
-              weight.sizes(), " expects ", expected);
+  check_channels(input.size(1), expected, weight);
 }
 
 inline std::optional<at::Tensor> contiguous_in(const std::optional<at::Tensor>& t, at::MemoryFormat format) {

@@ -4,10 +4,14 @@
 Runs one step of the training loop (``cae_kernels.app.training._train_step``: forward,
 cross-entropy, backward, Adam) of the convolutional autoencoder with ``backend="sim"``
 -- the CUDA kernels of csrc/cuda run by the emulator on the CPU, which counts every
-launch -- at a tiny batch, for each downsampling variant, and prints per model::
+launch -- at a tiny batch, for each downsampling variant, on the per-op path and on the
+fused blocks (``fused=True``, ``<model>-fused``: what the model runs on CUDA by
+default), and prints per model and path::
 
     pool: launches per step: N
       <count>  <kernel>
+      ...
+    pool-fused: launches per step: M
       ...
 
 Only this package's kernels are counted: the loss, the optimizer and the copies are
@@ -16,8 +20,9 @@ the batch size (the same at batch 2 and 16, NCHW and channels_last: the plans ch
 grids, not the number of launches).
 
 ``--budget N`` exits 1 when a model's step launches more than N kernels; ``--budget
-pool=N`` sets one model's (repeatable). CI runs it at today's counts, so a change that
-adds launches fails until the budget is raised on purpose.
+pool=N`` sets one model's, ``--budget pool-fused=N`` its fused path's (repeatable). CI
+runs it at today's counts, so a change that adds launches fails until the budget is
+raised on purpose.
 """
 
 import argparse
@@ -30,12 +35,14 @@ from cae_kernels.app.models import ConvAutoencoder
 from cae_kernels.app.training import _train_step
 
 VARIANTS = ("pool", "stride")
+PATHS = {"": False, "-fused": True}  # the budget key's suffix -> fused
 
 
-def count_step(downsample, batch_size=2, memory_format=torch.contiguous_format, seed=0):
-    """The launches of one training step, per kernel (a Counter)."""
+def count_step(downsample, batch_size=2, memory_format=torch.contiguous_format, seed=0, fused=False):
+    """The launches of one training step, per kernel (a Counter): the per-op path, or the
+    fused blocks'."""
     torch.manual_seed(seed)
-    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format)
+    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format, fused=fused)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch_size, 1, 28, 28)
     with sim.count_launches() as counts:
@@ -52,24 +59,27 @@ def main(argv=None):
     parser.add_argument("--budget", action="append", default=[], metavar="[MODEL=]N",
                         help="fail when a step launches more than N kernels (one model's with MODEL=N)")
     args = parser.parse_args(argv)
+    keys = [variant + suffix for variant in VARIANTS for suffix in PATHS]
     budgets = {}
     for budget in args.budget:
         model, _, limit = budget.rpartition("=")
-        if model not in ("", *VARIANTS) or not limit.isdigit():
-            parser.error(f"--budget takes N or MODEL=N with MODEL one of {VARIANTS}, got {budget!r}")
-        for variant in [model] if model else VARIANTS:
-            budgets[variant] = int(limit)
+        if model not in ("", *keys) or not limit.isdigit():
+            parser.error(f"--budget takes N or MODEL=N with MODEL one of {tuple(keys)}, got {budget!r}")
+        for key in [model] if model else keys:
+            budgets[key] = int(limit)
 
     memory_format = torch.channels_last if args.nhwc else torch.contiguous_format
     over = []
     for downsample in args.model or VARIANTS:
-        counts = count_step(downsample, args.batch_size, memory_format)
-        total = sum(counts.values())
-        print(f"{downsample}: launches per step: {total}")
-        for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-            print(f"  {count:4d}  {name}")
-        if downsample in budgets and total > budgets[downsample]:
-            over.append(f"{downsample}: {total} launches per step, over the budget of {budgets[downsample]}")
+        for suffix, fused in PATHS.items():
+            key = downsample + suffix
+            counts = count_step(downsample, args.batch_size, memory_format, fused=fused)
+            total = sum(counts.values())
+            print(f"{key}: launches per step: {total}")
+            for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+                print(f"  {count:4d}  {name}")
+            if key in budgets and total > budgets[key]:
+                over.append(f"{key}: {total} launches per step, over the budget of {budgets[key]}")
     for line in over:
         print(f"count_launches: {line}", file=sys.stderr)
     return 1 if over else 0

@@ -195,7 +195,8 @@ def record_step(downsample, memory_format, batch_size=BATCH, seed=0):
     from cae_kernels.app.training import _train_step
 
     torch.manual_seed(seed)
-    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format)
+    # The per-op path: each launch belongs to one layer (the blocks' launches would not).
+    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format, fused=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch_size, 1, 28, 28)
     with sim.record_launches(dry_run=True) as recorder:

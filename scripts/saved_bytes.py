@@ -8,10 +8,11 @@ counted once), then prints per model, layout and backend::
 
     pool NHWC cae:   saved for backward per step: 25.7 MB at batch 256 (...)
 
-``cae`` is this package's per-op path (each layer saves what its backward reads), ``torch``
-the same model on ``torch.nn`` layers. This is the figure fused block ops must cut (the
-target of the fused step: at most a quarter of the per-op path's). No GPU needed: what is
-saved does not depend on the device.
+``cae`` is this package's per-op path (each layer saves what its backward reads),
+``cae-fused`` its fused blocks (each block saves its input, the strided block its output
+too: the next block's input; the backward recomputes the rest), ``torch`` the same model on
+``torch.nn`` layers. The fused step's target: at most a quarter of the per-op path's. No
+GPU needed: what is saved does not depend on the device.
 """
 
 import argparse
@@ -40,9 +41,13 @@ def saved_bytes(model, x, target):
     return sum(storages.values())
 
 
-def measure(downsample, backend, memory_format, batch_size, seed=0):
+# What each printed name runs: the backend and whether on the fused blocks.
+PATHS = {"cae": ("cae", False), "cae-fused": ("cae", True), "torch": ("torch", None)}
+
+
+def measure(downsample, backend, memory_format, batch_size, seed=0, fused=None):
     torch.manual_seed(seed)
-    model = ConvAutoencoder(downsample=downsample, backend=backend, memory_format=memory_format)
+    model = ConvAutoencoder(downsample=downsample, backend=backend, memory_format=memory_format, fused=fused)
     x = torch.rand(batch_size, 1, 28, 28)
     return saved_bytes(model, x, x)
 
@@ -54,11 +59,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for downsample in args.model or VARIANTS:
         for layout, memory_format in LAYOUTS.items():
-            sizes = {backend: measure(downsample, backend, memory_format, args.batch_size)
-                     for backend in ("cae", "torch")}
-            for backend, size in sizes.items():
-                print(f"{downsample} {layout} {backend}: saved for backward per step: {size / 1e6:.1f} MB "
-                      f"at batch {args.batch_size} ({size / sizes['torch']:.2f} of torch.nn's)")
+            sizes = {name: measure(downsample, backend, memory_format, args.batch_size, fused=fused)
+                     for name, (backend, fused) in PATHS.items()}
+            for name, size in sizes.items():
+                versus = (f"{size / sizes['cae']:.2f} of the per-op path's" if name == "cae-fused"
+                          else f"{size / sizes['torch']:.2f} of torch.nn's")
+                print(f"{downsample} {layout} {name}: saved for backward per step: {size / 1e6:.1f} MB "
+                      f"at batch {args.batch_size} ({versus})")
     return 0
 
 

@@ -251,12 +251,19 @@ class ConvAutoencoder(_Autoencoder):
     reversed, a stride-2 3x3 transposed convolution (bias, ReLU): 4 -> 8 -> 16 -> 32, then
     a linear stride-1 3x3 transposed convolution to ``in_channels``, center-cropped to the
     image size.  ``forward`` returns logits; apply ``torch.sigmoid`` for pixel values.
+
+    ``fused`` (backends "cae" and "sim"): run each encoder block and the decoder as one op
+    (``encoder_block``, ``decoder_block``), whose backward recomputes a block's inner
+    activations from its input, so a training step keeps a fraction of the per-op path's
+    activations; None (the default) fuses on CUDA and on the emulated CUDA kernels, not on
+    the CPU kernels (see ``uses_fused_blocks``). The blocks read the layers' own
+    parameters: names, ``state_dict`` and results are the per-op path's.
     """
 
     def __init__(self, filters: Sequence[int] = (16, 8, 8), downsample: str = "pool",
                  activation: str | None = "relu", backend: str = "cae",
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 in_channels: int = 1, image_size: tuple[int, int] = (28, 28)):
+                 in_channels: int = 1, image_size: tuple[int, int] = (28, 28), fused: bool | None = None):
         super().__init__()
         filters = tuple(int(f) for f in filters)
         if not filters or min(filters) < 1:
@@ -267,6 +274,10 @@ class ConvAutoencoder(_Autoencoder):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        if fused and backend == "torch":
+            raise ValueError("fused blocks are this package's ops: backend 'cae' or 'sim', not 'torch'")
         if memory_format not in (torch.contiguous_format, torch.channels_last):
             raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, "
                              f"got {memory_format}")
@@ -277,6 +288,7 @@ class ConvAutoencoder(_Autoencoder):
         self.memory_format = memory_format
         self.in_channels = in_channels
         self.image_size = tuple(image_size)
+        self.fused = fused
 
         encoder, channels = [], in_channels
         for level, f in enumerate(filters, 1):
@@ -298,26 +310,63 @@ class ConvAutoencoder(_Autoencoder):
         p = next(self.parameters())
         return torch.zeros(1, self.in_channels, *self.image_size, device=p.device, dtype=p.dtype)
 
+    def uses_fused_blocks(self, x: torch.Tensor) -> bool:
+        """Whether the forward of ``x`` runs the fused block ops (``encoder_block``,
+        ``decoder_block``: one op per block, the backward recomputing each block's inside)
+        instead of one op per layer: ``fused`` where set; by default on CUDA tensors with
+        backend "cae", always with "sim" (the CUDA kernels, emulated: it runs what CUDA
+        runs), never on the CPU kernels."""
+        if self.fused is not None:
+            return self.fused
+        return self.backend == "sim" or (self.backend == "cae" and x.is_cuda)
+
+    def _blocks(self, part: str, names: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        layers = [self.get_submodule(f"{part}.{name}") for name in names]
+        return [layer.weight for layer in layers], [layer.bias for layer in layers]
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] -> codes [N, filters[-1], h, w] (4x4x8 = 128 values at the defaults)."""
-        return self.encoder(_to_memory_format(x, self.memory_format))
+        x = _to_memory_format(x, self.memory_format)
+        if not self.uses_fused_blocks(x):
+            return self.encoder(x)
+        for level in range(1, len(self.filters) + 1):
+            names = [f"conv{level}_1", f"conv{level}_2"] + ([f"down{level}"] if self.downsample == "stride" else [])
+            weights, biases = self._blocks("encoder", names)
+            x = self.get_submodule(f"encoder.{names[0]}").functions.encoder_block(x, weights, biases, self.activation)
+        return x
 
     def decode(self, code: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes -> logits [N, C, *size] (``size`` defaults to ``image_size``)."""
-        out = self.decoder(_to_memory_format(code, self.memory_format))
+        code = _to_memory_format(code, self.memory_format)
         height, width = size if size is not None else self.image_size
+        scale = 2 ** len(self.filters)
+        full = (code.shape[-2] * scale, code.shape[-1] * scale)
+        if full[0] < height or full[1] < width:
+            raise ValueError(f"decoder output {full} is smaller than the image size {(height, width)}")
+        if self.uses_fused_blocks(code):
+            names = [f"deconv{level}" for level in range(1, len(self.filters) + 1)] + ["output"]
+            weights, biases = self._blocks("decoder", names)
+            out = self.decoder.output.functions.decoder_block(code, weights, biases, (height, width), self.activation)
+            return _to_memory_format(out, self.memory_format)
+        out = self.decoder(code)
         top, left = (out.shape[-2] - height) // 2, (out.shape[-1] - width) // 2
-        if top < 0 or left < 0:
-            raise ValueError(f"decoder output {tuple(out.shape[-2:])} is smaller than the image "
-                             f"size {(height, width)}")
         return _to_memory_format(out[..., top:top + height, left:left + width], self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), size=tuple(x.shape[-2:]))
 
+    def layer_shapes(self, batch_size: int = 1) -> list[LayerShape]:
+        # Traced layer by layer (each layer's hook must run): the per-op path, whose
+        # shapes the blocks share.
+        fused, self.fused = self.fused, False
+        try:
+            return super().layer_shapes(batch_size)
+        finally:
+            self.fused = fused
+
     def extra_repr(self) -> str:
         return (f"filters={self.filters}, downsample={self.downsample!r}, backend={self.backend!r}, "
-                f"memory_format={self.memory_format}")
+                f"memory_format={self.memory_format}, fused={self.fused}")
 
 
 class FCAutoencoder(_Autoencoder):
