@@ -112,6 +112,23 @@ struct MaxPoolGradParams {
   Tensor input;
   bool nhwc;
 };
+
+// An encoder block's forward (ops.h encoder_block) where a backend fuses it:
+// a1 = act(b1 + correlate(input, w1)), a2 = act(b2 + correlate(a1, w2)), out
+// = max_pool2x2(a2), or with w_down act(b_down + correlate_stride2(a2,
+// w_down)). interior_a1/_a2, where given, receive a1 and a2 as well (the
+// backward's recompute reads them). The kernel returns false for a shape it
+// does not take; ops.h then composes the block from the per-op kernels.
+struct EncoderBlockParams {
+  Tensor out;
+  OptTensor interior_a1;
+  OptTensor interior_a2;
+  Tensor input;
+  Tensor w1, b1, w2, b2;
+  OptTensor w_down, b_down;
+  bool relu;
+  bool nhwc;
+};
 }  // namespace cae
 
 #define CAE_BACKEND_KERNELS                                  \

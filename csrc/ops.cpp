@@ -34,6 +34,7 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   m.def("bias_grad(Tensor grad_output, Tensor? relu_output) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def("max_pool2x2_grad_input(Tensor grad_output, Tensor input) -> Tensor");
+  m.def("encoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu) -> Tensor");
 }
 
 // Autocast: the convolutions run in the autocast region's lower precision

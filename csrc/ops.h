@@ -38,7 +38,7 @@ inline constexpr const char* kOpNames[] = {
     "conv3x3",           "conv3x3_grad_input",           "conv3x3_grad_weight",
     "conv_transpose3x3", "conv_transpose3x3_grad_input", "conv_transpose3x3_grad_weight",
     "conv3x3_backward",  "conv_transpose3x3_backward",   "bias_grad",
-    "max_pool2x2",       "max_pool2x2_grad_input"};
+    "max_pool2x2",       "max_pool2x2_grad_input",       "encoder_block"};
 
 template <class K>
 struct Ops {
@@ -319,6 +319,55 @@ struct Ops {
     return grad_input;
   }
 
+  // An encoder block's forward: a1 = act(conv3x3(input, w1, b1)), a2 =
+  // act(conv3x3(a1, w2, b2)), out = max_pool2x2(a2), or with a third weight
+  // act(conv3x3(a2, w_down, b_down, stride 2)). One kernel where the backend
+  // fuses it (K::encoder_block, optional) and takes the shape, else composed
+  // from this struct's per-op functions.
+  static Tensor encoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases, bool relu) {
+    TORCH_CHECK(weights.size() == 2 || weights.size() == 3,
+                "cae: encoder_block takes 2 weights (pool) or 3 (strided), got ", weights.size());
+    TORCH_CHECK(biases.size() == weights.size(),
+                "cae: encoder_block takes a bias per weight: ", weights.size(), " weights, ", biases.size(),
+                " biases");
+    const bool strided = weights.size() == 3;
+    check_input_and_weight(input, 1, weights[0], false);
+    const int64_t channels = weights[0].size(0);
+    for (size_t i = 0; i < weights.size(); ++i) {
+      if (i > 0) {
+        check_weight(weights[i], input, "[C1, C1, 3, 3]");
+        TORCH_CHECK(weights[i].size(0) == channels && weights[i].size(1) == channels,
+                    "cae: encoder_block's weight ", i, " must have sizes [", channels, ", ", channels,
+                    ", 3, 3], got ", weights[i].sizes());
+      }
+      check_bias(biases[i], input, channels);
+    }
+    if constexpr (requires(const EncoderBlockParams& p) { K::encoder_block(p); }) {
+      const bool nhwc = is_channels_last(input);
+      auto output = at::empty(
+          {input.size(0), channels, pool_output_size(input.size(2)), pool_output_size(input.size(3))},
+          input.options().memory_format(memory_format(nhwc)));
+      if (output.numel() == 0) return output;
+      if (K::encoder_block({.out = output,
+                            .interior_a1 = std::nullopt,
+                            .interior_a2 = std::nullopt,
+                            .input = input.contiguous(memory_format(nhwc)),
+                            .w1 = weights[0].contiguous(),
+                            .b1 = biases[0].contiguous(),
+                            .w2 = weights[1].contiguous(),
+                            .b2 = biases[1].contiguous(),
+                            .w_down = strided ? OptTensor(weights[2].contiguous()) : std::nullopt,
+                            .b_down = strided ? OptTensor(biases[2].contiguous()) : std::nullopt,
+                            .relu = relu,
+                            .nhwc = nhwc})) {
+        return output;
+      }
+    }
+    const Tensor a1 = conv3x3(input, weights[0], biases[0], 1, relu);
+    const Tensor a2 = conv3x3(a1, weights[1], biases[1], 1, relu);
+    return strided ? conv3x3(a2, weights[2], biases[2], 2, relu) : max_pool2x2(a2);
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("conv3x3", &conv3x3);
     m.impl("conv3x3_grad_input", &conv3x3_grad_input);
@@ -331,6 +380,7 @@ struct Ops {
     m.impl("bias_grad", &bias_grad);
     m.impl("max_pool2x2", &max_pool2x2);
     m.impl("max_pool2x2_grad_input", &max_pool2x2_grad_input);
+    m.impl("encoder_block", &encoder_block);
   }
 };
 
