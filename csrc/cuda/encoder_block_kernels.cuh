@@ -5,14 +5,16 @@
 //
 // Layout of the work: a block owns a tile of `rows` x `cols` output pixels of
 // `samples` images. Backwards from the tile, the a2 region it needs is 2 rows
-// x 2 cols (pool) or 2 x tile + 1 (the stride-2 window's halo), a1 is that plus
+// x 2 cols (pool) or 2 x tile + 1 (the stride-2 window's halo; one more row
+// keeps the row count even), a1 is that plus
 // a 1-pixel halo and the input that plus another: the halos are recomputed by
 // the neighbouring blocks, never exchanged. Everything lives in shared memory:
 // the weights (w1 per input-channel chunk, w2 and w_down whole, as [group][taps]
 // [8]), a1 and a2 over their regions, and the input window, in chunks of input
 // channels (a1's sums wait in shared memory between chunks). Three phases
-// separated by barriers; in each, a thread takes work items (a position of the
-// phase's region and a group of 8 channels, its accumulators) by StridedDigits:
+// separated by barriers; in each, a thread takes work items (two rows of one
+// column of the phase's region, or in phase 3 an output pixel, and a group of
+// 8 channels: its accumulators) by StridedDigits:
 //   1. a1 over its region (zero outside the image: a2's padding);
 //   2. a2 over its region (zero outside the image: the strided conv's padding);
 //   3. the pool (a thread per output element) or the stride-2 correlation
@@ -77,7 +79,9 @@ struct EncoderBlockPlan {
 // a chunk of one input channel (fixed: everything but the input's chunk).
 inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, size_t& fixed,
                                  size_t& per_channel) {
-  t.r2 = 2 * t.rows + (strided ? 1 : 0), t.c2 = 2 * t.cols + (strided ? 1 : 0);
+  // Strided: the window's halo column, and two more rows (one for the halo,
+  // one so that the count stays even: threads take rows in pairs).
+  t.r2 = 2 * t.rows + (strided ? 2 : 0), t.c2 = 2 * t.cols + (strided ? 1 : 0);
   t.r1 = t.r2 + 2, t.c1 = t.c2 + 2;
   t.r0 = t.r1 + 2, t.c0 = t.c1 + 2;
   t.stride2 = odd_stride(t.r2 * t.c2), t.sample2 = C1 * t.stride2;
@@ -140,42 +144,6 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   return p;
 }
 
-// acc[j] += the 3x3 window at src (channel c at src[c * channel_stride], rows
-// row_stride apart) times w[(c * 9 + tap) * G + j], over `count` channels: the
-// same order of summation as correlate_kernel. The weights of a tap are one
-// shared-memory vector per W channels, the same address in every thread of a
-// group (a broadcast).
-template <int G, typename Acc>
-CAE_DEVICE void accumulate_window(Acc (&acc)[G], const Acc* src, int channel_stride, int row_stride,
-                                  const Acc* w, int count) {
-  constexpr int WV = vec_width<Acc, G>();
-  for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
-    CAE_UNROLL
-    for (int ky = 0; ky < 3; ++ky) {
-      CAE_UNROLL
-      for (int kx = 0; kx < 3; ++kx) {
-        const Acc v = src[ky * row_stride + kx];
-        const Acc* wk = w + (ky * 3 + kx) * G;
-        CAE_UNROLL
-        for (int j = 0; j < G; j += WV) {
-          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
-          CAE_UNROLL
-          for (int k = 0; k < WV; ++k) acc[j + k] += v * wv.v[k];
-        }
-      }
-    }
-  }
-}
-
-// acc = the window's sums from zero (a layer's whole input in shared memory).
-template <int G, typename Acc>
-CAE_DEVICE void correlate_window(Acc (&acc)[G], const Acc* src, int channel_stride, int row_stride,
-                                 const Acc* w, int count) {
-  CAE_UNROLL
-  for (int j = 0; j < G; ++j) acc[j] = Acc(0);
-  accumulate_window(acc, src, channel_stride, row_stride, w, count);
-}
-
 // One layer's result at a position: act(acc + bias), rounded to T as a stored
 // activation is, zero outside the image (the next correlation's padding).
 template <typename T, int G, typename Acc>
@@ -191,12 +159,106 @@ CAE_DEVICE void finish_activation(Acc (&v)[G], const T* __restrict__ bias, int c
   }
 }
 
-// __launch_bounds__'s blocks per SM (see conv_min_blocks): 3 (80 registers a
-// thread) for float32 accumulation, 2 (128) for double; ptxas's own choice of
-// 64 spilled in both.
+// acc[p][j] += the 3x3 window of pixel p of P in one column (rows p .. p + 2
+// from src; channel c at src[c * channel_stride], rows row_stride apart) times
+// w[(c * 9 + tap) * G + j], over `count` channels, in correlate_kernel's order
+// of summation. A tap's weights are one shared-memory vector per WV channels,
+// the same address in every thread of a group (a broadcast), loaded once for
+// the P pixels, and so are the (P + 2) x 3 input values (the unrolled loads of
+// row ky + 1 for pixel 0 are row ky's for pixel 1): with P = 2, 12 input and 18
+// weight loads per channel for 144 FFMA, against 18 and 36 one pixel at a time.
+template <int P, int G, typename Acc>
+CAE_DEVICE void accumulate_windows(Acc (&acc)[P][G], const Acc* src, int channel_stride, int row_stride,
+                                   const Acc* w, int count) {
+  constexpr int WV = vec_width<Acc, G>();
+  for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
+    CAE_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      CAE_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        Acc v[P];
+        CAE_UNROLL
+        for (int p = 0; p < P; ++p) v[p] = src[(ky + p) * row_stride + kx];
+        const Acc* wk = w + (ky * 3 + kx) * G;
+        CAE_UNROLL
+        for (int j = 0; j < G; j += WV) {
+          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
+          CAE_UNROLL
+          for (int k = 0; k < WV; ++k) {
+            CAE_UNROLL
+            for (int p = 0; p < P; ++p) acc[p][j + k] += v[p] * wv.v[k];
+          }
+        }
+      }
+    }
+  }
+}
+
+// One layer (a1 or a2) over its region in shared memory, from the region of
+// its input (one row and column before it, in shared memory too). A work item
+// is two rows of one column and a group of G channels.
+template <typename Acc>
+struct SharedPlanes {
+  Acc* p;  // [samples][channels][rows][cols]
+  int channel_stride, sample_stride, rows, cols;
+  CAE_DEVICE Acc* at(int s, int c, int row, int col) const {
+    return p + s * sample_stride + c * channel_stride + row * cols + col;
+  }
+};
+
+template <typename T>
+struct LayerPass {
+  const T* bias;
+  T* interior;       // where the layer's own positions are stored, or nullptr
+  int y0, x0;        // the region's first row and column in the image
+  int own_y, own_x;  // the block's own positions: [own_y, own_y + own_size_y) x ...
+  int own_size_y, own_size_x;
+  int n0, N, C, H, W;
+  bool relu, vec;
+};
+
+// Input channels [0, count) of src through w ([group][count * 9][G]) into dst;
+// `first`: dst holds no sums yet, `last`: the channels are complete (bias,
+// activation, T rounding, zero outside the image; interior stores).
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src, const Acc* w,
+                           int count, int samples, int groups, bool first, bool last, const LayerPass<T>& l,
+                           int tid) {
+  StridedDigits at(tid, dst.cols, dst.rows / 2, samples);  // (col, row pair, sample, group)
+  for (; at.digit[3] < groups; at.advance()) {
+    const int col = at.digit[0], row = 2 * at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
+    Acc* d = dst.at(s, co0, row, col);
+    Acc acc[2][G];
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j)
+        acc[i][j] = first || co0 + j >= l.C ? Acc(0) : d[j * dst.channel_stride + i * dst.cols];
+    }
+    accumulate_windows(acc, src.at(s, 0, row, col), src.channel_stride, src.cols, w + co0 * count * 9, count);
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int n = l.n0 + s, y = l.y0 + row + i, xx = l.x0 + col;
+      const bool inside = y >= 0 && y < l.H && xx >= 0 && xx < l.W;
+      if (last) finish_activation<T>(acc[i], l.bias, co0, l.C, l.relu, inside);
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (co0 + j < l.C) d[j * dst.channel_stride + i * dst.cols] = acc[i][j];
+      const bool own =
+          y >= l.own_y && y < l.own_y + l.own_size_y && xx >= l.own_x && xx < l.own_x + l.own_size_x;
+      if (last && l.interior != nullptr && inside && n < l.N && own)
+        store_pixel<G, NHWC>(l.interior, acc[i], static_cast<const T*>(nullptr), false, n, co0, l.C, l.H, l.W,
+                             y, xx, l.vec);
+    }
+  }
+}
+
+// __launch_bounds__'s blocks per SM (see conv_min_blocks): 2 (128 registers a
+// thread) for float32 accumulation, 1 for double (two rows of 8 double sums,
+// and the staging's vectors); one more block per SM spilled a few bytes on sm_90.
 template <typename Acc>
 constexpr int encoder_block_min_blocks() {
-  return sizeof(Acc) > 4 ? 2 : 3;
+  return sizeof(Acc) > 4 ? 1 : 2;
 }
 
 template <typename T, typename Acc, bool NHWC>
@@ -218,20 +280,20 @@ __global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
   const int own_y = 2 * o.y0, own_x = 2 * o.x0;
   const int y2 = own_y - (strided ? 1 : 0), x2 = own_x - (strided ? 1 : 0);
   const int y1 = y2 - 1, x1 = x2 - 1;
-  const auto own = [&](int y, int x) {
-    return y >= own_y && y < own_y + 2 * t.rows && x >= own_x && x < own_x + 2 * t.cols;
-  };
   const int taps2 = a.C1 * 9;
   for (int g = 0; g < t.groups; ++g) {
     const index_t first = static_cast<index_t>(g) * G * taps2;
     stage_weight_rows<G>(w2_s + g * taps2 * G, a.w2, first, taps2, a.C1 - g * G, taps2, tid);
     if (strided) stage_weight_rows<G>(wd_s + g * taps2 * G, a.w_down, first, taps2, a.C1 - g * G, taps2, tid);
   }
+  const SharedPlanes<Acc> a1p{a1_s, t.stride1, t.sample1, t.r1, t.c1},
+      a2p{a2_s, t.stride2, t.sample2, t.r2, t.c2};
+  LayerPass<T> layer{a.b1, a.a1, y1,   x1,  own_y, own_x,  2 * t.rows, 2 * t.cols,
+                     o.n0, a.N,  a.C1, a.H, a.W,   a.relu, t.vec_act};
 
   // 1. a1 over its region, input channels in chunks (sums kept in a1_s).
   for (int c0 = 0; c0 < a.C0; c0 += t.chunk) {
     const int count = a.C0 - c0 < t.chunk ? a.C0 - c0 : t.chunk;
-    const bool last = c0 + count >= a.C0;
     __syncthreads();  // the previous chunk is done reading
     for (int g = 0; g < t.groups; ++g) {
       stage_weight_rows<G>(w1_s + g * count * 9 * G, a.w1, (static_cast<index_t>(g) * G * a.C0 + c0) * 9,
@@ -245,48 +307,15 @@ __global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
       stage_nchw(in_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, win, tid);
     }
     __syncthreads();
-    StridedDigits at(tid, t.c1, t.r1, t.samples);  // (col, row, sample, group)
-    for (; at.digit[3] < t.groups; at.advance()) {
-      const int col = at.digit[0], row = at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
-      Acc* dst = a1_s + s * t.sample1 + co0 * t.stride1 + row * t.c1 + col;
-      Acc acc[G];
-      CAE_UNROLL
-      for (int j = 0; j < G; ++j) acc[j] = c0 == 0 || co0 + j >= a.C1 ? Acc(0) : dst[j * t.stride1];
-      accumulate_window(acc, in_s + s * t.sample0 + row * t.c0 + col, t.stride0, t.c0,
-                        w1_s + at.digit[3] * count * 9 * G, count);
-      const int n = o.n0 + s, y = y1 + row, xx = x1 + col;
-      const bool inside = y >= 0 && y < a.H && xx >= 0 && xx < a.W;
-      if (last) finish_activation<T>(acc, a.b1, co0, a.C1, a.relu, inside);
-      CAE_UNROLL
-      for (int j = 0; j < G; ++j)
-        if (co0 + j < a.C1) dst[j * t.stride1] = acc[j];
-      if (last && a.a1 != nullptr && inside && n < a.N && own(y, xx))
-        store_pixel<G, NHWC>(a.a1, acc, static_cast<const T*>(nullptr), false, n, co0, a.C1, a.H, a.W, y, xx,
-                             t.vec_act);
-    }
+    layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0}, w1_s, count,
+                        t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
   }
   __syncthreads();
 
   // 2. a2 over its region.
-  {
-    StridedDigits at(tid, t.c2, t.r2, t.samples);  // (col, row, sample, group)
-    for (; at.digit[3] < t.groups; at.advance()) {
-      const int col = at.digit[0], row = at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
-      Acc acc[G];
-      correlate_window(acc, a1_s + s * t.sample1 + row * t.c1 + col, t.stride1, t.c1,
-                       w2_s + at.digit[3] * taps2 * G, a.C1);
-      const int n = o.n0 + s, y = y2 + row, xx = x2 + col;
-      const bool inside = y >= 0 && y < a.H && xx >= 0 && xx < a.W;
-      finish_activation<T>(acc, a.b2, co0, a.C1, a.relu, inside);
-      Acc* dst = a2_s + s * t.sample2 + co0 * t.stride2 + row * t.c2 + col;
-      CAE_UNROLL
-      for (int j = 0; j < G; ++j)
-        if (co0 + j < a.C1) dst[j * t.stride2] = acc[j];
-      if (a.a2 != nullptr && inside && n < a.N && own(y, xx))
-        store_pixel<G, NHWC>(a.a2, acc, static_cast<const T*>(nullptr), false, n, co0, a.C1, a.H, a.W, y, xx,
-                             t.vec_act);
-    }
-  }
+  layer.bias = a.b2, layer.interior = a.a2, layer.y0 = y2, layer.x0 = x2;
+  layer_pass<G, NHWC>(a2p, SharedPlanes<const Acc>{a1_s, t.stride1, t.sample1, t.r1, t.c1}, w2_s, a.C1,
+                      t.samples, t.groups, true, true, layer, tid);
   __syncthreads();
 
   // 3. The block's output tile.
@@ -294,12 +323,15 @@ __global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
     StridedDigits at(tid, t.cols, t.rows, t.samples);  // (col, row, sample, group)
     for (; at.digit[3] < t.groups; at.advance()) {
       const int px = at.digit[0], py = at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
-      Acc acc[G];
-      correlate_window(acc, a2_s + s * t.sample2 + 2 * py * t.c2 + 2 * px, t.stride2, t.c2,
-                       wd_s + at.digit[3] * taps2 * G, a.C1);
+      Acc acc[1][G];
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) acc[0][j] = Acc(0);
+      accumulate_windows(acc, a2_s + s * t.sample2 + 2 * py * t.c2 + 2 * px, t.stride2, t.c2,
+                         wd_s + at.digit[3] * taps2 * G, a.C1);
       const int n = o.n0 + s, oy = o.y0 + py, ox = o.x0 + px;
       if (n < a.N && oy < a.H_out && ox < a.W_out)
-        store_pixel<G, NHWC>(a.out, acc, a.b_down, a.relu, n, co0, a.C1, a.H_out, a.W_out, oy, ox, t.vec_out);
+        store_pixel<G, NHWC>(a.out, acc[0], a.b_down, a.relu, n, co0, a.C1, a.H_out, a.W_out, oy, ox,
+                             t.vec_out);
     }
   } else {
     // One thread per output element: consecutive threads, consecutive addresses.
