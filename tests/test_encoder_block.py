@@ -174,3 +174,17 @@ def test_argument_checks():
         backend.ops.encoder_block(x, [w[0], torch.randn(4, 3, 3, 3)], b, True)
     with pytest.raises(RuntimeError, match="channels"):
         backend.ops.encoder_block(x, [torch.randn(4, 3, 3, 3), w[1]], b, True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cpu_composes_the_block(dtype, fmt, variant):
+    """The CPU backend has no fused kernel: Ops<CpuKernels> composes the block from its
+    per-op kernels, the same result as calling them."""
+    x = make_input((2, 3, 13, 11), dtype, "cpu", fmt).detach()
+    weights, biases = block_params(3, 8, variant, dtype, "cpu")
+    out = torch.ops.cae.encoder_block(x, weights, biases, True)
+    assert torch.equal(out, composed_block(torch.ops.cae, x, weights, biases, True))
+    *_, expected = reference_block(x, weights, biases, True)
+    assert_close(out, expected, tolerance(BACKENDS["sim"], dtype, expected), "output")
