@@ -99,6 +99,7 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   const bool strided = a.w_down != nullptr;
   EncoderBlockPlan p{};
   EncoderBlockTiling& t = p.t;
+  if (a.C0 < 1) return p;  // no input channels: nothing to chunk (the composed block serves)
   t.groups = ceil_div(a.C1, kBlockGroup);
   // Up to 8 x 8 output pixels (16 x 16 of a2: a pooled 28 x 28 in 4 tiles),
   // images packed while a2's positions fill the block's threads and the grid
