@@ -31,8 +31,8 @@ modes=("$@")
 [ ${#modes[@]} -gt 0 ] || modes=(schedules asan tsan)
 
 # The emulated backend's tests, wherever they live: the op suite's "sim" backend, the
-# CUDA kernels' tiling tests, the emulator's own.
-TESTS=(tests/test_ops.py tests/test_cuda_kernels.py tests/test_sim.py)
+# CUDA kernels' tiling tests, the emulator's own, the fused encoder block's.
+TESTS=(tests/test_ops.py tests/test_cuda_kernels.py tests/test_sim.py tests/test_encoder_block.py)
 # Small shapes: every kernel, both layouts and strides, the reductions, the
 # fault hooks; float16/bfloat16 on one ragged shape with the fused ReLU.
 # Gradcheck, opcheck (mostly tracing, not kernels), the 520-image weight gradient
@@ -49,7 +49,8 @@ SUBSET+=" and not ((float16 or bfloat16) and not (3x3x5x9x11 and relu))"
 # Reproducibility across schedules is the schedules mode's job.
 TSAN_SUBSET="sim and (((test_conv3x3 or test_conv_transpose3x3) and relu and float64"
 TSAN_SUBSET+=" and not 2x16x8x14x14 and not 4x2x3x1x1) or test_max_pool2x2 or gated or bugs or sanitizer"
-TSAN_SUBSET+=" or fragment_layout or (tensor_cores and float16 and not bfloat16 and nhwc))"
+TSAN_SUBSET+=" or fragment_layout or (tensor_cores and float16 and not bfloat16 and nhwc)"
+TSAN_SUBSET+=" or (test_encoder_block and float64 and relu and 2x16x8x14x14))"
 # --capture=sys: pytest captures Python's output only, so a sanitizer's report
 # (written to fd 2 just before it aborts the process) reaches the log.
 pytest_run() {

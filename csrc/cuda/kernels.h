@@ -45,6 +45,11 @@ inline const T* data_or_null(const OptTensor& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+template <typename T>
+inline T* mutable_or_null(const OptTensor& t) {
+  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
+}
+
 // Sizes of one dimension are int in the kernels (offsets are 64-bit).
 inline int to_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= std::numeric_limits<int>::max(), "cae: ", what, " of ", v,
@@ -125,6 +130,8 @@ struct CudaKernels {
     return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
   }
   CAE_BACKEND_KERNELS
+  // The fused encoder block (encoder_block.cu); false: not for this shape.
+  static bool encoder_block(const EncoderBlockParams& p);
 
  private:
   // weight_grad up to its partial sums, and the correlations with extra

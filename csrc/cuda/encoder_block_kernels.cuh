@@ -1,0 +1,375 @@
+// An encoder block's forward in one kernel: a1 = act(b1 + correlate(x, w1)),
+// a2 = act(b2 + correlate(a1, w2)), out = max_pool2x2(a2) (ceil mode) or, with
+// w_down, act(b_down + correlate_stride2(a2, w_down)); the __global__ kernel and
+// its torch-free launcher.
+//
+// Layout of the work: a block owns a tile of `rows` x `cols` output pixels of
+// `samples` images. Backwards from the tile, the a2 region it needs is 2 rows
+// x 2 cols (pool) or 2 x tile + 1 (the stride-2 window's halo; one more row
+// keeps the row count even), a1 is that plus
+// a 1-pixel halo and the input that plus another: the halos are recomputed by
+// the neighbouring blocks, never exchanged. Everything lives in shared memory:
+// the weights (w1 per input-channel chunk, w2 and w_down whole, as [group][taps]
+// [8]), a1 and a2 over their regions, and the input window, in chunks of input
+// channels (a1's sums wait in shared memory between chunks). Three phases
+// separated by barriers; in each, a thread takes work items (two rows of one
+// column of the phase's region, or in phase 3 an output pixel, and a group of
+// 8 channels: its accumulators) by StridedDigits:
+//   1. a1 over its region (zero outside the image: a2's padding);
+//   2. a2 over its region (zero outside the image: the strided conv's padding);
+//   3. the pool (a thread per output element) or the stride-2 correlation
+//      (a thread per output pixel and group), stored like correlate_kernel's.
+// Where asked, phases 1 and 2 also store a1 and a2 at the block's own
+// positions (rows and columns [2 y0, 2 (y0 + rows)), not the halo), which tile
+// the image. a1 and a2 are rounded to T as the per-op kernels store them, so
+// the fused block computes what the composed one does.
+#pragma once
+
+#include "conv3x3_kernels.cuh"
+#include "max_pool2x2_kernels.cuh"
+
+namespace cae {
+namespace cuda {
+
+template <typename T>
+struct EncoderBlockArgs {
+  T* out;           // [N, C1, H_out, W_out], H_out = ceil(H / 2)
+  T* a1;            // [N, C1, H, W] or nullptr
+  T* a2;            // [N, C1, H, W] or nullptr
+  const T* x;       // [N, C0, H, W]
+  const T* w1;      // [C1, C0, 3, 3]
+  const T* b1;      // [C1]
+  const T* w2;      // [C1, C1, 3, 3]
+  const T* b2;      // [C1]
+  const T* w_down;  // [C1, C1, 3, 3], or nullptr: the pool
+  const T* b_down;  // [C1] with w_down
+  int N, C0, C1, H, W, H_out, W_out;
+  bool relu;
+};
+
+// Output channels per work item: a thread's accumulators.
+constexpr int kBlockGroup = 8;
+// Blocks a launch should have at least (two per SM of an H200's 132) before
+// images are packed together into one block's tile.
+constexpr index_t kBlockFill = 264;
+
+// A block's tile and its shared memory (elements of Acc): weights first (each
+// a multiple of kBlockGroup elements: vector aligned), then a1, a2, the input.
+struct EncoderBlockTiling {
+  int rows, cols, samples;  // output pixels per image, images
+  int tiles_y, tiles_x;
+  int r2, c2, r1, c1, r0, c0;  // the a2, a1 and input regions
+  int chunk;                   // input channels per pass
+  int groups;                  // ceil(C1 / kBlockGroup)
+  int stride2, sample2;        // a2: elements between channels (odd), images
+  int stride1, sample1;        // a1
+  int stride0, sample0;        // input window
+  int w1_size, w2_size, wd_size;
+  bool vec_in, vec_act, vec_out;  // NHWC vector loads / stores allowed
+};
+
+struct EncoderBlockPlan {
+  EncoderBlockTiling t;
+  index_t blocks;
+  size_t smem;
+  bool ok;  // false: no tile fits the shared-memory budget (too many channels)
+};
+
+// The regions and the shared memory of `t.rows` x `t.cols` x `t.samples` with
+// a chunk of one input channel (fixed: everything but the input's chunk).
+inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, size_t& fixed,
+                                 size_t& per_channel) {
+  // Strided: the window's halo column, and two more rows (one for the halo,
+  // one so that the count stays even: threads take rows in pairs).
+  t.r2 = 2 * t.rows + (strided ? 2 : 0), t.c2 = 2 * t.cols + (strided ? 1 : 0);
+  t.r1 = t.r2 + 2, t.c1 = t.c2 + 2;
+  t.r0 = t.r1 + 2, t.c0 = t.c1 + 2;
+  t.stride2 = odd_stride(t.r2 * t.c2), t.sample2 = C1 * t.stride2;
+  t.stride1 = odd_stride(t.r1 * t.c1), t.sample1 = C1 * t.stride1;
+  t.stride0 = odd_stride(t.r0 * t.c0);
+  const size_t c1p = static_cast<size_t>(t.groups) * kBlockGroup;
+  t.w2_size = static_cast<int>(c1p * C1 * 9), t.wd_size = strided ? t.w2_size : 0;
+  fixed =
+      static_cast<size_t>(t.w2_size) + t.wd_size + static_cast<size_t>(t.samples) * (t.sample1 + t.sample2);
+  per_channel = static_cast<size_t>(t.samples) * t.stride0 + c1p * 9;
+}
+
+template <typename T, typename Acc>
+inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nhwc) {
+  const bool strided = a.w_down != nullptr;
+  EncoderBlockPlan p{};
+  EncoderBlockTiling& t = p.t;
+  if (a.C0 < 1) return p;  // no input channels: nothing to chunk (the composed block serves)
+  t.groups = ceil_div(a.C1, kBlockGroup);
+  // Up to 8 x 8 output pixels (16 x 16 of a2: a pooled 28 x 28 in 4 tiles),
+  // images packed while a2's positions fill the block's threads and the grid
+  // keeps kBlockFill blocks.
+  t.rows = pow2_at_least(a.H_out, 1, 8), t.cols = pow2_at_least(a.W_out, 1, 8);
+  const index_t tiles = static_cast<index_t>(ceil_div(a.H_out, t.rows)) * ceil_div(a.W_out, t.cols);
+  const int a2_positions = (2 * t.rows) * (2 * t.cols);
+  t.samples = 1;
+  while (t.samples * 2 * a2_positions <= kThreads && tiles * ceil_div(a.N, t.samples * 2) >= kBlockFill)
+    t.samples *= 2;
+  // Smaller tiles until a1, a2, the weights and one input channel fit.
+  size_t fixed = 0, per_channel = 0;
+  for (;;) {
+    size_encoder_regions(t, a.C1, strided, fixed, per_channel);
+    if ((fixed + per_channel) * sizeof(Acc) <= kSmemBudget) break;
+    if (t.samples > 1) {
+      t.samples /= 2;
+    } else if (t.rows >= t.cols && t.rows > 1) {
+      t.rows /= 2;
+    } else if (t.cols > 1) {
+      t.cols /= 2;
+    } else {
+      return p;  // not even one output pixel: C1 too large
+    }
+  }
+  constexpr int V = vec_width<T>();
+  t.chunk =
+      plan_channel_chunk(a.C0, per_channel * sizeof(Acc), fixed * sizeof(Acc), kSmemBudget, nhwc ? V : 1);
+  t.w1_size = t.groups * kBlockGroup * t.chunk * 9;
+  t.sample0 = t.chunk * t.stride0;
+  t.tiles_y = ceil_div(a.H_out, t.rows), t.tiles_x = ceil_div(a.W_out, t.cols);
+  t.vec_in = nhwc && t.chunk % V == 0 && vector_ok<V>(a.x, a.C0, a.C0);
+  constexpr int VO = vec_width<T, kBlockGroup>();
+  const auto aligned = [&](const T* q) {
+    return q == nullptr || reinterpret_cast<uintptr_t>(q) % (sizeof(T) * VO) == 0;
+  };
+  t.vec_act = nhwc && a.C1 % VO == 0 && aligned(a.a1) && aligned(a.a2);
+  t.vec_out = nhwc && a.C1 % VO == 0 && aligned(a.out);
+  p.blocks = static_cast<index_t>(t.tiles_y) * t.tiles_x * ceil_div(a.N, t.samples);
+  p.smem =
+      (static_cast<size_t>(t.w1_size) + fixed + static_cast<size_t>(t.samples) * t.sample0) * sizeof(Acc);
+  p.ok = true;
+  return p;
+}
+
+// One layer's result at a position: act(acc + bias), rounded to T as a stored
+// activation is, zero outside the image (the next correlation's padding).
+template <typename T, int G, typename Acc>
+CAE_DEVICE void finish_activation(Acc (&v)[G], const T* __restrict__ bias, int co0, int C, bool relu_out,
+                                  bool inside) {
+  CAE_UNROLL
+  for (int j = 0; j < G; ++j) {
+    const int co = co0 + j;
+    Acc r = v[j];
+    if (co < C) r += static_cast<Acc>(bias[co]);
+    r = relu_out ? relu(r) : r;
+    v[j] = inside ? static_cast<Acc>(static_cast<T>(r)) : Acc(0);
+  }
+}
+
+// acc[p][j] += the 3x3 window of pixel p of P in one column (rows p .. p + 2
+// from src; channel c at src[c * channel_stride], rows row_stride apart) times
+// w[(c * 9 + tap) * G + j], over `count` channels, in correlate_kernel's order
+// of summation. A tap's weights are one shared-memory vector per WV channels,
+// the same address in every thread of a group (a broadcast), loaded once for
+// the P pixels, and so are the (P + 2) x 3 input values (the unrolled loads of
+// row ky + 1 for pixel 0 are row ky's for pixel 1): with P = 2, 12 input and 18
+// weight loads per channel for 144 FFMA, against 18 and 36 one pixel at a time.
+template <int P, int G, typename Acc>
+CAE_DEVICE void accumulate_windows(Acc (&acc)[P][G], const Acc* src, int channel_stride, int row_stride,
+                                   const Acc* w, int count) {
+  constexpr int WV = vec_width<Acc, G>();
+  for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
+    CAE_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      CAE_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        Acc v[P];
+        CAE_UNROLL
+        for (int p = 0; p < P; ++p) v[p] = src[(ky + p) * row_stride + kx];
+        const Acc* wk = w + (ky * 3 + kx) * G;
+        CAE_UNROLL
+        for (int j = 0; j < G; j += WV) {
+          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
+          CAE_UNROLL
+          for (int k = 0; k < WV; ++k) {
+            CAE_UNROLL
+            for (int p = 0; p < P; ++p) acc[p][j + k] += v[p] * wv.v[k];
+          }
+        }
+      }
+    }
+  }
+}
+
+// One layer (a1 or a2) over its region in shared memory, from the region of
+// its input (one row and column before it, in shared memory too). A work item
+// is two rows of one column and a group of G channels.
+template <typename Acc>
+struct SharedPlanes {
+  Acc* p;  // [samples][channels][rows][cols]
+  int channel_stride, sample_stride, rows, cols;
+  CAE_DEVICE Acc* at(int s, int c, int row, int col) const {
+    return p + s * sample_stride + c * channel_stride + row * cols + col;
+  }
+};
+
+template <typename T>
+struct LayerPass {
+  const T* bias;
+  T* interior;       // where the layer's own positions are stored, or nullptr
+  int y0, x0;        // the region's first row and column in the image
+  int own_y, own_x;  // the block's own positions: [own_y, own_y + own_size_y) x ...
+  int own_size_y, own_size_x;
+  int n0, N, C, H, W;
+  bool relu, vec;
+};
+
+// Input channels [0, count) of src through w ([group][count * 9][G]) into dst;
+// `first`: dst holds no sums yet, `last`: the channels are complete (bias,
+// activation, T rounding, zero outside the image; interior stores).
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src, const Acc* w,
+                           int count, int samples, int groups, bool first, bool last, const LayerPass<T>& l,
+                           int tid) {
+  StridedDigits at(tid, dst.cols, dst.rows / 2, samples);  // (col, row pair, sample, group)
+  for (; at.digit[3] < groups; at.advance()) {
+    const int col = at.digit[0], row = 2 * at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
+    Acc* d = dst.at(s, co0, row, col);
+    Acc acc[2][G];
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j)
+        acc[i][j] = first || co0 + j >= l.C ? Acc(0) : d[j * dst.channel_stride + i * dst.cols];
+    }
+    accumulate_windows(acc, src.at(s, 0, row, col), src.channel_stride, src.cols, w + co0 * count * 9, count);
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int n = l.n0 + s, y = l.y0 + row + i, xx = l.x0 + col;
+      const bool inside = y >= 0 && y < l.H && xx >= 0 && xx < l.W;
+      if (last) finish_activation<T>(acc[i], l.bias, co0, l.C, l.relu, inside);
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (co0 + j < l.C) d[j * dst.channel_stride + i * dst.cols] = acc[i][j];
+      const bool own =
+          y >= l.own_y && y < l.own_y + l.own_size_y && xx >= l.own_x && xx < l.own_x + l.own_size_x;
+      if (last && l.interior != nullptr && inside && n < l.N && own)
+        store_pixel<G, NHWC>(l.interior, acc[i], static_cast<const T*>(nullptr), false, n, co0, l.C, l.H, l.W,
+                             y, xx, l.vec);
+    }
+  }
+}
+
+// __launch_bounds__'s blocks per SM (see conv_min_blocks): 2 (128 registers a
+// thread) for float32 accumulation, 1 for double (two rows of 8 double sums,
+// and the staging's vectors); one more block per SM spilled a few bytes on sm_90.
+template <typename Acc>
+constexpr int encoder_block_min_blocks() {
+  return sizeof(Acc) > 4 ? 1 : 2;
+}
+
+template <typename T, typename Acc, bool NHWC>
+__global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
+    encoder_block_kernel(EncoderBlockArgs<T> a, EncoderBlockTiling t) {
+  constexpr int G = kBlockGroup;
+  CAE_DYNAMIC_SHARED(Acc, smem);
+  Acc* w1_s = smem;                          // [groups][chunk * 9][G]
+  Acc* w2_s = w1_s + t.w1_size;              // [groups][C1 * 9][G]
+  Acc* wd_s = w2_s + t.w2_size;              // [groups][C1 * 9][G] (strided)
+  Acc* a1_s = wd_s + t.wd_size;              // [samples][C1][r1][c1]
+  Acc* a2_s = a1_s + t.samples * t.sample1;  // [samples][C1][r2][c2]
+  Acc* in_s = a2_s + t.samples * t.sample2;  // [samples][chunk][r0][c0]
+  const int tid = threadIdx.x;
+  const bool strided = a.w_down != nullptr;
+  const TileOrigin o = tile_origin(blockIdx.x, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+  // The regions' first row and column in the image; the block's own a1 and a2
+  // positions (stored where asked) are [own_y, own_y + 2 rows) x [own_x, ...).
+  const int own_y = 2 * o.y0, own_x = 2 * o.x0;
+  const int y2 = own_y - (strided ? 1 : 0), x2 = own_x - (strided ? 1 : 0);
+  const int y1 = y2 - 1, x1 = x2 - 1;
+  const int taps2 = a.C1 * 9;
+  for (int g = 0; g < t.groups; ++g) {
+    const index_t first = static_cast<index_t>(g) * G * taps2;
+    stage_weight_rows<G>(w2_s + g * taps2 * G, a.w2, first, taps2, a.C1 - g * G, taps2, tid);
+    if (strided) stage_weight_rows<G>(wd_s + g * taps2 * G, a.w_down, first, taps2, a.C1 - g * G, taps2, tid);
+  }
+  const SharedPlanes<Acc> a1p{a1_s, t.stride1, t.sample1, t.r1, t.c1},
+      a2p{a2_s, t.stride2, t.sample2, t.r2, t.c2};
+  LayerPass<T> layer{a.b1, a.a1, y1,   x1,  own_y, own_x,  2 * t.rows, 2 * t.cols,
+                     o.n0, a.N,  a.C1, a.H, a.W,   a.relu, t.vec_act};
+
+  // 1. a1 over its region, input channels in chunks (sums kept in a1_s).
+  for (int c0 = 0; c0 < a.C0; c0 += t.chunk) {
+    const int count = a.C0 - c0 < t.chunk ? a.C0 - c0 : t.chunk;
+    __syncthreads();  // the previous chunk is done reading
+    for (int g = 0; g < t.groups; ++g) {
+      stage_weight_rows<G>(w1_s + g * count * 9 * G, a.w1, (static_cast<index_t>(g) * G * a.C0 + c0) * 9,
+                           static_cast<index_t>(a.C0) * 9, a.C1 - g * G, count * 9, tid);
+    }
+    const Window win{o.n0, y1 - 1, x1 - 1, c0, count, t.r0, t.c0, t.samples, t.stride0, t.sample0};
+    if (NHWC) {
+      stage_nhwc<vec_width<T>()>(in_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, win,
+                                 t.vec_in, tid);
+    } else {
+      stage_nchw(in_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, win, tid);
+    }
+    __syncthreads();
+    layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0}, w1_s, count,
+                        t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
+  }
+  __syncthreads();
+
+  // 2. a2 over its region.
+  layer.bias = a.b2, layer.interior = a.a2, layer.y0 = y2, layer.x0 = x2;
+  layer_pass<G, NHWC>(a2p, SharedPlanes<const Acc>{a1_s, t.stride1, t.sample1, t.r1, t.c1}, w2_s, a.C1,
+                      t.samples, t.groups, true, true, layer, tid);
+  __syncthreads();
+
+  // 3. The block's output tile.
+  if (strided) {
+    StridedDigits at(tid, t.cols, t.rows, t.samples);  // (col, row, sample, group)
+    for (; at.digit[3] < t.groups; at.advance()) {
+      const int px = at.digit[0], py = at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
+      Acc acc[1][G];
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) acc[0][j] = Acc(0);
+      accumulate_windows(acc, a2_s + s * t.sample2 + 2 * py * t.c2 + 2 * px, t.stride2, t.c2,
+                         wd_s + at.digit[3] * taps2 * G, a.C1);
+      const int n = o.n0 + s, oy = o.y0 + py, ox = o.x0 + px;
+      if (n < a.N && oy < a.H_out && ox < a.W_out)
+        store_pixel<G, NHWC>(a.out, acc[0], a.b_down, a.relu, n, co0, a.C1, a.H_out, a.W_out, oy, ox,
+                             t.vec_out);
+    }
+  } else {
+    // One thread per output element: consecutive threads, consecutive addresses.
+    StridedDigits at =
+        NHWC ? StridedDigits(tid, a.C1, t.cols, t.rows) : StridedDigits(tid, t.cols, t.rows, a.C1);
+    for (; at.digit[3] < t.samples; at.advance()) {
+      const int c = NHWC ? at.digit[0] : at.digit[2], px = at.digit[NHWC ? 1 : 0],
+                py = at.digit[NHWC ? 2 : 1];
+      const int s = at.digit[3];
+      const int n = o.n0 + s, oy = o.y0 + py, ox = o.x0 + px;
+      if (n >= a.N || oy >= a.H_out || ox >= a.W_out) continue;
+      const Acc* win = a2_s + s * t.sample2 + c * t.stride2 + 2 * py * t.c2 + 2 * px;
+      const bool two_rows = 2 * oy + 1 < a.H, two_cols = 2 * ox + 1 < a.W;
+      // PyTorch's winner (max_pool_nchw_kernel): row-major, the first maximum, a NaN
+      // over everything.
+      Acc best = win[0];
+      CAE_UNROLL
+      for (int k = 1; k < 4; ++k) {
+        const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+        const Acc v = win[(k >> 1) * t.c2 + (k & 1)];
+        if (valid && takes_max(v, best)) best = v;
+      }
+      const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
+                                  : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
+      a.out[at_out] = static_cast<T>(best);
+    }
+  }
+}
+
+template <typename T, typename Acc>
+inline void launch_encoder_block(const EncoderBlockArgs<T>& a, const EncoderBlockPlan& p, bool nhwc,
+                                 cudaStream_t stream) {
+  with_bool(nhwc, [&](auto layout) {
+    const auto kernel = encoder_block_kernel<T, Acc, decltype(layout)::value>;
+    CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
+  });
+}
+
+}  // namespace cuda
+}  // namespace cae
