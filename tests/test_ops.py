@@ -124,6 +124,23 @@ def test_batch_zero_gives_empty_output_and_zero_gradients(backend, fmt):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@on_every_backend()
+def test_zero_input_channels_give_the_activated_bias(backend, transposed):
+    """No input channel: every output is act(bias) (the emulated CUDA planner divided by
+    the channel count here), and the weight's gradient is empty."""
+    x = make_input((2, 0, 5, 4), F64, backend.device)
+    weight = make_input((0, 3, 3, 3) if transposed else (3, 0, 3, 3), F64, backend.device)
+    bias = torch.tensor([0.5, -1.0, 2.0], dtype=F64, device=backend.device, requires_grad=True)
+    op = backend.functions.conv_transpose3x3 if transposed else backend.functions.conv3x3
+    y = op(x, weight, bias, 2, "relu")
+    assert torch.equal(y, torch.tensor([0.5, 0.0, 2.0], dtype=F64, device=backend.device).view(1, 3, 1, 1).expand_as(y))
+    y.sum().backward()
+    assert weight.grad.shape == weight.shape and x.grad.shape == x.shape
+    assert torch.equal(bias.grad, torch.tensor([y.shape[2] * y.shape[3] * 2.0, 0.0, y.shape[2] * y.shape[3] * 2.0],
+                                               dtype=F64, device=backend.device))
+
+
 @pytest.mark.parametrize("needs", ["input", "weight", "bias"])
 @on_every_backend()
 def test_only_needed_gradients_are_computed(backend, needs):

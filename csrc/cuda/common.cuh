@@ -266,6 +266,7 @@ CAE_HOST_DEVICE TileOrigin tile_origin(index_t block, int tiles_x, int tiles_y, 
 // (the vector width) when the channel count is.
 inline int plan_channel_chunk(int channels, size_t per_channel_bytes, size_t fixed_bytes, size_t budget,
                               int align) {
+  if (channels <= 0) return 1;  // nothing to stage: the channel loop runs no pass
   size_t fit = budget > fixed_bytes ? (budget - fixed_bytes) / per_channel_bytes : 1;
   int max_chunk = static_cast<int>(fit < 1 ? 1 : (fit > static_cast<size_t>(channels) ? channels : fit));
   const int passes = ceil_div(channels, max_chunk);
