@@ -1,5 +1,6 @@
 """The whole training step (forward, loss, backward, Adam) as ``cae train`` runs it:
-our kernels (backend="cae") against the same network from torch.nn layers, eager and
+our kernels (backend="cae": the fused block ops on CUDA, per op on the CPU; on CUDA
+also the per-op path) against the same network from torch.nn layers, eager and
 under torch.compile, both layouts; on CUDA also our kernels' step from a CUDA graph, as
 ``cae train`` runs it there; with each step's peak memory; and one training epoch over
 the bundled sample."""
@@ -28,6 +29,10 @@ IMPLS = {
     "torch-compile": ("torch", "default"),
     "torch-compile-reduce-overhead": ("torch", "reduce-overhead"),
     "cae-graph": ("cae", None),  # CUDA only: the step captured in a CUDA graph (train.GraphedStep)
+    # CUDA only: "cae" runs the fused block ops there (ConvAutoencoder's default); this is
+    # the per-op path beside it, eager and graphed.
+    "cae-per-op": ("cae", None),
+    "cae-per-op-graph": ("cae", None),
 } | {f"cae@{level}": ("cae", None) for level in LOWER_CPU_LEVELS}
 LAYOUTS = ("nchw", "nhwc")
 
@@ -38,6 +43,8 @@ def make_step(model_name, impl, layout, batch, device):
     config = train.Config(**MODELS[model_name], backend=backend, memory_format=layout, batch_size=batch)
     torch.manual_seed(0)
     model = train.build_model(config).to(device)
+    if "-per-op" in impl:
+        model.fused = False
     if compile_mode:
         model = torch.compile(model, mode=compile_mode)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -71,6 +78,8 @@ def skip_unless_applicable(settings, model_name, impl, layout):
         pytest.skip("CPU levels apply to the CPU kernels")
     if impl.endswith("-graph") and settings.device.type != "cuda":
         pytest.skip("CUDA graphs need --device cuda")
+    if "-per-op" in impl and settings.device.type != "cuda":
+        pytest.skip("the CPU kernels run per op by default: that is cae")
     if model_name == "fc" and (impl.startswith("cae") or layout == "nhwc"):
         pytest.skip("the FC autoencoder has no convolutions: one layout, PyTorch's linear layers")
     if settings.quick and impl.startswith("torch-compile") and (model_name, layout, impl) != ("conv-pool", "nchw", "torch-compile"):
