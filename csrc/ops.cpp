@@ -52,7 +52,7 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
       "bool relu, SymInt[] output_size, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
 }
 
-// Autocast: the convolutions run in the autocast region's lower precision
+// Autocast: the convolutions and the blocks run in the autocast region's lower precision
 // (float16 or bfloat16, computed with float32 accumulation), as PyTorch's own
 // convolutions do; max-pool keeps its input's dtype (the autocast keys fall
 // through for it). The CUDA kernels serve cae on CUDA tensors; the emulated
@@ -70,32 +70,40 @@ constexpr c10::DeviceType kAutocastDevice = c10::DeviceType::CUDA;
 #define CAE_STRINGIFY(x) #x
 #define CAE_OP_NAME(ns, op) CAE_STRINGIFY(ns) "::" op
 
+// The autocast kernel of the op `name` (signature R(Args...)): its tensors
+// (lists and optional ones too) cast to the region's lower precision, the
+// other arguments as they are, then the op below autocast.
+template <const char* name, class Signature>
+struct Autocast;
+template <const char* name, class R, class... Args>
+struct Autocast<name, R(Args...)> {
+  static R call(Args... args) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow((CAE_OP_NAME(CAE_NAMESPACE, "") + std::string(name)).c_str(), "")
+            .typed<R(Args...)>();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        at::autocast::get_autocast_dispatch_key_from_device_type(kAutocastDevice));
+    const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
+    return op.call(at::autocast::cached_cast(dtype, args, kAutocastDevice)...);
+  }
+};
 using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  int64_t, bool);
-
-// The autocast kernel of the convolution op `name`: its tensors cast to the
-// region's lower precision, then the op below autocast.
-template <const char* name>
-at::Tensor conv_autocast(const at::Tensor& input, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, int64_t stride, bool relu) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow((CAE_OP_NAME(CAE_NAMESPACE, "") + std::string(name)).c_str(), "")
-          .typed<ConvSignature>();
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(kAutocastDevice));
-  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
-  return op.call(at::autocast::cached_cast(dtype, input, kAutocastDevice),
-                 at::autocast::cached_cast(dtype, weight, kAutocastDevice),
-                 at::autocast::cached_cast(dtype, bias, kAutocastDevice), stride, relu);
-}
+using EncoderBlockSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, bool);
+using DecoderBlockSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, bool,
+                                         c10::SymIntArrayRef);
 constexpr char kConv3x3[] = "conv3x3";
 constexpr char kConvTranspose3x3[] = "conv_transpose3x3";
+constexpr char kEncoderBlock[] = "encoder_block";
+constexpr char kDecoderBlock[] = "decoder_block";
 }  // namespace
 
 TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
-  m.impl(kConv3x3, &conv_autocast<kConv3x3>);
-  m.impl(kConvTranspose3x3, &conv_autocast<kConvTranspose3x3>);
+  m.impl(kConv3x3, &Autocast<kConv3x3, ConvSignature>::call);
+  m.impl(kConvTranspose3x3, &Autocast<kConvTranspose3x3, ConvSignature>::call);
+  m.impl(kEncoderBlock, &Autocast<kEncoderBlock, EncoderBlockSignature>::call);
+  m.impl(kDecoderBlock, &Autocast<kDecoderBlock, DecoderBlockSignature>::call);
 }
 
 #if !defined(CAE_WITH_CUDA) && !defined(CAE_SIM)

@@ -45,3 +45,45 @@ def test_cpu_kernels_stay_float32_under_cpu_autocast():
         y = cae_kernels.conv3x3(x, w, None, 1, "relu")
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1).relu(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@on_cuda_kernels()
+def test_blocks_run_in_the_autocast_dtype_like_their_layers(backend, dtype):
+    """The block ops cast like the convolutions they chain: the same result and gradients
+    as those convolutions called one by one under autocast."""
+    device, f = backend.device, backend.functions
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=0.3):
+        return (torch.randn(shape, generator=gen) * scale).to(device).requires_grad_()
+
+    x = leaf(2, 3, 9, 7, scale=1.0)
+    enc_w, enc_b = [leaf(5, 3, 3, 3), leaf(5, 5, 3, 3), leaf(5, 5, 3, 3)], [leaf(5), leaf(5), leaf(5)]
+    dec_w, dec_b = [leaf(5, 4, 3, 3), leaf(4, 2, 3, 3)], [leaf(4), leaf(2)]
+
+    def fused():
+        code = f.encoder_block(x, enc_w, enc_b)
+        return code, f.decoder_block(code, dec_w, dec_b, (9, 7))
+
+    def per_op():
+        a = f.conv3x3(x, enc_w[0], enc_b[0], 1, "relu")
+        a = f.conv3x3(a, enc_w[1], enc_b[1], 1, "relu")
+        code = f.conv3x3(a, enc_w[2], enc_b[2], 2, "relu")
+        d = f.conv_transpose3x3(code, dec_w[0], dec_b[0], 2, "relu")
+        d = f.conv_transpose3x3(d, dec_w[1], dec_b[1], 1, None)
+        return code, d[..., :9, :7]
+
+    leaves = [x, *enc_w, *enc_b, *dec_w, *dec_b]
+    results = []
+    for run in (fused, per_op):
+        with torch.autocast(device, dtype=dtype):
+            code, out = run()
+        assert code.dtype == dtype and out.dtype == dtype
+        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        results.append((out, grads))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, **backend.tolerance(dtype))
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, ref, **backend.tolerance(dtype, ref))
