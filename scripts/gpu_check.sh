@@ -78,7 +78,8 @@ t0=$SECONDS
 # autocast, the GPU-only tests (the files by name: test_sim.py, which builds the
 # emulator as it is collected, is not among them).
 tests=()
-for f in tests/test_ops.py tests/test_cuda_kernels.py tests/test_cuda.py tests/test_autocast.py tests/test_fakes.py; do
+for f in tests/test_ops.py tests/test_blocks.py tests/test_encoder_block.py tests/test_cuda_kernels.py tests/test_cuda.py \
+  tests/test_autocast.py tests/test_fakes.py; do
   [ -f "$f" ] && tests+=("$f")
 done
 set +e
@@ -175,6 +176,18 @@ try:
         if ratios:
             lines.append(f"geometric mean cae/torch over {len(ratios)} rows: "
                          f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}")
+    # The training step: cae is the fused block ops on CUDA, cae-per-op the per-op path.
+    steps = defaultdict(dict)
+    for r in rows:
+        if r.get("kind") == "train":
+            steps[(r["model"], r["layout"], r["batch"])][r["impl"]] = r["median"]
+    for (model, layout, batch), t in sorted(steps.items()):
+        if "torch" not in t:
+            continue
+        if len(lines) and lines[-1] and not lines[-1].startswith("train step"):
+            lines.append("")
+        cells = ", ".join(f"{impl} {ms * 1e3:.3f} ms ({ms / t['torch']:.2f})" for impl, ms in sorted(t.items()))
+        lines.append(f"train step {model} {layout} batch {batch} (median, / torch eager): {cells}")
 except FileNotFoundError:
     pass
 except Exception as e:  # the table must not hide the logs
