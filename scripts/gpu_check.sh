@@ -13,7 +13,7 @@
 # 8 minutes; the benchmarks get what the build and tests leave).
 #
 # Files written (at most 8, flat): build.log (machine, versions, compiler output),
-# tests.log, tests.xml (JUnit), bench.log, bench.json, report.md and ratios.png
+# tests.log (with the loss curve against PyTorch's), tests.xml (JUnit), bench.log, bench.json, report.md and ratios.png
 # (benchmarks/report.py), summary.txt (the table printed last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +94,22 @@ case $rc in
   *) status[tests]="FAILED (pytest exit $rc)" ;;
 esac
 tail -5 "$OUT_DIR/tests.log"
+
+# The loss over 1,000 training steps on our kernels (per op and fused) against
+# PyTorch's, exact float32 (scripts/loss_curve.py), appended to tests.log.
+t0=$SECONDS
+set +e
+{ echo "== scripts/loss_curve.py --device cuda"; timeout "$(left)" "$PYTHON" scripts/loss_curve.py --device cuda; } \
+  > "$OUT_DIR/.loss_curve" 2>&1
+rc=$?
+set -e
+cat "$OUT_DIR/.loss_curve" >> "$OUT_DIR/tests.log"
+case $rc in
+  0) status[loss]=ok ;;
+  124) status[loss]="TIMED OUT" ;;
+  *) status[loss]="FAILED (exit $rc)" ;;
+esac
+seconds[loss]=$((SECONDS - t0))
 
 # --- 3. benchmarks -----------------------------------------------------------
 t0=$SECONDS
@@ -194,8 +210,15 @@ except Exception as e:  # the table must not hide the logs
     lines.append(f"(benchmark table unavailable: {e})")
 print("\n".join(lines))
 EOF
+{
+  echo
+  echo "loss curve (${status[loss]}, ${seconds[loss]} s):"
+  grep -E "^(cae|loss_curve)" "$OUT_DIR/.loss_curve" || true
+} >> "$OUT_DIR/summary.txt"
+rm -f "$OUT_DIR/.loss_curve"
 echo
 cat "$OUT_DIR/summary.txt"
 echo "gpu_check: logs and results in $OUT_DIR"
 [ "${status[tests]}" = ok ] || fail "tests: ${status[tests]} (see tests.log)"
+[ "${status[loss]}" = ok ] || fail "loss curve: ${status[loss]} (see tests.log)"
 case "${status[bench]}" in ok | none* | skipped*) ;; *) fail "benchmarks: ${status[bench]} (see bench.log)" ;; esac

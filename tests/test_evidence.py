@@ -361,3 +361,15 @@ def test_saved_bytes_counts_each_storage_once():
     sizes = [saved.measure("pool", "cae", torch.contiguous_format, batch) for batch in (2, 4, 6)]
     assert sizes[2] - sizes[1] == sizes[1] - sizes[0] > 0
     assert sizes[0] > sizes[1] - sizes[0]
+
+
+def test_loss_curve_script(capsys):
+    """A few steps of each path against PyTorch's (the GPU script runs 1,000): within a
+    tolerance no float32 rounding reaches in a few steps; the exit status reports a path
+    beyond the tolerance (a negative one: every path)."""
+    script = load_script("loss_curve")
+    args = ["--steps", "3", "--batch-size", "16"]
+    assert script.main([*args, "--tolerance", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "cae: 3 steps" in out and "cae-fused: 3 steps" in out
+    assert script.main([*args, "--tolerance", "-1"]) == 1
