@@ -266,3 +266,16 @@ def test_the_cuda_graph_flag(tmp_path, capsys, monkeypatch):
     for flags in ([], ["--cuda-graph"], ["--no-cuda-graph"]):
         assert main(["train", "--model-dir", str(tmp_path / "run"), *flags]) == 0
     assert given == [None, True, False]
+
+
+def test_the_fused_flag_reaches_train(tmp_path, monkeypatch):
+    parse = build_parser().parse_args
+    assert parse(["train"]).fused is None  # the model decides: fused on CUDA
+    assert parse(["train", "--fused"]).fused is True and parse(["train", "--no-fused"]).fused is False
+    import cae_kernels.app.cli as cli
+
+    given = []
+    monkeypatch.setattr(cli, "train", lambda *args, **kwargs: given.append(kwargs["fused"]))
+    for flags in ([], ["--fused"], ["--no-fused"]):
+        assert main(["train", "--model-dir", str(tmp_path / "run"), *flags]) == 0
+    assert given == [None, True, False]

@@ -490,3 +490,19 @@ def test_the_graphed_learning_rate_follows_the_schedule(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_train_step", spy)
     run(tmp_path / "run", **dict(TINY, limit=320, epochs=1))  # 5 steps: 3 warm-up, 2 replayed
     assert rates == pytest.approx([1e-3, 1e-3, 0.96e-3, 0.96e-3, 0.96 ** 2 * 1e-3], rel=1e-6)
+
+
+def test_fused_blocks_train_as_the_per_op_path(tmp_path):
+    """`fused=True` (`--fused`) runs the conv model on the block ops: on the CPU kernels
+    they compose the same kernels, so the same losses to the bit; a run resumes with the
+    other path; the flag is refused where there are no block ops."""
+    per_op = run(tmp_path / "per-op", **TINY, fused=False)
+    fused = run(tmp_path / "fused", **TINY, fused=True)
+    assert [h["train_loss"] for h in fused.history] == [h["train_loss"] for h in per_op.history]
+    assert fused.model.fused is True and per_op.model.fused is False
+    resumed = run(tmp_path / "per-op", **{**TINY, "epochs": 3}, fused=True)
+    assert resumed.model.fused is True and len(resumed.history) == 3
+    for options in (dict(model="fc"), dict(backend="torch")):
+        with pytest.raises(ConfigError, match="--fused runs this package's block ops"):
+            run(tmp_path / "refused", **TINY, **options, fused=True)
+        assert not (tmp_path / "refused").exists()

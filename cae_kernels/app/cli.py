@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the training step from a CUDA graph captured after a few eager steps: "
                             "the step's kernels launch as one graph, not one by one from Python; an error "
                             "without CUDA or under torchrun (default: on with a CUDA device and one process)")
+    hyper.add_argument("--fused", action=argparse.BooleanOptionalAction,
+                       help="run the conv autoencoder's encoder blocks and decoder as block ops (one "
+                            "fused kernel per encoder block on CUDA; a block's inside recomputed in the "
+                            "backward, not kept) instead of one op per layer; the same numbers either "
+                            "way (default: on CUDA, off on the CPU kernels)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
@@ -192,7 +197,7 @@ _TRAIN_OPTIONS = ("model", "filters", "downsample", "hidden", "dropout", "epochs
 def _train(args) -> int:
     options = {name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None}
     train(args.model_dir, progress=not args.no_progress, log_every=args.log_every,
-          keep_checkpoints=args.keep_checkpoints, cuda_graph=args.cuda_graph, **options)
+          keep_checkpoints=args.keep_checkpoints, cuda_graph=args.cuda_graph, fused=args.fused, **options)
     return 0
 
 

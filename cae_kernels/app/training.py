@@ -235,12 +235,14 @@ def _set_rng_state(state: dict, noise: torch.Generator, device: torch.device) ->
 
 def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
           keep_checkpoints: int = checkpoints.DEFAULT_KEEP, dataset: Dataset | None = None,
-          cuda_graph: bool | None = None, **options) -> TrainResult:
+          cuda_graph: bool | None = None, fused: bool | None = None, **options) -> TrainResult:
     """Train (or resume training) the run in ``model_dir``; ``options`` are ``Config`` fields.
 
     ``cuda_graph``: run the step from a CUDA graph captured after ``WARMUP_STEPS`` eager
     steps (None, the default: on CUDA with one process; True where that is not possible
-    is a ``ConfigError``).
+    is a ``ConfigError``). ``fused``: the conv autoencoder on the block ops (True) or one
+    op per layer (False); None, the default, leaves it to the model (``ConvAutoencoder``:
+    fused on CUDA). It does not change the numbers, so a run may resume with another.
 
     Only the options given explicitly are checked against an existing run's stored
     configuration.  Writes config, checkpoints (the last ``keep_checkpoints``), event
@@ -257,11 +259,16 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
         if config.batch_size % world.size:
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the {world.size} processes")
         graphed = _use_cuda_graph(cuda_graph, device, world)
+        if fused and (config.model != "conv" or config.backend == "torch"):
+            raise ConfigError(f"--fused runs this package's block ops: the conv model on backend 'cae', "
+                              f"not the {config.model} model on backend {config.backend!r}")
         data = dataset if dataset is not None else load_data(config.data_dir)
         with rundir.lock(model_dir) if world.main else contextlib.nullcontext():
             config, _ = resolve_config(model_dir, options)  # again, now that no other trainer can write it
             trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout,
                                graphed)
+            if fused is not None and config.model == "conv":
+                trainer.model.fused = fused
             return trainer.run(progress, log_every, keep_checkpoints)
     finally:
         world.leave()
