@@ -9,7 +9,11 @@
 // (conv3x3_kernels.cuh) serves every other case: sm_75, float64, float32
 // without TF32, one input channel, fewer than 5 output channels. At stride 1
 // the transposed correlation is this one with the kernel flipped
-// (flipped_weight): correlate_transpose takes it too.
+// (MmaTaps::Flipped): correlate_transpose takes it too. At stride 2 it is
+// four correlations, one per parity class of the output pixels (oy % 2,
+// ox % 2), each over a stride-1 window of the small input with 1, 2, 2 or 4 of
+// the 9 taps (MmaTaps::ParityClasses): a block takes a tile of one class, and
+// k runs over that class's taps only (mma_tap).
 //
 // Layout of the work: the block's output tile is correlate_kernel's
 // (plan_output_tile: 256 pixels of one or more images) and its output
@@ -31,15 +35,23 @@
 namespace cae {
 namespace cuda {
 
+// The taps a block takes, and how its weight is laid out.
+enum class MmaTaps {
+  Correlate,      // w [C_out, C_in, 3, 3], the 9 taps
+  Flipped,        // w [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
+  ParityClasses,  // w [C_in, C_out, 3, 3], correlate_transpose at stride 2: the taps of a parity class
+};
+
 struct MmaConvTiling {
-  int rows, cols, samples, tiles_y, tiles_x;
-  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile)
-  int stride;            // of the convolution (only the start of each pixel's window depends on it)
+  int rows, cols, samples, tiles_y, tiles_x;  // ParityClasses: tiles of a class's pixels (i, j)
+  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile);
+                         // ParityClasses: 4 per tile, the class tile % 4, the tile tile / 4
+  int stride;            // between the windows of neighbouring pixels (ParityClasses: 1, within a class)
   int in_rows, in_cols;  // the input window of a tile (with halo)
   int chunk;             // input channels per pass: a multiple of 8
   int pixel_words;       // shared-memory words per pixel: the chunk's words, padded against bank conflicts
   bool vec_out;          // NHWC vector stores allowed
-  bool flipped_weight;   // w is [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
+  MmaTaps taps;
 };
 
 struct MmaConvPlan {
@@ -65,11 +77,14 @@ inline int mma_pixel_words(int chunk, int per_word, int stride) {
   return words + (stride == 1 && (words / 4) % 2 == 0 ? 4 : 0);
 }
 
+// Taps per block at most: a parity class has 4 or fewer.
+inline int mma_max_taps(MmaTaps taps) { return taps == MmaTaps::ParityClasses ? 4 : 9; }
+
 // Shared memory of a pass over `chunk` channels: the window, the weights
 // [groups][COB][8 channels' words], the groups' offsets; the epilogue reuses
 // it for the [256][COB + 1] accumulators.
 inline size_t mma_conv_smem(const MmaConvTiling& t, int cob, int per_word) {
-  const size_t groups = static_cast<size_t>(9) * (t.chunk / 8);
+  const size_t groups = static_cast<size_t>(mma_max_taps(t.taps)) * (t.chunk / 8);
   const size_t pass = (static_cast<size_t>(t.samples) * t.in_rows * t.in_cols * t.pixel_words +
                        groups * cob * (8 / per_word) + groups) *
                       4;
@@ -77,37 +92,44 @@ inline size_t mma_conv_smem(const MmaConvTiling& t, int cob, int per_word) {
   return pass > epilogue ? pass : epilogue;
 }
 
+// ParityClasses: a's output [H_out, W_out] is the large side, its input
+// [H, W] the small one, stride 2.
 template <typename T>
-inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, bool nhwc) {
+inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, bool nhwc, MmaTaps taps) {
   MmaConvPlan p{};
   const int cob = channel_block(a.C_out);
   if (a.C_in < 2 || cob < 8) return p;  // p.ok false: the plain kernel
-  const OutputTile tile = plan_output_tile(a.N, a.H_out, a.W_out);
   MmaConvTiling& t = p.t;
+  t.taps = taps;
+  // A parity class's pixels (2 i + py, 2 j + px) read the small input's
+  // window (i, j) .. (i + 1, j + 1) (mma_tap): stride 1, a 1-pixel halo.
+  const bool classes = taps == MmaTaps::ParityClasses;
+  const OutputTile tile = classes ? plan_output_tile(a.N, ceil_div(a.H_out, 2), ceil_div(a.W_out, 2))
+                                  : plan_output_tile(a.N, a.H_out, a.W_out);
   t.rows = tile.rows, t.cols = tile.cols, t.samples = tile.samples;
   t.tiles_y = tile.tiles_y, t.tiles_x = tile.tiles_x;
-  t.stride = stride;
-  t.in_rows = (tile.rows - 1) * stride + 3;
-  t.in_cols = (tile.cols - 1) * stride + 3;
-  t.tile_blocks =
-      static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
+  t.stride = classes ? 1 : stride;
+  t.in_rows = (tile.rows - 1) * t.stride + (classes ? 2 : 3);
+  t.in_cols = (tile.cols - 1) * t.stride + (classes ? 2 : 3);
+  const index_t tile_blocks = tile.blocks() * (classes ? 4 : 1);
+  t.tile_blocks = static_cast<int>(tile_blocks < (index_t{1} << 31) ? tile_blocks : (index_t{1} << 31) - 1);
   // The widest chunk that fits, then balanced over the passes it takes.
   constexpr int E = mma_channels_per_word<T>();
   const int padded = ceil_div(a.C_in, 8) * 8;
   int chunk = padded;
   for (; chunk >= 8; chunk -= 8) {
     t.chunk = chunk;
-    t.pixel_words = mma_pixel_words(chunk, E, stride);
+    t.pixel_words = mma_pixel_words(chunk, E, t.stride);
     if (mma_conv_smem(t, cob, E) <= kSmemBudget) break;
   }
   if (chunk < 8) return p;
   const int passes = ceil_div(padded, chunk);
   t.chunk = ceil_div(ceil_div(a.C_in, passes), 8) * 8;
-  t.pixel_words = mma_pixel_words(t.chunk, E, stride);
+  t.pixel_words = mma_pixel_words(t.chunk, E, t.stride);
   const int vo = vec_width<T, 8>();
   t.vec_out = nhwc && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
   p.ok = true;
-  p.blocks = tile.blocks() * ceil_div(a.C_out, cob);
+  p.blocks = tile_blocks * ceil_div(a.C_out, cob);
   p.smem = mma_conv_smem(t, cob, E);
   return p;
 }
@@ -121,6 +143,28 @@ CAE_DEVICE uint32_t mma_word(T lo, T hi) {
   } else {
     return pack2(lo, hi);
   }
+}
+
+// Tap i of a block's list: where its input lies in the pixel's window
+// (dy, dx), and the weight's tap ky * 3 + kx that multiplies it.
+struct MmaTap {
+  int dy, dx, k;
+};
+
+// The taps of parity class `cls` (ParityClasses; else cls is unused): an
+// output row oy = 2 i + py takes g rows (oy + 1 - ky) / 2 with that division
+// exact, so py = 0 takes ky = 1 (row i), py = 1 ky = 0 (row i + 1) and ky = 2
+// (row i); likewise columns with px = cls & 1. py = cls >> 1.
+CAE_DEVICE MmaTap mma_tap(MmaTaps taps, int cls, int i) {
+  if (taps != MmaTaps::ParityClasses) return {i / 3, i % 3, taps == MmaTaps::Flipped ? 8 - i : i};
+  const int px = cls & 1;
+  const int ky = cls >> 1 ? 2 * (i >> px) : 1, kx = px ? 2 * (i & 1) : 1;
+  return {(2 - ky) >> 1, (2 - kx) >> 1, ky * 3 + kx};
+}
+
+// Taps of parity class cls (ParityClasses), or 9.
+CAE_DEVICE int mma_taps(MmaTaps taps, int cls) {
+  return taps == MmaTaps::ParityClasses ? (1 + (cls >> 1)) * (1 + (cls & 1)) : 9;
 }
 
 // Stages gate(x) over the window, channels [c0, c0 + count) padded with zeros
@@ -171,7 +215,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int J = TF32 ? 1 : 2;
   constexpr int b_half = TF32 ? 4 : COB * W;
   const int G = t.chunk / 8;  // channel groups per tap
-  const int groups = 9 * G;
+  const bool classes = t.taps == MmaTaps::ParityClasses;
+  const int tile = static_cast<int>(blockIdx.x % t.tile_blocks);
+  // ParityClasses: the four classes of a tile are neighbouring blocks (they
+  // read one window of g).
+  const int cls = classes ? tile % 4 : 0;
+  const int groups = mma_taps(t.taps, cls) * G;
   CAE_DYNAMIC_SHARED(uint32_t, smem);
   const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;  // then the sums' (SumsJob)
   if (static_cast<int>(blockIdx.x) >= own_blocks)
@@ -182,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // the fragments' groupID and thread in group
   const TileOrigin o =
-      tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+      tile_origin(classes ? tile / 4 : tile, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
   const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
 
   // Where the windows of this lane's A rows start: rows g and g + 8 of the
@@ -198,8 +247,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   for (int j = tid; j < groups; j += kThreads) {
-    const int tap = j / G, ky = tap / 3, kx = tap % 3;
-    goff_s[j] = (ky * t.in_cols + kx) * t.pixel_words + (j % G) * W;
+    const MmaTap tap = mma_tap(t.taps, cls, j / G);
+    goff_s[j] = (tap.dy * t.in_cols + tap.dx) * t.pixel_words + (j % G) * W;
   }
 
   float acc[2][NT][4];
@@ -218,19 +267,23 @@ __global__ void __launch_bounds__(kThreads, 2)
     // B[k][co]: word (j, n, word) holds channel(s) c0 + 8 (j % G) + E word (+ 1) of tap j / G.
     for (int i = tid; i < groups * COB * W; i += kThreads) {
       const int word = i % W, nn = (i / W) % COB, j = i / (W * COB);
-      const int co = co0 + nn, c = (j % G) * 8 + E * word, tap = j / G;
+      const int co = co0 + nn, c = (j % G) * 8 + E * word, k = mma_tap(t.taps, cls, j / G).k;
       const T zero = static_cast<T>(0.0f);
       T v[2] = {zero, zero};
       CAE_UNROLL
       for (int e = 0; e < E; ++e) {
         if (co < a.C_out && c + e < count) {
-          v[e] = t.flipped_weight ? a.w[(static_cast<index_t>(c0 + c + e) * a.C_out + co) * 9 + 8 - tap]
-                                  : a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + tap];
+          v[e] = t.taps == MmaTaps::Correlate
+                     ? a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + k]
+                     : a.w[(static_cast<index_t>(c0 + c + e) * a.C_out + co) * 9 + k];
         }
       }
       w_s[i] = mma_word<Kind>(v[0], v[1]);
     }
-    stage_words<Kind, NHWC>(in_s, a, t, o.n0, o.y0 * t.stride - 1, o.x0 * t.stride - 1, c0, count, tid);
+    // The window: from the tile's first pixel's top-left tap (halo -1), or
+    // for a class tile (i0, j0) g's pixel (i0, j0).
+    stage_words<Kind, NHWC>(in_s, a, t, o.n0, classes ? o.y0 : o.y0 * t.stride - 1,
+                            classes ? o.x0 : o.x0 * t.stride - 1, c0, count, tid);
     __syncthreads();
     // k = 16: products over pairs of groups (j, j + 1), an odd last group
     // alone; k = 8: one group per product. Unrolled less than nvcc would
@@ -274,7 +327,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   __syncthreads();
   const int px = tid % t.cols, py = (tid / t.cols) % t.rows, ps = tid / (t.cols * t.rows);
-  const int n = o.n0 + ps, oy = o.y0 + py, ox = o.x0 + px;
+  const int n = o.n0 + ps;
+  const int oy = classes ? 2 * (o.y0 + py) + (cls >> 1) : o.y0 + py;
+  const int ox = classes ? 2 * (o.x0 + px) + (cls & 1) : o.x0 + px;
   if (n < a.N && oy < a.H_out && ox < a.W_out) {
     float v[COB];
     CAE_UNROLL
