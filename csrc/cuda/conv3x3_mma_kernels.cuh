@@ -12,13 +12,16 @@
 // (MmaTaps::Flipped): correlate_transpose takes it too. At stride 2 it is
 // four correlations, one per parity class of the output pixels (oy % 2,
 // ox % 2), each over a stride-1 window of the small input with 1, 2, 2 or 4 of
-// the 9 taps (MmaTaps::ParityClasses): a block takes a tile of one class, and
-// k runs over that class's taps only (mma_tap).
+// the 9 taps (MmaTaps::ParityClasses): a block stages the small side's window
+// of its output tile once and computes all four classes from it, two warps a
+// class (as correlate_transpose_kernel groups its threads), each warp's k
+// running over its class's taps only (mma_tap): staged elements per output
+// are the plain kernel's.
 //
 // Layout of the work: the block's output tile is correlate_kernel's
 // (plan_output_tile: 256 pixels of one or more images) and its output
 // channels a group of COB (8 or 16: one or two n = 8 tiles). Warp w owns the
-// tile's pixels [32 w, 32 w + 32), two m = 16 tiles. Input channels pass
+// tile's pixels [32 w, 32 w + 32) (ParityClasses: class-major), two m = 16 tiles. Input channels pass
 // through shared memory in chunks of CP (a multiple of 8, zero-padded), stored
 // as the fragments read them: 32-bit words of two 16-bit channels or one tf32
 // one, a pixel's channels contiguous, so each A register is one 32-bit load.
@@ -43,9 +46,8 @@ enum class MmaTaps {
 };
 
 struct MmaConvTiling {
-  int rows, cols, samples, tiles_y, tiles_x;  // ParityClasses: tiles of a class's pixels (i, j)
-  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile);
-                         // ParityClasses: 4 per tile, the class tile % 4, the tile tile / 4
+  int rows, cols, samples, tiles_y, tiles_x;  // ParityClasses: a class's pixels (i, j) of the tile
+  int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile)
   int stride;            // between the windows of neighbouring pixels (ParityClasses: 1, within a class)
   int in_rows, in_cols;  // the input window of a tile (with halo)
   int chunk;             // input channels per pass: a multiple of 8
@@ -77,14 +79,11 @@ inline int mma_pixel_words(int chunk, int per_word, int stride) {
   return words + (stride == 1 && (words / 4) % 2 == 0 ? 4 : 0);
 }
 
-// Taps per block at most: a parity class has 4 or fewer.
-inline int mma_max_taps(MmaTaps taps) { return taps == MmaTaps::ParityClasses ? 4 : 9; }
-
 // Shared memory of a pass over `chunk` channels: the window, the weights
 // [groups][COB][8 channels' words], the groups' offsets; the epilogue reuses
 // it for the [256][COB + 1] accumulators.
 inline size_t mma_conv_smem(const MmaConvTiling& t, int cob, int per_word) {
-  const size_t groups = static_cast<size_t>(mma_max_taps(t.taps)) * (t.chunk / 8);
+  const size_t groups = static_cast<size_t>(9) * (t.chunk / 8);
   const size_t pass = (static_cast<size_t>(t.samples) * t.in_rows * t.in_cols * t.pixel_words +
                        groups * cob * (8 / per_word) + groups) *
                       4;
@@ -101,18 +100,20 @@ inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, boo
   if (a.C_in < 2 || cob < 8) return p;  // p.ok false: the plain kernel
   MmaConvTiling& t = p.t;
   t.taps = taps;
-  // A parity class's pixels (2 i + py, 2 j + px) read the small input's
-  // window (i, j) .. (i + 1, j + 1) (mma_tap): stride 1, a 1-pixel halo.
+  // ParityClasses: the tile of 256 output pixels (rows and columns even) is
+  // four classes of rows / 2 x cols / 2 pixels; a class's pixel (i, j), output
+  // (2 i + py, 2 j + px), reads the small input's (i, j) .. (i + 1, j + 1)
+  // (mma_tap): a stride-1 window with a 1-pixel halo, shared by the classes.
   const bool classes = taps == MmaTaps::ParityClasses;
-  const OutputTile tile = classes ? plan_output_tile(a.N, ceil_div(a.H_out, 2), ceil_div(a.W_out, 2))
-                                  : plan_output_tile(a.N, a.H_out, a.W_out);
-  t.rows = tile.rows, t.cols = tile.cols, t.samples = tile.samples;
+  const OutputTile tile = plan_output_tile(a.N, a.H_out, a.W_out);
+  const int split = classes ? 2 : 1;
+  t.rows = tile.rows / split, t.cols = tile.cols / split, t.samples = tile.samples;
   t.tiles_y = tile.tiles_y, t.tiles_x = tile.tiles_x;
   t.stride = classes ? 1 : stride;
-  t.in_rows = (tile.rows - 1) * t.stride + (classes ? 2 : 3);
-  t.in_cols = (tile.cols - 1) * t.stride + (classes ? 2 : 3);
-  const index_t tile_blocks = tile.blocks() * (classes ? 4 : 1);
-  t.tile_blocks = static_cast<int>(tile_blocks < (index_t{1} << 31) ? tile_blocks : (index_t{1} << 31) - 1);
+  t.in_rows = (t.rows - 1) * t.stride + (classes ? 2 : 3);
+  t.in_cols = (t.cols - 1) * t.stride + (classes ? 2 : 3);
+  t.tile_blocks =
+      static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
   // The widest chunk that fits, then balanced over the passes it takes.
   constexpr int E = mma_channels_per_word<T>();
   const int padded = ceil_div(a.C_in, 8) * 8;
@@ -129,7 +130,7 @@ inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, boo
   const int vo = vec_width<T, 8>();
   t.vec_out = nhwc && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
   p.ok = true;
-  p.blocks = tile_blocks * ceil_div(a.C_out, cob);
+  p.blocks = tile.blocks() * ceil_div(a.C_out, cob);
   p.smem = mma_conv_smem(t, cob, E);
   return p;
 }
@@ -151,20 +152,21 @@ struct MmaTap {
   int dy, dx, k;
 };
 
-// The taps of parity class `cls` (ParityClasses; else cls is unused): an
-// output row oy = 2 i + py takes g rows (oy + 1 - ky) / 2 with that division
-// exact, so py = 0 takes ky = 1 (row i), py = 1 ky = 0 (row i + 1) and ky = 2
-// (row i); likewise columns with px = cls & 1. py = cls >> 1.
-CAE_DEVICE MmaTap mma_tap(MmaTaps taps, int cls, int i) {
-  if (taps != MmaTaps::ParityClasses) return {i / 3, i % 3, taps == MmaTaps::Flipped ? 8 - i : i};
-  const int px = cls & 1;
-  const int ky = cls >> 1 ? 2 * (i >> px) : 1, kx = px ? 2 * (i & 1) : 1;
-  return {(2 - ky) >> 1, (2 - kx) >> 1, ky * 3 + kx};
-}
+// ParityClasses: the list is the classes' taps one class after the other,
+// class cls (py = cls >> 1, px = cls & 1) holding (1 + py) (1 + px) of them
+// from mma_first_tap(cls): 1, 2, 2, 4, starting at 0, 1, 3, 5.
+CAE_HOST_DEVICE int mma_first_tap(int cls) { return 2 * cls - (cls > 0); }
+CAE_HOST_DEVICE int mma_class_taps(int cls) { return (1 + (cls >> 1)) * (1 + (cls & 1)); }
 
-// Taps of parity class cls (ParityClasses), or 9.
-CAE_DEVICE int mma_taps(MmaTaps taps, int cls) {
-  return taps == MmaTaps::ParityClasses ? (1 + (cls >> 1)) * (1 + (cls & 1)) : 9;
+// An output row oy = 2 i + py takes g rows (oy + 1 - ky) / 2 with that
+// division exact, so py = 0 takes ky = 1 (row i), py = 1 ky = 0 (row i + 1)
+// and ky = 2 (row i); likewise columns with px.
+CAE_DEVICE MmaTap mma_tap(MmaTaps taps, int i) {
+  if (taps != MmaTaps::ParityClasses) return {i / 3, i % 3, taps == MmaTaps::Flipped ? 8 - i : i};
+  const int cls = i == 0 ? 0 : i < 3 ? 1 : i < 5 ? 2 : 3, l = i - mma_first_tap(cls);
+  const int px = cls & 1;
+  const int ky = cls >> 1 ? 2 * (l >> px) : 1, kx = px ? 2 * (l & 1) : 1;
+  return {(2 - ky) >> 1, (2 - kx) >> 1, ky * 3 + kx};
 }
 
 // Stages gate(x) over the window, channels [c0, c0 + count) padded with zeros
@@ -215,12 +217,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int J = TF32 ? 1 : 2;
   constexpr int b_half = TF32 ? 4 : COB * W;
   const int G = t.chunk / 8;  // channel groups per tap
+  const int groups = 9 * G;
   const bool classes = t.taps == MmaTaps::ParityClasses;
-  const int tile = static_cast<int>(blockIdx.x % t.tile_blocks);
-  // ParityClasses: the four classes of a tile are neighbouring blocks (they
-  // read one window of g).
-  const int cls = classes ? tile % 4 : 0;
-  const int groups = mma_taps(t.taps, cls) * G;
   CAE_DYNAMIC_SHARED(uint32_t, smem);
   const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;  // then the sums' (SumsJob)
   if (static_cast<int>(blockIdx.x) >= own_blocks)
@@ -231,23 +229,30 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, tq = lane % 4;  // the fragments' groupID and thread in group
   const TileOrigin o =
-      tile_origin(classes ? tile / 4 : tile, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
+      tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
   const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
+  // The block's pixels: `per_class` of each class (ParityClasses: 4 classes,
+  // class-major), else 256 of one. The warp's class, and its groups [j0, j1).
+  const int per_class = t.rows * t.cols * t.samples;
+  const int wcls = warp * kMmaPixelsPerWarp / per_class;
+  const int j0 = classes ? mma_first_tap(wcls) * G : 0;
+  const int j1 = classes ? j0 + mma_class_taps(wcls) * G : groups;
 
   // Where the windows of this lane's A rows start: rows g and g + 8 of the
-  // warp's two m tiles (tile pixels q = 32 warp + 16 m + row).
+  // warp's two m tiles (its class's pixels q = 32 warp + 16 m + row, mod
+  // per_class).
   int base[2][2];
   CAE_UNROLL
   for (int m = 0; m < 2; ++m) {
     CAE_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const int q = warp * kMmaPixelsPerWarp + 16 * m + 8 * h + g;
+      const int q = (warp * kMmaPixelsPerWarp) % per_class + 16 * m + 8 * h + g;
       const int px = q % t.cols, py = (q / t.cols) % t.rows, ps = q / (t.cols * t.rows);
       base[m][h] = ((ps * t.in_rows + py * t.stride) * t.in_cols + px * t.stride) * t.pixel_words + tq;
     }
   }
   for (int j = tid; j < groups; j += kThreads) {
-    const MmaTap tap = mma_tap(t.taps, cls, j / G);
+    const MmaTap tap = mma_tap(t.taps, j / G);
     goff_s[j] = (tap.dy * t.in_cols + tap.dx) * t.pixel_words + (j % G) * W;
   }
 
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     // B[k][co]: word (j, n, word) holds channel(s) c0 + 8 (j % G) + E word (+ 1) of tap j / G.
     for (int i = tid; i < groups * COB * W; i += kThreads) {
       const int word = i % W, nn = (i / W) % COB, j = i / (W * COB);
-      const int co = co0 + nn, c = (j % G) * 8 + E * word, k = mma_tap(t.taps, cls, j / G).k;
+      const int co = co0 + nn, c = (j % G) * 8 + E * word, k = mma_tap(t.taps, j / G).k;
       const T zero = static_cast<T>(0.0f);
       T v[2] = {zero, zero};
       CAE_UNROLL
@@ -281,18 +286,18 @@ __global__ void __launch_bounds__(kThreads, 2)
       w_s[i] = mma_word<Kind>(v[0], v[1]);
     }
     // The window: from the tile's first pixel's top-left tap (halo -1), or
-    // for a class tile (i0, j0) g's pixel (i0, j0).
+    // for class pixels from (i0, j0) g's pixel (i0, j0).
     stage_words<Kind, NHWC>(in_s, a, t, o.n0, classes ? o.y0 : o.y0 * t.stride - 1,
                             classes ? o.x0 : o.x0 * t.stride - 1, c0, count, tid);
     __syncthreads();
     // k = 16: products over pairs of groups (j, j + 1), an odd last group
-    // alone; k = 8: one group per product. Unrolled less than nvcc would
+    // (of the warp's) alone; k = 8: one group per product. Unrolled less than nvcc would
     // (4 times and more: registers, and spills in the tf32 kernels).
 #if !defined(CAE_SIM)
 #pragma unroll(TF32 ? 1 : 2)
 #endif
-    for (int j = 0; j < groups; j += J) {
-      const bool pair_ok = TF32 || j + 1 < groups;
+    for (int j = j0; j < j1; j += J) {
+      const bool pair_ok = TF32 || j + 1 < j1;
       const int lo = goff_s[j], hi = TF32 ? lo + 4 : pair_ok ? goff_s[j + 1] : 0;
       uint32_t b[NT][2];
       CAE_UNROLL
@@ -326,7 +331,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   __syncthreads();
-  const int px = tid % t.cols, py = (tid / t.cols) % t.rows, ps = tid / (t.cols * t.rows);
+  const int cls = tid / per_class, q = tid % per_class;
+  const int px = q % t.cols, py = (q / t.cols) % t.rows, ps = q / (t.cols * t.rows);
   const int n = o.n0 + ps;
   const int oy = classes ? 2 * (o.y0 + py) + (cls >> 1) : o.y0 + py;
   const int ox = classes ? 2 * (o.x0 + px) + (cls & 1) : o.x0 + px;
