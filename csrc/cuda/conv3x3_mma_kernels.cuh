@@ -42,7 +42,7 @@ namespace cuda {
 enum class MmaTaps {
   Correlate,      // w [C_out, C_in, 3, 3], the 9 taps
   Flipped,        // w [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
-  ParityClasses,  // w [C_in, C_out, 3, 3], correlate_transpose at stride 2: the taps of a parity class
+  ParityClasses,  // w [C_in, C_out, 3, 3], correlate_transpose at stride 2: each parity class its taps
 };
 
 struct MmaConvTiling {
