@@ -299,15 +299,23 @@ def estimate(call, launch, index_in_op):
         e.bytes = sum(nbytes(t) for t in reads) + nbytes(out)
         e.flops = 2 * weight.numel() * _small_positions(call)
         e.outputs = out.numel()
-        k_steps = 9 * (groups if tf32 else math.ceil(groups / 2))
-        products_per_warp = k_steps * 2 * (cob // 8)  # 2 m16 tiles x the n8 tiles
-        fragment_loads = k_steps * (2 * 4 + (cob // 8) * 2)  # A: 4 words a tile; B: 2 a tile
-        mma_warps = launch.blocks * launch.threads_per_block // 32
         n, _, height, width = out.shape
         cols = _pow2_at_least(width, 2, 32)
         rows = _pow2_at_least(height, 2, 256 // cols)
-        stride = 1 if out.shape[2] == reads[0].shape[2] else 2
-        window = ((rows - 1) * stride + 3) * ((cols - 1) * stride + 3) * (256 // (rows * cols))
+        samples = 256 // (rows * cols)
+        if out.shape[2] > reads[0].shape[2]:
+            # stride-2 transposed: the tile's four parity classes from one stride-1 window of the
+            # small side, (rows / 2 + 1) x (cols / 2 + 1); two warps a class, each over its
+            # class's 1, 2, 2 or 4 taps (k16: its groups paired within the class)
+            k_steps = sum(t * groups if tf32 else math.ceil(t * groups / 2) for t in (1, 2, 2, 4)) / 4
+            window = (rows // 2 + 1) * (cols // 2 + 1) * samples
+        else:
+            k_steps = 9 * (groups if tf32 else math.ceil(groups / 2))
+            stride = 1 if out.shape[2] == reads[0].shape[2] else 2
+            window = ((rows - 1) * stride + 3) * ((cols - 1) * stride + 3) * samples
+        products_per_warp = k_steps * 2 * (cob // 8)  # 2 m16 tiles x the n8 tiles
+        fragment_loads = k_steps * (2 * 4 + (cob // 8) * 2)  # A: 4 words a tile; B: 2 a tile
+        mma_warps = launch.blocks * launch.threads_per_block // 32
         staged = groups * 8 * (window + 9 * cob)
         e.warp_instructions = (mma_warps * (products_per_warp * MMA_ISSUE + fragment_loads + 2 * cob)
                                + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc])

@@ -71,8 +71,8 @@ def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backe
     blocks of the input gradient's launch (2330 columns: 73 blocks of sums behind the
     correlation's own), bitwise equal to the separate ops, which add them in a launch of
     their own. Gated, a batch that spreads over several partial rows; float16 takes the
-    tensor-core correlation where it applies (the input gradient of a transposed
-    convolution, and of a convolution at stride 1), float32 the exact kernels."""
+    tensor-core correlation (the stride-2 convolution's input gradient by parity
+    class), float32 the exact kernels."""
     c_in, c_out = 10, 16
     x = make_input((9, c_in, 11, 13), dtype, backend.device, fmt).detach()
     if transposed:
@@ -93,7 +93,7 @@ def test_whole_backward_adds_the_weight_sums_in_the_input_gradients_launch(backe
         ours = whole(g, g, w, x, stride)
     if counts is not None:  # the emulator counts: weight gradient, then the input gradient with the sums
         assert sum(counts.values()) == 2 and not any("reduce_partials" in k for k in counts), counts
-        on_tensor_cores = dtype == torch.float16 and (transposed or stride == 1)
+        on_tensor_cores = dtype == torch.float16
         assert any("correlate_mma_kernel" in k for k in counts) == on_tensor_cores, counts
         assert any("weight_grad_mma_kernel" in k for k in counts) == (dtype == torch.float16), counts
     separate = (grad_input, grad_weight, grad_bias)
@@ -163,7 +163,8 @@ def test_correlate_on_tensor_cores(backend, stride, fmt, dtype):
     """Both convolutions' forward and input gradient through a fused ReLU (the gated
     correlations) against float64 at the dtype's tolerance (float32 with TF32 allowed:
     TF32 has float16's 10-bit mantissa); on the emulator the tensor-core kernel ran for
-    each correlation, and for each transposed one at stride 1."""
+    each of them (the transposed correlation at stride 2 by parity class; odd sizes in
+    the convolution's input gradient)."""
     with tf32(True):
         check_tensor_cores(backend, stride, fmt, dtype, torch.float16 if dtype == torch.float32 else dtype)
 
@@ -184,21 +185,23 @@ def check_tensor_cores(backend, stride, fmt, dtype, tolerance_dtype):
         ref = reference.conv3x3(xd, wd, bias.double(), stride)
         check(f"conv3x3 of {x.shape}", y, torch.relu(ref), launched, True)
         # correlate_transpose of the gated gradient: conv3x3's input gradient through
-        # its ReLU (tensor cores at stride 1: a correlation with the flipped kernel)
+        # its ReLU (stride 1: a correlation with the flipped kernel; stride 2: one per
+        # parity class)
         g = torch.randn_like(y)
         with mma_launches(backend) as launched:
             (ours,) = torch.autograd.grad(y, x, g)
         (expected,) = torch.autograd.grad(ref, xd, g.double() * (y.detach() > 0))  # our output's mask
-        check(f"conv3x3's gated input gradient of {x.shape}", ours, expected, launched, stride == 1)
-        # conv_transpose3x3 (c_out -> c_in channels) with ReLU: its forward is
-        # correlate_transpose (stride 1: tensor cores), its input gradient correlate of
-        # gate(g) with the forward output as the gate.
+        check(f"conv3x3's gated input gradient of {x.shape}", ours, expected, launched, True)
+        # conv_transpose3x3 (c_out -> c_in channels) with bias and ReLU: its forward is
+        # correlate_transpose, its input gradient correlate of gate(g) with the forward
+        # output as the gate.
         xt = make_input((n, c_out, h, w), dtype, backend.device, fmt, scale=0.5)
         xtd = xt.detach().double().requires_grad_()
+        bias_t = make_input((c_in,), dtype, backend.device).detach()
         with mma_launches(backend) as launched:
-            out = backend.functions.conv_transpose3x3(xt, weight, None, stride, "relu")
-        ref = reference.conv_transpose3x3(xtd, wd, None, stride)
-        check(f"conv_transpose3x3 of {xt.shape}", out, torch.relu(ref), launched, stride == 1)
+            out = backend.functions.conv_transpose3x3(xt, weight, bias_t, stride, "relu")
+        ref = reference.conv_transpose3x3(xtd, wd, bias_t.double(), stride)
+        check(f"conv_transpose3x3 of {xt.shape}", out, torch.relu(ref), launched, True)
         g = torch.randn_like(out)
         with mma_launches(backend) as launched:
             (ours,) = torch.autograd.grad(out, xt, g)
@@ -233,6 +236,64 @@ def test_correlate_exact_path_below_sm80_or_without_tf32():
         with tf32(True), mma_launches(backend) as launched:
             backend.functions.conv3x3(x.to(dtype), weight.to(dtype), None, 2)
         assert launched[0] == mma, (dtype, launched)
+
+
+def test_correlate_transpose_stride2_exact_path_below_sm80_or_without_tf32():
+    """The stride-2 transposed convolution's forward follows the same rules: float16 on
+    tensor cores on sm_90 only, float32 only with TF32 allowed; without it the exact
+    kernel, within float32's tolerance of float64."""
+    backend = BACKENDS["sim"]
+    x = make_input((1, 8, 5, 3), torch.float32, "cpu").detach()
+    weight = make_input((8, 16, 3, 3), torch.float32, "cpu").detach()
+    expected = reference.conv_transpose3x3(x.double(), weight.double(), None, 2)
+    for dtype, allowed, arch, mma in [(torch.float16, True, "75", False), (torch.float16, True, "90", True),
+                                      (torch.float32, False, "90", False), (torch.float32, True, "75", False),
+                                      (torch.float32, True, "90", True)]:
+        with tf32(allowed), mma_launches(backend, arch) as launched:
+            y = backend.functions.conv_transpose3x3(x.to(dtype), weight.to(dtype), None, 2)
+        assert launched[0] == mma, (dtype, allowed, arch, launched)
+        exact = dtype == torch.float32 and not mma
+        tolerance = backend.tolerance(torch.float32 if exact else torch.float16, expected)
+        assert_close(y, expected, tolerance, f"{dtype} sm_{arch} tf32={allowed}")
+
+
+@pytest.mark.parametrize("c_in,c_out", [(8, 16), (16, 8), (5, 12)], ids=["8-16", "16-8", "5-12"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels()
+def test_correlate_transpose_stride2_tensor_cores_tap_by_tap(backend, fmt, c_in, c_out):
+    """The stride-2 transposed correlation on tensor cores, one tap of the kernel at a
+    time: small integers, so float16 with fp32 accumulation is exact and each output
+    equals float64's bit for bit, and a wrong parity class, tap or window offset shows
+    as the tap it broke. The transposed convolution's forward (even sizes) and the
+    convolution's input gradient (odd sizes: the last row and column of a class
+    empty), batch 1 and 2."""
+    f16 = torch.float16
+    gen = torch.Generator().manual_seed(3)
+
+    def integers(*shape):
+        return torch.randint(-3, 4, shape, generator=gen).to(f16).to(backend.device)
+
+    for tap in range(9):
+        mask = torch.zeros(9, dtype=f16).view(3, 3).to(backend.device)
+        mask.view(-1)[tap] = 1
+        # the transposed convolution's forward: c_in -> c_out channels, 5x3 -> 10x6
+        x = integers(1, c_in, 5, 3).contiguous(memory_format=FORMATS[fmt])
+        w = integers(c_in, c_out, 3, 3) * mask
+        with mma_launches(backend) as launched:
+            y = backend.functions.conv_transpose3x3(x, w, None, 2)
+        expected = reference.conv_transpose3x3(x.double(), w.double(), None, 2)
+        assert launched[0] in (None, 1), launched
+        assert torch.equal(y.double(), expected), f"conv_transpose3x3, tap {tap}"
+        # the convolution's input gradient: c_out -> c_in channels, 5x3 -> 9x5
+        x = integers(2, c_in, 9, 5).contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+        w = integers(c_out, c_in, 3, 3) * mask
+        g = integers(2, c_out, 5, 3).contiguous(memory_format=FORMATS[fmt])
+        y = backend.functions.conv3x3(x, w, None, 2)
+        with mma_launches(backend) as launched:
+            (ours,) = torch.autograd.grad(y, x, g)
+        expected = torch.nn.grad.conv2d_input(x.shape, w.double(), g.double(), 2, 1)
+        assert launched[0] in (None, 1), launched
+        assert torch.equal(ours.double(), expected), f"conv3x3's input gradient, tap {tap}"
 
 
 # The weight gradient on tensor cores (weight_grad_mma_kernel): 5 to 16 channels on the

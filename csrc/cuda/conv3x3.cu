@@ -59,9 +59,11 @@ bool launch_on_tensor_cores(const CorrelateParams& p, cuda::CorrelateWeight weig
   if constexpr (mma_dtype<T>) {
     if (!tensor_cores_allowed<T>(p.input)) return false;
     const cuda::CorrelateArgs<T> a = correlate_args<T>(p);
-    cuda::MmaConvPlan plan = cuda::plan_correlate_mma(a, static_cast<int>(p.stride), p.nhwc);
+    const cuda::MmaTaps taps = weight == cuda::CorrelateWeight::OutIn          ? cuda::MmaTaps::Correlate
+                               : weight == cuda::CorrelateWeight::InOutFlipped ? cuda::MmaTaps::Flipped
+                                                                               : cuda::MmaTaps::ParityClasses;
+    const cuda::MmaConvPlan plan = cuda::plan_correlate_mma(a, static_cast<int>(p.stride), p.nhwc, taps);
     if (!plan.ok) return false;
-    plan.t.flipped_weight = weight == cuda::CorrelateWeight::InOutFlipped;
     cuda::check_grid(plan.blocks, "correlate");
     cuda::check_smem(plan.smem, "correlate");
     cuda::launch_correlate_mma<T, Kind>(a, plan, p.nhwc, sums.job<cuda::SumsJob<T, float>>(), stream);

@@ -9,12 +9,19 @@
 // (conv3x3_kernels.cuh) serves every other case: sm_75, float64, float32
 // without TF32, one input channel, fewer than 5 output channels. At stride 1
 // the transposed correlation is this one with the kernel flipped
-// (flipped_weight): correlate_transpose takes it too.
+// (MmaTaps::Flipped): correlate_transpose takes it too. At stride 2 it is
+// four correlations, one per parity class of the output pixels (oy % 2,
+// ox % 2), each over a stride-1 window of the small input with 1, 2, 2 or 4 of
+// the 9 taps (MmaTaps::ParityClasses): a block stages the small side's window
+// of its output tile once and computes all four classes from it, two warps a
+// class (as correlate_transpose_kernel groups its threads), each warp's k
+// running over its class's taps only (mma_tap): staged elements per output
+// are the plain kernel's.
 //
 // Layout of the work: the block's output tile is correlate_kernel's
 // (plan_output_tile: 256 pixels of one or more images) and its output
 // channels a group of COB (8 or 16: one or two n = 8 tiles). Warp w owns the
-// tile's pixels [32 w, 32 w + 32), two m = 16 tiles. Input channels pass
+// tile's pixels [32 w, 32 w + 32) (ParityClasses: class-major), two m = 16 tiles. Input channels pass
 // through shared memory in chunks of CP (a multiple of 8, zero-padded), stored
 // as the fragments read them: 32-bit words of two 16-bit channels or one tf32
 // one, a pixel's channels contiguous, so each A register is one 32-bit load.
@@ -31,15 +38,22 @@
 namespace cae {
 namespace cuda {
 
+// The taps a block takes, and how its weight is laid out.
+enum class MmaTaps {
+  Correlate,      // w [C_out, C_in, 3, 3], the 9 taps
+  Flipped,        // w [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
+  ParityClasses,  // w [C_in, C_out, 3, 3], correlate_transpose at stride 2: each parity class its taps
+};
+
 struct MmaConvTiling {
-  int rows, cols, samples, tiles_y, tiles_x;
+  int rows, cols, samples, tiles_y, tiles_x;  // ParityClasses: a class's pixels (i, j) of the tile
   int tile_blocks;       // blocks per output-channel group (blockIdx.x = group * tile_blocks + tile)
-  int stride;            // of the convolution (only the start of each pixel's window depends on it)
+  int stride;            // between the windows of neighbouring pixels (ParityClasses: 1, within a class)
   int in_rows, in_cols;  // the input window of a tile (with halo)
   int chunk;             // input channels per pass: a multiple of 8
   int pixel_words;       // shared-memory words per pixel: the chunk's words, padded against bank conflicts
   bool vec_out;          // NHWC vector stores allowed
-  bool flipped_weight;   // w is [C_in, C_out, 3, 3], tap k read as 8 - k (correlate_transpose, stride 1)
+  MmaTaps taps;
 };
 
 struct MmaConvPlan {
@@ -77,18 +91,27 @@ inline size_t mma_conv_smem(const MmaConvTiling& t, int cob, int per_word) {
   return pass > epilogue ? pass : epilogue;
 }
 
+// ParityClasses: a's output [H_out, W_out] is the large side, its input
+// [H, W] the small one, stride 2.
 template <typename T>
-inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, bool nhwc) {
+inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, bool nhwc, MmaTaps taps) {
   MmaConvPlan p{};
   const int cob = channel_block(a.C_out);
   if (a.C_in < 2 || cob < 8) return p;  // p.ok false: the plain kernel
-  const OutputTile tile = plan_output_tile(a.N, a.H_out, a.W_out);
   MmaConvTiling& t = p.t;
-  t.rows = tile.rows, t.cols = tile.cols, t.samples = tile.samples;
+  t.taps = taps;
+  // ParityClasses: the tile of 256 output pixels (rows and columns even) is
+  // four classes of rows / 2 x cols / 2 pixels; a class's pixel (i, j), output
+  // (2 i + py, 2 j + px), reads the small input's (i, j) .. (i + 1, j + 1)
+  // (mma_tap): a stride-1 window with a 1-pixel halo, shared by the classes.
+  const bool classes = taps == MmaTaps::ParityClasses;
+  const OutputTile tile = plan_output_tile(a.N, a.H_out, a.W_out);
+  const int split = classes ? 2 : 1;
+  t.rows = tile.rows / split, t.cols = tile.cols / split, t.samples = tile.samples;
   t.tiles_y = tile.tiles_y, t.tiles_x = tile.tiles_x;
-  t.stride = stride;
-  t.in_rows = (tile.rows - 1) * stride + 3;
-  t.in_cols = (tile.cols - 1) * stride + 3;
+  t.stride = classes ? 1 : stride;
+  t.in_rows = (t.rows - 1) * t.stride + (classes ? 2 : 3);
+  t.in_cols = (t.cols - 1) * t.stride + (classes ? 2 : 3);
   t.tile_blocks =
       static_cast<int>(tile.blocks() < (index_t{1} << 31) ? tile.blocks() : (index_t{1} << 31) - 1);
   // The widest chunk that fits, then balanced over the passes it takes.
@@ -97,13 +120,13 @@ inline MmaConvPlan plan_correlate_mma(const CorrelateArgs<T>& a, int stride, boo
   int chunk = padded;
   for (; chunk >= 8; chunk -= 8) {
     t.chunk = chunk;
-    t.pixel_words = mma_pixel_words(chunk, E, stride);
+    t.pixel_words = mma_pixel_words(chunk, E, t.stride);
     if (mma_conv_smem(t, cob, E) <= kSmemBudget) break;
   }
   if (chunk < 8) return p;
   const int passes = ceil_div(padded, chunk);
   t.chunk = ceil_div(ceil_div(a.C_in, passes), 8) * 8;
-  t.pixel_words = mma_pixel_words(t.chunk, E, stride);
+  t.pixel_words = mma_pixel_words(t.chunk, E, t.stride);
   const int vo = vec_width<T, 8>();
   t.vec_out = nhwc && reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * vo) == 0 && a.C_out % vo == 0;
   p.ok = true;
@@ -121,6 +144,29 @@ CAE_DEVICE uint32_t mma_word(T lo, T hi) {
   } else {
     return pack2(lo, hi);
   }
+}
+
+// Tap i of a block's list: where its input lies in the pixel's window
+// (dy, dx), and the weight's tap ky * 3 + kx that multiplies it.
+struct MmaTap {
+  int dy, dx, k;
+};
+
+// ParityClasses: the list is the classes' taps one class after the other,
+// class cls (py = cls >> 1, px = cls & 1) holding (1 + py) (1 + px) of them
+// from mma_first_tap(cls): 1, 2, 2, 4, starting at 0, 1, 3, 5.
+CAE_HOST_DEVICE int mma_first_tap(int cls) { return 2 * cls - (cls > 0); }
+CAE_HOST_DEVICE int mma_class_taps(int cls) { return (1 + (cls >> 1)) * (1 + (cls & 1)); }
+
+// An output row oy = 2 i + py takes g rows (oy + 1 - ky) / 2 with that
+// division exact, so py = 0 takes ky = 1 (row i), py = 1 ky = 0 (row i + 1)
+// and ky = 2 (row i); likewise columns with px.
+CAE_DEVICE MmaTap mma_tap(MmaTaps taps, int i) {
+  if (taps != MmaTaps::ParityClasses) return {i / 3, i % 3, taps == MmaTaps::Flipped ? 8 - i : i};
+  const int cls = i == 0 ? 0 : i < 3 ? 1 : i < 5 ? 2 : 3, l = i - mma_first_tap(cls);
+  const int px = cls & 1;
+  const int ky = cls >> 1 ? 2 * (l >> px) : 1, kx = px ? 2 * (l & 1) : 1;
+  return {(2 - ky) >> 1, (2 - kx) >> 1, ky * 3 + kx};
 }
 
 // Stages gate(x) over the window, channels [c0, c0 + count) padded with zeros
@@ -172,6 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int b_half = TF32 ? 4 : COB * W;
   const int G = t.chunk / 8;  // channel groups per tap
   const int groups = 9 * G;
+  const bool classes = t.taps == MmaTaps::ParityClasses;
   CAE_DYNAMIC_SHARED(uint32_t, smem);
   const int own_blocks = static_cast<int>(gridDim.x) - sums.blocks;  // then the sums' (SumsJob)
   if (static_cast<int>(blockIdx.x) >= own_blocks)
@@ -184,22 +231,29 @@ __global__ void __launch_bounds__(kThreads, 2)
   const TileOrigin o =
       tile_origin(blockIdx.x % t.tile_blocks, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
   const int co0 = static_cast<int>(blockIdx.x / t.tile_blocks) * COB;
+  // The block's pixels: `per_class` of each class (ParityClasses: 4 classes,
+  // class-major), else 256 of one. The warp's class, and its groups [j0, j1).
+  const int per_class = t.rows * t.cols * t.samples;
+  const int wcls = warp * kMmaPixelsPerWarp / per_class;
+  const int j0 = classes ? mma_first_tap(wcls) * G : 0;
+  const int j1 = classes ? j0 + mma_class_taps(wcls) * G : groups;
 
   // Where the windows of this lane's A rows start: rows g and g + 8 of the
-  // warp's two m tiles (tile pixels q = 32 warp + 16 m + row).
+  // warp's two m tiles (its class's pixels q = 32 warp + 16 m + row, mod
+  // per_class).
   int base[2][2];
   CAE_UNROLL
   for (int m = 0; m < 2; ++m) {
     CAE_UNROLL
     for (int h = 0; h < 2; ++h) {
-      const int q = warp * kMmaPixelsPerWarp + 16 * m + 8 * h + g;
+      const int q = (warp * kMmaPixelsPerWarp) % per_class + 16 * m + 8 * h + g;
       const int px = q % t.cols, py = (q / t.cols) % t.rows, ps = q / (t.cols * t.rows);
       base[m][h] = ((ps * t.in_rows + py * t.stride) * t.in_cols + px * t.stride) * t.pixel_words + tq;
     }
   }
   for (int j = tid; j < groups; j += kThreads) {
-    const int tap = j / G, ky = tap / 3, kx = tap % 3;
-    goff_s[j] = (ky * t.in_cols + kx) * t.pixel_words + (j % G) * W;
+    const MmaTap tap = mma_tap(t.taps, j / G);
+    goff_s[j] = (tap.dy * t.in_cols + tap.dx) * t.pixel_words + (j % G) * W;
   }
 
   float acc[2][NT][4];
@@ -218,28 +272,32 @@ __global__ void __launch_bounds__(kThreads, 2)
     // B[k][co]: word (j, n, word) holds channel(s) c0 + 8 (j % G) + E word (+ 1) of tap j / G.
     for (int i = tid; i < groups * COB * W; i += kThreads) {
       const int word = i % W, nn = (i / W) % COB, j = i / (W * COB);
-      const int co = co0 + nn, c = (j % G) * 8 + E * word, tap = j / G;
+      const int co = co0 + nn, c = (j % G) * 8 + E * word, k = mma_tap(t.taps, j / G).k;
       const T zero = static_cast<T>(0.0f);
       T v[2] = {zero, zero};
       CAE_UNROLL
       for (int e = 0; e < E; ++e) {
         if (co < a.C_out && c + e < count) {
-          v[e] = t.flipped_weight ? a.w[(static_cast<index_t>(c0 + c + e) * a.C_out + co) * 9 + 8 - tap]
-                                  : a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + tap];
+          v[e] = t.taps == MmaTaps::Correlate
+                     ? a.w[(static_cast<index_t>(co) * a.C_in + c0 + c + e) * 9 + k]
+                     : a.w[(static_cast<index_t>(c0 + c + e) * a.C_out + co) * 9 + k];
         }
       }
       w_s[i] = mma_word<Kind>(v[0], v[1]);
     }
-    stage_words<Kind, NHWC>(in_s, a, t, o.n0, o.y0 * t.stride - 1, o.x0 * t.stride - 1, c0, count, tid);
+    // The window: from the tile's first pixel's top-left tap (halo -1), or
+    // for class pixels from (i0, j0) g's pixel (i0, j0).
+    stage_words<Kind, NHWC>(in_s, a, t, o.n0, classes ? o.y0 : o.y0 * t.stride - 1,
+                            classes ? o.x0 : o.x0 * t.stride - 1, c0, count, tid);
     __syncthreads();
     // k = 16: products over pairs of groups (j, j + 1), an odd last group
-    // alone; k = 8: one group per product. Unrolled less than nvcc would
+    // (of the warp's) alone; k = 8: one group per product. Unrolled less than nvcc would
     // (4 times and more: registers, and spills in the tf32 kernels).
 #if !defined(CAE_SIM)
 #pragma unroll(TF32 ? 1 : 2)
 #endif
-    for (int j = 0; j < groups; j += J) {
-      const bool pair_ok = TF32 || j + 1 < groups;
+    for (int j = j0; j < j1; j += J) {
+      const bool pair_ok = TF32 || j + 1 < j1;
       const int lo = goff_s[j], hi = TF32 ? lo + 4 : pair_ok ? goff_s[j + 1] : 0;
       uint32_t b[NT][2];
       CAE_UNROLL
@@ -273,8 +331,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   __syncthreads();
-  const int px = tid % t.cols, py = (tid / t.cols) % t.rows, ps = tid / (t.cols * t.rows);
-  const int n = o.n0 + ps, oy = o.y0 + py, ox = o.x0 + px;
+  const int cls = tid / per_class, q = tid % per_class;
+  const int px = q % t.cols, py = (q / t.cols) % t.rows, ps = q / (t.cols * t.rows);
+  const int n = o.n0 + ps;
+  const int oy = classes ? 2 * (o.y0 + py) + (cls >> 1) : o.y0 + py;
+  const int ox = classes ? 2 * (o.x0 + px) + (cls & 1) : o.x0 + px;
   if (n < a.N && oy < a.H_out && ox < a.W_out) {
     float v[COB];
     CAE_UNROLL

@@ -1,5 +1,6 @@
 // Host side of the 3x3 transposed correlation (conv_transpose3x3 forward,
-// conv3x3 input gradient).
+// conv3x3 input gradient): on tensor cores where conv3x3.cu's
+// correlate_mma_kernel takes it (stride 1 and 2), else the plain kernel.
 #include "kernels.h"
 
 #include "conv_transpose3x3_kernels.cuh"
@@ -15,8 +16,11 @@ void CudaKernels::correlate_transpose_then_sum(const CorrelateParams& p, const c
   const bool relu = p.relu, nhwc = p.nhwc;
   CAE_DEVICE_GUARD(g);
   // At stride 1 the transposed correlation is a correlation with the flipped
-  // kernel: tensor cores where conv3x3.cu's kernel takes it.
-  if (stride == 1 && cuda::correlate_on_tensor_cores(p, cuda::CorrelateWeight::InOutFlipped, sums)) {
+  // kernel, at stride 2 one per parity class of the output pixels: tensor
+  // cores where conv3x3.cu's kernel takes it.
+  const cuda::CorrelateWeight weight =
+      stride == 1 ? cuda::CorrelateWeight::InOutFlipped : cuda::CorrelateWeight::InOutParityClasses;
+  if (cuda::correlate_on_tensor_cores(p, weight, sums)) {
     CAE_KERNEL_LAUNCH_CHECK();
     return;
   }

@@ -79,11 +79,13 @@ bool conv_allows_tf32();
 // The 3x3 correlation on tensor cores, where the device, dtype and shape
 // allow it (conv3x3.cu); false: nothing launched, the caller's plain kernel
 // runs. OutIn: p.weight is [C_out, C_in, 3, 3] (correlate); InOutFlipped: it
-// is [C_in, C_out, 3, 3] and read flipped (correlate_transpose at stride 1).
+// is [C_in, C_out, 3, 3] and read flipped (correlate_transpose at stride 1);
+// InOutParityClasses: [C_in, C_out, 3, 3], correlate_transpose at stride 2 (a
+// correlation per parity class of the output pixels).
 // Inside the caller's device guard.
 // Pending sums (PendingSums, below) are added by extra blocks, as in the plain
 // kernels.
-enum class CorrelateWeight { OutIn, InOutFlipped };
+enum class CorrelateWeight { OutIn, InOutFlipped, InOutParityClasses };
 struct PendingSums;
 bool correlate_on_tensor_cores(const CorrelateParams& p, CorrelateWeight weight, const PendingSums& sums);
 
