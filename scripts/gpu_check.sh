@@ -197,13 +197,13 @@ try:
     for r in rows:
         if r.get("kind") == "train":
             steps[(r["model"], r["layout"], r["batch"])][r["impl"]] = r["median"]
-    for (model, layout, batch), t in sorted(steps.items()):
-        if "torch" not in t:
-            continue
-        if len(lines) and lines[-1] and not lines[-1].startswith("train step"):
-            lines.append("")
-        cells = ", ".join(f"{impl} {ms * 1e3:.3f} ms ({ms / t['torch']:.2f})" for impl, ms in sorted(t.items()))
-        lines.append(f"train step {model} {layout} batch {batch} (median, / torch eager): {cells}")
+    step_lines = [
+        f"train step {model} {layout} batch {batch} (median, / torch eager): "
+        + ", ".join(f"{impl} {ms * 1e3:.3f} ms ({ms / t['torch']:.2f})" for impl, ms in sorted(t.items()))
+        for (model, layout, batch), t in sorted(steps.items()) if "torch" in t
+    ]
+    if step_lines:
+        lines += ["", *step_lines]
 except FileNotFoundError:
     pass
 except Exception as e:  # the table must not hide the logs
