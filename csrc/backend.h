@@ -129,6 +129,26 @@ struct EncoderBlockParams {
   bool relu;
   bool nhwc;
 };
+
+// The autoencoder's loss where a backend fuses it (ops.h
+// sigmoid_cross_entropy): loss = the mean of the binary cross-entropy on
+// logits, rmse = sqrt(mean((sigmoid(logits) - target)^2)), both 0-d; logits
+// and target in one layout, any shape, at least one element. With grad:
+// grad_logits = (sigmoid(logits) - target) * grad_loss / numel, grad_loss 0-d
+// on the device. False: not fused here (ops.h composes it from ATen ops).
+struct SigmoidCrossEntropyParams {
+  Tensor loss;
+  Tensor rmse;
+  Tensor logits;
+  Tensor target;
+};
+
+struct SigmoidCrossEntropyGradParams {
+  Tensor grad_logits;
+  Tensor grad_loss;
+  Tensor logits;
+  Tensor target;
+};
 }  // namespace cae
 
 #define CAE_BACKEND_KERNELS                                  \

@@ -52,7 +52,9 @@ inline constexpr const char* kOpNames[] = {"conv3x3",
                                            "encoder_block",
                                            "encoder_block_backward",
                                            "decoder_block",
-                                           "decoder_block_backward"};
+                                           "decoder_block_backward",
+                                           "sigmoid_cross_entropy",
+                                           "sigmoid_cross_entropy_backward"};
 
 template <class K>
 struct Ops {
@@ -545,6 +547,57 @@ struct Ops {
     return {grad, grad_weights, grad_biases};
   }
 
+  // --- The loss: binary cross-entropy on logits (mean over every element) and
+  // the RMSE of sigmoid(logits) against the target, in one pass where the
+  // backend fuses them (backend.h SigmoidCrossEntropyParams), else ATen's ops.
+
+  static void check_loss(const Tensor& logits, const Tensor& target) {
+    check_dtype(logits);
+    check_like(target, "target", logits);
+    TORCH_CHECK(target.sizes() == logits.sizes(),
+                "cae: sigmoid_cross_entropy's target must have the logits' sizes ", logits.sizes(), ", got ",
+                target.sizes());
+  }
+
+  // Logits and target in one layout: channels_last where the logits are.
+  static std::pair<Tensor, Tensor> loss_operands(const Tensor& logits, const Tensor& target) {
+    const auto format =
+        logits.dim() == 4 ? memory_format(is_channels_last(logits)) : at::MemoryFormat::Contiguous;
+    return {logits.contiguous(format), target.contiguous(format)};
+  }
+
+  static std::tuple<Tensor, Tensor> sigmoid_cross_entropy(const Tensor& logits, const Tensor& target) {
+    check_loss(logits, target);
+    const auto [x, t] = loss_operands(logits, target);
+    if constexpr (requires(const SigmoidCrossEntropyParams& p) { K::sigmoid_cross_entropy(p); }) {
+      if (x.numel() > 0) {
+        Tensor loss = at::empty({}, x.options()), rmse = at::empty({}, x.options());
+        if (K::sigmoid_cross_entropy({.loss = loss, .rmse = rmse, .logits = x, .target = t}))
+          return {loss, rmse};
+      }
+    }
+    return {at::binary_cross_entropy_with_logits(x, t), (at::sigmoid(x) - t).square().mean().sqrt()};
+  }
+
+  // The logits' gradient; grad_loss is the loss's (0-d).
+  static Tensor sigmoid_cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
+                                               const Tensor& target) {
+    check_loss(logits, target);
+    TORCH_CHECK(grad_loss.dim() == 0,
+                "cae: sigmoid_cross_entropy_backward's grad_loss must be 0-D, got sizes ", grad_loss.sizes());
+    check_like(grad_loss, "grad_loss", logits);
+    const auto [x, t] = loss_operands(logits, target);
+    if constexpr (requires(const SigmoidCrossEntropyGradParams& p) { K::sigmoid_cross_entropy_grad(p); }) {
+      if (x.numel() > 0) {
+        Tensor grad = at::empty_like(x);
+        if (K::sigmoid_cross_entropy_grad(
+                {.grad_logits = grad, .grad_loss = grad_loss, .logits = x, .target = t}))
+          return grad;
+      }
+    }
+    return (at::sigmoid(x) - t) * (grad_loss / static_cast<double>(std::max<int64_t>(x.numel(), 1)));
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("conv3x3", &conv3x3);
     m.impl("conv3x3_grad_input", &conv3x3_grad_input);
@@ -561,6 +614,8 @@ struct Ops {
     m.impl("encoder_block_backward", &encoder_block_backward);
     m.impl("decoder_block", &decoder_block);
     m.impl("decoder_block_backward", &decoder_block_backward);
+    m.impl("sigmoid_cross_entropy", &sigmoid_cross_entropy);
+    m.impl("sigmoid_cross_entropy_backward", &sigmoid_cross_entropy_backward);
   }
 };
 

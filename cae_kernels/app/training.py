@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -65,15 +64,13 @@ def _train_step(model, optimizer, weights, x, target, weight_decay) -> tuple[tor
     on the model's device, so that a step never waits for the device: they are read at
     log intervals."""
     logits = model(x)
-    loss = F.binary_cross_entropy_with_logits(logits, target)
+    loss, rmse = getattr(model, "module", model).loss(logits, target)  # the model itself, or the one DDP wraps
     total = loss + _weight_penalty(weights, weight_decay) if weight_decay else loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # a kernel or two, not one per tensor
     optimizer.step()
-    with torch.no_grad():
-        rmse = (torch.sigmoid(logits) - target).square().mean().sqrt()
     return loss.detach(), rmse, grad_norm
 
 
