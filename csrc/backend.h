@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace cae {
 using at::Tensor;
@@ -126,6 +127,20 @@ struct EncoderBlockParams {
   Tensor input;
   Tensor w1, b1, w2, b2;
   OptTensor w_down, b_down;
+  bool relu;
+  bool nhwc;
+};
+
+// A decoder block's forward (ops.h decoder_block) where a backend fuses it:
+// weights[i] [C_i, C_i+1, 3, 3] a stride-2 transposed convolution with its
+// bias and activation, the last a linear stride-1 one, whose output is
+// center-cropped (corner as ops.h crop_corner) to out's height and width.
+// False for a shape the kernel does not take; ops.h then composes the block.
+struct DecoderBlockParams {
+  Tensor out;
+  Tensor input;
+  std::vector<Tensor> weights;  // contiguous
+  std::vector<Tensor> biases;   // contiguous
   bool relu;
   bool nhwc;
 };

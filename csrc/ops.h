@@ -480,6 +480,13 @@ struct Ops {
                 "], got ", output_size);
   }
 
+  static std::vector<Tensor> contiguous_all(at::TensorList tensors) {
+    std::vector<Tensor> out;
+    out.reserve(tensors.size());
+    for (const Tensor& t : tensors) out.push_back(t.contiguous());
+    return out;
+  }
+
   // The transposed convolutions' outputs but the last's (the interior).
   static std::vector<Tensor> decoder_block_interior(const Tensor& input, at::TensorList weights,
                                                     at::TensorList biases, bool relu) {
@@ -499,6 +506,22 @@ struct Ops {
                               c10::SymIntArrayRef output_size) {
     const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
     check_decoder_block(input, weights, biases, size);
+    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
+      if (input.numel() > 0 && size[0] > 0 && size[1] > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        auto out = at::empty({input.size(0), weights.back().size(1), size[0], size[1]},
+                             input.options().memory_format(format));
+        if (K::decoder_block({.out = out,
+                              .input = input.contiguous(format),
+                              .weights = contiguous_all(weights),
+                              .biases = contiguous_all(biases),
+                              .relu = relu,
+                              .nhwc = nhwc}))
+          return out;
+      }
+    }
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     Tensor full =
         conv_transpose3x3(hidden.empty() ? input : hidden.back(), weights.back(), biases.back(), 1, false);

@@ -132,6 +132,8 @@ struct CudaKernels {
   CAE_BACKEND_KERNELS
   // The fused encoder block (encoder_block.cu); false: not for this shape.
   static bool encoder_block(const EncoderBlockParams& p);
+  // The fused decoder block (decoder_block.cu); false: not for this shape.
+  static bool decoder_block(const DecoderBlockParams& p);
 
  private:
   // weight_grad up to its partial sums, and the correlations with extra

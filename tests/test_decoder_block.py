@@ -1,0 +1,150 @@
+"""The fused decoder block (csrc/cuda/decoder_block_kernels.cuh) through the op
+``decoder_block``: stride-2 transposed conv+bias+act layers, a linear stride-1 one, then
+the center crop, in one launch. Against float64 PyTorch, and against the per-op kernels
+it replaces (bitwise in float32 and float64: the same sums in the same order)."""
+
+import pytest
+import torch
+from test_blocks import decoder_per_op
+
+from cae_kernels import reference
+from cae_kernels._registration import _suggest_memory_format
+
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels
+
+F64 = torch.float64
+KERNEL = "cae::cuda::decoder_block_kernel"
+
+# (N, C0, [C_out of each layer], h, w, output_size): the autoencoder's decoder (8 x 4 x 4
+# -> 28 x 28), 1 to 4 layers, odd sizes and odd crops, no crop, one output channel or
+# several (a group of 8), batch 1, and a batch of several blocks.
+SHAPES = (
+    (2, 8, (8, 8, 16, 1), 4, 4, (28, 28)),
+    (2, 3, (4, 5, 6, 2), 3, 5, (21, 37)),
+    (1, 4, (3, 1), 3, 2, (5, 3)),
+    (3, 5, (3,), 5, 7, (5, 7)),
+    (2, 3, (4, 5, 2), 2, 3, (7, 11)),
+    (3, 9, (10, 9), 1, 1, (2, 2)),
+)
+
+
+def shape_id(s):
+    return f"{len(s[2])}L-" + "x".join(map(str, (s[0], s[1], *s[2], s[3], s[4], *s[5])))
+
+
+def block_params(c0, channels, dtype, device):
+    scale = 0.5 if dtype in HALF_DTYPES else 1.0
+    ins = (c0, *channels[:-1])
+    weights = [make_input((a, b, 3, 3), dtype, device, scale=scale / 2).detach()
+               for a, b in zip(ins, channels, strict=True)]
+    biases = [make_input((b,), dtype, device, scale=scale).detach() for b in channels]
+    return weights, biases
+
+
+def reference_block(x, weights, biases, relu, output_size):
+    """The block in float64 (cae_kernels.reference: torch.nn.functional)."""
+    return decoder_per_op(reference, x.double(), [w.double() for w in weights], [b.double() for b in biases],
+                          output_size, "relu" if relu else None)
+
+
+def composed_block(functions, x, weights, biases, relu, output_size):
+    """The same block from the per-op kernels."""
+    return decoder_per_op(functions, x, weights, biases, output_size, "relu" if relu else None)
+
+
+def tolerance(backend, dtype, expected, layers):
+    # Several layers deep: the intermediates' rounding compounds in 16-bit types.
+    rtol, atol = backend.tolerances[dtype]
+    scale = float(layers) if dtype in HALF_DTYPES else 1.0
+    return {"rtol": rtol * scale, "atol": atol * scale * max(1.0, expected.abs().max().item())}
+
+
+def kernels_of(recorder):
+    return [launch.kernel.split("<")[0] for launch in recorder.launches]
+
+
+def fits(dtype, shape):
+    """Whether the fused kernel takes the shape: the autoencoder's decoder does not fit
+    shared memory in float64 (its 8 x 18 x 18 plane, the weights and a strip of
+    one row of the 16 x 32 x 32 layer are 53 KiB)."""
+    return not (dtype == F64 and shape == SHAPES[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels("dtype")
+def test_decoder_block(backend, dtype, fmt, relu, shape):
+    """One launch, the float64 reference's result at the dtype's tolerance, and the
+    composed per-op kernels' result (bitwise in float32 and float64)."""
+    n, c0, channels, h, w, size = shape
+    x = make_input((n, c0, h, w), dtype, backend.device, fmt).detach()
+    weights, biases = block_params(c0, channels, dtype, backend.device)
+    if backend.name == "sim":
+        from cae_kernels import sim
+
+        with sim.record_launches() as recorder:
+            out = backend.ops.decoder_block(x, weights, biases, relu, list(size))
+        if fits(dtype, shape):
+            assert kernels_of(recorder) == [KERNEL]
+        else:
+            assert KERNEL not in kernels_of(recorder)
+    else:
+        out = backend.ops.decoder_block(x, weights, biases, relu, list(size))
+    expected = reference_block(x, weights, biases, relu, size)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert out.is_contiguous(memory_format=_suggest_memory_format(x))
+    assert_close(out, expected, tolerance(backend, dtype, expected, len(channels)), "output")
+    composed = composed_block(backend.functions, x, weights, biases, relu, size)
+    if dtype in (torch.float32, F64):
+        assert torch.equal(out, composed), (out - composed).abs().max()
+    else:
+        assert_close(out, composed.double(), tolerance(backend, dtype, expected, len(channels)),
+                     "against the per-op kernels")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_images_share_a_block(fmt):
+    """A batch large enough that two images share a block (the grid keeps its 264
+    blocks), the last block with one image."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        n, size = 601, (3, 4)
+        x = make_input((n, 2, 2, 2), torch.float32, backend.device, fmt).detach()
+        weights, biases = block_params(2, (3, 2), torch.float32, backend.device)
+        with sim.record_launches() as recorder:
+            out = backend.ops.decoder_block(x, weights, biases, True, list(size))
+        (launch,) = recorder.launches
+        assert launch.kernel.startswith(KERNEL) and launch.blocks == -(-n // 2)
+        assert torch.equal(out, composed_block(backend.functions, x, weights, biases, True, size))
+
+
+@pytest.mark.parametrize("case", ["five-layers", "too-large"])
+def test_declined_shapes_are_composed(case):
+    """More layers than the kernel takes, or an input whose plane does not fit shared
+    memory: the op composes the block from the per-op kernels, with the same result."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        if case == "five-layers":
+            n, c0, channels, h, w, size = 1, 2, (2, 2, 2, 2, 1), 1, 2, (15, 30)
+        else:  # the input's plane alone: 2 x 102 x 102 elements, 81 KiB
+            n, c0, channels, h, w, size = 1, 2, (3,), 100, 100, (99, 100)
+        x = make_input((n, c0, h, w), torch.float32, backend.device).detach()
+        weights, biases = block_params(c0, channels, torch.float32, backend.device)
+        with sim.record_launches() as recorder:
+            out = backend.ops.decoder_block(x, weights, biases, True, list(size))
+        assert KERNEL not in kernels_of(recorder)
+        assert kernels_of(recorder).count("cae::cuda::correlate_transpose_kernel") == len(channels)
+        assert torch.equal(out, composed_block(backend.functions, x, weights, biases, True, size))
+        expected = reference_block(x, weights, biases, True, size)
+        assert_close(out, expected, tolerance(backend, torch.float32, expected, len(channels)), "output")
+        if case == "too-large":  # a smaller image fits
+            x = x[:, :, :60, :60].contiguous()
+            with sim.record_launches() as recorder:
+                out = backend.ops.decoder_block(x, weights, biases, True, [59, 60])
+            assert kernels_of(recorder) == [KERNEL]
+            assert torch.equal(out, composed_block(backend.functions, x, weights, biases, True, (59, 60)))
