@@ -88,6 +88,45 @@ def test_mma_tf32_fragment_layout():
     assert not torch.allclose(sim.ops._sim_mma(a, b.t().contiguous(), c).double(), expected, atol=1e-2)
 
 
+@pytest.mark.parametrize("blocks", [1, 31, 32, 33, 97])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_grid_sums_in_block_order(blocks, dtype):
+    """finish_grid_sums (csrc/cuda/grid_sums.cuh): one block of the grid gets the sums
+    of every block's row, added in block order within groups of 32, then the groups
+    in order -- the same bits as that order in Python -- and the tickets are left at
+    zero for the next launch."""
+    size = 301
+    partials = torch.randn(blocks, size, dtype=dtype) * torch.logspace(-3, 3, size, dtype=dtype)
+    totals, tickets, finishers = sim.ops._sim_grid_sums(partials)
+    groups = [partials[g:g + 32] for g in range(0, blocks, 32)]
+    expected = None
+    for rows in groups:
+        group_sum = rows[0].clone()
+        for row in rows[1:]:
+            group_sum += row
+        expected = group_sum if expected is None else expected + group_sum
+    assert torch.equal(totals, expected)
+    eps = torch.finfo(dtype).eps
+    assert ((totals.double() - partials.double().sum(0)).abs() <= blocks * eps * partials.abs().sum(0)).all()
+    assert finishers.item() == 1
+    assert tickets.tolist() == [0] * (len(groups) + 1)
+    if blocks > 1:  # another order rounds differently: the check sees the order
+        assert not torch.equal(totals, partials.flip(0).cumsum(0)[-1])
+
+
+def test_shared_memory_opt_in(monkeypatch):
+    """Above 48 KiB of dynamic shared memory a kernel must opt in, as on the GPU,
+    up to the device's limit (227 KiB on sm_90, 64 KiB on sm_75)."""
+    assert sim.ops._sim_smem_launch(48 * 1024, False) == 227 * 1024
+    with pytest.raises(RuntimeError, match="more than 48 KiB and than the 0 opted in"):
+        sim.ops._sim_smem_launch(48 * 1024 + 4, False)
+    assert sim.ops._sim_smem_launch(200 * 1024, True) == 227 * 1024
+    monkeypatch.setenv("CAE_SIM_ARCH", "75")
+    with pytest.raises(RuntimeError, match="cannot give a CUDA kernel 102400 bytes of shared memory"):
+        sim.ops._sim_smem_launch(100 * 1024, True)
+    assert sim.ops._sim_smem_launch(64 * 1024, True) == 64 * 1024
+
+
 @pytest.mark.parametrize("fault,message", [
     ("early_return", "every thread must reach every barrier"),
     ("divergent_barrier", "divergent barriers"),

@@ -71,6 +71,31 @@ inline void check_smem(size_t bytes, const char* op) {
               " bytes of shared memory per block (at most 49152)");
 }
 
+#ifndef CAE_HOST_ONLY  // the CUDA runtime (or the emulator) is there
+// Dynamic shared memory one block of the current device may opt in to: for
+// the kernels that keep whole images in shared memory (227 KiB on sm_90, 64
+// on sm_75; the planners decline what does not fit).
+inline size_t smem_opt_in_limit() {
+  int device = 0, bytes = 0;
+  TORCH_CHECK(
+      cudaGetDevice(&device) == cudaSuccess &&
+          cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess,
+      "cae: cannot read the CUDA device's shared memory per block");
+  return static_cast<size_t>(bytes);
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory: above 48 KiB a
+// kernel must opt in, or its launch fails (the emulator checks it too).
+template <class Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  TORCH_CHECK(e == cudaSuccess, "cae: cannot give a CUDA kernel ", bytes,
+              " bytes of shared memory: ", cudaGetErrorString(e));
+}
+#endif
+
 // Whether PyTorch lets convolutions on CUDA run in TF32
 // (torch.backends.cudnn.allow_tf32); float32 correlations then use tensor
 // cores. Host-compiled (precision.cpp): nvcc does not parse ATen/Context.h.

@@ -180,13 +180,34 @@ inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 // The emulated device's compute capability: sm_90 unless CAE_SIM_ARCH names
 // another (e.g. 75), read at every call, so that host code choosing a kernel
 // by architecture (tensor cores from sm_80 on) runs either way in tests.
-enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
+// So is the shared memory a block may opt in to (cudaFuncSetAttribute):
+// 64 KiB on sm_75, 163 on sm_80/87, 99 on sm_86/89/120, else 227.
+enum cudaDeviceAttr {
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
+inline int cae_sim_arch() {
+  const char* env = std::getenv("CAE_SIM_ARCH");
+  return env != nullptr && *env != 0 ? std::atoi(env) : 90;
+}
+inline int cae_sim_smem_opt_in_limit(int arch) {
+  if (arch < 80) return 64 * 1024;
+  if (arch == 80 || arch == 87) return 163 * 1024;
+  if (arch == 86 || arch == 89 || arch >= 120) return 99 * 1024;
+  return 227 * 1024;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   (void)device;
-  const char* env = std::getenv("CAE_SIM_ARCH");
-  const int arch = env != nullptr && *env != 0 ? std::atoi(env) : 90;
+  const int arch = cae_sim_arch();
   if (arch < 10) return cudaErrorInvalidValue;
-  *value = attr == cudaDevAttrComputeCapabilityMajor ? arch / 10 : arch % 10;
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? cae_sim_smem_opt_in_limit(arch)
+           : attr == cudaDevAttrComputeCapabilityMajor     ? arch / 10
+                                                           : arch % 10;
   return cudaSuccess;
 }
 inline const char* cudaGetErrorString(cudaError_t e) {
@@ -909,6 +930,26 @@ inline void count_launch(const char* name, const void* kernel, dim3 grid, dim3 b
   if (g_recording) g_launch_records.push_back({kernel_text, grid, block, smem});
 }
 
+// Dynamic shared memory above 48 KiB must be opted in per kernel
+// (cudaFuncSetAttribute), as on the GPU, where the launch fails otherwise.
+inline std::map<const void*, size_t> g_smem_opt_in;
+
+inline void check_smem_opt_in(const char* name, const void* kernel, size_t smem) {
+  if (smem <= 48u * 1024u) return;
+  size_t allowed = 0;
+  {
+    std::lock_guard<std::mutex> lock(launch_mutex());
+    const auto it = g_smem_opt_in.find(kernel);
+    if (it != g_smem_opt_in.end()) allowed = it->second;
+  }
+  if (smem > allowed)
+    throw std::runtime_error(
+        std::string("cae_sim: invalid configuration argument launching '") + name +
+        "': " + std::to_string(smem) + " bytes of dynamic shared memory, more than 48 KiB and than the " +
+        std::to_string(allowed) +
+        " opted in with cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize)");
+}
+
 inline bool dry_run() {
   std::lock_guard<std::mutex> lock(launch_mutex());
   return g_dry_run;
@@ -1028,6 +1069,7 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
   };
   const Pack pack{kernel, detail::convert_args<std::decay_t<P>...>(std::forward<A>(args)...)};
   detail::check_config(name, grid, block, smem_bytes);
+  detail::check_smem_opt_in(name, reinterpret_cast<const void*>(kernel), smem_bytes);
   detail::count_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem_bytes);
   if (detail::dry_run()) return;  // counted and recorded, not run (see set_dry_run())
   detail::run_launch(name, grid, block, smem_bytes, &detail::invoke_pack<Pack>, &pack);
@@ -1259,6 +1301,10 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
+template <class T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
 
 // ---------------------------------------------------------------------------
 // Atomics: real (relaxed) __atomic operations, so TSan sees them as atomic.
@@ -1412,3 +1458,22 @@ CAE_SIM_MINMAX(double, double, float, fmin(a, b), fmax(a, b))
 #undef CAE_SIM_MINMAX
 inline unsigned umin(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned umax(unsigned a, unsigned b) { return a > b ? a : b; }
+
+// Host runtime calls of the kernels that keep more than 48 KiB in shared
+// memory: the opt-in is recorded per kernel and checked at launch
+// (detail::check_smem_opt_in); memsets run at once (launches are synchronous).
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <class... P>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value > cae_sim_smem_opt_in_limit(cae_sim_arch()))
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(cae_sim::detail::launch_mutex());
+  cae_sim::detail::g_smem_opt_in[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream = nullptr) {
+  (void)stream;
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
