@@ -144,6 +144,23 @@ struct DecoderBlockParams {
   bool relu;
   bool nhwc;
 };
+
+// The decoder block's backward (ops.h decoder_block_backward) where a backend
+// fuses it: the hidden layers recomputed from input, then every weight's and
+// bias's gradient (grad_weights, grad_biases: preallocated like weights and
+// biases), and grad_input where given. False for a shape the kernel does not
+// take; ops.h then runs the per-op chain.
+struct DecoderBlockBackwardParams {
+  OptTensor grad_input;
+  std::vector<Tensor> grad_weights;
+  std::vector<Tensor> grad_biases;
+  Tensor grad_output;  // [N, C_L, crop height, crop width]
+  Tensor input;
+  std::vector<Tensor> weights;  // contiguous
+  std::vector<Tensor> biases;   // contiguous
+  bool relu;
+  bool nhwc;
+};
 }  // namespace cae
 
 #define CAE_BACKEND_KERNELS                                  \

@@ -148,3 +148,113 @@ def test_declined_shapes_are_composed(case):
                 out = backend.ops.decoder_block(x, weights, biases, True, [59, 60])
             assert kernels_of(recorder) == [KERNEL]
             assert torch.equal(out, composed_block(backend.functions, x, weights, biases, True, (59, 60)))
+
+
+BACKWARD_KERNEL = "cae::cuda::decoder_block_backward_kernel"
+
+
+def backward_reference(x, weights, biases, relu, size, grad):
+    """Every gradient in float64 by autograd through PyTorch (cae_kernels.reference)."""
+    inputs = [t.detach().double().requires_grad_() for t in (x, *weights, *biases)]
+    k = len(weights)
+    out = reference_block(inputs[0], inputs[1:k + 1], inputs[k + 1:], relu, size)
+    return torch.autograd.grad(out, inputs, grad.double())
+
+
+def per_op_grads(functions, x, weights, biases, relu, size, grad):
+    """Every gradient by autograd through the per-op kernels."""
+    inputs = [t.detach().requires_grad_() for t in (x, *weights, *biases)]
+    k = len(weights)
+    out = composed_block(functions, inputs[0], inputs[1:k + 1], inputs[k + 1:], relu, size)
+    return torch.autograd.grad(out, inputs, grad)
+
+
+def backward_tolerance(backend, dtype, expected, layers):
+    # Sums over every position of the batch, several layers deep.
+    tol = tolerance(backend, dtype, expected, layers)
+    scale = 4.0 if dtype in HALF_DTYPES else 1.0
+    return {"rtol": tol["rtol"] * scale, "atol": tol["atol"] * scale}
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels("dtype")
+def test_decoder_block_backward(backend, dtype, fmt, relu, shape, input_grad):
+    """One launch; every gradient as PyTorch's in float64 and as the per-op kernels' at
+    the dtype's tolerance; grad_input empty where not asked for."""
+    n, c0, channels, h, w, size = shape
+    x = make_input((n, c0, h, w), dtype, backend.device, fmt).detach()
+    weights, biases = block_params(c0, channels, dtype, backend.device)
+    grad = make_input((n, channels[-1], *size), dtype, backend.device, fmt).detach()
+    args = (grad, x, weights, biases, relu, list(size), input_grad)
+    if backend.name == "sim":
+        from cae_kernels import sim
+
+        with sim.record_launches() as recorder:
+            grad_input, grad_weights, grad_biases = backend.ops.decoder_block_backward(*args)
+        assert kernels_of(recorder) == [BACKWARD_KERNEL]
+    else:
+        grad_input, grad_weights, grad_biases = backend.ops.decoder_block_backward(*args)
+    ours = [grad_input, *grad_weights, *grad_biases]
+    layers = len(channels)
+    expected = backward_reference(x, weights, biases, relu, size, grad)
+    per_op = per_op_grads(backend.functions, x, weights, biases, relu, size, grad)
+    if input_grad:
+        assert grad_input.is_contiguous(memory_format=_suggest_memory_format(x))
+    else:
+        assert grad_input.numel() == 0
+        ours, expected, per_op = ours[1:], expected[1:], per_op[1:]
+    for i, (mine, ref, theirs) in enumerate(zip(ours, expected, per_op, strict=True)):
+        assert mine.dtype == dtype and mine.shape == ref.shape
+        assert_close(mine, ref, backward_tolerance(backend, dtype, ref, layers), f"gradient {i}")
+        assert_close(mine, theirs.double(), backward_tolerance(backend, dtype, ref, layers),
+                     f"gradient {i} against the per-op kernels")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_is_deterministic_over_many_blocks(fmt):
+    """301 blocks of two images (ten ticket groups of finish_grid_sums): the weight and
+    bias gradients the same bits on every run, and right."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        n, size = 601, (3, 4)
+        x = make_input((n, 2, 2, 2), torch.float32, backend.device, fmt).detach()
+        weights, biases = block_params(2, (3, 2), torch.float32, backend.device)
+        grad = make_input((n, 2, *size), torch.float32, backend.device, fmt).detach()
+        runs = []
+        for _ in range(2):
+            with sim.record_launches() as recorder:
+                runs.append(backend.ops.decoder_block_backward(grad, x, weights, biases, True, list(size), True))
+            (launch,) = recorder.launches
+            assert launch.kernel.startswith(BACKWARD_KERNEL) and launch.blocks == -(-n // 2)
+        (gi1, gw1, gb1), (gi2, gw2, gb2) = runs
+        for a, b in zip([gi1, *gw1, *gb1], [gi2, *gw2, *gb2], strict=True):
+            assert torch.equal(a, b)
+        expected = backward_reference(x, weights, biases, True, size, grad)
+        for i, (mine, ref) in enumerate(zip([gi1, *gw1, *gb1], expected, strict=True)):
+            assert_close(mine, ref, backward_tolerance(backend, torch.float32, ref, 2), f"gradient {i}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_gradcheck(fmt):
+    """gradcheck in float64 through the op's autograd (the fused backward, one launch)."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        x = make_input((2, 3, 2, 3), F64, backend.device, fmt)
+        weights, biases = block_params(3, (4, 2, 2), F64, backend.device)
+        params = [p.requires_grad_() for p in (*weights, *biases)]
+
+        def block(x, *p):
+            return backend.functions.decoder_block(x, p[:3], p[3:], (7, 11), "relu")
+
+        out = block(x, *params)
+        with sim.record_launches() as recorder:
+            out.backward(torch.ones_like(out))
+        assert BACKWARD_KERNEL in kernels_of(recorder)
+        assert torch.autograd.gradcheck(block, (x, *params))

@@ -159,6 +159,7 @@ struct CudaKernels {
   static bool encoder_block(const EncoderBlockParams& p);
   // The fused decoder block (decoder_block.cu); false: not for this shape.
   static bool decoder_block(const DecoderBlockParams& p);
+  static bool decoder_block_backward(const DecoderBlockBackwardParams& p);
 
  private:
   // weight_grad up to its partial sums, and the correlations with extra
