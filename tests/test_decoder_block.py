@@ -258,3 +258,27 @@ def test_backward_gradcheck(fmt):
             out.backward(torch.ones_like(out))
         assert BACKWARD_KERNEL in kernels_of(recorder)
         assert torch.autograd.gradcheck(block, (x, *params))
+
+
+@pytest.mark.parametrize("arch, fused", [("75", False), ("86", True)])
+def test_backward_declines_past_the_opt_in_limit(monkeypatch, arch, fused):
+    """The autoencoder's decoder needs 98 KB of shared memory an image for the backward:
+    more than sm_75's 64 KiB (the op runs the per-op chain, with the same gradients),
+    within sm_86's 99 KiB (one launch)."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    monkeypatch.setenv("CAE_SIM_ARCH", arch)
+    with backend.in_use():
+        n, c0, channels, h, w, size = SHAPES[0]
+        x = make_input((n, c0, h, w), torch.float32, backend.device).detach()
+        weights, biases = block_params(c0, channels, torch.float32, backend.device)
+        grad = make_input((n, channels[-1], *size), torch.float32, backend.device).detach()
+        with sim.record_launches() as recorder:
+            grads = backend.ops.decoder_block_backward(grad, x, weights, biases, True, list(size), True)
+        assert (kernels_of(recorder) == [BACKWARD_KERNEL]) == fused
+        assert (BACKWARD_KERNEL in kernels_of(recorder)) == fused
+        grad_input, grad_weights, grad_biases = grads
+        expected = backward_reference(x, weights, biases, True, size, grad)
+        for i, (mine, ref) in enumerate(zip([grad_input, *grad_weights, *grad_biases], expected, strict=True)):
+            assert_close(mine, ref, backward_tolerance(backend, torch.float32, ref, len(channels)), f"gradient {i}")
