@@ -482,6 +482,13 @@ struct Ops {
                 "], got ", output_size);
   }
 
+  static std::vector<Tensor> contiguous_all(at::TensorList tensors) {
+    std::vector<Tensor> out;
+    out.reserve(tensors.size());
+    for (const Tensor& t : tensors) out.push_back(t.contiguous());
+    return out;
+  }
+
   // The transposed convolutions' outputs but the last's (the interior).
   static std::vector<Tensor> decoder_block_interior(const Tensor& input, at::TensorList weights,
                                                     at::TensorList biases, bool relu) {
@@ -501,6 +508,22 @@ struct Ops {
                               c10::SymIntArrayRef output_size) {
     const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
     check_decoder_block(input, weights, biases, size);
+    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
+      if (input.numel() > 0 && size[0] > 0 && size[1] > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        auto out = at::empty({input.size(0), weights.back().size(1), size[0], size[1]},
+                             input.options().memory_format(format));
+        if (K::decoder_block({.out = out,
+                              .input = input.contiguous(format),
+                              .weights = contiguous_all(weights),
+                              .biases = contiguous_all(biases),
+                              .relu = relu,
+                              .nhwc = nhwc}))
+          return out;
+      }
+    }
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     Tensor full =
         conv_transpose3x3(hidden.empty() ? input : hidden.back(), weights.back(), biases.back(), 1, false);
@@ -521,6 +544,30 @@ struct Ops {
     check_activation(grad_output, "grad_output", input);
     check_same_shape(grad_output, "grad_output", {input.size(0), weights.back().size(1), size[0], size[1]},
                      "the block's output");
+    if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
+      if (input.numel() > 0 && grad_output.numel() > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        std::vector<Tensor> grad_weights, grad_biases;
+        for (size_t i = 0; i < weights.size(); ++i) {
+          grad_weights.push_back(at::empty(weights[i].sizes(), weights[i].options()));
+          grad_biases.push_back(at::empty(biases[i].sizes(), biases[i].options()));
+        }
+        Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options().memory_format(format))
+                                       : at::empty({0}, input.options());
+        if (K::decoder_block_backward({.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
+                                       .grad_weights = grad_weights,
+                                       .grad_biases = grad_biases,
+                                       .grad_output = grad_output.contiguous(format),
+                                       .input = input.contiguous(format),
+                                       .weights = contiguous_all(weights),
+                                       .biases = contiguous_all(biases),
+                                       .relu = relu,
+                                       .nhwc = nhwc}))
+          return {grad_input, grad_weights, grad_biases};
+      }
+    }
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     const Tensor& last_input = hidden.empty() ? input : hidden.back();
     const std::array<int64_t, 4> full{input.size(0), weights.back().size(1), last_input.size(2),

@@ -157,6 +157,9 @@ struct CudaKernels {
   CAE_BACKEND_KERNELS
   // The fused encoder block (encoder_block.cu); false: not for this shape.
   static bool encoder_block(const EncoderBlockParams& p);
+  // The fused decoder block (decoder_block.cu); false: not for this shape.
+  static bool decoder_block(const DecoderBlockParams& p);
+  static bool decoder_block_backward(const DecoderBlockBackwardParams& p);
   // The loss and its gradient (loss.cu): every shape.
   static bool sigmoid_cross_entropy(const SigmoidCrossEntropyParams& p);
   static bool sigmoid_cross_entropy_grad(const SigmoidCrossEntropyGradParams& p);
