@@ -99,6 +99,26 @@ Per launch:
   only in the fixed per-launch cost, which is the model's largest single assumption.
 """
 
+FUSED_MODEL = """\
+**The fused step** (`ConvAutoencoder(fused=True)`, what CUDA runs by default): one launch per
+encoder block (`encoder1`..`encoder3`) and its backward, one for the decoder and one for its
+backward, the loss's two. The block kernels are modeled from their loop structure as the
+per-op ones, with the same constants: their tilings are copies of the planners, checked against
+the recorded grid and shared memory; a warp runs 32 consecutive work items; per channel and tap
+of `accumulate_windows` the window's loads (each value once for a work item's 2 rows), two
+broadcast weight loads for 8 output channels and the FFMA; the stride-2 transposed layers issue
+the union of a warp's taps (both parities of a row or column in one warp: up to 9 where 2.25 are
+needed); the weight gradients from their per-position loads, with the bank conflicts of the
+first warp's addresses; staging as above per staged element (weights included). *bytes*: the
+block's input, weights, output (and gradients) once, plus the grid sums' partial rows (written,
+read by the finishing blocks); *FLOPs*: what the kernels compute, recomputed halos, strip rows
+and the backward's recompute of the forward included. Left out: the barriers between phases
+(a block waits for its slowest warp), the finishing blocks' serial sums over the partial rows,
+the index arithmetic of the stride-2 loops, and latency: the decoder's first layers (4 x 4 and
+8 x 8 images) are a few warps of work per block, and a block of whole images runs its phases
+one after another, so the fused kernels' times are the least optimistic part of this model only
+where they are throughput-bound.
+"""
 
 # --- the SASS report ------------------------------------------------------------------
 
@@ -170,9 +190,18 @@ class _OpRecorder(TorchDispatchMode):
     def _layer(self, op, bound, results):
         if op.startswith("sigmoid_cross_entropy"):
             return "loss"
+        if op.startswith("decoder_block"):
+            return "decoder"
 
         def key(t):
             return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+        if op == "encoder_block":  # the fused path's blocks, in order; their backward by the input
+            name = f"encoder{sum(call.op == op for call in self.calls) + 1}"
+            self.by_input[key(bound["input"])] = name
+            return name
+        if op == "encoder_block_backward":
+            return self.by_input.get(key(bound["input"]), "?")
 
         if op in ("conv3x3", "conv_transpose3x3", "max_pool2x2"):  # forward: the running module
             if bound.get("weight") is not None:
@@ -191,15 +220,16 @@ class _OpRecorder(TorchDispatchMode):
             hook.remove()
 
 
-def record_step(downsample, memory_format, batch_size=BATCH, seed=0):
-    """The cae_sim op calls (with their launches) of one dry-run training step."""
+def record_step(downsample, memory_format, batch_size=BATCH, seed=0, fused=False):
+    """The cae_sim op calls (with their launches) of one dry-run training step: per op
+    (each launch belongs to one layer), or `fused` (the blocks' ops: what CUDA runs by
+    default; a launch belongs to a block, the decoder or the loss)."""
     from cae_kernels import sim
     from cae_kernels.app.models import ConvAutoencoder
     from cae_kernels.app.training import _train_step
 
     torch.manual_seed(seed)
-    # The per-op path: each launch belongs to one layer (the blocks' launches would not).
-    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format, fused=False)
+    model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format, fused=fused)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch_size, 1, 28, 28)
     with sim.record_launches(dry_run=True) as recorder:
@@ -268,6 +298,9 @@ def estimate(call, launch, index_in_op):
     family = kernel_family(launch.kernel)
     a = call.args
     e = Estimate()
+    if call.op in BLOCK_MODELS and family not in BLOCK_MODELS:
+        raise SystemExit(f"kernel_notes: {call.op} composed per-op kernels ({launch.kernel}): its kernel "
+                         "declined the shapes; the model covers the fused kernel only")
     warps = launch.blocks * launch.threads_per_block // 32
     if family in ("correlate", "correlate_transpose"):
         weight, out, reads = _conv_shapes(call)
@@ -378,6 +411,8 @@ def estimate(call, launch, index_in_op):
             e.bytes = 3 * nbytes(x)
             e.outputs = x.numel()
         e.flops = 8 * x.numel()
+    elif family in BLOCK_MODELS:
+        BLOCK_MODELS[family](call, launch, e)
     else:
         raise SystemExit(f"kernel_notes: no model for kernel {launch.kernel} (add one)")
     return e
@@ -418,6 +453,414 @@ def _weight_grad_results(call):
     weights = [t for t in call.results if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-2:] == (3, 3)]
     biases = [t for t in call.results if isinstance(t, torch.Tensor) and t.dim() == 1]
     return (weights[0] if weights else None), (biases[0] if biases else None)
+
+
+# --- the fused blocks -------------------------------------------------------------------
+# The block kernels (encoder_block_kernels.cuh, encoder_block_backward_kernels.cuh,
+# decoder_block_kernels.cuh) run 256 threads that take work items (a pixel or two rows of a
+# column, and 8 channels) in StridedDigits order, so a warp runs 32 consecutive items: a
+# block's warp items are ceil(items / 32). Their tilings are copied from the planners and
+# checked against the recorded grid and shared memory, as _staged_per_channel does.
+
+THREADS = 256  # kThreads
+GROUP = 8  # kBlockGroup: a work item's output channels
+WEIGHT_VEC = 4  # a tap's 8 weights: two Vec<float, 4> broadcast loads (vec_width<float, 8>)
+BLOCK_SMEM_BUDGET = 44 * 1024  # kSmemBudget: the forward blocks' tiles
+BLOCK_FILL = 264  # kBlockFill
+GRID_SUMS_GROUP = 32  # kGridSumsGroup
+GRAD_SUMS, GRAD_CHANNELS = 10, 4  # kGradSums, kGradChannels (the encoder backward's weight gradients)
+POOL_INSTRUCTIONS = 30  # a max-pool window in shared memory: 4 loads, compares, index, store
+# Per staged weight element, estimated from the source (not the SASS): stage_weight_rows, a
+# coalesced load and its address (a vector store per 4); the transposed copies (the decoder's
+# layers, the encoder backward's) divide by run-time channel counts for every element.
+WEIGHT_STAGE_INSTRUCTIONS = {"rows": 6, "transposed": 30}
+
+
+def _warp_items(items):
+    return math.ceil(items / 32)
+
+
+@dataclass
+class _Work:
+    """Per-block work of a block kernel, summed in warp instructions, wavefronts and FMAs."""
+
+    nhwc: bool
+    issue: float = 0.0
+    wavefronts: float = 0.0
+    fmas: float = 0.0
+
+    def windows(self, items, channels, pixels, input_conflict=1, first=True):
+        """`items` thread items of accumulate_windows<pixels, 8> over `channels`: per channel
+        and tap the (pixels + 2) x 3 window loads (each once), two broadcast weight loads and
+        8 x pixels FFMA, 2 for the loop; per item the sums stored (and read where not the
+        first chunk)."""
+        warps = _warp_items(items)
+        loads_in, loads_w = (pixels + 2) * 3, 9 * GROUP // WEIGHT_VEC
+        ffma = 9 * GROUP * pixels
+        sums = pixels * GROUP * (1 if first else 2)
+        self.issue += warps * (channels * (ffma + loads_in + loads_w + 2) + sums)
+        self.wavefronts += warps * (channels * (loads_in * input_conflict + loads_w) + sums)
+        self.fmas += items * channels * ffma
+
+    def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1):
+        """Items of a transposed correlation (accumulate_transposed, the encoder backward's
+        stride-2 loop) issuing `issued_taps` taps per channel and warp (the union of its
+        threads' taps, from _issued_taps) where a thread computes `thread_taps` (stride 2:
+        2.25 on average): a tap is one input load, the group's weight loads and its FFMA."""
+        warps = _warp_items(items)
+        loads_w = max(1, group // WEIGHT_VEC)
+        self.issue += warps * channels * (issued_taps * (group + 1 + loads_w) + 2)
+        self.wavefronts += warps * channels * issued_taps * (input_conflict + loads_w)
+        self.fmas += items * channels * (thread_taps or issued_taps) * group
+
+    def stage(self, elements, weights=None):
+        """Elements staged into shared memory: an input's or a gradient's window, or
+        `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS)."""
+        per_element = STAGE_INSTRUCTIONS[self.nhwc] if weights is None else WEIGHT_STAGE_INSTRUCTIONS[weights]
+        self.issue += elements / 32 * per_element
+        self.wavefronts += elements / 32
+
+    def fill(self, elements):
+        """Shared memory zeroed: a store and the loop, a thread per element."""
+        self.issue += elements / 32 * 3
+        self.wavefronts += elements / 32
+
+    def add(self, e, blocks):
+        e.warp_instructions += self.issue * blocks
+        e.wavefronts += self.wavefronts * blocks
+        e.flops += 2 * self.fmas * blocks
+
+
+def _bank_wavefronts(addresses):
+    """Wavefronts of one warp's 32-bit shared loads: the most distinct words in one bank."""
+    banks = {}
+    for a in set(addresses):
+        banks[a % 32] = banks.get(a % 32, 0) + 1
+    return max(banks.values())
+
+
+def _window_conflicts(cols, rows, samples, step, pitch, sample_stride):
+    """Wavefronts of a warp's input loads, averaged over a block's warps, where work items run
+    (column, row, sample) and an item's window starts at sample_stride x sample + step x (row
+    x pitch + column): the pair rows of layer_pass (step 2 in rows only: pass step=(2, 1)),
+    the stride-2 windows (step 2 both ways)."""
+    row_step, col_step = step
+    items = cols * rows * samples
+    total = 0
+    for first in range(0, items, 32):
+        words = [(i // (cols * rows)) * sample_stride + row_step * ((i // cols) % rows) * pitch + col_step * (i % cols)
+                 for i in range(first, min(first + 32, items))]
+        total += _bank_wavefronts(words)
+    return total / math.ceil(items / 32)
+
+
+def _grid_sums_bytes(blocks, size):
+    """finish_grid_sums' traffic: each block's row written, read by its group's last block,
+    the groups' rows written and read by the grid's last; the totals, float32."""
+    groups = math.ceil(blocks / GRID_SUMS_GROUP)
+    return (2 * blocks + 2 * groups + 1) * size * 4
+
+
+def _check_plan(launch, blocks, smem_bytes):
+    if launch.blocks != blocks or launch.shared_bytes != smem_bytes:
+        raise SystemExit(f"kernel_notes: {launch.kernel} planned {launch.blocks} blocks, {launch.shared_bytes} B; "
+                         f"the copy of its planner says {blocks}, {smem_bytes} B: update it")
+
+
+def _encoder_tiling(n, c0, c1, h, w, strided, launch):
+    """plan_encoder_block: the output tile, images per block and the regions (a2, a1, input)."""
+    h_out, w_out = math.ceil(h / 2), math.ceil(w / 2)
+    groups = math.ceil(c1 / GROUP)
+    rows, cols = _pow2_at_least(h_out, 1, 8), _pow2_at_least(w_out, 1, 8)
+    tiles = math.ceil(h_out / rows) * math.ceil(w_out / cols)
+    samples = 1
+    while samples * 2 * 4 * rows * cols <= THREADS and tiles * math.ceil(n / (samples * 2)) >= BLOCK_FILL:
+        samples *= 2
+    while True:
+        r2, c2 = 2 * rows + (2 if strided else 0), 2 * cols + (1 if strided else 0)
+        r1, c1_ = r2 + 2, c2 + 2
+        r0, c0_ = r1 + 2, c1_ + 2
+        w2 = groups * GROUP * c1 * 9
+        fixed = w2 * (2 if strided else 1) + samples * c1 * (((r1 * c1_) | 1) + ((r2 * c2) | 1))
+        per_channel = samples * ((r0 * c0_) | 1) + groups * GROUP * 9
+        if (fixed + per_channel) * 4 <= BLOCK_SMEM_BUDGET:
+            break
+        if samples > 1:
+            samples //= 2
+        elif rows >= cols and rows > 1:
+            rows //= 2
+        else:
+            cols //= 2
+    blocks = math.ceil(h_out / rows) * math.ceil(w_out / cols) * math.ceil(n / samples)
+    chunk, rest = divmod(launch.shared_bytes // 4 - fixed, per_channel)
+    if rest or chunk < 1 or launch.blocks != blocks:
+        raise SystemExit(f"kernel_notes: {launch.kernel}: {launch.blocks} blocks, {launch.shared_bytes} B, not "
+                         f"the copy of plan_encoder_block's ({blocks} blocks, chunks of {per_channel * 4} B)")
+    return dict(rows=rows, cols=cols, samples=samples, groups=groups, r2=r2, c2=c2, r1=r1, c1=c1_, r0=r0, c0=c0_,
+                sample0=chunk * ((r0 * c0_) | 1), sample1=c1 * ((r1 * c1_) | 1), sample2=c1 * ((r2 * c2) | 1))
+
+
+def _encoder_block(call, launch, e):
+    """encoder_block_kernel: per block, a1 over the a2 region plus a 1-pixel halo (from the
+    input window, a further pixel, staged once per input channel), a2 over the output tile's
+    window (2 x tile, +1 column and +2 rows strided), then the pool or the stride-2
+    correlation; the halos are recomputed by every block that needs them."""
+    a = call.args
+    x, weights = a["input"], a["weights"]
+    n, c0, h, w = x.shape
+    c1, strided = weights[0].shape[0], len(weights) == 3
+    t = _encoder_tiling(n, c0, c1, h, w, strided, launch)
+    s, g = t["samples"], t["groups"]
+    work = _Work(launch.kernel.endswith("true>"))
+    work.stage(s * c0 * t["r0"] * t["c0"])
+    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows")
+    # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
+    # its region; the warp's pair rows conflict where a region is narrower than 32 columns
+    conflict = _window_conflicts(t["c1"], t["r1"] // 2, s, (2, 1), t["c0"], t["sample0"])
+    work.windows(t["c1"] * t["r1"] // 2 * s * g, c0, 2, input_conflict=conflict)
+    conflict = _window_conflicts(t["c2"], t["r2"] // 2, s, (2, 1), t["c1"], t["sample1"])
+    work.windows(t["c2"] * t["r2"] // 2 * s * g, c1, 2, input_conflict=conflict)
+    if strided:  # stride-2 windows over a2
+        conflict = _window_conflicts(t["cols"], t["rows"], s, (2, 2), t["c2"], t["sample2"])
+        work.windows(t["cols"] * t["rows"] * s * g, c1, 1, input_conflict=conflict)
+    else:
+        work.issue += _warp_items(c1 * t["rows"] * t["cols"] * s) * POOL_INSTRUCTIONS
+        work.wavefronts += _warp_items(c1 * t["rows"] * t["cols"] * s) * 4
+    work.add(e, launch.blocks)
+    out = call.results[0]
+    e.bytes = nbytes(x) + sum(nbytes(t) for t in weights + a["biases"]) + nbytes(out)
+    e.outputs = out.numel()
+
+
+def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane, src_pitch, stride):
+    """weight_grad_pass: an item of 4 gradient channels, one source channel and a slice of
+    the rows; per position 9 source loads, 4 gradient loads, 36 + 4 FFMA/FADD, ~3 for the
+    walk; slices' sums through the scratch. Bank conflicts from the first warp's addresses."""
+    pairs = math.ceil(c_g / GRAD_CHANNELS) * c_src
+    slices = 1 if pairs >= THREADS else THREADS // pairs
+    items = pairs * slices
+    positions = samples * math.ceil(g_rows / slices) * g_cols  # the longest slice
+    per_position = 9 + GRAD_CHANNELS + GRAD_CHANNELS * GRAD_SUMS + 3
+    lanes = [(i // slices, i % slices) for i in range(min(32, items))]
+    src_words = [(p % c_src) * src_plane + stride * sl * src_pitch for p, sl in lanes]
+    g_words = [(p // c_src) * GRAD_CHANNELS * g_plane + sl * g_pitch for p, sl in lanes]
+    warps = _warp_items(items)
+    work.issue += warps * positions * per_position
+    work.wavefronts += warps * positions * (9 * _bank_wavefronts(src_words) + GRAD_CHANNELS * _bank_wavefronts(g_words))
+    work.fmas += pairs * samples * g_rows * g_cols * GRAD_CHANNELS * GRAD_SUMS
+    if slices > 1:  # per channel: the items' sums stored, each pair's slices summed
+        work.issue += GRAD_CHANNELS * (warps * GRAD_SUMS + _warp_items(pairs) * slices * GRAD_SUMS * 2)
+        work.wavefronts += GRAD_CHANNELS * (warps * GRAD_SUMS + _warp_items(pairs) * slices * GRAD_SUMS)
+
+
+def _encoder_block_backward(call, launch, e):
+    """encoder_block_backward_kernel: whole images per block in padded planes; a1 and a2
+    recomputed; grad_z2 (the pool's winners, or dw_down and the stride-2 transposed
+    correlation); dw2; grad_z1 (stride-1 transposed: a correlation with the flipped
+    weights); dw1 and the input gradient; the partial rows summed by finish_grid_sums."""
+    a = call.args
+    x, weights, go = a["input"], a["weights"], a["grad_output"]
+    n, c0, h, w = x.shape
+    c1, strided = weights[0].shape[0], len(weights) == 3
+    h_out, w_out = go.shape[2], go.shape[3]
+    g1, g0 = math.ceil(c1 / GROUP), math.ceil(c0 / GROUP)
+    rows = h + (h & 1)
+    pitch, plane = w + 2, ((rows + 2) * (w + 2)) | 1
+    out_pitch, out_plane = w_out + 1, (((h_out + 1) * (w_out + 1)) | 1) if strided else 0
+    w1_size = max(g1 * GROUP * c0 * 9, g0 * GROUP * c1 * 9)
+    w2_size = g1 * GROUP * c1 * 9
+    fixed = w1_size + w2_size * (2 if strided else 1) + THREADS * GRAD_SUMS
+    per_image = (c0 + 2 * c1) * plane + c1 * out_plane
+    samples = 1
+    budget = launch.shared_bytes // 4  # the opt-in limit is the device's: take the plan's images
+    while fixed + 2 * samples * per_image <= budget and math.ceil(n / (2 * samples)) >= BLOCK_FILL:
+        samples *= 2
+    _check_plan(launch, math.ceil(n / samples), (fixed + samples * per_image) * 4)
+    sums = (c1 * c0 * 9 + c1) + (c1 * c1 * 9 + c1) * (2 if strided else 1)
+    work = _Work(launch.kernel.endswith("true>"))
+    work.stage(samples * c0 * (rows + 2) * (w + 2) + (samples * c1 * (h_out + 1) * (w_out + 1) if strided else 0))
+    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows")  # w1, w2 for the recompute
+    work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed")  # w1, w2, w_down
+    work.fill(2 * samples * c1 * plane)
+    pairs_items = w * (rows // 2) * samples
+
+    def conflict(channels):  # layer_pass's pair rows over padded planes of `channels`
+        return _window_conflicts(w, rows // 2, samples, (2, 1), pitch, channels * plane)
+
+    work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))  # a1
+    work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))  # a2
+    if strided:
+        _weight_grad_pass(work, c1, c1, h_out, w_out, samples, out_plane, out_pitch, plane, pitch, 2)
+        items = w * h * samples * g1
+        # a warp's threads take consecutive x, both parities (and rows where W < 32: both
+        # row parities): 2 x 2 taps issued (2 x 1.5 over one row); the weights as two vectors
+        work.taps(items, c1, 4 if w < 32 else 3, GROUP, thread_taps=2.25)
+    else:
+        windows = _warp_items(c1 * h_out * w_out * samples)
+        work.issue += windows * (POOL_INSTRUCTIONS + 8)
+        work.wavefronts += windows * 8
+    _weight_grad_pass(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
+    work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))  # grad_z1
+    _weight_grad_pass(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
+    input_grad = bool(a.get("input_grad"))
+    if input_grad:
+        work.windows(pairs_items * g0, c1, 2, input_conflict=conflict(c1))
+    work.issue += _warp_items(sums) * 4  # the row's stores
+    work.add(e, launch.blocks)
+    e.bytes = (nbytes(x) + nbytes(go) + (nbytes(a.get("output")) if strided and a["relu"] else 0)
+               + sum(nbytes(t) for t in weights + a["biases"]) * 2  # read, gradients written
+               + (nbytes(x) if input_grad else 0) + _grid_sums_bytes(launch.blocks, sums))
+    e.outputs = sums + (x.numel() if input_grad else 0)
+
+
+def _issued_taps(width, rows, samples_groups):
+    """Taps per channel a warp issues in decoder_hidden_rows' stride-2 transposed
+    correlation, averaged over its warps: items run (column / 2, column parity, row, ...),
+    a thread's taps follow its pixel's parities (1, 2, 2 or 4) and a warp issues the union of
+    its threads' (a warp over both row parities runs all three rows of taps)."""
+    items = (width // 2) * 2 * rows * samples_groups
+    total = 0
+    for first in range(0, items, 32):
+        taps = set()
+        for i in range(first, min(first + 32, items)):
+            x = 2 * (i % (width // 2)) + (i // (width // 2)) % 2
+            y = (i // width) % rows
+            ky = {k for k in range(3) if (y + 1 - k) % 2 == 0}
+            kx = {k for k in range(3) if (x + 1 - k) % 2 == 0}
+            taps |= {(p, q) for p in ky for q in kx}
+        total += len(taps)
+    return total / math.ceil(items / 32)
+
+
+def _decoder_tiling(call, launch, backward):
+    """plan_decoder_block: images per block, strip rows (forward) and the planes' sizes."""
+    a = call.args
+    x, weights = a["input"], a["weights"]
+    n, _, h, w = x.shape
+    chans = [x.shape[1]] + [wt.shape[1] for wt in weights]
+    layers = len(weights)
+    h_out, w_out = a["output_size"]
+
+    def weight_elements(c_in, c_out, group):
+        return math.ceil(c_out / group) * group * c_in * 9
+
+    def elements(samples, strip):
+        offset = max([weight_elements(chans[i], chans[i + 1], GROUP) for i in range(layers - 1)], default=0)
+        if backward:
+            offset = max([offset] + [weight_elements(chans[i + 1], chans[i], GROUP) for i in range(layers)])
+        else:
+            offset += weight_elements(chans[layers - 1], chans[layers], 1 if chans[layers] == 1 else GROUP)
+        planes = []
+        for i in range(layers + 1 if backward else layers):
+            scale = min(i, layers - 1)
+            strip_plane = not backward and layers > 1 and i == layers - 1
+            prows = strip + 2 if strip_plane else (h << scale) + 2
+            pcols = (w << scale) + 2
+            planes.append((prows, pcols, ((prows * pcols) | 1)))
+            offset += samples * chans[i] * ((prows * pcols) | 1)
+        return offset, planes
+
+    budget = BLOCK_SMEM_BUDGET if not backward else launch.shared_bytes
+    strip = h_out
+    while elements(1, strip)[0] * 4 > budget and strip > 1 and layers > 1 and not backward:
+        strip = math.ceil(strip / 2)
+    samples = 1
+    while math.ceil(n / (samples * 2)) >= BLOCK_FILL and elements(samples * 2, strip)[0] * 4 <= budget:
+        samples *= 2
+    total, planes = elements(samples, strip)
+    _check_plan(launch, math.ceil(n / samples), total * 4)
+    return dict(samples=samples, strip=strip, planes=planes, chans=chans, layers=layers, h=h, w=w,
+                h_out=h_out, w_out=w_out)
+
+
+def _decoder_block(call, launch, e):
+    """decoder_block_kernel: whole images per block; the hidden stride-2 layers over whole
+    planes, the last hidden layer strip by strip (its two border rows recomputed for every
+    strip), the stride-1 last layer at the crop's positions only."""
+    t = _decoder_tiling(call, launch, backward=False)
+    s, chans, layers = t["samples"], t["chans"], t["layers"]
+    work = _Work(launch.kernel.endswith("true>"))
+    p0 = t["planes"][0]
+    work.stage(s * chans[0] * p0[0] * p0[1])
+    work.stage(sum(chans[i] * chans[i + 1] * 9 for i in range(layers)), "transposed")
+    work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(t["planes"]) if i > 0))
+    for i in range(layers - 1):
+        size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
+        groups = math.ceil(chans[i + 1] / GROUP)
+        if i + 2 < layers:
+            strips = [size_h]
+        else:
+            strips = [min(t["strip"], t["h_out"] - y) + 2 for y in range(0, t["h_out"], t["strip"])]
+        for rows in strips:
+            work.taps(size_w * rows * s * groups, chans[i], _issued_taps(size_w, rows, s * groups), GROUP,
+                      thread_taps=2.25)
+    last_group = 1 if chans[layers] == 1 else GROUP
+    items = t["w_out"] * t["h_out"] * s * math.ceil(chans[layers] / last_group)
+    work.taps(items, chans[layers - 1], 9, last_group)  # stride 1: every tap
+    work.add(e, launch.blocks)
+    a = call.args
+    out = call.results[0]
+    e.bytes = nbytes(a["input"]) + sum(nbytes(t) for t in a["weights"] + a["biases"]) + nbytes(out)
+    e.outputs = out.numel()
+
+
+def _decoder_block_backward(call, launch, e):
+    """decoder_block_backward_kernel: whole images per block in opt-in shared memory; the
+    hidden layers recomputed whole; per layer from the last, its weight and bias gradients
+    (a thread per element, each summing every position of the block's images) and its
+    input's gradient (accumulate_windows over the output gradient, stride 2 but the last);
+    the partial rows summed by finish_grid_sums."""
+    t = _decoder_tiling(call, launch, backward=True)
+    s, chans, layers, planes = t["samples"], t["chans"], t["layers"], t["planes"]
+    a = call.args
+    work = _Work(launch.kernel.endswith("true>"))
+    p0, pg = planes[0], planes[layers]
+    work.stage(s * chans[0] * p0[0] * p0[1] + s * chans[layers] * pg[0] * pg[1])
+    work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
+    for i in range(layers - 1):
+        size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
+        groups = math.ceil(chans[i + 1] / GROUP)
+        work.stage(chans[i] * chans[i + 1] * 9, "transposed")
+        work.taps(size_w * size_h * s * groups, chans[i], _issued_taps(size_w, size_h, s * groups), GROUP,
+                  thread_taps=2.25)
+    input_grad = bool(a.get("input_grad"))
+    sums = 0
+    for i in reversed(range(layers)):
+        c_a, c_b = chans[i], chans[i + 1]
+        stride = 2 if i + 1 < layers else 1
+        (in_rows, in_cols, in_plane), (g_rows, g_cols, g_plane) = planes[i], planes[i + 1]
+        hw = (in_rows - 2) * (in_cols - 2)
+        size = c_a * c_b * 9
+        sums += size + c_b
+        # weight gradient: per position an FFMA and two loads (~4 issued); the first warp's
+        # addresses give its bank conflicts (threads over (ca, cb, tap))
+        lanes = range(min(32, size))
+        g_words = [((e_ // 9) % c_b) * g_plane + (e_ % 9 // 3) * g_cols + e_ % 3 for e_ in lanes]
+        x_words = [(e_ // (c_b * 9)) * in_plane for e_ in lanes]
+        warps = _warp_items(size)
+        work.issue += warps * s * hw * 4
+        work.wavefronts += warps * s * hw * (_bank_wavefronts(g_words) + _bank_wavefronts(x_words))
+        work.fmas += size * s * hw
+        g_hw = (g_rows - 2) * (g_cols - 2)
+        work.issue += _warp_items(c_b) * s * g_hw * 3  # bias: a load and an add per position
+        work.wavefronts += _warp_items(c_b) * s * g_hw
+        if i == 0 and not input_grad:
+            break
+        work.stage(c_a * c_b * 9, "rows")
+        conflict = _window_conflicts(in_cols - 2, in_rows - 2, s, (stride, stride), g_cols, c_b * g_plane)
+        work.windows(hw * s * math.ceil(c_a / GROUP), c_b, 1, input_conflict=conflict)
+    work.add(e, launch.blocks)
+    e.bytes = (nbytes(a["input"]) + nbytes(a["grad_output"]) + sum(nbytes(t) for t in a["weights"] + a["biases"]) * 2
+               + (nbytes(a["input"]) if input_grad else 0) + _grid_sums_bytes(launch.blocks, sums))
+    e.outputs = sums + (a["input"].numel() if input_grad else 0)
+
+
+BLOCK_MODELS = {
+    "encoder_block": _encoder_block,
+    "encoder_block_backward": _encoder_block_backward,
+    "decoder_block": _decoder_block,
+    "decoder_block_backward": _decoder_block_backward,
+}
 
 
 def blocks_per_sm(launch, registers, static_shared):
@@ -506,17 +949,18 @@ def step_table(rows):
 
 
 def summary(steps):
+    """One row per model, layout and path: `steps` maps (variant, layout, path) to rows."""
     lines = [
-        "| model | layout | launches | MB | GFLOP | kernel time beyond launch cost us | launch cost us "
+        "| model | layout | path | launches | MB | GFLOP | kernel time beyond launch cost us | launch cost us "
         "| expected step us | vs PyTorch+cuDNN (350-450 us) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, layout), rows in steps.items():
+    for (variant, layout, path), rows in steps.items():
         total = sum(r.time for r in rows)
         fixed = len(rows) * LAUNCH_US * 1e-6
         ratio = f"{total * 1e3 / PYTORCH_STEP_MS[1]:.2f}-{total * 1e3 / PYTORCH_STEP_MS[0]:.2f}"
         lines.append(
-            f"| {variant} | {layout} | {len(rows)} | {sum(r.est.bytes for r in rows) / 1e6:.1f} "
+            f"| {variant} | {layout} | {path} | {len(rows)} | {sum(r.est.bytes for r in rows) / 1e6:.1f} "
             f"| {sum(r.est.flops for r in rows) / 1e9:.2f} | {_us(total - fixed)} | {_us(fixed)} | {_us(total)} "
             f"| {ratio} |"
         )
@@ -540,7 +984,8 @@ def per_kernel(steps):
     return lines
 
 
-FORWARD_OPS = ("conv3x3", "conv_transpose3x3", "max_pool2x2")
+FORWARD_OPS = ("conv3x3", "conv_transpose3x3", "max_pool2x2", "encoder_block", "decoder_block",
+               "sigmoid_cross_entropy")
 
 
 def per_layer(steps):
@@ -559,28 +1004,38 @@ def per_layer(steps):
     return lines
 
 
+PATHS = (("per-op", False), ("fused", True))
+
+
 def generate():
     from cae_kernels import sim  # noqa: F401  (builds the emulated kernels on first use)
 
     sass = load_sass_report()
     shorten = _sass_report_module().shorten
     steps = {}
-    for variant in VARIANTS:
-        for layout, memory_format in LAYOUTS:
-            _, calls = record_step(variant, memory_format)
-            steps[(variant, layout)] = model_step(calls, sass, shorten)
+    for path, fused in PATHS:
+        for variant in VARIANTS:
+            for layout, memory_format in LAYOUTS:
+                _, calls = record_step(variant, memory_format, fused=fused)
+                steps[(variant, layout, path)] = model_step(calls, sass, shorten)
+    by_path = {path: {(v, layout): rows for (v, layout, p), rows in steps.items() if p == path}
+               for path, _ in PATHS}
     out = [BEGIN, "", f"Generated by `python scripts/kernel_notes.py` from the planners (dry-run launches "
            f"at batch {BATCH}, float32) and `benchmarks/results/sass-sm90.md`.", "", MODEL.rstrip(), "",
-           "### One training step, summed", ""]
+           FUSED_MODEL.rstrip(), "", "### One training step, summed", ""]
     out += summary(steps)
-    out += ["", "Launches and expected time per kernel (launch cost included):", ""]
-    out += per_kernel(steps)
-    out += ["", "Expected time per layer, forward + backward (launch cost included):", ""]
-    out += per_layer(steps)
-    for (variant, layout), rows in steps.items():
-        out += ["", f"### `{variant}` model, {layout}, batch {BATCH}", ""]
-        out += step_table(rows)
-    out += ["", END]
+    for path, _ in PATHS:
+        out += ["", f"Launches and expected time per kernel, {path} path (launch cost included):", ""]
+        out += per_kernel(by_path[path])
+    out += ["", "Expected time per layer (per-op path) and per block (fused path), forward + backward "
+            "(launch cost included):", ""]
+    for path, _ in PATHS:
+        out += per_layer(by_path[path]) + [""]
+    for path, _ in PATHS:
+        for (variant, layout), rows in by_path[path].items():
+            out += [f"### `{variant}` model, {layout}, {path}, batch {BATCH}", ""]
+            out += step_table(rows) + [""]
+    out += [END]
     return "\n".join(out) + "\n"
 
 

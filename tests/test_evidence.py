@@ -321,6 +321,44 @@ def test_kernel_notes_model_of_a_step(sim):
     assert forward.per_sm >= 1 and forward.registers == sass[forward.kernel][0]
 
 
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_kernel_notes_model_of_a_fused_step(sim, downsample):
+    kernel_notes = load_script("kernel_notes")
+    shorten = kernel_notes._sass_report_module().shorten
+    model, calls = kernel_notes.record_step(downsample, torch.contiguous_format, batch_size=4, fused=True)
+    # Registers and static shared memory are the SASS report's inputs, regenerated after the
+    # kernels change; the block kernels' arithmetic is what this checks.
+    sass = {shorten(launch.kernel): (128, 16) for call in calls for launch in call.launches}
+    rows = kernel_notes.model_step(calls, sass, shorten)  # every launch modeled, or it stops
+    count_launches = load_script("count_launches")
+    assert len(rows) == sum(count_launches.count_step(downsample, batch_size=4, fused=True)[0].values())
+    assert {r.layer for r in rows} == {"encoder1", "encoder2", "encoder3", "decoder", "loss"}
+    assert all(r.time > kernel_notes.LAUNCH_US * 1e-6 and r.est.bytes > 0 for r in rows)
+    assert all(r.est.flops > 0 and r.est.warp_instructions > 0 for r in rows if r.layer != "loss")
+    first = next(r for r in rows if r.layer == "encoder1" and r.op == "encoder_block")
+    weights = 16 * 1 * 9 + 16 + (16 * 16 * 9 + 16) * (2 if downsample == "stride" else 1)
+    assert first.est.bytes == 4 * 28 * 28 * 4 + weights * 4 + 4 * 16 * 14 * 14 * 4
+    assert first.est.outputs == 4 * 16 * 14 * 14
+    if downsample == "pool":
+        # 8 x 8 output tiles, one image a block (16 blocks): a1 over 18 x 18, a2 over 16 x 16
+        assert first.launch.blocks == 16
+        assert first.est.flops == 2 * 16 * (18 * 18 * 16 * 9 + 16 * 16 * 16 * 16 * 9)
+    # the backward: more FLOPs than the forward (the recompute and two products per layer),
+    # its partial rows in the bytes
+    for name in ("encoder1", "decoder"):
+        fwd, bwd = (r for r in rows if r.layer == name)
+        assert bwd.op.endswith("_backward") and bwd.est.flops > 2 * fwd.est.flops
+        assert bwd.est.bytes > fwd.est.bytes
+
+
+def test_kernel_notes_issued_taps():
+    kernel_notes = load_script("kernel_notes")
+    # 64 columns: a warp is one row and one column parity: 1, 2, 2 or 4 taps, 2.25 on average
+    assert kernel_notes._issued_taps(64, 2, 1) == 2.25
+    # 8 columns: a warp spans 4 rows of both parities, both column parities: all 9 taps
+    assert kernel_notes._issued_taps(8, 8, 1) == 9
+
+
 def test_kernel_notes_bias_grad_and_reduction(sim):
     kernel_notes = load_script("kernel_notes")
     g = torch.randn(3, 5, 6, 7)
