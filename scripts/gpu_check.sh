@@ -78,7 +78,8 @@ t0=$SECONDS
 # autocast, the GPU-only tests (the files by name: test_sim.py, which builds the
 # emulator as it is collected, is not among them).
 tests=()
-for f in tests/test_ops.py tests/test_blocks.py tests/test_encoder_block.py tests/test_cuda_kernels.py tests/test_cuda.py \
+for f in tests/test_ops.py tests/test_blocks.py tests/test_encoder_block.py tests/test_decoder_block.py tests/test_loss.py \
+  tests/test_cuda_kernels.py tests/test_cuda.py \
   tests/test_autocast.py tests/test_fakes.py; do
   [ -f "$f" ] && tests+=("$f")
 done
