@@ -413,3 +413,15 @@ def test_loss_curve_script(capsys):
     out = capsys.readouterr().out
     assert "cae: 3 steps" in out and "cae-fused: 3 steps" in out
     assert script.main([*args, "--tolerance", "-1"]) == 1
+
+
+def test_precision_check_script(capsys):
+    """A quick run of both precisions (PyTorch's layers on the CPU: the CPU kernels have no
+    bfloat16); the GPU script runs cae train's 50 epochs on our kernels. The exit status
+    reports a difference beyond the tolerance (a negative one: always)."""
+    script = load_script("precision_check")
+    args = ["--epochs", "1", "--limit", "128", "--backend", "torch", "--device", "cpu"]
+    assert script.main([*args, "--tolerance", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("precision_check: eval loss after 1 epochs: float32 ") and "bfloat16" in out
+    assert script.main([*args, "--tolerance", "-1"]) == 1
