@@ -115,9 +115,9 @@ read by the finishing blocks); *FLOPs*: what the kernels compute, recomputed hal
 and the backward's recompute of the forward included. Left out: the barriers between phases
 (a block waits for its slowest warp), the finishing blocks' serial sums over the partial rows,
 the index arithmetic of the stride-2 loops, and latency: the decoder's first layers (4 x 4 and
-8 x 8 images) are a few warps of work per block, and a block of whole images runs its phases
-one after another, so the fused kernels' times are the least optimistic part of this model only
-where they are throughput-bound.
+8 x 8 images) are a few warps of work per block, a block of whole images runs its phases one
+after another, and the third encoder block's phases keep 32-50 of 256 threads busy, so where a
+fused kernel is latency-bound its time here is optimistic.
 """
 
 # --- the SASS report ------------------------------------------------------------------
