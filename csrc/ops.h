@@ -387,12 +387,7 @@ struct Ops {
                               .interior_a1 = given(acts.a1),
                               .interior_a2 = given(acts.a2),
                               .input = input.contiguous(format),
-                              .w1 = weights[0].contiguous(),
-                              .b1 = biases[0].contiguous(),
-                              .w2 = weights[1].contiguous(),
-                              .b2 = biases[1].contiguous(),
-                              .w_down = strided ? OptTensor(weights[2].contiguous()) : std::nullopt,
-                              .b_down = strided ? OptTensor(biases[2].contiguous()) : std::nullopt,
+                              .weights = EncoderBlockWeights::of(weights, biases),
                               .relu = relu,
                               .nhwc = nhwc}))
           return acts;
