@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace cae {
 using at::Tensor;
@@ -143,6 +144,23 @@ struct EncoderBlockParams {
   OptTensor interior_a1;
   OptTensor interior_a2;
   Tensor input;
+  EncoderBlockWeights weights;
+  bool relu;
+  bool nhwc;
+};
+
+// An encoder block's backward (ops.h encoder_block_backward) where a backend
+// fuses it: with a1, a2 recomputed from `input`, grad_weights / grad_biases
+// (w1, w2[, w_down] order) and, where given, grad_input get the gradients the
+// composed backward computes. `output` is the strided block's output, its last
+// ReLU's mask (with relu; absent otherwise). False: nothing computed, the
+// shape is not taken; ops.h then runs the composed backward.
+struct EncoderBlockBackwardParams {
+  OptTensor grad_input;
+  std::vector<Tensor> grad_weights, grad_biases;
+  Tensor grad_output;
+  Tensor input;
+  OptTensor output;
   EncoderBlockWeights weights;
   bool relu;
   bool nhwc;

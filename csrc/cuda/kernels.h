@@ -157,6 +157,8 @@ struct CudaKernels {
   CAE_BACKEND_KERNELS
   // The fused encoder block (encoder_block.cu); false: not for this shape.
   static bool encoder_block(const EncoderBlockParams& p);
+  // Its backward in one launch (encoder_block_backward.cu); false: not for this shape.
+  static bool encoder_block_backward(const EncoderBlockBackwardParams& p);
 
  private:
   // weight_grad up to its partial sums, and the correlations with extra
