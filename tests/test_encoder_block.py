@@ -195,8 +195,10 @@ def test_cpu_composes_the_block(dtype, fmt, variant):
 # last block to finish.
 
 # (N, C0, C1, H, W): odd sizes (a pool window and a stride-2 window past the edge), a
-# partial group of channels, a 1x1 image, one input channel, 16 of them.
-BACKWARD_SHAPES = ((2, 3, 8, 7, 5), (3, 16, 8, 6, 6), (2, 1, 5, 1, 1), (1, 3, 4, 3, 9), (2, 1, 16, 10, 12))
+# partial group of channels, a 1x1 image, one input channel, 16 of them, and 20 channels
+# of 10 inputs (partial last groups both ways, more (c1, c0) pairs than threads).
+BACKWARD_SHAPES = ((2, 3, 8, 7, 5), (3, 16, 8, 6, 6), (2, 1, 5, 1, 1), (1, 3, 4, 3, 9), (2, 1, 16, 10, 12),
+                   (1, 10, 20, 4, 5))
 BACKWARD_KERNEL = "cae::cuda::encoder_block_backward_kernel"
 
 
