@@ -142,63 +142,91 @@ CAE_DEVICE void stage_weight_transposed(Acc* w_s, const T* __restrict__ w, int C
   }
 }
 
+// Output-gradient channels per weight-gradient item: a window's 9 values of
+// src serve KC channels' products (9 + KC shared loads for 9 KC FFMA).
+constexpr int kGradChannels = 4;
+
 // One weight's gradient and its bias's into `row` (dw [C_g][C_src][3][3],
 // then db [C_g] at row + C_g * C_src * 9): dw[c][ci][tap] = the sum over
 // images and positions (oy, ox) of g[c] at (oy, ox) times src[ci] at the
 // window S * (oy, ox) + tap (src padded: the window starts there), db[c] =
-// the sum of g[c]. An item is a (c, ci) pair and a slice of the rows; where
-// pairs are fewer than threads, slices split the rows and their sums meet in
-// `scratch` in slice order. Fixed order throughout: deterministic.
+// the sum of g[c]. An item is kGradChannels channels c, one ci and a slice of
+// the rows; where items are fewer than threads, slices split the rows and
+// their sums meet in `scratch` in slice order, a channel at a time. Fixed
+// order throughout: deterministic.
 template <int S, typename Acc>
 CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<const Acc>& g,
                                  const SharedPlanes<const Acc>& src, int C_g, int C_src, int samples,
                                  int tid) {
-  const int pairs = C_g * C_src;
+  constexpr int KC = kGradChannels;
+  const int pairs = ceil_div(C_g, KC) * C_src;  // (channel block, ci)
   const int slices = pairs >= kThreads ? 1 : kThreads / pairs;
-  Acc* db = row + pairs * 9;
-  for (int item = tid; item < pairs * slices; item += kThreads) {
-    const int pair = item / slices, slice = item - pair * slices;
-    const int c = pair / C_src, ci = pair - c * C_src;
-    Acc acc[kGradSums];
+  Acc* db = row + C_g * C_src * 9;
+  // Uniform trip count: the slices' barriers below are reached by every thread.
+  for (int first = 0; first < pairs * slices; first += kThreads) {
+    const int item = first + tid;
+    const bool active = item < pairs * slices;
+    const int pair = active ? item / slices : 0, slice = item - pair * slices;
+    const int cb = pair / C_src, ci = pair - cb * C_src, c0 = cb * KC;
+    Acc acc[KC][kGradSums];
     CAE_UNROLL
-    for (int k = 0; k < kGradSums; ++k) acc[k] = Acc(0);
-    for (int s = 0; s < samples; ++s) {
+    for (int k = 0; k < KC; ++k) {
+      CAE_UNROLL
+      for (int e = 0; e < kGradSums; ++e) acc[k][e] = Acc(0);
+    }
+    // Channels past C_g read the last one's plane (in bounds) and are dropped.
+    int gc[KC];
+    CAE_UNROLL
+    for (int k = 0; k < KC; ++k) gc[k] = c0 + k < C_g ? c0 + k : C_g - 1;
+    for (int s = 0; active && s < samples; ++s) {
       for (int oy = slice; oy < g.rows; oy += slices) {
-        const Acc* gr = g.at(s, c, oy, 0);
+        const Acc* gr = g.at(s, 0, oy, 0);
         const Acc* sr = src.at(s, ci, S * oy, 0);
         for (int ox = 0; ox < g.cols; ++ox, sr += S) {
-          const Acc v = gr[ox];
+          Acc w[9];
           CAE_UNROLL
-          for (int ky = 0; ky < 3; ++ky) {
+          for (int t = 0; t < 9; ++t) w[t] = sr[(t / 3) * src.pitch + t % 3];
+          CAE_UNROLL
+          for (int k = 0; k < KC; ++k) {
+            const Acc v = gr[gc[k] * g.channel_stride + ox];
             CAE_UNROLL
-            for (int kx = 0; kx < 3; ++kx) acc[ky * 3 + kx] += v * sr[ky * src.pitch + kx];
+            for (int t = 0; t < 9; ++t) acc[k][t] += v * w[t];
+            acc[k][9] += v;
           }
-          acc[9] += v;
         }
       }
     }
-    if (slices == 1) {
-      CAE_UNROLL
-      for (int k = 0; k < 9; ++k) row[pair * 9 + k] = acc[k];
-      if (ci == 0) db[c] = acc[9];
-    } else {
-      CAE_UNROLL
-      for (int k = 0; k < kGradSums; ++k) scratch[item * kGradSums + k] = acc[k];
-    }
-  }
-  __syncthreads();
-  if (slices > 1) {
-    for (int pair = tid; pair < pairs; pair += kThreads) {
-      Acc sum[kGradSums];
-      CAE_UNROLL
-      for (int k = 0; k < kGradSums; ++k) sum[k] = scratch[pair * slices * kGradSums + k];
-      for (int sl = 1; sl < slices; ++sl) {
-        CAE_UNROLL
-        for (int k = 0; k < kGradSums; ++k) sum[k] += scratch[(pair * slices + sl) * kGradSums + k];
+    CAE_UNROLL
+    for (int k = 0; k < KC; ++k) {
+      const int c = c0 + k;
+      if (slices == 1) {
+        if (active && c < C_g) {
+          CAE_UNROLL
+          for (int t = 0; t < 9; ++t) row[(c * C_src + ci) * 9 + t] = acc[k][t];
+          if (ci == 0) db[c] = acc[k][9];
+        }
+        continue;
       }
-      CAE_UNROLL
-      for (int k = 0; k < 9; ++k) row[pair * 9 + k] = sum[k];
-      if (pair % C_src == 0) db[pair / C_src] = sum[9];
+      if (active) {
+        CAE_UNROLL
+        for (int e = 0; e < kGradSums; ++e) scratch[item * kGradSums + e] = acc[k][e];
+      }
+      __syncthreads();
+      for (int p = tid; p < pairs; p += kThreads) {
+        const int cp = p / C_src * KC + k, cip = p - p / C_src * C_src;
+        if (cp >= C_g) continue;
+        Acc sum[kGradSums];
+        CAE_UNROLL
+        for (int e = 0; e < kGradSums; ++e) sum[e] = scratch[p * slices * kGradSums + e];
+        for (int sl = 1; sl < slices; ++sl) {
+          CAE_UNROLL
+          for (int e = 0; e < kGradSums; ++e) sum[e] += scratch[(p * slices + sl) * kGradSums + e];
+        }
+        CAE_UNROLL
+        for (int t = 0; t < 9; ++t) row[(cp * C_src + cip) * 9 + t] = sum[t];
+        if (cip == 0) db[cp] = sum[9];
+      }
+      __syncthreads();  // the scratch is read before the next channel's sums
     }
   }
 }
@@ -245,10 +273,11 @@ CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes
   }
 }
 
-// Registers: one block of 256 threads per SM is what shared memory allows for
-// the large images anyway.
+// Registers: two blocks per SM (128 registers) for float32 accumulation, as
+// the forward: the smaller images' blocks fit twice in shared memory; one for
+// double.
 template <typename T, typename Acc, bool NHWC>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
     encoder_block_backward_kernel(EncoderBlockBackwardArgs<T> args, EncoderBackwardTiling t,
                                   GridSums<Acc> sums) {
   const EncoderBlockArgs<T>& a = args.block;
