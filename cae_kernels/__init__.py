@@ -6,7 +6,15 @@ below or the layers of ``cae_kernels.nn``.
 
 from . import nn
 from ._registration import cpu_capabilities, cpu_capability, set_cpu_capability
-from .functional import conv3x3, conv_transpose3x3, decoder_block, encoder_block, max_pool2x2, with_cuda
+from .functional import (
+    conv3x3,
+    conv_transpose3x3,
+    decoder_block,
+    encoder_block,
+    max_pool2x2,
+    sigmoid_cross_entropy,
+    with_cuda,
+)
 
 # The one place the version is written: pyproject.toml reads this literal (without importing).
 __version__ = "0.1.0"
@@ -16,6 +24,7 @@ __all__ = [
     "max_pool2x2",
     "encoder_block",
     "decoder_block",
+    "sigmoid_cross_entropy",
     "nn",
     "with_cuda",
     "cpu_capability",

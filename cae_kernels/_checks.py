@@ -220,6 +220,18 @@ class OpChecks:
         check_activation(input, "input", input)
         self.dtype(input)
 
+    def sigmoid_cross_entropy(self, logits, target) -> None:
+        self.dtype(logits)
+        check_like(target, "target", logits)
+        _check(target.shape == logits.shape, "cae: sigmoid_cross_entropy's target must have the logits' sizes ",
+               _sizes(logits.shape), ", got ", _sizes(target.shape))
+
+    def sigmoid_cross_entropy_backward(self, grad_loss, logits, target) -> None:
+        self.sigmoid_cross_entropy(logits, target)
+        _check(grad_loss.dim() == 0, "cae: sigmoid_cross_entropy_backward's grad_loss must be 0-D, got sizes ",
+               _sizes(grad_loss.shape))
+        check_like(grad_loss, "grad_loss", logits)
+
     def max_pool2x2_grad_input(self, grad_output, input) -> None:
         self.max_pool2x2(input)
         check_activation(grad_output, "grad_output", input)

@@ -118,10 +118,19 @@ def _fakes(checks):
         _checks.check_block_grad_output(grad_output, input, out.shape)
         return _block_grads(input, weights, biases, input_grad)
 
+    def sigmoid_cross_entropy(logits, target):
+        checks.sigmoid_cross_entropy(logits, target)
+        return logits.new_empty(()), logits.new_empty(())
+
+    def sigmoid_cross_entropy_backward(grad_loss, logits, target):
+        checks.sigmoid_cross_entropy_backward(grad_loss, logits, target)
+        return _empty(logits, logits.shape)
+
     return {fake.__name__: fake for fake in (
         conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv_transpose3x3, conv_transpose3x3_grad_input,
         conv_transpose3x3_grad_weight, conv3x3_backward, conv_transpose3x3_backward, bias_grad, max_pool2x2,
-        max_pool2x2_grad_input, encoder_block, encoder_block_backward, decoder_block, decoder_block_backward)}
+        max_pool2x2_grad_input, encoder_block, encoder_block_backward, decoder_block, decoder_block_backward,
+        sigmoid_cross_entropy, sigmoid_cross_entropy_backward)}
 
 
 def _setup_conv(ctx, inputs, output):
@@ -149,6 +158,13 @@ def _setup_decoder_block(ctx, inputs, output):
     input, weights, biases, relu, output_size = inputs
     ctx.save_for_backward(input, *weights, *biases)
     ctx.relu, ctx.count, ctx.output_size = relu, len(weights), list(output_size)
+
+
+def _setup_loss(ctx, inputs, output):
+    logits, target = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.mark_non_differentiable(output[1])  # the RMSE: a metric
+    ctx.set_materialize_grads(False)  # whose gradient is None, not a tensor of zeros to fill
 
 
 def _block_gradients(ctx, grads):
@@ -212,6 +228,16 @@ def register(namespace, kernels=kernels_by_device):
                                            ctx.output_size, ctx.needs_input_grad[0])
         return (*_block_gradients(ctx, grads), None, None)
 
+    # The logits' gradient from the loss's; the target's (rarely wanted) is
+    # -logits * grad_loss / numel, as PyTorch's binary_cross_entropy_with_logits.
+    def loss_backward(ctx, grad_loss, grad_rmse):
+        logits, target = ctx.saved_tensors
+        if grad_loss is None:
+            return None, None
+        grad_logits = ops.sigmoid_cross_entropy_backward(grad_loss, logits, target) if ctx.needs_input_grad[0] else None
+        grad_target = -logits * (grad_loss / logits.numel()) if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_target
+
     for name, fake in _fakes(_checks.OpChecks(kernels)).items():
         torch.library.register_fake(f"{namespace}::{name}")(fake)
 
@@ -234,6 +260,9 @@ def register(namespace, kernels=kernels_by_device):
     )
     torch.library.register_autograd(
         f"{namespace}::decoder_block", decoder_block_backward, setup_context=_setup_decoder_block
+    )
+    torch.library.register_autograd(
+        f"{namespace}::sigmoid_cross_entropy", loss_backward, setup_context=_setup_loss
     )
     return ops
 

@@ -1,5 +1,6 @@
-"""The public functions: ``conv3x3``, ``conv_transpose3x3``, ``max_pool2x2`` and the
-blocks that chain them, ``encoder_block`` and ``decoder_block``.
+"""The public functions: ``conv3x3``, ``conv_transpose3x3``, ``max_pool2x2``, the
+blocks that chain them, ``encoder_block`` and ``decoder_block``, and the
+autoencoder's loss, ``sigmoid_cross_entropy``.
 
 Each is one registered op (``torch.ops.cae.*``) with its own backward ops, so
 it works under autograd, ``torch.compile`` and ``torch.library.opcheck``.
@@ -115,6 +116,17 @@ class _Functions:
         """
         return self._ops.max_pool2x2(input)
 
+    def sigmoid_cross_entropy(self, logits, target):
+        """The autoencoder's loss and its metric in one pass: ``(loss, rmse)``, 0-d.
+
+        ``loss`` is ``F.binary_cross_entropy_with_logits(logits, target)`` (the mean over
+        every element), differentiable in both; ``rmse`` is
+        ``(sigmoid(logits) - target).square().mean().sqrt()``, not differentiable. On
+        CUDA one kernel computes both, and one the logits' gradient. Under autocast
+        both run in float32, as PyTorch's loss does.
+        """
+        return self._ops.sigmoid_cross_entropy(logits, target)
+
 
 _cae = _Functions(torch.ops.cae)
 conv3x3 = _cae.conv3x3
@@ -122,6 +134,7 @@ conv_transpose3x3 = _cae.conv_transpose3x3
 max_pool2x2 = _cae.max_pool2x2
 encoder_block = _cae.encoder_block
 decoder_block = _cae.decoder_block
+sigmoid_cross_entropy = _cae.sigmoid_cross_entropy
 with_cuda = _registration.with_cuda
 
-__all__ = ["conv3x3", "conv_transpose3x3", "decoder_block", "encoder_block", "max_pool2x2"]
+__all__ = ["conv3x3", "conv_transpose3x3", "decoder_block", "encoder_block", "max_pool2x2", "sigmoid_cross_entropy"]

@@ -268,6 +268,7 @@ else:
     max_pool2x2 = _functions.max_pool2x2
     encoder_block = _functions.encoder_block
     decoder_block = _functions.decoder_block
+    sigmoid_cross_entropy = _functions.sigmoid_cross_entropy
 
 __all__ = [
     "conv3x3",
@@ -282,4 +283,5 @@ __all__ = [
     "ops",
     "record_launches",
     "reset_launch_counts",
+    "sigmoid_cross_entropy",
 ]

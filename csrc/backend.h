@@ -165,6 +165,58 @@ struct EncoderBlockBackwardParams {
   bool relu;
   bool nhwc;
 };
+
+// A decoder block's forward (ops.h decoder_block) where a backend fuses it:
+// weights[i] [C_i, C_i+1, 3, 3] a stride-2 transposed convolution with its
+// bias and activation, the last a linear stride-1 one, whose output is
+// center-cropped (corner as ops.h crop_corner) to out's height and width.
+// False for a shape the kernel does not take; ops.h then composes the block.
+struct DecoderBlockParams {
+  Tensor out;
+  Tensor input;
+  std::vector<Tensor> weights;  // contiguous
+  std::vector<Tensor> biases;   // contiguous
+  bool relu;
+  bool nhwc;
+};
+
+// The decoder block's backward (ops.h decoder_block_backward) where a backend
+// fuses it: the hidden layers recomputed from input, then every weight's and
+// bias's gradient (grad_weights, grad_biases: preallocated like weights and
+// biases), and grad_input where given. False for a shape the kernel does not
+// take; ops.h then runs the per-op chain.
+struct DecoderBlockBackwardParams {
+  OptTensor grad_input;
+  std::vector<Tensor> grad_weights;
+  std::vector<Tensor> grad_biases;
+  Tensor grad_output;  // [N, C_L, crop height, crop width]
+  Tensor input;
+  std::vector<Tensor> weights;  // contiguous
+  std::vector<Tensor> biases;   // contiguous
+  bool relu;
+  bool nhwc;
+};
+
+// The autoencoder's loss where a backend fuses it (ops.h
+// sigmoid_cross_entropy): loss = the mean of the binary cross-entropy on
+// logits, rmse = sqrt(mean((sigmoid(logits) - target)^2)), both 0-d; logits
+// and target in one layout, any shape, at least one element. With grad:
+// grad_logits = (sigmoid(logits) - target) * grad_loss / numel, grad_loss 0-d
+// on the device. False: not fused here (ops.h composes it from ATen ops).
+struct SigmoidCrossEntropyParams {
+  Tensor loss;
+  Tensor rmse;
+  Tensor logits;
+  Tensor target;
+};
+
+struct SigmoidCrossEntropyGradParams {
+  Tensor grad_logits;
+  Tensor grad_loss;
+  Tensor logits;
+  Tensor target;
+};
+
 }  // namespace cae
 
 #define CAE_BACKEND_KERNELS                                  \

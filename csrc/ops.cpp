@@ -50,6 +50,11 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   m.def(
       "decoder_block_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
       "bool relu, SymInt[] output_size, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
+  // The loss (ops.h): (mean binary cross-entropy on logits, RMSE of their
+  // sigmoid) against a target of the logits' sizes; the backward, the logits'
+  // gradient from the loss's.
+  m.def("sigmoid_cross_entropy(Tensor logits, Tensor target) -> (Tensor, Tensor)");
+  m.def("sigmoid_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target) -> Tensor");
 }
 
 // Autocast: the convolutions and the blocks run in the autocast region's lower precision
@@ -71,12 +76,13 @@ constexpr c10::DeviceType kAutocastDevice = c10::DeviceType::CUDA;
 #define CAE_OP_NAME(ns, op) CAE_STRINGIFY(ns) "::" op
 
 // The autocast kernel of the op `name` (signature R(Args...)): its tensors
-// (lists and optional ones too) cast to the region's lower precision, the
-// other arguments as they are, then the op below autocast.
-template <const char* name, class Signature>
+// (lists and optional ones too) cast to the region's lower precision (or, for
+// the loss, to float32, as autocast runs PyTorch's), the other arguments as
+// they are, then the op below autocast.
+template <const char* name, class Signature, bool float32 = false>
 struct Autocast;
-template <const char* name, class R, class... Args>
-struct Autocast<name, R(Args...)> {
+template <const char* name, class R, class... Args, bool float32>
+struct Autocast<name, R(Args...), float32> {
   static R call(Args... args) {
     static const auto op =
         c10::Dispatcher::singleton()
@@ -84,7 +90,8 @@ struct Autocast<name, R(Args...)> {
             .typed<R(Args...)>();
     c10::impl::ExcludeDispatchKeyGuard no_autocast(
         at::autocast::get_autocast_dispatch_key_from_device_type(kAutocastDevice));
-    const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
+    const auto dtype =
+        float32 ? at::kFloat : at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
     return op.call(at::autocast::cached_cast(dtype, args, kAutocastDevice)...);
   }
 };
@@ -97,6 +104,8 @@ constexpr char kConv3x3[] = "conv3x3";
 constexpr char kConvTranspose3x3[] = "conv_transpose3x3";
 constexpr char kEncoderBlock[] = "encoder_block";
 constexpr char kDecoderBlock[] = "decoder_block";
+constexpr char kLoss[] = "sigmoid_cross_entropy";
+using LossSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
 }  // namespace
 
 TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
@@ -104,6 +113,7 @@ TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
   m.impl(kConvTranspose3x3, &Autocast<kConvTranspose3x3, ConvSignature>::call);
   m.impl(kEncoderBlock, &Autocast<kEncoderBlock, EncoderBlockSignature>::call);
   m.impl(kDecoderBlock, &Autocast<kDecoderBlock, DecoderBlockSignature>::call);
+  m.impl(kLoss, &Autocast<kLoss, LossSignature, true>::call);
 }
 
 #if !defined(CAE_WITH_CUDA) && !defined(CAE_SIM)

@@ -52,7 +52,9 @@ inline constexpr const char* kOpNames[] = {"conv3x3",
                                            "encoder_block",
                                            "encoder_block_backward",
                                            "decoder_block",
-                                           "decoder_block_backward"};
+                                           "decoder_block_backward",
+                                           "sigmoid_cross_entropy",
+                                           "sigmoid_cross_entropy_backward"};
 
 template <class K>
 struct Ops {
@@ -500,6 +502,13 @@ struct Ops {
                 "], got ", output_size);
   }
 
+  static std::vector<Tensor> contiguous_all(at::TensorList tensors) {
+    std::vector<Tensor> out;
+    out.reserve(tensors.size());
+    for (const Tensor& t : tensors) out.push_back(t.contiguous());
+    return out;
+  }
+
   // The transposed convolutions' outputs but the last's (the interior).
   static std::vector<Tensor> decoder_block_interior(const Tensor& input, at::TensorList weights,
                                                     at::TensorList biases, bool relu) {
@@ -519,6 +528,22 @@ struct Ops {
                               c10::SymIntArrayRef output_size) {
     const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
     check_decoder_block(input, weights, biases, size);
+    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
+      if (input.numel() > 0 && size[0] > 0 && size[1] > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        auto out = at::empty({input.size(0), weights.back().size(1), size[0], size[1]},
+                             input.options().memory_format(format));
+        if (K::decoder_block({.out = out,
+                              .input = input.contiguous(format),
+                              .weights = contiguous_all(weights),
+                              .biases = contiguous_all(biases),
+                              .relu = relu,
+                              .nhwc = nhwc}))
+          return out;
+      }
+    }
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     Tensor full =
         conv_transpose3x3(hidden.empty() ? input : hidden.back(), weights.back(), biases.back(), 1, false);
@@ -539,6 +564,30 @@ struct Ops {
     check_activation(grad_output, "grad_output", input);
     check_same_shape(grad_output, "grad_output", {input.size(0), weights.back().size(1), size[0], size[1]},
                      "the block's output");
+    if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
+      if (input.numel() > 0 && grad_output.numel() > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        std::vector<Tensor> grad_weights, grad_biases;
+        for (size_t i = 0; i < weights.size(); ++i) {
+          grad_weights.push_back(at::empty(weights[i].sizes(), weights[i].options()));
+          grad_biases.push_back(at::empty(biases[i].sizes(), biases[i].options()));
+        }
+        Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options().memory_format(format))
+                                       : at::empty({0}, input.options());
+        if (K::decoder_block_backward({.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
+                                       .grad_weights = grad_weights,
+                                       .grad_biases = grad_biases,
+                                       .grad_output = grad_output.contiguous(format),
+                                       .input = input.contiguous(format),
+                                       .weights = contiguous_all(weights),
+                                       .biases = contiguous_all(biases),
+                                       .relu = relu,
+                                       .nhwc = nhwc}))
+          return {grad_input, grad_weights, grad_biases};
+      }
+    }
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     const Tensor& last_input = hidden.empty() ? input : hidden.back();
     const std::array<int64_t, 4> full{input.size(0), weights.back().size(1), last_input.size(2),
@@ -565,6 +614,57 @@ struct Ops {
     return {grad, grad_weights, grad_biases};
   }
 
+  // --- The loss: binary cross-entropy on logits (mean over every element) and
+  // the RMSE of sigmoid(logits) against the target, in one pass where the
+  // backend fuses them (backend.h SigmoidCrossEntropyParams), else ATen's ops.
+
+  static void check_loss(const Tensor& logits, const Tensor& target) {
+    check_dtype(logits);
+    check_like(target, "target", logits);
+    TORCH_CHECK(target.sizes() == logits.sizes(),
+                "cae: sigmoid_cross_entropy's target must have the logits' sizes ", logits.sizes(), ", got ",
+                target.sizes());
+  }
+
+  // Logits and target in one layout: channels_last where the logits are.
+  static std::pair<Tensor, Tensor> loss_operands(const Tensor& logits, const Tensor& target) {
+    const auto format =
+        logits.dim() == 4 ? memory_format(is_channels_last(logits)) : at::MemoryFormat::Contiguous;
+    return {logits.contiguous(format), target.contiguous(format)};
+  }
+
+  static std::tuple<Tensor, Tensor> sigmoid_cross_entropy(const Tensor& logits, const Tensor& target) {
+    check_loss(logits, target);
+    const auto [x, t] = loss_operands(logits, target);
+    if constexpr (requires(const SigmoidCrossEntropyParams& p) { K::sigmoid_cross_entropy(p); }) {
+      if (x.numel() > 0) {
+        Tensor loss = at::empty({}, x.options()), rmse = at::empty({}, x.options());
+        if (K::sigmoid_cross_entropy({.loss = loss, .rmse = rmse, .logits = x, .target = t}))
+          return {loss, rmse};
+      }
+    }
+    return {at::binary_cross_entropy_with_logits(x, t), (at::sigmoid(x) - t).square().mean().sqrt()};
+  }
+
+  // The logits' gradient; grad_loss is the loss's (0-d).
+  static Tensor sigmoid_cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
+                                               const Tensor& target) {
+    check_loss(logits, target);
+    TORCH_CHECK(grad_loss.dim() == 0,
+                "cae: sigmoid_cross_entropy_backward's grad_loss must be 0-D, got sizes ", grad_loss.sizes());
+    check_like(grad_loss, "grad_loss", logits);
+    const auto [x, t] = loss_operands(logits, target);
+    if constexpr (requires(const SigmoidCrossEntropyGradParams& p) { K::sigmoid_cross_entropy_grad(p); }) {
+      if (x.numel() > 0) {
+        Tensor grad = at::empty_like(x);
+        if (K::sigmoid_cross_entropy_grad(
+                {.grad_logits = grad, .grad_loss = grad_loss, .logits = x, .target = t}))
+          return grad;
+      }
+    }
+    return (at::sigmoid(x) - t) * (grad_loss / static_cast<double>(std::max<int64_t>(x.numel(), 1)));
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("conv3x3", &conv3x3);
     m.impl("conv3x3_grad_input", &conv3x3_grad_input);
@@ -581,6 +681,8 @@ struct Ops {
     m.impl("encoder_block_backward", &encoder_block_backward);
     m.impl("decoder_block", &decoder_block);
     m.impl("decoder_block_backward", &decoder_block_backward);
+    m.impl("sigmoid_cross_entropy", &sigmoid_cross_entropy);
+    m.impl("sigmoid_cross_entropy_backward", &sigmoid_cross_entropy_backward);
   }
 };
 

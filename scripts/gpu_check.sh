@@ -13,7 +13,7 @@
 # 8 minutes; the benchmarks get what the build and tests leave).
 #
 # Files written (at most 8, flat): build.log (machine, versions, compiler output),
-# tests.log (with the loss curve against PyTorch's), tests.xml (JUnit), bench.log, bench.json, report.md and ratios.png
+# tests.log (with the loss curve against PyTorch's and bfloat16 against float32), tests.xml (JUnit), bench.log, bench.json, report.md and ratios.png
 # (benchmarks/report.py), summary.txt (the table printed last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,8 @@ t0=$SECONDS
 # autocast, the GPU-only tests (the files by name: test_sim.py, which builds the
 # emulator as it is collected, is not among them).
 tests=()
-for f in tests/test_ops.py tests/test_blocks.py tests/test_encoder_block.py tests/test_cuda_kernels.py tests/test_cuda.py \
+for f in tests/test_ops.py tests/test_blocks.py tests/test_encoder_block.py tests/test_decoder_block.py tests/test_loss.py \
+  tests/test_cuda_kernels.py tests/test_cuda.py \
   tests/test_autocast.py tests/test_fakes.py; do
   [ -f "$f" ] && tests+=("$f")
 done
@@ -96,11 +97,17 @@ esac
 tail -5 "$OUT_DIR/tests.log"
 
 # The loss over 1,000 training steps on our kernels (per op and fused) against
-# PyTorch's, exact float32 (scripts/loss_curve.py), appended to tests.log.
+# PyTorch's, exact float32 (scripts/loss_curve.py), then bfloat16 training's eval loss
+# after cae train's 50 epochs against float32's (scripts/precision_check.py, within
+# 2%), appended to tests.log.
 t0=$SECONDS
 set +e
-{ echo "== scripts/loss_curve.py --device cuda"; timeout "$(left)" "$PYTHON" scripts/loss_curve.py --device cuda; } \
-  > "$OUT_DIR/.loss_curve" 2>&1
+{
+  echo "== scripts/loss_curve.py --device cuda"
+  timeout "$(left)" "$PYTHON" scripts/loss_curve.py --device cuda &&
+    echo "== scripts/precision_check.py" &&
+    timeout "$(left)" "$PYTHON" scripts/precision_check.py
+} > "$OUT_DIR/.loss_curve" 2>&1
 rc=$?
 set -e
 cat "$OUT_DIR/.loss_curve" >> "$OUT_DIR/tests.log"
@@ -213,7 +220,7 @@ EOF
 {
   echo
   echo "loss curve (${status[loss]}, ${seconds[loss]} s):"
-  grep -E "^(cae|loss_curve)" "$OUT_DIR/.loss_curve" || true
+  grep -E "^(cae|loss_curve|precision_check)" "$OUT_DIR/.loss_curve" || true
 } >> "$OUT_DIR/summary.txt"
 rm -f "$OUT_DIR/.loss_curve"
 echo

@@ -168,6 +168,9 @@ class _OpRecorder(TorchDispatchMode):
         return out
 
     def _layer(self, op, bound, results):
+        if op.startswith("sigmoid_cross_entropy"):
+            return "loss"
+
         def key(t):
             return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
@@ -366,6 +369,15 @@ def estimate(call, launch, index_in_op):
         else:
             e.bytes = nbytes(a["grad_output"]) + 2 * nbytes(a["input"])
             e.outputs = a["input"].numel()
+    elif family.startswith("sigmoid_cross_entropy"):
+        x = a["logits"]
+        if family == "sigmoid_cross_entropy":  # logits, target; two sums a block (the last adds them)
+            e.bytes = 2 * nbytes(x) + launch.grid[0] * 2 * 4
+            e.outputs = 2
+        else:  # and the gradient written
+            e.bytes = 3 * nbytes(x)
+            e.outputs = x.numel()
+        e.flops = 8 * x.numel()
     else:
         raise SystemExit(f"kernel_notes: no model for kernel {launch.kernel} (add one)")
     return e

@@ -279,3 +279,16 @@ def test_the_fused_flag_reaches_train(tmp_path, monkeypatch):
     for flags in ([], ["--fused"], ["--no-fused"]):
         assert main(["train", "--model-dir", str(tmp_path / "run"), *flags]) == 0
     assert given == [None, True, False]
+
+
+def test_the_precision_option_reaches_train(tmp_path, monkeypatch, capsys):
+    import cae_kernels.app.cli as cli
+
+    given = []
+    monkeypatch.setattr(cli, "train", lambda *args, **kwargs: given.append(kwargs["precision"]))
+    for flags in ([], ["--precision", "bfloat16"], ["--precision", "float32"]):
+        assert main(["train", "--model-dir", str(tmp_path / "run"), *flags]) == 0
+    assert given == ["float32", "bfloat16", "float32"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--precision", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err

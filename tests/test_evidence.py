@@ -289,8 +289,10 @@ def test_count_launches_script(capsys):
     count_launches = load_script("count_launches")
     assert count_launches.main(["--model", "pool"]) == 0
     out = capsys.readouterr().out
-    total = int(out.splitlines()[0].split("launches per step: ")[1])
+    total, others = map(int, out.splitlines()[0].split("launches per step: ")[1].split(" torch ops")[0].split(" + "))
     assert total > 0
+    # The fused Adam is one torch op for every parameter; the gradient norm a couple.
+    assert "aten._fused_adam" in out and 0 < others < 20
     assert count_launches.main(["--model", "pool", "--budget", str(total - 1)]) == 1
     assert count_launches.main(["--model", "pool", "--budget", f"pool={total}", "--budget", "stride=1"]) == 0
     assert count_launches.main(["--model", "pool", "--budget", f"pool={total - 1}"]) == 1
@@ -306,7 +308,7 @@ def test_kernel_notes_model_of_a_step(sim):
     model, calls = kernel_notes.record_step("pool", torch.contiguous_format, batch_size=4)
     rows = kernel_notes.model_step(calls, sass, shorten)
     count_launches = load_script("count_launches")
-    assert len(rows) == sum(count_launches.count_step("pool", batch_size=4).values())
+    assert len(rows) == sum(count_launches.count_step("pool", batch_size=4)[0].values())
     layers = {name.rsplit(".", 1)[-1] for name in model._specs}
     assert {r.layer.rsplit(".", 1)[-1] for r in rows} == layers  # every launch has its layer
     forward = next(r for r in rows if r.layer.endswith("conv1_2") and r.op == "conv3x3")
@@ -372,4 +374,16 @@ def test_loss_curve_script(capsys):
     assert script.main([*args, "--tolerance", "1e-3"]) == 0
     out = capsys.readouterr().out
     assert "cae: 3 steps" in out and "cae-fused: 3 steps" in out
+    assert script.main([*args, "--tolerance", "-1"]) == 1
+
+
+def test_precision_check_script(capsys):
+    """A quick run of both precisions (PyTorch's layers on the CPU: the CPU kernels have no
+    bfloat16); the GPU script runs cae train's 50 epochs on our kernels. The exit status
+    reports a difference beyond the tolerance (a negative one: always)."""
+    script = load_script("precision_check")
+    args = ["--epochs", "1", "--limit", "128", "--backend", "torch", "--device", "cpu"]
+    assert script.main([*args, "--tolerance", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("precision_check: eval loss after 1 epochs: float32 ") and "bfloat16" in out
     assert script.main([*args, "--tolerance", "-1"]) == 1

@@ -506,3 +506,34 @@ def test_fused_blocks_train_as_the_per_op_path(tmp_path):
         with pytest.raises(ConfigError, match="--fused runs this package's block ops"):
             run(tmp_path / "refused", **TINY, **options, fused=True)
         assert not (tmp_path / "refused").exists()
+
+
+def test_bfloat16_precision_runs_the_forward_under_autocast(tmp_path, monkeypatch):
+    """`precision="bfloat16"` (`--precision bfloat16`) trains with the forward under
+    autocast: the convolutions see bfloat16 (with backend torch on the CPU here; on CUDA
+    with this package's kernels), the loss stays float32, the run differs from float32's
+    only by rounding; where the forward cannot run in bfloat16 (the CPU kernels) it is
+    refused before anything is written."""
+    seen = []  # the dtypes the convolutions compute in: their outputs'
+    real_forward = torch.nn.Conv2d.forward
+
+    def spy(self, input):
+        out = real_forward(self, input)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    options = dict(TINY, backend="torch")
+    full = run(tmp_path / "float32", **options)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    half = run(tmp_path / "bfloat16", **options, precision="bfloat16")
+    assert torch.bfloat16 in seen
+    losses = [h["train_loss"] for h in half.history], [h["train_loss"] for h in full.history]
+    assert losses[0] != losses[1]
+    assert losses[0] == pytest.approx(losses[1], rel=0.05)
+    with pytest.raises(ConfigError, match="--precision bfloat16 needs CUDA or backend torch"):
+        run(tmp_path / "refused", **TINY, precision="bfloat16")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        run(tmp_path / "refused", **TINY, precision="float16")

@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "fused kernel per encoder block on CUDA; a block's inside recomputed in the "
                             "backward, not kept) instead of one op per layer; the same numbers either "
                             "way (default: on CUDA, off on the CPU kernels)")
+    hyper.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                       help="the forward's convolutions in bfloat16 under autocast (float32 sums; the loss, "
+                            "gradients and Adam in float32), on CUDA or with --backend torch (default: float32)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
@@ -197,7 +200,8 @@ _TRAIN_OPTIONS = ("model", "filters", "downsample", "hidden", "dropout", "epochs
 def _train(args) -> int:
     options = {name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None}
     train(args.model_dir, progress=not args.no_progress, log_every=args.log_every,
-          keep_checkpoints=args.keep_checkpoints, cuda_graph=args.cuda_graph, fused=args.fused, **options)
+          keep_checkpoints=args.keep_checkpoints, cuda_graph=args.cuda_graph, fused=args.fused,
+          precision=args.precision, **options)
     return 0
 
 

@@ -197,6 +197,13 @@ class _Autoencoder(nn.Module):
                 with torch.no_grad():
                     layer.bias.zero_()
 
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's ``(loss, rmse)``: the mean binary cross-entropy of ``logits`` against
+        ``target`` (differentiable) and the RMSE of their sigmoid (a metric)."""
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        with torch.no_grad():
+            return loss, (torch.sigmoid(logits) - target).square().mean().sqrt()
+
     def weights(self) -> list[nn.Parameter]:
         """The parameters that weight decay applies to: all weights, no biases."""
         return [p for name, p in self.named_parameters() if name.endswith("weight")]
@@ -354,6 +361,13 @@ class ConvAutoencoder(_Autoencoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), size=tuple(x.shape[-2:]))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # This package's loss op on its backends: on CUDA one kernel for both, one for
+        # the gradient, instead of a dozen small ones.
+        if self.backend == "torch":
+            return super().loss(logits, target)
+        return self.decoder.output.functions.sigmoid_cross_entropy(logits, target)
 
     def layer_shapes(self, batch_size: int = 1) -> list[LayerShape]:
         # Traced layer by layer (each layer's hook must run): the per-op path, whose

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -60,20 +59,25 @@ def _weight_penalty(weights: Sequence[torch.Tensor], weight_decay: float) -> tor
     return weight_decay * sum(w.square().sum() for w in weights) / 2
 
 
-def _train_step(model, optimizer, weights, x, target, weight_decay) -> tuple[torch.Tensor, ...]:
+# --precision: the forward's dtype under autocast (None: float32 throughout).
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _train_step(model, optimizer, weights, x, target, weight_decay, autocast=None) -> tuple[torch.Tensor, ...]:
     """One Adam step; returns the batch's cross-entropy, RMSE and gradient norm as 0-d tensors
     on the model's device, so that a step never waits for the device: they are read at
-    log intervals."""
-    logits = model(x)
-    loss = F.binary_cross_entropy_with_logits(logits, target)
+    log intervals. ``autocast``: the forward's lower precision (the convolutions; the loss,
+    the gradients' accumulation and Adam stay float32), or None."""
+    # No cast cache: a captured step must cast the weights it is replayed with.
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None, cache_enabled=False):
+        logits = model(x)
+        loss, rmse = getattr(model, "module", model).loss(logits, target)  # the model itself, or the one DDP wraps
     total = loss + _weight_penalty(weights, weight_decay) if weight_decay else loss
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # a kernel or two, not one per tensor
     optimizer.step()
-    with torch.no_grad():
-        rmse = (torch.sigmoid(logits) - target).square().mean().sqrt()
     return loss.detach(), rmse, grad_norm
 
 
@@ -235,7 +239,8 @@ def _set_rng_state(state: dict, noise: torch.Generator, device: torch.device) ->
 
 def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
           keep_checkpoints: int = checkpoints.DEFAULT_KEEP, dataset: Dataset | None = None,
-          cuda_graph: bool | None = None, fused: bool | None = None, **options) -> TrainResult:
+          cuda_graph: bool | None = None, fused: bool | None = None, precision: str = "float32",
+          **options) -> TrainResult:
     """Train (or resume training) the run in ``model_dir``; ``options`` are ``Config`` fields.
 
     ``cuda_graph``: run the step from a CUDA graph captured after ``WARMUP_STEPS`` eager
@@ -243,6 +248,9 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
     is a ``ConfigError``). ``fused``: the conv autoencoder on the block ops (True) or one
     op per layer (False); None, the default, leaves it to the model (``ConvAutoencoder``:
     fused on CUDA). It does not change the numbers, so a run may resume with another.
+    ``precision``: "float32", or "bfloat16" for the forward's convolutions under autocast
+    (their products in bfloat16, sums in float32; on CUDA, or with backend "torch": the
+    CPU kernels compute in float32 only, a ``ConfigError``). A run may resume with another.
 
     Only the options given explicitly are checked against an existing run's stored
     configuration.  Writes config, checkpoints (the last ``keep_checkpoints``), event
@@ -259,6 +267,12 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
         if config.batch_size % world.size:
             raise ConfigError(f"batch size {config.batch_size} is not divisible by the {world.size} processes")
         graphed = _use_cuda_graph(cuda_graph, device, world)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if PRECISIONS[precision] is not None and device.type == "cpu" and config.model == "conv" \
+                and config.backend == "cae":
+            raise ConfigError(f"--precision {precision} needs CUDA or backend torch: the CPU kernels compute in "
+                              f"float32 only")
         if fused and (config.model != "conv" or config.backend == "torch"):
             raise ConfigError(f"--fused runs this package's block ops: the conv model on backend 'cae', "
                               f"not the {config.model} model on backend {config.backend!r}")
@@ -266,7 +280,7 @@ def train(model_dir, *, out=None, progress: bool = True, log_every: int = 10,
         with rundir.lock(model_dir) if world.main else contextlib.nullcontext():
             config, _ = resolve_config(model_dir, options)  # again, now that no other trainer can write it
             trainer = _Trainer(model_dir, config, world, device, data, out if out is not None else sys.stdout,
-                               graphed)
+                               graphed, PRECISIONS[precision])
             if fused is not None and config.model == "conv":
                 trainer.model.fused = fused
             return trainer.run(progress, log_every, keep_checkpoints)
@@ -278,9 +292,10 @@ class _Trainer:
     """One call of ``train``: the model, optimizer and generators, restored, then the epochs."""
 
     def __init__(self, model_dir: Path, config: Config, world: World, device: torch.device, data: Dataset,
-                 out, graphed: bool = False):
+                 out, graphed: bool = False, autocast: torch.dtype | None = None):
         self.model_dir, self.config, self.world, self.device, self.data, self.out, self.graphed = (
             model_dir, config, world, device, data, out, graphed)
+        self.autocast = autocast
         self.train_split = data.train.head(config.limit)
         self.eval_split = data.eval.head(config.limit)
         torch.manual_seed(config.seed)
@@ -336,7 +351,8 @@ class _Trainer:
         self.say(f"backend: {config.backend if config.model == 'conv' else 'torch (nn.Linear)'}, "
                  f"memory format: {config.memory_format}, device: {self.device}"
                  + (f" (CPU kernels: {cae_kernels.cpu_capability()})" if uses_cpu_kernels else "")
-                 + (f", {world.size} processes" if world.size > 1 else ""))
+                 + (f", {world.size} processes" if world.size > 1 else "")
+                 + (f", precision: {str(self.autocast).removeprefix('torch.')} (autocast)" if self.autocast else ""))
         if self.device.type == "cuda":
             self.say(f"CUDA graph: the step is captured after {WARMUP_STEPS} eager steps (--no-cuda-graph: eager)"
                      if self.graphed else "CUDA graph: off, eager steps")
@@ -348,7 +364,8 @@ class _Trainer:
         config = self.config
 
         def step(x, target):
-            loss, rmse, grad_norm = _train_step(net, self.optimizer, self.weights, x, target, config.weight_decay)
+            loss, rmse, grad_norm = _train_step(net, self.optimizer, self.weights, x, target, config.weight_decay,
+                                                self.autocast)
             self.loss_sum += loss * len(target)  # no host sync: read at the epoch's end
             return loss, rmse, grad_norm
 

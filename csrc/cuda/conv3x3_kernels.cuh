@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "grid_sums.cuh"
 
 namespace cae {
 namespace cuda {
@@ -395,14 +396,6 @@ inline void launch_correlate(const CorrelateArgs<T>& a, const ConvPlan& p, int s
       });
     });
   });
-}
-
-// Warp sum in a fixed tree (lane 0 holds the result).
-template <typename Acc>
-CAE_DEVICE Acc warp_sum(Acc v) {
-  CAE_UNROLL
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // 32 warp sums at once, in fixed trees: lane l ends with the sum of v[l] over
@@ -828,23 +821,6 @@ constexpr int kMaxBiasChunks = 256;
 inline int plan_bias_chunks(index_t per_channel) {
   const index_t chunks = ceil_div(per_channel, kBiasChunkElements);
   return static_cast<int>(chunks < 1 ? 1 : chunks > kMaxBiasChunks ? kMaxBiasChunks : chunks);
-}
-
-// Block sum in a fixed order: warp trees, then the warps' sums in order.
-// Every thread must call it; the result is valid in thread 0.
-template <typename Acc>
-CAE_DEVICE Acc block_sum(Acc v, Acc* scratch /* kWarps */) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read from a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  Acc total = Acc(0);
-  if (threadIdx.x == 0) {
-    total = scratch[0];
-    for (int k = 1; k < kWarps; ++k) total += scratch[k];
-  }
-  return total;
 }
 
 // NCHW: block (chunk, c) walks the chunk's range of the flattened (n, y, x)

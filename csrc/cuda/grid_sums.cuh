@@ -1,7 +1,9 @@
-// Sums over a grid's blocks, finished inside the kernel that computes them:
-// each block writes its row of partial sums (a weight gradient over its own
-// positions), and the last block to finish adds the rows, always in block
-// order, so the result is the same bits on every run, with no second launch.
+// Sums in a fixed order, so that results are the same bits on every run: over
+// a warp, a block (warp_sum, block_sum), and over a grid's blocks, finished
+// inside the kernel that computes them (finish_grid_sums): each block writes
+// its row of partial sums (a weight gradient over its own positions), and the
+// last block to finish adds the rows, always in block order, with no second
+// launch.
 //
 // Two levels keep the last block's work small: the blocks come in groups of
 // kGridSumsGroup; the last block of a group to finish adds the group's rows
@@ -17,6 +19,31 @@
 
 namespace cae {
 namespace cuda {
+
+// Warp sum in a fixed tree (lane 0 holds the result).
+template <typename Acc>
+CAE_DEVICE Acc warp_sum(Acc v) {
+  CAE_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Block sum in a fixed order: warp trees, then the warps' sums in order.
+// Every thread must call it; the result is valid in thread 0.
+template <typename Acc>
+CAE_DEVICE Acc block_sum(Acc v, Acc* scratch /* kWarps */) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  Acc total = Acc(0);
+  if (threadIdx.x == 0) {
+    total = scratch[0];
+    for (int k = 1; k < kWarps; ++k) total += scratch[k];
+  }
+  return total;
+}
 
 constexpr int kGridSumsGroup = 32;
 

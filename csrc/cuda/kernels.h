@@ -159,6 +159,12 @@ struct CudaKernels {
   static bool encoder_block(const EncoderBlockParams& p);
   // Its backward in one launch (encoder_block_backward.cu); false: not for this shape.
   static bool encoder_block_backward(const EncoderBlockBackwardParams& p);
+  // The fused decoder block (decoder_block.cu); false: not for this shape.
+  static bool decoder_block(const DecoderBlockParams& p);
+  static bool decoder_block_backward(const DecoderBlockBackwardParams& p);
+  // The loss and its gradient (loss.cu): every shape.
+  static bool sigmoid_cross_entropy(const SigmoidCrossEntropyParams& p);
+  static bool sigmoid_cross_entropy_grad(const SigmoidCrossEntropyGradParams& p);
 
  private:
   // weight_grad up to its partial sums, and the correlations with extra

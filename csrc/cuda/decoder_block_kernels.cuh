@@ -1,0 +1,510 @@
+// A decoder block (ops.h decoder_block) in one kernel: layers 0 .. L-2 are
+// stride-2 transposed correlations with bias and activation, layer L-1 a linear
+// stride-1 one, whose output is center-cropped to H_out x W_out; the
+// __global__ kernel and its torch-free launcher.
+//
+// Layout of the work: a block owns `samples` whole images (the decoder's
+// images are small: 4x4 -> 8x8 -> 16x16 -> 32x32 in the autoencoder), so no
+// halo is ever recomputed or exchanged. The block's input and every hidden
+// layer's output live in shared memory as planes with a zero border of one
+// pixel (the correlations' padding); the weights pass through one buffer,
+// staged layer by layer. Phases separated by barriers:
+//   0. the input into plane 0 (with its border), the hidden planes zeroed;
+//   1. per hidden layer i: plane i -> plane i + 1, a thread per output pixel
+//      of one parity class (stride 2: the class fixes the taps; threads of
+//      one class are consecutive, so a warp runs one tap pattern where an
+//      image has 32 pixels per class or more) and kBlockGroup channels;
+//   2. the last layer at the crop's positions only, stored to global memory.
+// Each sum runs in correlate_transpose_kernel's order (input channel, ky, kx)
+// and every hidden output is rounded to T as the per-op kernel stores it, so
+// float32 and float64 results equal the composed per-op path bitwise.
+#pragma once
+
+#include <algorithm>
+
+#include "encoder_block_kernels.cuh"
+#include "grid_sums.cuh"
+
+namespace cae {
+namespace cuda {
+
+// Layers a fused decoder block takes (the autoencoder's has 4).
+constexpr int kDecoderMaxLayers = 4;
+
+template <typename T>
+struct DecoderBlockArgs {
+  T* out;                         // [N, C[L], H_out, W_out]: the crop
+  const T* x;                     // [N, C[0], H, W]
+  const T* w[kDecoderMaxLayers];  // layer i: [C[i], C[i + 1], 3, 3]
+  const T* b[kDecoderMaxLayers];  // layer i: [C[i + 1]]
+  int C[kDecoderMaxLayers + 1];   // the input's channels, then each layer's
+  int layers, N, H, W;            // H, W: the input's
+  int H_out, W_out, top, left;    // the crop and its corner in the last layer's output
+  bool relu;
+};
+
+// An image's plane in shared memory: [channels][rows][cols] with a zero
+// border column on either side (cols = width + 2) and, for a whole plane, a
+// border row above and below; the planes of a block's images sample_stride
+// apart, at `offset` elements of Acc from the start of shared memory.
+struct DecoderPlane {
+  int offset, rows, cols, channel_stride, sample_stride;
+};
+
+// Shared memory: the hidden layers' weight buffer (staged layer by layer;
+// vector aligned), the last layer's weights, then the planes. Plane i < L - 1
+// holds layer i's input whole (the block's input, then hidden outputs); plane
+// L - 1 the last layer's input: with one layer the block's input whole, else
+// a strip of `strip_rows` + 2 rows (the last layer's window over strip_rows
+// output rows), recomputed strip by strip from plane L - 2.
+// The backward's planes are all whole, plane L - 1 too, and plane L holds the
+// last layer's output gradient (uncropped, zeros outside the crop); one
+// weight buffer, staged per phase.
+struct DecoderBlockTiling {
+  int samples;
+  int strip_rows;    // output rows of the last layer per strip (forward)
+  int last_weights;  // offset of the last layer's weights (forward)
+  DecoderPlane plane[kDecoderMaxLayers + 1];
+  bool vec_in, vec_out;  // NHWC vector loads / stores allowed
+};
+
+struct DecoderBlockPlan {
+  DecoderBlockTiling t;
+  index_t blocks;
+  size_t smem;
+  bool ok;  // false: more layers than kDecoderMaxLayers, or one image does not fit
+};
+
+// Output channels per thread of the last layer: one where it has one channel
+// (the autoencoder's image), else kBlockGroup.
+CAE_HOST_DEVICE int decoder_last_group(int channels) { return channels == 1 ? 1 : kBlockGroup; }
+
+// Elements of a layer's weights staged for its forward, [groups][C_in * 9][G]
+// with the output channels padded to the group size G.
+inline size_t decoder_weight_elements(int c_in, int c_out, int group) {
+  return static_cast<size_t>(ceil_div(c_out, group)) * group * c_in * 9;
+}
+
+// Fills t's offsets and planes for t.samples images and t.strip_rows (the
+// forward) or for the backward; returns the elements of Acc in all.
+template <typename T>
+inline size_t size_decoder_planes(DecoderBlockTiling& t, const DecoderBlockArgs<T>& a, bool backward) {
+  const int L = a.layers;
+  size_t offset = 0;
+  for (int i = 0; i + 1 < L; ++i)
+    offset = std::max(offset, decoder_weight_elements(a.C[i], a.C[i + 1], kBlockGroup));
+  if (backward) {  // the input gradients' weights, [group of C_in][C_out * 9][8]
+    for (int i = 0; i < L; ++i)
+      offset = std::max(offset, decoder_weight_elements(a.C[i + 1], a.C[i], kBlockGroup));
+  }
+  t.last_weights = static_cast<int>(offset);
+  if (!backward) offset += decoder_weight_elements(a.C[L - 1], a.C[L], decoder_last_group(a.C[L]));
+  const int planes = backward ? L + 1 : L;
+  for (int i = 0; i < planes; ++i) {
+    DecoderPlane& p = t.plane[i];
+    const bool strip = !backward && L > 1 && i == L - 1;
+    const int scale = i < L ? i : L - 1;
+    p.offset = static_cast<int>(offset);
+    p.rows = strip ? t.strip_rows + 2 : (a.H << scale) + 2, p.cols = (a.W << scale) + 2;
+    p.channel_stride = odd_stride(p.rows * p.cols);
+    p.sample_stride = a.C[i] * p.channel_stride;
+    offset += static_cast<size_t>(t.samples) * p.sample_stride;
+  }
+  return offset;
+}
+
+// `budget`: the shared memory a block may take (the forward: kSmemBudget, by
+// strips; the backward: the device's opt-in limit, whole planes).
+template <typename T, typename Acc>
+inline DecoderBlockPlan plan_decoder_block(const DecoderBlockArgs<T>& a, bool nhwc, bool backward,
+                                           size_t budget) {
+  DecoderBlockPlan p{};
+  DecoderBlockTiling& t = p.t;
+  if (a.layers < 1 || a.layers > kDecoderMaxLayers || a.N < 1 || a.H_out < 1 || a.W_out < 1) return p;
+  // Far larger images fail the budget anyway; this keeps the planes' int
+  // offsets from overflowing before the check.
+  if ((static_cast<int64_t>(a.H) << (a.layers - 1)) > (1 << 14) ||
+      (static_cast<int64_t>(a.W) << (a.layers - 1)) > (1 << 14))
+    return p;
+  const auto fits = [&](int samples, int strip_rows) {
+    t.samples = samples, t.strip_rows = strip_rows;
+    return size_decoder_planes(t, a, backward) * sizeof(Acc) <= budget;
+  };
+  // The fewest strips that fit (one: the crop's rows at once), then images
+  // packed while the grid keeps kBlockFill blocks.
+  int rows = a.H_out;
+  while (!fits(1, rows) && rows > 1 && a.layers > 1 && !backward) rows = ceil_div(rows, 2);
+  if (!fits(1, rows)) return p;
+  int samples = 1;
+  while (ceil_div(a.N, samples * 2) >= kBlockFill && fits(samples * 2, rows)) samples *= 2;
+  t.samples = samples, t.strip_rows = rows;
+  const size_t elements = size_decoder_planes(t, a, backward);
+  constexpr int V = vec_width<T>();
+  t.vec_in = nhwc && vector_ok<V>(a.x, a.C[0], a.C[0]);
+  const int C_out = a.C[a.layers], VO = vec_width<T, kBlockGroup>();
+  t.vec_out = nhwc && decoder_last_group(C_out) == kBlockGroup && C_out % VO == 0 &&
+              reinterpret_cast<uintptr_t>(a.out) % (sizeof(T) * VO) == 0;
+  p.blocks = ceil_div(static_cast<index_t>(a.N), static_cast<index_t>(samples));
+  p.smem = elements * sizeof(Acc);
+  p.ok = true;
+  return p;
+}
+
+// arr[i] for a run-time i, as a chain of selects: indexing the kernel's
+// parameter arrays at run time would copy them to local memory.
+template <typename V, int N>
+CAE_DEVICE V pick(const V (&arr)[N], int i) {
+  V r = arr[0];
+  CAE_UNROLL
+  for (int k = 1; k < N; ++k)
+    if (k == i) r = arr[k];
+  return r;
+}
+
+// A transposed weight [C_a][C_b][3][3] in shared memory for sums over a: as
+// [group of C_b][C_a * 9][G]; zeros past C_b.
+template <int G, typename Acc, typename T>
+CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C_a, int C_b, int tid) {
+  const int groups = ceil_div(C_b, G), taps = C_a * 9;
+  for (int i = tid; i < groups * taps * G; i += kThreads) {
+    const int j = i % G, e = (i / G) % taps, cb = (i / (G * taps)) * G + j;
+    const int ca = e / 9, k = e - ca * 9;
+    w_s[i] = cb < C_b ? static_cast<Acc>(w[(static_cast<index_t>(ca) * C_b + cb) * 9 + k]) : Acc(0);
+  }
+}
+
+// acc[j] += the taps of a transposed correlation of stride S that reach output
+// pixel (y, x), over `count` channels of src (pixel (gy, gx) at src[(gy + 1) *
+// cols + gx + 1]) times w[(c * 9 + tap) * G + j], in
+// correlate_transpose_kernel's order of summation. Stride 2: the taps with
+// y = 2 gy + ky - 1 (ky = 1 for even y, 0 and 2 for odd), likewise x.
+template <int S, int G, typename Acc>
+CAE_DEVICE void accumulate_transposed(Acc (&acc)[G], const Acc* src, int channel_stride, int cols,
+                                      const Acc* w, int count, int y, int x) {
+  constexpr int WV = vec_width<Acc, G>();
+  for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
+    CAE_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      if (S == 2 && ((y + 1 - ky) & 1)) continue;
+      const int r = (S == 1 ? y + 1 - ky : (y + 1 - ky) >> 1) + 1;
+      CAE_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        if (S == 2 && ((x + 1 - kx) & 1)) continue;
+        const Acc v = src[r * cols + (S == 1 ? x + 1 - kx : (x + 1 - kx) >> 1) + 1];
+        const Acc* wk = w + (ky * 3 + kx) * G;
+        CAE_UNROLL
+        for (int j = 0; j < G; j += WV) {
+          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
+          CAE_UNROLL
+          for (int k = 0; k < WV; ++k) acc[j + k] += v * wv.v[k];
+        }
+      }
+    }
+  }
+}
+
+// The images n0.. of src ([N, C, H, W] in the layout) into plane p, whose
+// first row and column are src's (y0, x0); zeros outside src.
+template <bool NHWC, typename T, typename Acc>
+CAE_DEVICE void stage_decoder_plane(Acc* smem, const DecoderPlane& p, const T* __restrict__ src, int N, int C,
+                                    int H, int W, int n0, int y0, int x0, int samples, bool vec, int tid) {
+  const Window win{n0, y0, x0, 0, C, p.rows, p.cols, samples, p.channel_stride, p.sample_stride};
+  if (NHWC) {
+    stage_nhwc<vec_width<T>()>(smem + p.offset, src, static_cast<const T*>(nullptr), N, C, H, W, win, vec,
+                               tid);
+  } else {
+    stage_nchw(smem + p.offset, src, static_cast<const T*>(nullptr), N, C, H, W, win, tid);
+  }
+}
+
+// Rows [y_first, y_first + rows) of hidden layer i's output from plane i
+// (whole) into `dst`, row y at dst row y - y_first + dst_row0; rows outside
+// the image are zeros (the next layer's padding). Bias, activation and T
+// rounding as correlate_transpose_kernel stores them. A thread takes an
+// output pixel and kBlockGroup channels; consecutive threads take every
+// other column (one column parity: one tap pattern), then the other parity.
+template <typename T, typename Acc>
+CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
+                                    int i, const DecoderPlane& dst, int dst_row0, int y_first, int rows,
+                                    int tid) {
+  constexpr int G = kBlockGroup;
+  const DecoderPlane src = pick(t.plane, i);
+  const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1), groups = ceil_div(C_b, G), h = a.H << (i + 1);
+  StridedDigits at(tid, src.cols - 2, 2, rows);  // (column / 2, column parity, row, sample + samples * group)
+  for (; at.digit[3] < t.samples * groups; at.advance()) {
+    const int s = at.digit[3] % t.samples, g = at.digit[3] / t.samples;
+    const int y = y_first + at.digit[2], x = 2 * at.digit[0] + at.digit[1];
+    Acc acc[G];
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j) acc[j] = Acc(0);
+    const bool inside = y >= 0 && y < h;
+    if (inside)
+      accumulate_transposed<2>(acc, smem + src.offset + s * src.sample_stride, src.channel_stride, src.cols,
+                               smem + g * C_a * 9 * G, C_a, y, x);
+    finish_activation<T>(acc, pick(a.b, i), g * G, C_b, a.relu, inside);
+    Acc* d = smem + dst.offset + s * dst.sample_stride + g * G * dst.channel_stride +
+             (at.digit[2] + dst_row0) * dst.cols + x + 1;
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j)
+      if (g * G + j < C_b) d[j * dst.channel_stride] = acc[j];
+  }
+}
+
+// The last layer (stride 1, linear) at the crop's output rows [oy0, oy1),
+// stored: `src` is the last plane's row of input row top + oy0 - 1.
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void decoder_last_rows(const Acc* smem, const Acc* src, const DecoderBlockArgs<T>& a,
+                                  const DecoderBlockTiling& t, int n0, int oy0, int oy1, int tid) {
+  const int L = a.layers, C_a = pick(a.C, L - 1), C_b = pick(a.C, L), groups = ceil_div(C_b, G);
+  const DecoderPlane p = pick(t.plane, L - 1);
+  StridedDigits at(tid, a.W_out, oy1 - oy0, t.samples);  // (column, row, sample, group)
+  for (; at.digit[3] < groups; at.advance()) {
+    const int ox = at.digit[0], oy = oy0 + at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
+    Acc acc[G];
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j) acc[j] = Acc(0);
+    accumulate_transposed<1>(acc, src + s * p.sample_stride, p.channel_stride, p.cols,
+                             smem + t.last_weights + co0 * C_a * 9, C_a, at.digit[1], a.left + ox);
+    if (n0 + s < a.N)
+      store_pixel<G, NHWC>(a.out, acc, pick(a.b, L - 1), false, n0 + s, co0, C_b, a.H_out, a.W_out, oy, ox,
+                           t.vec_out);
+  }
+}
+
+// The whole block for one group of images, G the last layer's channel group.
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
+                                  int n0, int tid) {
+  const int L = a.layers;
+  // 0. The input with its border into plane 0, the other planes zeroed (their
+  // borders: the layers write the interiors), the last layer's weights.
+  const DecoderPlane p0 = t.plane[0];
+  stage_decoder_plane<NHWC>(smem, p0, a.x, a.N, a.C[0], a.H, a.W, n0, -1, -1, t.samples, t.vec_in, tid);
+  const DecoderPlane last = pick(t.plane, L - 1);
+  for (int i = p0.offset + t.samples * p0.sample_stride + tid;
+       i < last.offset + t.samples * last.sample_stride; i += kThreads)
+    smem[i] = Acc(0);
+  stage_transposed_weight<G>(smem + t.last_weights, pick(a.w, L - 1), pick(a.C, L - 1), pick(a.C, L), tid);
+  if (L == 1) {
+    __syncthreads();
+    decoder_last_rows<G, NHWC>(smem, smem + p0.offset + a.top * p0.cols, a, t, n0, 0, a.H_out, tid);
+    return;
+  }
+  // 1. The hidden layers but the last, whole planes.
+  for (int i = 0; i + 1 < L; ++i) {
+    __syncthreads();  // the previous layer done with the weights, its plane complete
+    stage_transposed_weight<kBlockGroup>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
+    __syncthreads();
+    if (i + 2 < L) decoder_hidden_rows(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
+  }
+  // 2. Strip by strip: the last hidden layer's rows under the strip's window,
+  // then the last layer's output rows.
+  for (int oy0 = 0; oy0 < a.H_out; oy0 += t.strip_rows) {
+    const int oy1 = oy0 + t.strip_rows < a.H_out ? oy0 + t.strip_rows : a.H_out;
+    if (oy0 > 0) __syncthreads();  // the previous strip done reading
+    decoder_hidden_rows(smem, a, t, L - 2, last, 0, a.top + oy0 - 1, oy1 - oy0 + 2, tid);
+    __syncthreads();
+    decoder_last_rows<G, NHWC>(smem, smem + last.offset, a, t, n0, oy0, oy1, tid);
+  }
+}
+
+// __launch_bounds__'s blocks per SM: 2 (128 registers a thread), 1 for double.
+template <typename Acc>
+constexpr int decoder_block_min_blocks() {
+  return sizeof(Acc) > 4 ? 1 : 2;
+}
+
+template <typename T, typename Acc, bool NHWC>
+__global__ void __launch_bounds__(kThreads, decoder_block_min_blocks<Acc>())
+    decoder_block_kernel(DecoderBlockArgs<T> a, DecoderBlockTiling t) {
+  CAE_DYNAMIC_SHARED(Acc, smem);
+  const int tid = threadIdx.x, n0 = static_cast<int>(blockIdx.x) * t.samples;
+  if (decoder_last_group(pick(a.C, a.layers)) == 1) {
+    run_decoder_block<1, NHWC>(smem, a, t, n0, tid);
+  } else {
+    run_decoder_block<kBlockGroup, NHWC>(smem, a, t, n0, tid);
+  }
+}
+
+template <typename T, typename Acc>
+inline void launch_decoder_block(const DecoderBlockArgs<T>& a, const DecoderBlockPlan& p, bool nhwc,
+                                 cudaStream_t stream) {
+  with_bool(nhwc, [&](auto layout) {
+    const auto kernel = decoder_block_kernel<T, Acc, decltype(layout)::value>;
+    CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The backward: the hidden layers recomputed into whole planes (phase 1 of the
+// forward), the output gradient staged into the last layer's full extent
+// (zeros outside the crop), then layer by layer from the last: its weight
+// and bias gradients (each block's partial row, summed over the grid by
+// finish_grid_sums), and its input's gradient, which overwrites the input's
+// plane (gated by its own ReLU) or goes to grad_input.
+// ---------------------------------------------------------------------------
+
+template <typename T, typename Acc>
+struct DecoderBlockBackwardArgs {
+  DecoderBlockArgs<T> f;  // f.out unused
+  const T* grad_output;   // [N, C[L], H_out, W_out]
+  T* grad_input;          // [N, C[0], H, W], or nullptr: not asked for
+  T* dw[kDecoderMaxLayers];
+  T* db[kDecoderMaxLayers];
+  GridSums<Acc> sums;  // a block's row: dw[0] | db[0] | dw[1] | db[1] | ...
+  bool vec_grad_output, vec_grad_input;
+};
+
+// Elements of layer i's weight and bias gradients, and where they start in a
+// partial row.
+CAE_HOST_DEVICE int decoder_grad_elements(int c_in, int c_out) { return c_in * c_out * 9 + c_out; }
+
+// Layer i's weight gradient, then its bias's, over the block's images into
+// `row`: dw[ca, cb, ky, kx] = sum of in[ca, gy, gx] * g[cb, S gy + ky - 1,
+// S gx + kx - 1], db[cb] = sum of g[cb]; a thread per element, each sum over
+// (image, row, column) in order: the same bits every run.
+template <int S, typename Acc>
+CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const DecoderPlane& in,
+                                        const DecoderPlane& g, int C_a, int C_b, int samples, int tid) {
+  const int taps = C_b * 9, size = C_a * taps, h = in.rows - 2, w = in.cols - 2;
+  for (int e = tid; e < size + C_b; e += kThreads) {
+    Acc sum = Acc(0);
+    if (e < size) {
+      const int ca = e / taps, r = e - ca * taps, cb = r / 9, k = r - cb * 9, ky = k / 3, kx = k - ky * 3;
+      for (int s = 0; s < samples; ++s) {
+        const Acc* xs = smem + in.offset + s * in.sample_stride + ca * in.channel_stride + in.cols + 1;
+        const Acc* gs = smem + g.offset + s * g.sample_stride + cb * g.channel_stride + ky * g.cols + kx;
+        for (int y = 0; y < h; ++y, xs += in.cols, gs += S * g.cols) {
+          for (int x = 0; x < w; ++x) sum += xs[x] * gs[S * x];
+        }
+      }
+    } else {
+      const int cb = e - size, gh = g.rows - 2, gw = g.cols - 2;
+      for (int s = 0; s < samples; ++s) {
+        const Acc* gs = smem + g.offset + s * g.sample_stride + cb * g.channel_stride + g.cols + 1;
+        for (int y = 0; y < gh; ++y, gs += g.cols) {
+          for (int x = 0; x < gw; ++x) sum += gs[x];
+        }
+      }
+    }
+    row[e] = sum;
+  }
+}
+
+// The gradient of layer i's input: grad[ca, gy, gx] = sum of g[cb, S gy + ky
+// - 1, S gx + kx - 1] * w[ca, cb, ky, kx] (w staged as [group of C_a][C_b *
+// 9][8]), a thread per input pixel and 8 channels. Into plane `in` in place,
+// gated by its own values where `gate` (each element read and written by its
+// own thread), or, with grad_input, stored.
+template <int S, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderPlane& in, const DecoderPlane& g, int C_a, int C_b,
+                                   int samples, bool gate, T* grad_input, int N, int n0, bool vec, int tid) {
+  constexpr int G = kBlockGroup;
+  const int h = in.rows - 2, w = in.cols - 2;
+  StridedDigits at(tid, w, h, samples);  // (column, row, sample, group)
+  for (; at.digit[3] < ceil_div(C_a, G); at.advance()) {
+    const int gx = at.digit[0], gy = at.digit[1], s = at.digit[2], ca0 = at.digit[3] * G;
+    Acc acc[1][G];
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j) acc[0][j] = Acc(0);
+    accumulate_windows(acc, smem + g.offset + s * g.sample_stride + S * gy * g.cols + S * gx,
+                       g.channel_stride, g.cols, smem + at.digit[3] * C_b * 9 * G, C_b);
+    if (grad_input != nullptr) {
+      if (n0 + s < N)
+        store_pixel<G, NHWC>(grad_input, acc[0], static_cast<const T*>(nullptr), false, n0 + s, ca0, C_a, h,
+                             w, gy, gx, vec);
+      continue;
+    }
+    Acc* d = smem + in.offset + s * in.sample_stride + ca0 * in.channel_stride + (gy + 1) * in.cols + gx + 1;
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j) {
+      if (ca0 + j < C_a)
+        d[j * in.channel_stride] = gate ? gated(acc[0][j], d[j * in.channel_stride]) : acc[0][j];
+    }
+  }
+}
+
+template <typename T, typename Acc, bool NHWC>
+__global__ void __launch_bounds__(kThreads, decoder_block_min_blocks<Acc>())
+    decoder_block_backward_kernel(DecoderBlockBackwardArgs<T, Acc> b, DecoderBlockTiling t) {
+  constexpr int G = kBlockGroup;
+  CAE_DYNAMIC_SHARED(Acc, smem);
+  __shared__ int flag;
+  const DecoderBlockArgs<T>& a = b.f;
+  const int tid = threadIdx.x, n0 = static_cast<int>(blockIdx.x) * t.samples, L = a.layers;
+  // 0. The input, the output gradient in the last layer's full extent, the
+  // hidden planes zeroed.
+  const DecoderPlane p0 = t.plane[0], pg = pick(t.plane, L);
+  stage_decoder_plane<NHWC>(smem, p0, a.x, a.N, a.C[0], a.H, a.W, n0, -1, -1, t.samples, t.vec_in, tid);
+  stage_decoder_plane<NHWC>(smem, pg, b.grad_output, a.N, pick(a.C, L), a.H_out, a.W_out, n0, -1 - a.top,
+                            -1 - a.left, t.samples, b.vec_grad_output, tid);
+  for (int i = p0.offset + t.samples * p0.sample_stride + tid; i < pg.offset; i += kThreads) smem[i] = Acc(0);
+  // 1. The hidden layers, whole planes.
+  for (int i = 0; i + 1 < L; ++i) {
+    __syncthreads();  // the previous layer done with the weights, its plane complete
+    stage_transposed_weight<G>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
+    __syncthreads();
+    decoder_hidden_rows(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
+  }
+  // 2. Layer by layer from the last.
+  Acc* row = b.sums.partials + static_cast<index_t>(blockIdx.x) * b.sums.size;
+  int offset = b.sums.size;
+  for (int i = L - 1; i >= 0; --i) {
+    const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1);
+    const DecoderPlane in = pick(t.plane, i), g = pick(t.plane, i + 1);
+    offset -= decoder_grad_elements(C_a, C_b);
+    __syncthreads();  // layer i's output gradient complete, the weights free
+    if (i + 1 < L) {
+      decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, tid);
+    } else {
+      decoder_weight_grad_row<1>(row + offset, smem, in, g, C_a, C_b, t.samples, tid);
+    }
+    if (i == 0 && b.grad_input == nullptr) break;
+    const T* w = pick(a.w, i);
+    for (int k = 0; k < ceil_div(C_a, G); ++k) {
+      stage_weight_rows<G>(smem + k * C_b * 9 * G, w, static_cast<index_t>(k) * G * C_b * 9, C_b * 9,
+                           C_a - k * G, C_b * 9, tid);
+    }
+    __syncthreads();  // the weight gradient done reading plane i
+    T* out = i == 0 ? b.grad_input : nullptr;
+    if (i + 1 < L) {
+      decoder_input_grad<2, NHWC>(smem, in, g, C_a, C_b, t.samples, a.relu, out, a.N, n0, b.vec_grad_input,
+                                  tid);
+    } else {
+      decoder_input_grad<1, NHWC>(smem, in, g, C_a, C_b, t.samples, a.relu && i > 0, out, a.N, n0,
+                                  b.vec_grad_input, tid);
+    }
+  }
+  // 3. The grid's sums: the last block converts them into dw and db.
+  __threadfence();  // this thread's part of the row, before the block's ticket
+  const Acc* totals = finish_grid_sums(b.sums, &flag);
+  if (totals == nullptr) return;
+  offset = 0;
+  for (int i = 0; i < L; ++i) {
+    const int C_b = pick(a.C, i + 1), size = pick(a.C, i) * C_b * 9;
+    T *dw = pick(b.dw, i), *db = pick(b.db, i);
+    for (int e = tid; e < size + C_b; e += kThreads) {
+      const T v = static_cast<T>(totals[offset + e]);
+      if (e < size) {
+        dw[e] = v;
+      } else {
+        db[e - size] = v;
+      }
+    }
+    offset += size + C_b;
+  }
+}
+
+template <typename T, typename Acc, class Allow>
+inline void launch_decoder_block_backward(const DecoderBlockBackwardArgs<T, Acc>& b,
+                                          const DecoderBlockPlan& p, bool nhwc, Allow allow,
+                                          cudaStream_t stream) {
+  with_bool(nhwc, [&](auto layout) {
+    const auto kernel = decoder_block_backward_kernel<T, Acc, decltype(layout)::value>;
+    allow(kernel);
+    CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, b, p.t);
+  });
+}
+
+}  // namespace cuda
+}  // namespace cae
