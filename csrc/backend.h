@@ -114,6 +114,25 @@ struct MaxPoolGradParams {
   bool nhwc;
 };
 
+// An encoder block's parameters as its fused kernels take them: w1 [C1, C0,
+// 3, 3], w2 (and the strided block's w_down) [C1, C1, 3, 3], a bias each,
+// contiguous.
+struct EncoderBlockWeights {
+  Tensor w1, b1, w2, b2;
+  OptTensor w_down, b_down;
+
+  // From the ops' lists: [w1, w2] or [w1, w2, w_down], and a bias per weight.
+  static EncoderBlockWeights of(at::TensorList weights, at::TensorList biases) {
+    const bool strided = weights.size() == 3;
+    return {.w1 = weights[0].contiguous(),
+            .b1 = biases[0].contiguous(),
+            .w2 = weights[1].contiguous(),
+            .b2 = biases[1].contiguous(),
+            .w_down = strided ? OptTensor(weights[2].contiguous()) : std::nullopt,
+            .b_down = strided ? OptTensor(biases[2].contiguous()) : std::nullopt};
+  }
+};
+
 // An encoder block's forward (ops.h encoder_block) where a backend fuses it:
 // a1 = act(b1 + correlate(input, w1)), a2 = act(b2 + correlate(a1, w2)), out
 // = max_pool2x2(a2), or with w_down act(b_down + correlate_stride2(a2,
@@ -125,8 +144,24 @@ struct EncoderBlockParams {
   OptTensor interior_a1;
   OptTensor interior_a2;
   Tensor input;
-  Tensor w1, b1, w2, b2;
-  OptTensor w_down, b_down;
+  EncoderBlockWeights weights;
+  bool relu;
+  bool nhwc;
+};
+
+// An encoder block's backward (ops.h encoder_block_backward) where a backend
+// fuses it: with a1, a2 recomputed from `input`, grad_weights / grad_biases
+// (w1, w2[, w_down] order) and, where given, grad_input get the gradients the
+// composed backward computes. `output` is the strided block's output, its last
+// ReLU's mask (with relu; absent otherwise). False: nothing computed, the
+// shape is not taken; ops.h then runs the composed backward.
+struct EncoderBlockBackwardParams {
+  OptTensor grad_input;
+  std::vector<Tensor> grad_weights, grad_biases;
+  Tensor grad_output;
+  Tensor input;
+  OptTensor output;
+  EncoderBlockWeights weights;
   bool relu;
   bool nhwc;
 };

@@ -389,12 +389,7 @@ struct Ops {
                               .interior_a1 = given(acts.a1),
                               .interior_a2 = given(acts.a2),
                               .input = input.contiguous(format),
-                              .w1 = weights[0].contiguous(),
-                              .b1 = biases[0].contiguous(),
-                              .w2 = weights[1].contiguous(),
-                              .b2 = biases[1].contiguous(),
-                              .w_down = strided ? OptTensor(weights[2].contiguous()) : std::nullopt,
-                              .b_down = strided ? OptTensor(biases[2].contiguous()) : std::nullopt,
+                              .weights = EncoderBlockWeights::of(weights, biases),
                               .relu = relu,
                               .nhwc = nhwc}))
           return acts;
@@ -436,6 +431,31 @@ struct Ops {
     TORCH_CHECK(output.has_value() || !(strided && relu),
                 "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)");
     check_relu_output(output, grad_output, "output");
+    if constexpr (requires(const EncoderBlockBackwardParams& p) { K::encoder_block_backward(p); }) {
+      if (input.numel() > 0 &&
+          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        std::vector<Tensor> grad_weights, grad_biases;
+        for (size_t i = 0; i < weights.size(); ++i) {
+          grad_weights.push_back(at::empty(weights[i].sizes(), weights[i].options()));
+          grad_biases.push_back(at::empty(biases[i].sizes(), biases[i].options()));
+        }
+        const Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options().memory_format(format))
+                                             : at::empty({0}, input.options());
+        if (K::encoder_block_backward(
+                {.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
+                 .grad_weights = grad_weights,
+                 .grad_biases = grad_biases,
+                 .grad_output = grad_output.contiguous(format),
+                 .input = input.contiguous(format),
+                 .output = strided && relu ? OptTensor(output->contiguous(format)) : std::nullopt,
+                 .weights = EncoderBlockWeights::of(weights, biases),
+                 .relu = relu,
+                 .nhwc = nhwc}))
+          return {grad_input, grad_weights, grad_biases};
+      }
+    }
     const auto acts = encoder_block_activations(input, weights, biases, relu, true);
     const auto gate = [&](const Tensor& t) { return relu ? OptTensor(t) : std::nullopt; };
     std::vector<Tensor> grad_weights(weights.size()), grad_biases(weights.size());

@@ -188,3 +188,187 @@ def test_cpu_composes_the_block(dtype, fmt, variant):
     assert torch.equal(out, composed_block(torch.ops.cae, x, weights, biases, True))
     *_, expected = reference_block(x, weights, biases, True)
     assert_close(out, expected, tolerance(BACKENDS["sim"], dtype, expected), "output")
+
+
+# --- The backward (csrc/cuda/encoder_block_backward_kernels.cuh): one launch for every
+# gradient, each block's images summed in a fixed order, the blocks' sums added by the
+# last block to finish.
+
+# (N, C0, C1, H, W): odd sizes (a pool window and a stride-2 window past the edge), a
+# partial group of channels, a 1x1 image, one input channel, 16 of them, and 20 channels
+# of 10 inputs (partial last groups both ways, more (c1, c0) pairs than threads).
+BACKWARD_SHAPES = ((2, 3, 8, 7, 5), (3, 16, 8, 6, 6), (2, 1, 5, 1, 1), (1, 3, 4, 3, 9), (2, 1, 16, 10, 12),
+                   (1, 10, 20, 4, 5))
+BACKWARD_KERNEL = "cae::cuda::encoder_block_backward_kernel"
+
+
+def reference_grads(x, weights, biases, relu, grad_output, rounded_to=None):
+    """The input's, weights' and biases' gradients in float64 (PyTorch's autograd);
+    `rounded_to`: a1 and a2 rounded to that dtype as the kernels store them (the
+    gradient passes the rounding unchanged), so that the ReLU gates and the pool's
+    winners are the kernels' (a 16-bit tie or flip moves a whole gradient)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, *weights, *biases)]
+    x64, weights64, biases64 = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
+
+    def act(t):
+        t = torch.relu(t) if relu else t
+        return t if rounded_to is None else t + (t.to(rounded_to).double() - t).detach()
+
+    a1 = act(F.conv2d(x64, weights64[0], biases64[0], padding=1))
+    a2 = act(F.conv2d(a1, weights64[1], biases64[1], padding=1))
+    if len(weights) == 2:
+        out = F.max_pool2d(a2, 2, ceil_mode=True)
+    else:
+        out = act(F.conv2d(a2, weights64[2], biases64[2], stride=2, padding=1))
+    out.backward(grad_output.double())
+    return [t.grad for t in leaves]
+
+
+def fused_backward(ops, x, weights, biases, relu, grad_output, input_grad):
+    """encoder_block_backward as autograd calls it (the strided block's output as its
+    mask), and the kernels it launched."""
+    from cae_kernels import sim
+
+    mask = ops.encoder_block(x, weights, biases, relu) if len(weights) == 3 and relu else None
+    with sim.record_launches() as recorder:
+        grad_input, grad_weights, grad_biases = ops.encoder_block_backward(
+            grad_output, x, mask, weights, biases, relu, input_grad)
+    return [grad_input, *grad_weights, *grad_biases], [launch.kernel.split("<")[0] for launch in recorder.launches]
+
+
+def composed_grads(ops, x, weights, biases, relu, grad_output):
+    """The same gradients through the per-op kernels' autograd (the composed backward)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights, *biases)]
+    k = len(weights)
+    composed_block(ops, leaves[0], leaves[1:1 + k], leaves[1 + k:], relu).backward(grad_output)
+    return [t.grad for t in leaves]
+
+
+def grad_tolerance(backend, dtype, expected):
+    # A backward through three layers and sums over every position: 16-bit types round
+    # the recomputed activations and the per-op path's stored gradients.
+    tol = tolerance(backend, dtype, expected)
+    if dtype in (torch.float16, torch.bfloat16):
+        tol = {k: 4 * v for k, v in tol.items()}
+    return tol
+
+
+def backward_inputs(backend, dtype, fmt, variant, shape):
+    n, c0, c1, h, w = shape
+    x = make_input((n, c0, h, w), dtype, backend.device, fmt).detach()
+    weights, biases = block_params(c0, c1, variant, dtype, backend.device)
+    go = make_input((n, c1, (h + 1) // 2, (w + 1) // 2), dtype, backend.device, fmt).detach()
+    return x, weights, biases, go
+
+
+NAMES = ("input", "w1", "w2", "w_down")
+
+
+def check_grads(backend, dtype, ours, expected, input_grad, what):
+    k = (len(ours) - 1) // 2
+    names = ["input", *NAMES[1:1 + k], *(f"b{name[1:]}" for name in NAMES[1:1 + k])]
+    for name, got, ref in zip(names, ours, expected, strict=True):
+        if name == "input" and not input_grad:
+            assert got.numel() == 0
+            continue
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        assert_close(got, ref, grad_tolerance(backend, dtype, ref), f"{name}'s gradient {what}")
+
+
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "no_input_grad"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels("dtype")
+def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, shape):
+    """One launch of the fused backward (sim), every gradient as float64 autograd gives
+    it and as the composed per-op backward does, to the dtype's rounding; the input's in
+    the input's layout, or empty when not asked for."""
+    x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
+    if backend.name == "sim":
+        ours, kernels = fused_backward(backend.ops, x, weights, biases, relu, go, input_grad)
+        assert kernels == [BACKWARD_KERNEL]
+    else:
+        mask = backend.ops.encoder_block(x, weights, biases, relu) if variant == "stride" and relu else None
+        gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, relu, input_grad)
+        ours = [gi, *gw, *gb]
+    if input_grad:
+        assert ours[0].is_contiguous(memory_format=_suggest_memory_format(x))
+    expected = reference_grads(x, weights, biases, relu, go, None if dtype in (torch.float32, F64) else dtype)
+    check_grads(backend, dtype, ours, expected, input_grad, "against float64")
+    composed = composed_grads(backend.ops, x, weights, biases, relu, go)
+    check_grads(backend, dtype, ours, [c.double() for c in composed], input_grad, "against the per-op backward")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_pool_winner_ties(variant):
+    """Linear identity convolutions make a2 the input, whose small integers tie inside
+    most pool windows: the output gradient goes to PyTorch's winner (row-major, the first
+    maximum) exactly; the strided block's taps alike."""
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        identity = torch.zeros(1, 1, 3, 3, dtype=F64)
+        identity[0, 0, 1, 1] = 1
+        weights = [identity, identity.clone()] + ([torch.randn(1, 1, 3, 3, dtype=F64)] if variant == "stride" else [])
+        biases = [torch.zeros(1, dtype=F64) for _ in weights]
+        x = torch.randint(0, 3, (2, 1, 7, 9), generator=torch.Generator().manual_seed(1)).to(F64)
+        go = torch.randn(2, 1, 4, 5, dtype=F64)
+        ours, kernels = fused_backward(backend.ops, x, weights, biases, False, go, True)
+        assert kernels == [BACKWARD_KERNEL]
+        expected = reference_grads(x, weights, biases, False, go)
+        assert torch.equal(ours[0], expected[0]) if variant == "pool" else torch.allclose(ours[0], expected[0])
+        for got, ref in zip(ours[1:], expected[1:], strict=True):
+            torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_many_blocks_deterministic(fmt, variant, monkeypatch):
+    """A batch of 601 tiny images: two to a block (the grid keeps its 264 blocks), the
+    last block with one, so the blocks' sums meet through several groups of tickets.
+    The gradients match the reference, and are bitwise the same under another thread
+    schedule (the sums' order does not depend on which block finishes last)."""
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        x, weights, biases, go = backward_inputs(backend, torch.float32, fmt, variant, (601, 2, 4, 3, 3))
+        from cae_kernels import sim
+
+        mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
+        with sim.record_launches() as recorder:
+            gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+        (launch,) = recorder.launches
+        assert launch.blocks == 301
+        check_grads(backend, torch.float32, [gi, *gw, *gb], reference_grads(x, weights, biases, True, go), True,
+                    "against float64")
+        monkeypatch.setenv("CAE_SIM_SCHEDULE", "shuffle:7")
+        gi2, gw2, gb2 = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+        for a, b in zip([gi, *gw, *gb], [gi2, *gw2, *gb2], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_declined_shapes_are_composed(variant):
+    """The pool model's first block (28 x 28, 16 channels) fits one image per block in
+    float32; in float64 it does not fit shared memory: the kernel declines and the
+    composed backward (recompute, then the per-op kernels) gives the gradients."""
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        for dtype, fused in ((torch.float32, True), (F64, False)):
+            x, weights, biases, go = backward_inputs(backend, dtype, "nchw", variant, (1, 1, 16, 28, 28))
+            ours, kernels = fused_backward(backend.ops, x, weights, biases, True, go, True)
+            assert (kernels == [BACKWARD_KERNEL]) == fused, kernels
+            assert fused or "cae::cuda::encoder_block_kernel" in kernels
+            check_grads(backend, dtype, ours, reference_grads(x, weights, biases, True, go), True, "against float64")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_gradcheck_several_blocks(variant):
+    """gradcheck (float64) through the op with three images, a block each."""
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        x, weights, biases, _ = backward_inputs(backend, F64, "nhwc", variant, (3, 2, 3, 3, 4))
+        k = len(weights)
+        leaves = [t.requires_grad_() for t in (x, *weights, *biases)]
+        assert torch.autograd.gradcheck(
+            lambda x, *p: backend.functions.encoder_block(x, p[:k], p[k:], "relu"), leaves)

@@ -1,7 +1,5 @@
 // Host side of the fused encoder block's forward (encoder_block_kernels.cuh).
-#include "kernels.h"
-
-#include "encoder_block_kernels.cuh"
+#include "encoder_block_args.h"
 
 namespace cae {
 
@@ -15,24 +13,10 @@ bool CudaKernels::encoder_block(const EncoderBlockParams& p) {
   bool launched = false;
   CAE_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_encoder_block_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const cuda::EncoderBlockArgs<scalar_t> a{p.out.mutable_data_ptr<scalar_t>(),
-                                             cuda::mutable_or_null<scalar_t>(p.interior_a1),
-                                             cuda::mutable_or_null<scalar_t>(p.interior_a2),
-                                             p.input.const_data_ptr<scalar_t>(),
-                                             p.w1.const_data_ptr<scalar_t>(),
-                                             p.b1.const_data_ptr<scalar_t>(),
-                                             p.w2.const_data_ptr<scalar_t>(),
-                                             p.b2.const_data_ptr<scalar_t>(),
-                                             cuda::data_or_null<scalar_t>(p.w_down),
-                                             cuda::data_or_null<scalar_t>(p.b_down),
-                                             cuda::to_int(p.input.size(0), "batch"),
-                                             cuda::to_int(p.input.size(1), "channels"),
-                                             cuda::to_int(p.w1.size(0), "channels"),
-                                             cuda::to_int(p.input.size(2), "height"),
-                                             cuda::to_int(p.input.size(3), "width"),
-                                             cuda::to_int(p.out.size(2), "height"),
-                                             cuda::to_int(p.out.size(3), "width"),
-                                             p.relu};
+    auto a = cuda::encoder_block_args<scalar_t>(p.input, p.weights, p.out.size(2), p.out.size(3), p.relu);
+    a.out = p.out.mutable_data_ptr<scalar_t>();
+    a.a1 = cuda::mutable_or_null<scalar_t>(p.interior_a1);
+    a.a2 = cuda::mutable_or_null<scalar_t>(p.interior_a2);
     const auto plan = cuda::plan_encoder_block<scalar_t, acc_t>(a, p.nhwc);
     if (!plan.ok) return;
     cuda::check_grid(plan.blocks, "encoder_block");

@@ -200,10 +200,10 @@ CAE_DEVICE void accumulate_windows(Acc (&acc)[P][G], const Acc* src, int channel
 // is two rows of one column and a group of G channels.
 template <typename Acc>
 struct SharedPlanes {
-  Acc* p;  // [samples][channels][rows][cols]
-  int channel_stride, sample_stride, rows, cols;
+  Acc* p;  // [samples][channels][rows][cols], rows `pitch` elements apart
+  int channel_stride, sample_stride, rows, cols, pitch;
   CAE_DEVICE Acc* at(int s, int c, int row, int col) const {
-    return p + s * sample_stride + c * channel_stride + row * cols + col;
+    return p + s * sample_stride + c * channel_stride + row * pitch + col;
   }
 };
 
@@ -234,9 +234,10 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
     for (int i = 0; i < 2; ++i) {
       CAE_UNROLL
       for (int j = 0; j < G; ++j)
-        acc[i][j] = first || co0 + j >= l.C ? Acc(0) : d[j * dst.channel_stride + i * dst.cols];
+        acc[i][j] = first || co0 + j >= l.C ? Acc(0) : d[j * dst.channel_stride + i * dst.pitch];
     }
-    accumulate_windows(acc, src.at(s, 0, row, col), src.channel_stride, src.cols, w + co0 * count * 9, count);
+    accumulate_windows(acc, src.at(s, 0, row, col), src.channel_stride, src.pitch, w + co0 * count * 9,
+                       count);
     CAE_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int n = l.n0 + s, y = l.y0 + row + i, xx = l.x0 + col;
@@ -244,7 +245,7 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
       if (last) finish_activation<T>(acc[i], l.bias, co0, l.C, l.relu, inside);
       CAE_UNROLL
       for (int j = 0; j < G; ++j)
-        if (co0 + j < l.C) d[j * dst.channel_stride + i * dst.cols] = acc[i][j];
+        if (co0 + j < l.C) d[j * dst.channel_stride + i * dst.pitch] = acc[i][j];
       const bool own =
           y >= l.own_y && y < l.own_y + l.own_size_y && xx >= l.own_x && xx < l.own_x + l.own_size_x;
       if (last && l.interior != nullptr && inside && n < l.N && own)
@@ -287,8 +288,8 @@ __global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
     stage_weight_rows<G>(w2_s + g * taps2 * G, a.w2, first, taps2, a.C1 - g * G, taps2, tid);
     if (strided) stage_weight_rows<G>(wd_s + g * taps2 * G, a.w_down, first, taps2, a.C1 - g * G, taps2, tid);
   }
-  const SharedPlanes<Acc> a1p{a1_s, t.stride1, t.sample1, t.r1, t.c1},
-      a2p{a2_s, t.stride2, t.sample2, t.r2, t.c2};
+  const SharedPlanes<Acc> a1p{a1_s, t.stride1, t.sample1, t.r1, t.c1, t.c1},
+      a2p{a2_s, t.stride2, t.sample2, t.r2, t.c2, t.c2};
   LayerPass<T> layer{a.b1, a.a1, y1,   x1,  own_y, own_x,  2 * t.rows, 2 * t.cols,
                      o.n0, a.N,  a.C1, a.H, a.W,   a.relu, t.vec_act};
 
@@ -308,14 +309,14 @@ __global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
       stage_nchw(in_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, win, tid);
     }
     __syncthreads();
-    layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0}, w1_s, count,
-                        t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
+    layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0, t.c0}, w1_s,
+                        count, t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
   }
   __syncthreads();
 
   // 2. a2 over its region.
   layer.bias = a.b2, layer.interior = a.a2, layer.y0 = y2, layer.x0 = x2;
-  layer_pass<G, NHWC>(a2p, SharedPlanes<const Acc>{a1_s, t.stride1, t.sample1, t.r1, t.c1}, w2_s, a.C1,
+  layer_pass<G, NHWC>(a2p, SharedPlanes<const Acc>{a1_s, t.stride1, t.sample1, t.r1, t.c1, t.c1}, w2_s, a.C1,
                       t.samples, t.groups, true, true, layer, tid);
   __syncthreads();
 

@@ -157,6 +157,8 @@ struct CudaKernels {
   CAE_BACKEND_KERNELS
   // The fused encoder block (encoder_block.cu); false: not for this shape.
   static bool encoder_block(const EncoderBlockParams& p);
+  // Its backward in one launch (encoder_block_backward.cu); false: not for this shape.
+  static bool encoder_block_backward(const EncoderBlockBackwardParams& p);
   // The fused decoder block (decoder_block.cu); false: not for this shape.
   static bool decoder_block(const DecoderBlockParams& p);
   static bool decoder_block_backward(const DecoderBlockBackwardParams& p);

@@ -24,20 +24,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_block_interiors(const at:
   const int64_t n = input.size(0), c = weights[0].size(0), h = input.size(2), w = input.size(3);
   auto out = at::empty({n, c, cae::pool_output_size(h), cae::pool_output_size(w)}, options);
   auto a1 = at::empty({n, c, h, w}, options), a2 = at::empty({n, c, h, w}, options);
-  const bool strided = weights.size() == 3;
-  const bool launched = cae::CudaKernels::encoder_block(
-      {.out = out,
-       .interior_a1 = a1,
-       .interior_a2 = a2,
-       .input = input.contiguous(cae::memory_format(nhwc)),
-       .w1 = weights[0].contiguous(),
-       .b1 = biases[0].contiguous(),
-       .w2 = weights[1].contiguous(),
-       .b2 = biases[1].contiguous(),
-       .w_down = strided ? cae::OptTensor(weights[2].contiguous()) : std::nullopt,
-       .b_down = strided ? cae::OptTensor(biases[2].contiguous()) : std::nullopt,
-       .relu = relu,
-       .nhwc = nhwc});
+  const bool launched =
+      cae::CudaKernels::encoder_block({.out = out,
+                                       .interior_a1 = a1,
+                                       .interior_a2 = a2,
+                                       .input = input.contiguous(cae::memory_format(nhwc)),
+                                       .weights = cae::EncoderBlockWeights::of(weights, biases),
+                                       .relu = relu,
+                                       .nhwc = nhwc});
   TORCH_CHECK(launched, "cae: the fused encoder block declined input of sizes ", input.sizes(), " with ", c,
               " channels");
   return {out, a1, a2};

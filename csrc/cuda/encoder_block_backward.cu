@@ -1,0 +1,60 @@
+// Host side of the fused encoder block's backward
+// (encoder_block_backward_kernels.cuh).
+#include "encoder_block_args.h"
+
+#include "encoder_block_backward_kernels.cuh"
+
+namespace cae {
+
+// False (nothing launched) where one image's planes (x, a1, a2 padded, and
+// the strided block's output gradient) and the weights do not fit the
+// device's opt-in shared memory: 28 x 28 with 16 channels fits float32 on
+// sm_90 (166 KB), not float64, nor anything of that size on sm_75 (64 KB).
+// ops.h then runs the composed backward.
+bool CudaKernels::encoder_block_backward(const EncoderBlockBackwardParams& p) {
+  CAE_DEVICE_GUARD(p.input);
+  const cudaStream_t stream = CAE_CURRENT_STREAM();
+  bool launched = false;
+  CAE_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_encoder_block_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto grad = [&](const std::vector<Tensor>& v, size_t i) {
+      return i < v.size() ? v[i].mutable_data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr);
+    };
+    const cuda::EncoderBlockBackwardArgs<scalar_t> a{
+        cuda::encoder_block_args<scalar_t>(p.input, p.weights, p.grad_output.size(2), p.grad_output.size(3),
+                                           p.relu),
+        cuda::mutable_or_null<scalar_t>(p.grad_input),
+        grad(p.grad_weights, 0),
+        grad(p.grad_biases, 0),
+        grad(p.grad_weights, 1),
+        grad(p.grad_biases, 1),
+        grad(p.grad_weights, 2),
+        grad(p.grad_biases, 2),
+        p.grad_output.const_data_ptr<scalar_t>(),
+        cuda::data_or_null<scalar_t>(p.output)};
+    // The kernel's static shared memory (the last block's flag) comes out of the same limit.
+    const auto plan =
+        cuda::plan_encoder_block_backward<scalar_t, acc_t>(a, p.nhwc, cuda::smem_opt_in_limit() - 64);
+    if (!plan.ok) return;
+    cuda::check_grid(plan.blocks, "encoder_block_backward");
+    const int blocks = static_cast<int>(plan.blocks);
+    const auto workspace =
+        p.input.new_empty({static_cast<int64_t>(cuda::grid_sums_bytes<acc_t>(plan.t.sums, blocks))},
+                          p.input.options().dtype(at::kByte));
+    const auto sums = cuda::grid_sums_at<acc_t>(workspace.mutable_data_ptr(), plan.t.sums, blocks);
+    TORCH_CHECK(
+        cudaMemsetAsync(sums.tickets, 0, cuda::grid_sums_ticket_bytes<acc_t>(blocks), stream) == cudaSuccess,
+        "cae: encoder_block_backward could not clear its tickets");
+    cuda::with_bool(p.nhwc, [&](auto layout) {
+      const auto kernel = cuda::encoder_block_backward_kernel<scalar_t, acc_t, decltype(layout)::value>;
+      cuda::allow_smem(kernel, plan.smem);
+      CAE_LAUNCH(kernel, static_cast<unsigned>(plan.blocks), cuda::kThreads, plan.smem, stream, a, plan.t,
+                 sums);
+    });
+    CAE_KERNEL_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
+}
+
+}  // namespace cae

@@ -1,0 +1,455 @@
+// An encoder block's backward in one kernel (ops.h encoder_block_backward):
+// the gradients of w1, b1, w2, b2 (and w_down, b_down), and where asked the
+// input's, from the block's input, its output gradient and (strided, relu)
+// its output as the last ReLU's mask; the __global__ kernel and its
+// torch-free launcher.
+//
+// Layout of the work: a block owns `samples` whole images (no halos), every
+// plane in shared memory zero-padded to (H + 2) x (W + 2) (one row more when
+// H is odd: layer passes take rows in pairs), so 3x3 windows need no bounds
+// checks. Phases, separated by barriers:
+//   0. stage x, the weights, (strided) gate(grad_out); zero a1's, a2's padding;
+//   1. a1 = act(b1 + correlate(x, w1)), as the forward kernel computes it;
+//   2. a2 = act(b2 + correlate(a1, w2)); w1 restaged transposed and flipped;
+//   3. w2 restaged likewise; grad_z2 = gate(a2) * grad_a2, over a2 in place:
+//      pool: one thread per window gives its winner (PyTorch's rule, as
+//      max_pool_nchw_kernel) the output gradient, zeros elsewhere;
+//      strided: dw_down, db_down from gate(grad_out) and a2, then grad_a2 =
+//      the stride-2 transposed correlation of gate(grad_out) with w_down;
+//   4. dw2, db2 from grad_z2 and a1;
+//   5. grad_z1 = gate(a1) * correlate^T(grad_z2, w2), over a1 in place (a
+//      thread reads only its own a1 elements for the gate);
+//   6. dw1, db1 from grad_z1 and x; grad_input = correlate^T(grad_z1, w1).
+// Weight and bias gradients: each block sums its images in a fixed order into
+// its row of partial sums (dw1 | db1 | dw2 | db2 | dw_down | db_down, each in
+// its tensor's element order); finish_grid_sums gives the last block the
+// totals over blocks in block order (bitwise reproducible), which it writes.
+#pragma once
+
+#include "encoder_block_kernels.cuh"
+#include "grid_sums.cuh"
+
+namespace cae {
+namespace cuda {
+
+template <typename T>
+struct EncoderBlockBackwardArgs {
+  EncoderBlockArgs<T> block;  // the input, parameters and sizes (no outputs)
+  T* grad_input;              // [N, C0, H, W] or nullptr (not wanted)
+  T* dw1;                     // [C1, C0, 3, 3]
+  T* db1;                     // [C1]
+  T* dw2;                     // [C1, C1, 3, 3]
+  T* db2;                     // [C1]
+  T* dw_down;                 // [C1, C1, 3, 3] (strided) or nullptr
+  T* db_down;                 // [C1] (strided) or nullptr
+  const T* grad_out;          // [N, C1, H_out, W_out]
+  const T* out_gate;          // the strided block's output (relu), else nullptr
+};
+
+// Per-thread sums of one weight-gradient item: 9 taps and the bias.
+constexpr int kGradSums = 10;
+
+// Shared memory of a block (elements of Acc): the weights first (multiples
+// of kBlockGroup: vector aligned), the slices' scratch, then the planes.
+struct EncoderBackwardTiling {
+  int samples;
+  int pitch, plane;          // a padded plane's row pitch (W + 2) and odd stride
+  int out_pitch, out_plane;  // staged grad_out (strided): (H_out + 1) x (W_out + 1)
+  int groups1, groups0;      // ceil(C1 / kBlockGroup), ceil(C0 / kBlockGroup)
+  int w1_size, w2_size, wd_size, scratch_size;
+  int sums;                   // partial sums per block
+  bool vec_x, vec_g, vec_gi;  // NHWC vector loads of x, grad_out; stores of grad_input
+};
+
+struct EncoderBackwardPlan {
+  EncoderBackwardTiling t;
+  index_t blocks;
+  size_t smem;
+  bool ok;  // false: one image does not fit shared memory
+};
+
+// The partial-sum row's segments: dw1, db1, dw2, db2, dw_down, db_down.
+constexpr int kGradSegments = 6;
+CAE_HOST_DEVICE void grad_segment_sizes(int (&size)[kGradSegments], int C0, int C1, bool strided) {
+  size[0] = C1 * C0 * 9, size[1] = C1, size[2] = C1 * C1 * 9, size[3] = C1;
+  size[4] = strided ? C1 * C1 * 9 : 0, size[5] = strided ? C1 : 0;
+}
+
+// `budget`: the dynamic shared memory a block may take on this device.
+template <typename T, typename Acc>
+inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwardArgs<T>& args, bool nhwc,
+                                                       size_t budget) {
+  const EncoderBlockArgs<T>& a = args.block;
+  EncoderBackwardPlan p{};
+  EncoderBackwardTiling& t = p.t;
+  if (a.C0 < 1 || a.C1 < 1 || a.N < 1 || a.H < 1 || a.W < 1) return p;
+  const bool strided = a.w_down != nullptr;
+  constexpr int G = kBlockGroup;
+  t.groups1 = ceil_div(a.C1, G), t.groups0 = ceil_div(a.C0, G);
+  t.pitch = a.W + 2;
+  t.plane = odd_stride((a.H + (a.H & 1) + 2) * t.pitch);
+  t.out_pitch = a.W_out + 1;
+  t.out_plane = strided ? odd_stride((a.H_out + 1) * t.out_pitch) : 0;
+  // w1 forward ([group][C0 * 9][G]), later transposed ([C0 group][C1 * 9][G]).
+  const int w1_fwd = t.groups1 * G * a.C0 * 9, w1_t = t.groups0 * G * a.C1 * 9;
+  t.w1_size = w1_fwd > w1_t ? w1_fwd : w1_t;
+  t.w2_size = t.groups1 * G * a.C1 * 9;
+  t.wd_size = strided ? t.w2_size : 0;
+  t.scratch_size = kThreads * kGradSums;
+  int seg[kGradSegments];
+  grad_segment_sizes(seg, a.C0, a.C1, strided);
+  t.sums = 0;
+  for (int s : seg) t.sums += s;
+  const size_t fixed = static_cast<size_t>(t.w1_size) + t.w2_size + t.wd_size + t.scratch_size;
+  const size_t per_image =
+      static_cast<size_t>(a.C0 + 2 * a.C1) * t.plane + static_cast<size_t>(a.C1) * t.out_plane;
+  const auto bytes = [&](int samples) { return (fixed + samples * per_image) * sizeof(Acc); };
+  if (bytes(1) > budget) return p;
+  // Images packed while they fit and the grid keeps kBlockFill blocks.
+  t.samples = 1;
+  while (bytes(2 * t.samples) <= budget &&
+         ceil_div(static_cast<index_t>(a.N), static_cast<index_t>(2 * t.samples)) >= kBlockFill)
+    t.samples *= 2;
+  constexpr int V = vec_width<T>();
+  t.vec_x = nhwc && vector_ok<V>(a.x, a.C0, a.C0);
+  t.vec_g = nhwc && vector_ok<V>(args.grad_out, a.C1, a.C1) &&
+            (args.out_gate == nullptr || vector_ok<V>(args.out_gate, a.C1, a.C1));
+  constexpr int VO = vec_width<T, G>();
+  t.vec_gi = nhwc && args.grad_input != nullptr && vector_ok<VO>(args.grad_input, a.C0, a.C0);
+  p.blocks = ceil_div(static_cast<index_t>(a.N), static_cast<index_t>(t.samples));
+  p.smem = bytes(t.samples);
+  p.ok = true;
+  return p;
+}
+
+// A weight's transposed copy for the input gradient's correlation:
+// w_s[group][c * 9 + tap][j] = w[c][group * G + j][flip ? 8 - tap : tap], w
+// being [C_out][C_in][3][3] and the groups running over C_in (zero past it).
+// Flipped: the stride-1 transposed correlation as a correlation.
+template <int G, typename Acc, typename T>
+CAE_DEVICE void stage_weight_transposed(Acc* w_s, const T* __restrict__ w, int C_out, int C_in, int groups,
+                                        bool flip, int tid) {
+  const int taps = C_out * 9;
+  for (int e = tid; e < groups * taps; e += kThreads) {
+    const int g = e / taps, r = e - g * taps;
+    const int c = r / 9, tap = r - c * 9;
+    const index_t first = static_cast<index_t>(c) * C_in * 9 + (flip ? 8 - tap : tap);
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j) {
+      const int ci = g * G + j;
+      w_s[e * G + j] = ci < C_in ? static_cast<Acc>(w[first + ci * 9]) : Acc(0);
+    }
+  }
+}
+
+// Output-gradient channels per weight-gradient item: a window's 9 values of
+// src serve KC channels' products (9 + KC shared loads for 9 KC FFMA).
+constexpr int kGradChannels = 4;
+
+// One weight's gradient and its bias's into `row` (dw [C_g][C_src][3][3],
+// then db [C_g] at row + C_g * C_src * 9): dw[c][ci][tap] = the sum over
+// images and positions (oy, ox) of g[c] at (oy, ox) times src[ci] at the
+// window S * (oy, ox) + tap (src padded: the window starts there), db[c] =
+// the sum of g[c]. An item is kGradChannels channels c, one ci and a slice of
+// the rows; where items are fewer than threads, slices split the rows and
+// their sums meet in `scratch` in slice order, a channel at a time. Fixed
+// order throughout: deterministic.
+template <int S, typename Acc>
+CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<const Acc>& g,
+                                 const SharedPlanes<const Acc>& src, int C_g, int C_src, int samples,
+                                 int tid) {
+  constexpr int KC = kGradChannels;
+  const int pairs = ceil_div(C_g, KC) * C_src;  // (channel block, ci)
+  const int slices = pairs >= kThreads ? 1 : kThreads / pairs;
+  Acc* db = row + C_g * C_src * 9;
+  // Uniform trip count: the slices' barriers below are reached by every thread.
+  for (int first = 0; first < pairs * slices; first += kThreads) {
+    const int item = first + tid;
+    const bool active = item < pairs * slices;
+    const int pair = active ? item / slices : 0, slice = item - pair * slices;
+    const int cb = pair / C_src, ci = pair - cb * C_src, c0 = cb * KC;
+    Acc acc[KC][kGradSums];
+    CAE_UNROLL
+    for (int k = 0; k < KC; ++k) {
+      CAE_UNROLL
+      for (int e = 0; e < kGradSums; ++e) acc[k][e] = Acc(0);
+    }
+    // Channels past C_g read the last one's plane (in bounds) and are dropped.
+    int gc[KC];
+    CAE_UNROLL
+    for (int k = 0; k < KC; ++k) gc[k] = c0 + k < C_g ? c0 + k : C_g - 1;
+    for (int s = 0; active && s < samples; ++s) {
+      for (int oy = slice; oy < g.rows; oy += slices) {
+        const Acc* gr = g.at(s, 0, oy, 0);
+        const Acc* sr = src.at(s, ci, S * oy, 0);
+        for (int ox = 0; ox < g.cols; ++ox, sr += S) {
+          Acc w[9];
+          CAE_UNROLL
+          for (int t = 0; t < 9; ++t) w[t] = sr[(t / 3) * src.pitch + t % 3];
+          CAE_UNROLL
+          for (int k = 0; k < KC; ++k) {
+            const Acc v = gr[gc[k] * g.channel_stride + ox];
+            CAE_UNROLL
+            for (int t = 0; t < 9; ++t) acc[k][t] += v * w[t];
+            acc[k][9] += v;
+          }
+        }
+      }
+    }
+    CAE_UNROLL
+    for (int k = 0; k < KC; ++k) {
+      const int c = c0 + k;
+      if (slices == 1) {
+        if (active && c < C_g) {
+          CAE_UNROLL
+          for (int t = 0; t < 9; ++t) row[(c * C_src + ci) * 9 + t] = acc[k][t];
+          if (ci == 0) db[c] = acc[k][9];
+        }
+        continue;
+      }
+      if (active) {
+        CAE_UNROLL
+        for (int e = 0; e < kGradSums; ++e) scratch[item * kGradSums + e] = acc[k][e];
+      }
+      __syncthreads();
+      for (int p = tid; p < pairs; p += kThreads) {
+        const int cp = p / C_src * KC + k, cip = p - p / C_src * C_src;
+        if (cp >= C_g) continue;
+        Acc sum[kGradSums];
+        CAE_UNROLL
+        for (int e = 0; e < kGradSums; ++e) sum[e] = scratch[p * slices * kGradSums + e];
+        for (int sl = 1; sl < slices; ++sl) {
+          CAE_UNROLL
+          for (int e = 0; e < kGradSums; ++e) sum[e] += scratch[(p * slices + sl) * kGradSums + e];
+        }
+        CAE_UNROLL
+        for (int t = 0; t < 9; ++t) row[(cp * C_src + cip) * 9 + t] = sum[t];
+        if (cip == 0) db[cp] = sum[9];
+      }
+      __syncthreads();  // the scratch is read before the next channel's sums
+    }
+  }
+}
+
+// The stride-1 transposed correlation of src (padded planes) with w_s as
+// stage_weight_transposed lays it out (flipped), over dst's positions (dst a
+// view of the interior: two rows of one column and G channels per item, as
+// layer_pass). `out` nullptr: the result, gated by dst's own values where
+// `relu`, replaces dst in place (zero on the padding row of an odd H); else it
+// is stored to out (the input gradient).
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src,
+                                const Acc* w, int count, int samples, int groups, int C, int H, T* out,
+                                int n0, bool relu, bool vec, int tid) {
+  StridedDigits at(tid, dst.cols, dst.rows / 2, samples);  // (col, row pair, sample, group)
+  for (; at.digit[3] < groups; at.advance()) {
+    const int col = at.digit[0], row = 2 * at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
+    Acc acc[2][G];
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) acc[i][j] = Acc(0);
+    }
+    accumulate_windows(acc, src.at(s, 0, row, col), src.channel_stride, src.pitch, w + co0 * count * 9,
+                       count);
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const bool inside = row + i < H;
+      if (out != nullptr) {
+        if (inside)
+          store_pixel<G, NHWC>(out, acc[i], static_cast<const T*>(nullptr), false, n0 + s, co0, C, H,
+                               dst.cols, row + i, col, vec);
+        continue;
+      }
+      Acc* d = dst.at(s, co0, row + i, col);
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) {
+        if (co0 + j < C) {
+          Acc& e = d[j * dst.channel_stride];
+          e = !inside ? Acc(0) : relu ? gated(acc[i][j], e) : acc[i][j];
+        }
+      }
+    }
+  }
+}
+
+// Registers: two blocks per SM (128 registers) for float32 accumulation, as
+// the forward: the smaller images' blocks fit twice in shared memory; one for
+// double.
+template <typename T, typename Acc, bool NHWC>
+__global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
+    encoder_block_backward_kernel(EncoderBlockBackwardArgs<T> args, EncoderBackwardTiling t,
+                                  GridSums<Acc> sums) {
+  const EncoderBlockArgs<T>& a = args.block;
+  constexpr int G = kBlockGroup;
+  CAE_DYNAMIC_SHARED(Acc, smem);
+  __shared__ int last_flag;
+  Acc* w1_s = smem;                               // w1, then its transposed copy
+  Acc* w2_s = w1_s + t.w1_size;                   // w2, then its transposed copy
+  Acc* wd_s = w2_s + t.w2_size;                   // w_down transposed (strided)
+  Acc* scratch = wd_s + t.wd_size;                // [kThreads][kGradSums]
+  Acc* x_s = scratch + t.scratch_size;            // [samples][C0][plane]
+  Acc* a1_s = x_s + t.samples * a.C0 * t.plane;   // [samples][C1][plane]: a1, then grad_z1
+  Acc* a2_s = a1_s + t.samples * a.C1 * t.plane;  // [samples][C1][plane]: a2, then grad_z2
+  Acc* go_s = a2_s + t.samples * a.C1 * t.plane;  // [samples][C1][out_plane] (strided)
+  const int tid = threadIdx.x;
+  const bool strided = a.w_down != nullptr;
+  const int n0 = static_cast<int>(blockIdx.x) * t.samples;
+  const int samples = a.N - n0 < t.samples ? a.N - n0 : t.samples;  // the last block's may be fewer
+  const int rows = a.H + (a.H & 1);                                 // interior rows, paired
+  Acc* row_sums = sums.partials + static_cast<index_t>(blockIdx.x) * sums.size;
+  int seg[kGradSegments];
+  grad_segment_sizes(seg, a.C0, a.C1, strided);
+  Acc* dw1_row = row_sums;
+  Acc* dw2_row = dw1_row + seg[0] + seg[1];
+  Acc* dwd_row = dw2_row + seg[2] + seg[3];
+
+  // The planes: padded (x, a1, a2 and grad_out's zero margins); interior views.
+  const auto padded = [&](Acc* p, int channels) {
+    return SharedPlanes<const Acc>{p, t.plane, channels * t.plane, rows + 2, a.W + 2, t.pitch};
+  };
+  const auto interior = [&](Acc* p, int channels) {
+    return SharedPlanes<Acc>{p + t.pitch + 1, t.plane, channels * t.plane, rows, a.W, t.pitch};
+  };
+  const SharedPlanes<Acc> a1v = interior(a1_s, a.C1), a2v = interior(a2_s, a.C1);
+
+  // 0. Staging.
+  for (int g = 0; g < t.groups1; ++g) {
+    const int taps1 = a.C0 * 9, taps2 = a.C1 * 9;
+    stage_weight_rows<G>(w1_s + g * taps1 * G, a.w1, static_cast<index_t>(g) * G * taps1, taps1, a.C1 - g * G,
+                         taps1, tid);
+    stage_weight_rows<G>(w2_s + g * taps2 * G, a.w2, static_cast<index_t>(g) * G * taps2, taps2, a.C1 - g * G,
+                         taps2, tid);
+  }
+  if (strided) stage_weight_transposed<G>(wd_s, a.w_down, a.C1, a.C1, t.groups1, false, tid);
+  for (int i = tid; i < 2 * t.samples * a.C1 * t.plane; i += kThreads) a1_s[i] = Acc(0);
+  const Window xw{n0, -1, -1, 0, a.C0, rows + 2, a.W + 2, samples, t.plane, a.C0 * t.plane};
+  if (NHWC) {
+    stage_nhwc<vec_width<T>()>(x_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, xw, t.vec_x,
+                               tid);
+  } else {
+    stage_nchw(x_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, xw, tid);
+  }
+  if (strided) {
+    // gate(grad_out), with a zero row and column past its end (the stride-2
+    // transposed correlation's taps past the image read zeros).
+    const Window gw{n0, 0, 0, 0, a.C1, a.H_out + 1, a.W_out + 1, samples, t.out_plane, a.C1 * t.out_plane};
+    if (NHWC) {
+      stage_nhwc<vec_width<T>()>(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, t.vec_g,
+                                 tid);
+    } else {
+      stage_nchw(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, tid);
+    }
+  }
+  __syncthreads();
+
+  // 1. a1 (the forward kernel's sums, rounded to T).
+  LayerPass<T> layer{a.b1, nullptr, 0, 0, 0, 0, a.H, a.W, n0, a.N, a.C1, a.H, a.W, a.relu, false};
+  layer_pass<G, NHWC>(a1v, padded(x_s, a.C0), w1_s, a.C0, samples, t.groups1, true, true, layer, tid);
+  __syncthreads();
+
+  // 2. a2; w1 no longer needed as it is: its transposed copy for phase 6.
+  layer.bias = a.b2;
+  layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, true, true, layer, tid);
+  stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid);
+  __syncthreads();
+
+  // 3. grad_z2 over a2; w2's transposed copy for phase 5.
+  stage_weight_transposed<G>(w2_s, a.w2, a.C1, a.C1, t.groups1, true, tid);
+  if (strided) {
+    const SharedPlanes<const Acc> gv{go_s, t.out_plane, a.C1 * t.out_plane, a.H_out, a.W_out, t.out_pitch};
+    weight_grad_pass<2>(dwd_row, scratch, gv, padded(a2_s, a.C1), a.C1, a.C1, samples, tid);
+    __syncthreads();  // a2 read by dw_down before grad_z2 replaces it
+    // grad_a2 at (y, x): the taps with (y + 1 - ky) even, from g row (y + 1 - ky) / 2.
+    StridedDigits at(tid, a.W, a.H, samples);  // (x, y, sample, group)
+    for (; at.digit[3] < t.groups1; at.advance()) {
+      const int x = at.digit[0], y = at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
+      Acc acc[G];
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) acc[j] = Acc(0);
+      const int ky0 = (y & 1) ? 0 : 1, kx0 = (x & 1) ? 0 : 1;  // then every second tap
+      const Acc* gp = go_s + s * a.C1 * t.out_plane;
+      const Acc* wp = wd_s + at.digit[3] * a.C1 * 9 * G;
+      for (int c = 0; c < a.C1; ++c, gp += t.out_plane, wp += 9 * G) {
+        for (int ky = ky0; ky < 3; ky += 2) {
+          for (int kx = kx0; kx < 3; kx += 2) {
+            const Acc v = gp[((y + 1 - ky) >> 1) * t.out_pitch + ((x + 1 - kx) >> 1)];
+            const Acc* wk = wp + (ky * 3 + kx) * G;
+            CAE_UNROLL
+            for (int j = 0; j < G; ++j) acc[j] += v * wk[j];
+          }
+        }
+      }
+      Acc* d = a2v.at(s, co0, y, x);
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) {
+        if (co0 + j < a.C1) {
+          Acc& e = d[j * t.plane];
+          e = a.relu ? gated(acc[j], e) : acc[j];
+        }
+      }
+    }
+  } else {
+    // One thread per pool window and channel: the winner (row-major, the first
+    // maximum, a NaN over everything) takes the output gradient.
+    StridedDigits at =
+        NHWC ? StridedDigits(tid, a.C1, a.W_out, a.H_out) : StridedDigits(tid, a.W_out, a.H_out, a.C1);
+    for (; at.digit[3] < samples; at.advance()) {
+      const int c = NHWC ? at.digit[0] : at.digit[2], ox = at.digit[NHWC ? 1 : 0],
+                oy = at.digit[NHWC ? 2 : 1];
+      const int s = at.digit[3];
+      const int n = n0 + s;
+      Acc* win = a2v.at(s, c, 2 * oy, 2 * ox);
+      const bool two_rows = 2 * oy + 1 < a.H, two_cols = 2 * ox + 1 < a.W;
+      Acc best = win[0];
+      int arg = 0;
+      CAE_UNROLL
+      for (int k = 1; k < 4; ++k) {
+        const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+        const Acc v = win[(k >> 1) * t.pitch + (k & 1)];
+        if (valid && takes_max(v, best)) best = v, arg = k;
+      }
+      const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
+                                  : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
+      const Acc go = static_cast<Acc>(args.grad_out[at_out]);
+      const Acc winner = a.relu ? gated(go, best) : go;
+      CAE_UNROLL
+      for (int k = 0; k < 4; ++k) {
+        const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+        if (valid) win[(k >> 1) * t.pitch + (k & 1)] = k == arg ? winner : Acc(0);
+      }
+    }
+  }
+  __syncthreads();
+
+  // 4. dw2, db2.
+  const SharedPlanes<const Acc> gz2{a2v.p, t.plane, a.C1 * t.plane, a.H, a.W, t.pitch};
+  weight_grad_pass<1>(dw2_row, scratch, gz2, padded(a1_s, a.C1), a.C1, a.C1, samples, tid);
+  __syncthreads();
+
+  // 5. grad_z1 over a1.
+  transposed_pass<G, NHWC>(a1v, padded(a2_s, a.C1), w2_s, a.C1, samples, t.groups1, a.C1, a.H,
+                           static_cast<T*>(nullptr), n0, a.relu, false, tid);
+  __syncthreads();
+
+  // 6. dw1, db1, and the input gradient.
+  const SharedPlanes<const Acc> gz1{a1v.p, t.plane, a.C1 * t.plane, a.H, a.W, t.pitch};
+  weight_grad_pass<1>(dw1_row, scratch, gz1, padded(x_s, a.C0), a.C1, a.C0, samples, tid);
+  if (args.grad_input != nullptr) {
+    const SharedPlanes<Acc> xv = interior(x_s, a.C0);  // its positions, not its values
+    transposed_pass<G, NHWC>(xv, padded(a1_s, a.C1), w1_s, a.C1, samples, t.groups0, a.C0, a.H,
+                             args.grad_input, n0, false, t.vec_gi, tid);
+  }
+
+  // The totals, in the last block to finish.
+  const Acc* totals = finish_grid_sums(sums, &last_flag);
+  if (totals != nullptr) {
+    T* const outs[kGradSegments] = {args.dw1, args.db1, args.dw2, args.db2, args.dw_down, args.db_down};
+    for (int k = 0, off = 0; k < kGradSegments; off += seg[k], ++k) {
+      for (int i = tid; i < seg[k]; i += kThreads) outs[k][i] = static_cast<T>(totals[off + i]);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace cae
