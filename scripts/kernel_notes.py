@@ -112,7 +112,8 @@ needed); the weight gradients from their per-position loads, with the bank confl
 first warp's addresses; staging as above per staged element (weights included). *bytes*: the
 block's input, weights, output (and gradients) once, plus the grid sums' partial rows (written,
 read by the finishing blocks); *FLOPs*: what the kernels compute, recomputed halos, strip rows
-and the backward's recompute of the forward included. Left out: the barriers between phases
+and the backward's recompute of the forward included; *instr/output* of a backward block: per
+gradient element (weights, biases, the input's where asked). Left out: the barriers between phases
 (a block waits for its slowest warp), the finishing blocks' serial sums over the partial rows,
 the index arithmetic of the stride-2 loops, and latency: the decoder's first layers (4 x 4 and
 8 x 8 images) are a few warps of work per block, a block of whole images runs its phases one
