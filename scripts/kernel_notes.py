@@ -4,9 +4,10 @@ batch 256, with its launch shape, traffic, work and an *estimated* H200 time.
 
 Nothing here runs on a GPU. One training step of each model variant (``pool``, ``stride``;
 ``cae_kernels.app.training._train_step`` on ``ConvAutoencoder(backend="sim")``), NCHW and
-NHWC, runs on the emulated CUDA kernels in dry-run mode (``sim.record_launches(dry_run=True)``:
-the launchers plan and check every launch exactly as the GPU build does, the kernels do not
-run), so grid, block and dynamic shared memory are the planners' own. Registers and static
+NHWC, per op and fused (``fused=True``: the blocks' ops, CUDA's default), runs on the
+emulated CUDA kernels in dry-run mode (``sim.record_launches(dry_run=True)``: the launchers
+plan and check every launch exactly as the GPU build does, the kernels do not run), so grid,
+block and dynamic shared memory are the planners' own. Registers and static
 shared memory per kernel come from the committed SASS report
 (benchmarks/results/sass-sm90.md). Everything else is arithmetic on the op's tensor shapes,
 with the model and its constants written out in the generated text (``MODEL``).
@@ -16,7 +17,7 @@ with the model and its constants written out in the generated text (``MODEL``).
     python scripts/kernel_notes.py --print    # the tables on stdout
 
 The output depends only on the sources and the SASS report (no timing, no machine state);
-it takes about 15 s once the emulated kernels are built.
+it takes about 30 s once the emulated kernels are built.
 """
 
 
