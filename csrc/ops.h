@@ -362,6 +362,29 @@ struct Ops {
     }
   }
 
+  // Whether a block has work for a fused kernel (else the composed path
+  // handles the empty tensors).
+  static bool fusable(const Tensor& input, at::TensorList weights) {
+    return input.numel() > 0 &&
+           std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; });
+  }
+
+  using BlockGrads = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
+
+  // A fused backward's results, allocated: every weight's and bias's gradient,
+  // and the input's where asked (else the empty tensor the op returns).
+  static BlockGrads empty_block_grads(const Tensor& input, at::TensorList weights, at::TensorList biases,
+                                      bool input_grad, at::MemoryFormat format) {
+    std::vector<Tensor> grad_weights, grad_biases;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      grad_weights.push_back(at::empty(weights[i].sizes(), weights[i].options()));
+      grad_biases.push_back(at::empty(biases[i].sizes(), biases[i].options()));
+    }
+    return {input_grad ? at::empty(input.sizes(), input.options().memory_format(format))
+                       : at::empty({0}, input.options()),
+            grad_weights, grad_biases};
+  }
+
   // a1 and a2 (with `interior`: the backward's recompute, which needs no
   // `out` from the composed path) and the block's output.
   struct EncoderActivations {
@@ -372,8 +395,7 @@ struct Ops {
                                                       at::TensorList biases, bool relu, bool interior) {
     const bool strided = weights.size() == 3;
     if constexpr (requires(const EncoderBlockParams& p) { K::encoder_block(p); }) {
-      if (input.numel() > 0 &&
-          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+      if (fusable(input, weights)) {
         const bool nhwc = is_channels_last(input);
         const auto options = input.options().memory_format(memory_format(nhwc));
         const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
@@ -412,8 +434,6 @@ struct Ops {
     return encoder_block_activations(input, weights, biases, relu, false).out;
   }
 
-  using BlockGrads = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
-
   // The input gradient where needed, else an empty tensor (nothing computed),
   // and every weight's and bias's gradient. a1 and a2 are recomputed from the
   // input; `output` is the strided block's last ReLU mask (needed there with
@@ -432,17 +452,11 @@ struct Ops {
                 "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)");
     check_relu_output(output, grad_output, "output");
     if constexpr (requires(const EncoderBlockBackwardParams& p) { K::encoder_block_backward(p); }) {
-      if (input.numel() > 0 &&
-          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+      if (fusable(input, weights)) {
         const bool nhwc = is_channels_last(input);
         const auto format = memory_format(nhwc);
-        std::vector<Tensor> grad_weights, grad_biases;
-        for (size_t i = 0; i < weights.size(); ++i) {
-          grad_weights.push_back(at::empty(weights[i].sizes(), weights[i].options()));
-          grad_biases.push_back(at::empty(biases[i].sizes(), biases[i].options()));
-        }
-        const Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options().memory_format(format))
-                                             : at::empty({0}, input.options());
+        auto grads = empty_block_grads(input, weights, biases, input_grad, format);
+        const auto& [grad_input, grad_weights, grad_biases] = grads;
         if (K::encoder_block_backward(
                 {.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
                  .grad_weights = grad_weights,
@@ -453,7 +467,7 @@ struct Ops {
                  .weights = EncoderBlockWeights::of(weights, biases),
                  .relu = relu,
                  .nhwc = nhwc}))
-          return {grad_input, grad_weights, grad_biases};
+          return grads;
       }
     }
     const auto acts = encoder_block_activations(input, weights, biases, relu, true);
@@ -529,8 +543,7 @@ struct Ops {
     const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
     check_decoder_block(input, weights, biases, size);
     if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
-      if (input.numel() > 0 && size[0] > 0 && size[1] > 0 &&
-          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+      if (fusable(input, weights) && size[0] > 0 && size[1] > 0) {
         const bool nhwc = is_channels_last(input);
         const auto format = memory_format(nhwc);
         auto out = at::empty({input.size(0), weights.back().size(1), size[0], size[1]},
@@ -565,17 +578,11 @@ struct Ops {
     check_same_shape(grad_output, "grad_output", {input.size(0), weights.back().size(1), size[0], size[1]},
                      "the block's output");
     if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
-      if (input.numel() > 0 && grad_output.numel() > 0 &&
-          std::all_of(weights.begin(), weights.end(), [](const Tensor& w) { return w.numel() > 0; })) {
+      if (fusable(input, weights) && grad_output.numel() > 0) {
         const bool nhwc = is_channels_last(input);
         const auto format = memory_format(nhwc);
-        std::vector<Tensor> grad_weights, grad_biases;
-        for (size_t i = 0; i < weights.size(); ++i) {
-          grad_weights.push_back(at::empty(weights[i].sizes(), weights[i].options()));
-          grad_biases.push_back(at::empty(biases[i].sizes(), biases[i].options()));
-        }
-        Tensor grad_input = input_grad ? at::empty(input.sizes(), input.options().memory_format(format))
-                                       : at::empty({0}, input.options());
+        auto grads = empty_block_grads(input, weights, biases, input_grad, format);
+        const auto& [grad_input, grad_weights, grad_biases] = grads;
         if (K::decoder_block_backward({.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
                                        .grad_weights = grad_weights,
                                        .grad_biases = grad_biases,
@@ -585,7 +592,7 @@ struct Ops {
                                        .biases = contiguous_all(biases),
                                        .relu = relu,
                                        .nhwc = nhwc}))
-          return {grad_input, grad_weights, grad_biases};
+          return grads;
       }
     }
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
