@@ -198,9 +198,9 @@ def test_noise_is_added_to_inputs_only_and_clipped(tmp_path, monkeypatch):
     # In training, the step gets noisy inputs and the clean images as its targets.
     steps, real_step = [], training._train_step
 
-    def spy(model, optimizer, weights, inputs, target, weight_decay):
+    def spy(model, optimizer, weights, inputs, target, *args):
         steps.append((inputs.clone(), target.clone()))
-        return real_step(model, optimizer, weights, inputs, target, weight_decay)
+        return real_step(model, optimizer, weights, inputs, target, *args)
 
     monkeypatch.setattr(training, "_train_step", spy)
     run(tmp_path / "run", backend="torch", limit=64, batch_size=64, epochs=1, noise_factor=0.5, seed=0)
