@@ -77,9 +77,8 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
     cuda::DecoderBlockBackwardArgs<scalar_t, acc_t> b{};
     b.f = decoder_args<scalar_t>(nullptr, p.input, p.weights, p.biases, p.grad_output.size(2),
                                  p.grad_output.size(3), p.relu);
-    // Less the kernel's static __shared__ flag (and its alignment).
-    const size_t budget = cuda::smem_opt_in_limit() - 16;
-    const auto plan = cuda::plan_decoder_block<scalar_t, acc_t>(b.f, p.nhwc, true, budget);
+    const auto plan =
+        cuda::plan_decoder_block<scalar_t, acc_t>(b.f, p.nhwc, true, cuda::smem_dynamic_budget());
     if (!plan.ok) return;
     cuda::check_grid(plan.blocks, "decoder_block_backward");
     const int blocks = static_cast<int>(plan.blocks), L = b.f.layers;

@@ -32,9 +32,8 @@ bool CudaKernels::encoder_block_backward(const EncoderBlockBackwardParams& p) {
         grad(p.grad_biases, 2),
         p.grad_output.const_data_ptr<scalar_t>(),
         cuda::data_or_null<scalar_t>(p.output)};
-    // The kernel's static shared memory (the last block's flag) comes out of the same limit.
     const auto plan =
-        cuda::plan_encoder_block_backward<scalar_t, acc_t>(a, p.nhwc, cuda::smem_opt_in_limit() - 64);
+        cuda::plan_encoder_block_backward<scalar_t, acc_t>(a, p.nhwc, cuda::smem_dynamic_budget());
     if (!plan.ok) return;
     cuda::check_grid(plan.blocks, "encoder_block_backward");
     const int blocks = static_cast<int>(plan.blocks);

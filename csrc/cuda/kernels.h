@@ -84,6 +84,12 @@ inline size_t smem_opt_in_limit() {
   return static_cast<size_t>(bytes);
 }
 
+// What a whole-image kernel may plan for its dynamic shared memory: the limit
+// less its own __shared__ variables, which come out of the same limit (the
+// grid sums' flag, a block sum's scratch: 1,040 bytes at most in the SASS
+// report; kept to 2 KiB so that a planner never fills the last bytes).
+inline size_t smem_dynamic_budget() { return smem_opt_in_limit() - 2048; }
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory: above 48 KiB a
 // kernel must opt in, or its launch fails (the emulator checks it too).
 template <class Kernel>
