@@ -88,13 +88,9 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
       b.dw[i] = p.grad_weights[i].mutable_data_ptr<scalar_t>();
       b.db[i] = p.grad_biases[i].mutable_data_ptr<scalar_t>();
     }
-    const Tensor workspace =
-        p.input.new_empty({static_cast<int64_t>(cuda::grid_sums_bytes<acc_t>(size, blocks))},
-                          p.input.options().dtype(at::kByte));
-    b.sums = cuda::grid_sums_at<acc_t>(workspace.mutable_data_ptr(), size, blocks);
-    TORCH_CHECK(cudaMemsetAsync(b.sums.tickets, 0, cuda::grid_sums_ticket_bytes<acc_t>(blocks), stream) ==
-                    cudaSuccess,
-                "cae: decoder_block_backward could not clear its tickets");
+    const auto workspace =
+        cuda::grid_sums_workspace<acc_t>(p.input, size, blocks, stream, "decoder_block_backward");
+    b.sums = workspace.sums;
     b.grad_output = p.grad_output.const_data_ptr<scalar_t>();
     b.grad_input = cuda::mutable_or_null<scalar_t>(p.grad_input);
     constexpr int V = cuda::vec_width<scalar_t>(), VO = cuda::vec_width<scalar_t, cuda::kBlockGroup>();

@@ -38,17 +38,12 @@ bool CudaKernels::encoder_block_backward(const EncoderBlockBackwardParams& p) {
     cuda::check_grid(plan.blocks, "encoder_block_backward");
     const int blocks = static_cast<int>(plan.blocks);
     const auto workspace =
-        p.input.new_empty({static_cast<int64_t>(cuda::grid_sums_bytes<acc_t>(plan.t.sums, blocks))},
-                          p.input.options().dtype(at::kByte));
-    const auto sums = cuda::grid_sums_at<acc_t>(workspace.mutable_data_ptr(), plan.t.sums, blocks);
-    TORCH_CHECK(
-        cudaMemsetAsync(sums.tickets, 0, cuda::grid_sums_ticket_bytes<acc_t>(blocks), stream) == cudaSuccess,
-        "cae: encoder_block_backward could not clear its tickets");
+        cuda::grid_sums_workspace<acc_t>(p.input, plan.t.sums, blocks, stream, "encoder_block_backward");
     cuda::with_bool(p.nhwc, [&](auto layout) {
       const auto kernel = cuda::encoder_block_backward_kernel<scalar_t, acc_t, decltype(layout)::value>;
       cuda::allow_smem(kernel, plan.smem);
       CAE_LAUNCH(kernel, static_cast<unsigned>(plan.blocks), cuda::kThreads, plan.smem, stream, a, plan.t,
-                 sums);
+                 workspace.sums);
     });
     CAE_KERNEL_LAUNCH_CHECK();
     launched = true;

@@ -31,6 +31,9 @@
 #include <optional>
 
 #include "common.cuh"
+#ifndef CAE_HOST_ONLY  // device code: not in the host-compiled files
+#include "grid_sums.cuh"
+#endif
 
 // float32 and float64, and float16 / bfloat16 with float32 accumulation
 // (at::opmath_type).
@@ -99,6 +102,28 @@ inline void allow_smem(Kernel kernel, size_t bytes) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   TORCH_CHECK(e == cudaSuccess, "cae: cannot give a CUDA kernel ", bytes,
               " bytes of shared memory: ", cudaGetErrorString(e));
+}
+
+// The workspace of a kernel that finishes its sums with finish_grid_sums
+// (grid_sums.cuh): `size` sums for each of `blocks` blocks, its tickets
+// cleared on `stream`. `storage` must outlive the launch's queuing (the
+// caching allocator orders its reuse on the stream).
+template <typename Acc>
+struct GridSumsWorkspace {
+  at::Tensor storage;
+  GridSums<Acc> sums;
+};
+
+template <typename Acc>
+inline GridSumsWorkspace<Acc> grid_sums_workspace(const at::Tensor& like, int size, int blocks,
+                                                  cudaStream_t stream, const char* op) {
+  GridSumsWorkspace<Acc> w;
+  w.storage = like.new_empty({static_cast<int64_t>(grid_sums_bytes<Acc>(size, blocks))},
+                             like.options().dtype(at::kByte));
+  w.sums = grid_sums_at<Acc>(w.storage.mutable_data_ptr(), size, blocks);
+  const cudaError_t e = cudaMemsetAsync(w.sums.tickets, 0, grid_sums_ticket_bytes<Acc>(blocks), stream);
+  TORCH_CHECK(e == cudaSuccess, "cae: ", op, " could not clear its tickets: ", cudaGetErrorString(e));
+  return w;
 }
 #endif
 

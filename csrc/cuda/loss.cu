@@ -11,19 +11,14 @@ bool CudaKernels::sigmoid_cross_entropy(const SigmoidCrossEntropyParams& p) {
   CAE_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "cae_sigmoid_cross_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int blocks = cuda::loss_blocks(p.logits.numel());
-    const at::Tensor workspace =
-        p.logits.new_empty({static_cast<int64_t>(cuda::grid_sums_bytes<acc_t>(cuda::kLossSums, blocks))},
-                           p.logits.options().dtype(at::kByte));
-    const auto sums = cuda::grid_sums_at<acc_t>(workspace.data_ptr(), cuda::kLossSums, blocks);
-    const cudaError_t cleared =
-        cudaMemsetAsync(sums.tickets, 0, cuda::grid_sums_ticket_bytes<acc_t>(blocks), stream);
-    TORCH_CHECK(cleared == cudaSuccess, "cae: sigmoid_cross_entropy: ", cudaGetErrorString(cleared));
+    const auto workspace =
+        cuda::grid_sums_workspace<acc_t>(p.logits, cuda::kLossSums, blocks, stream, "sigmoid_cross_entropy");
     const cuda::LossArgs<scalar_t, acc_t> a{p.loss.mutable_data_ptr<scalar_t>(),
                                             p.rmse.mutable_data_ptr<scalar_t>(),
                                             p.logits.const_data_ptr<scalar_t>(),
                                             p.target.const_data_ptr<scalar_t>(),
                                             p.logits.numel(),
-                                            sums};
+                                            workspace.sums};
     cuda::launch_sigmoid_cross_entropy(a, stream);
     CAE_KERNEL_LAUNCH_CHECK();
   });
