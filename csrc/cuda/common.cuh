@@ -101,6 +101,10 @@ constexpr int kWarps = kThreads / 32;
 // the opt-in attribute, and small enough that 4 blocks (32 warps) fit on an
 // SM of sm_80 and newer.
 constexpr size_t kSmemBudget = 44 * 1024;
+// Blocks a launch should have (two per SM of an H200's 132): the fused
+// kernels pack images into a block only while the grid keeps this many; the
+// loss uses at most this many (its last block adds every block's sums).
+constexpr index_t kBlockFill = 264;
 // Flat (elementwise) kernels: grid-stride loops over at most this many blocks.
 constexpr index_t kMaxFlatBlocks = 4096;
 

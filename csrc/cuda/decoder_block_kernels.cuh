@@ -308,14 +308,8 @@ CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const
   }
 }
 
-// __launch_bounds__'s blocks per SM: 2 (128 registers a thread), 1 for double.
-template <typename Acc>
-constexpr int decoder_block_min_blocks() {
-  return sizeof(Acc) > 4 ? 1 : 2;
-}
-
 template <typename T, typename Acc, bool NHWC>
-__global__ void __launch_bounds__(kThreads, decoder_block_min_blocks<Acc>())
+__global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     decoder_block_kernel(DecoderBlockArgs<T> a, DecoderBlockTiling t) {
   CAE_DYNAMIC_SHARED(Acc, smem);
   const int tid = threadIdx.x, n0 = static_cast<int>(blockIdx.x) * t.samples;
@@ -425,7 +419,7 @@ CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderPlane& in, const Deco
 }
 
 template <typename T, typename Acc, bool NHWC>
-__global__ void __launch_bounds__(kThreads, decoder_block_min_blocks<Acc>())
+__global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     decoder_block_backward_kernel(DecoderBlockBackwardArgs<T, Acc> b, DecoderBlockTiling t) {
   constexpr int G = kBlockGroup;
   CAE_DYNAMIC_SHARED(Acc, smem);

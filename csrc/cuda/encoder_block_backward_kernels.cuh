@@ -277,7 +277,7 @@ CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes
 // the forward: the smaller images' blocks fit twice in shared memory; one for
 // double.
 template <typename T, typename Acc, bool NHWC>
-__global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
+__global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     encoder_block_backward_kernel(EncoderBlockBackwardArgs<T> args, EncoderBackwardTiling t,
                                   GridSums<Acc> sums) {
   const EncoderBlockArgs<T>& a = args.block;

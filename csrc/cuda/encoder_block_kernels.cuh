@@ -49,9 +49,6 @@ struct EncoderBlockArgs {
 
 // Output channels per work item: a thread's accumulators.
 constexpr int kBlockGroup = 8;
-// Blocks a launch should have at least (two per SM of an H200's 132) before
-// images are packed together into one block's tile.
-constexpr index_t kBlockFill = 264;
 
 // A block's tile and its shared memory (elements of Acc): weights first (each
 // a multiple of kBlockGroup elements: vector aligned), then a1, a2, the input.
@@ -255,16 +252,17 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
   }
 }
 
-// __launch_bounds__'s blocks per SM (see conv_min_blocks): 2 (128 registers a
-// thread) for float32 accumulation, 1 for double (two rows of 8 double sums,
-// and the staging's vectors); one more block per SM spilled a few bytes on sm_90.
+// __launch_bounds__'s blocks per SM of the fused block kernels (see
+// conv_min_blocks): 2 (128 registers a thread) for float32 accumulation, 1
+// for double (two rows of 8 double sums, and the staging's vectors); one more
+// block per SM spilled a few bytes on sm_90.
 template <typename Acc>
-constexpr int encoder_block_min_blocks() {
+constexpr int block_min_blocks() {
   return sizeof(Acc) > 4 ? 1 : 2;
 }
 
 template <typename T, typename Acc, bool NHWC>
-__global__ void __launch_bounds__(kThreads, encoder_block_min_blocks<Acc>())
+__global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     encoder_block_kernel(EncoderBlockArgs<T> a, EncoderBlockTiling t) {
   constexpr int G = kBlockGroup;
   CAE_DYNAMIC_SHARED(Acc, smem);

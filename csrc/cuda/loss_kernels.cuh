@@ -12,9 +12,6 @@ namespace cuda {
 
 // Per block: the sums of the cross-entropy and of the squared error.
 constexpr int kLossSums = 2;
-// At most two blocks per SM of an H200 (132): the last block adds every
-// block's sums.
-constexpr index_t kLossMaxBlocks = 264;
 
 template <typename T, typename Acc>
 struct LossArgs {
@@ -88,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_cross_entropy_grad_kernel(Lo
 // order of summation (and the result's bits) is too.
 inline int loss_blocks(index_t count) {
   const index_t blocks = ceil_div(count, static_cast<index_t>(kThreads) * 8);
-  return static_cast<int>(blocks < 1 ? 1 : blocks > kLossMaxBlocks ? kLossMaxBlocks : blocks);
+  return static_cast<int>(blocks < 1 ? 1 : blocks > kBlockFill ? kBlockFill : blocks);
 }
 
 template <typename T, typename Acc>
