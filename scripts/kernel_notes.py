@@ -643,7 +643,7 @@ def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitc
     items = pairs * slices
     positions = samples * math.ceil(g_rows / slices) * g_cols  # the longest slice
     per_position = 9 + GRAD_CHANNELS + GRAD_CHANNELS * GRAD_SUMS + 3
-    lanes = [(i // slices, i % slices) for i in range(min(32, items))]
+    lanes = [(i % pairs, i // pairs) for i in range(min(32, items))]
     src_words = [(p % c_src) * src_plane + stride * sl * src_pitch for p, sl in lanes]
     g_words = [(p // c_src) * GRAD_CHANNELS * g_plane + sl * g_pitch for p, sl in lanes]
     warps = _warp_items(items)

@@ -152,8 +152,10 @@ constexpr int kGradChannels = 4;
 // window S * (oy, ox) + tap (src padded: the window starts there), db[c] =
 // the sum of g[c]. An item is kGradChannels channels c, one ci and a slice of
 // the rows; where items are fewer than threads, slices split the rows and
-// their sums meet in `scratch` in slice order, a channel at a time. Fixed
-// order throughout: deterministic.
+// their sums meet in `scratch` in slice order, a channel at a time. Items
+// run slice-major: a warp's lanes read one row of different planes (an odd
+// plane stride apart: distinct banks), where row slices (a pitch apart) fell
+// on a few banks (8-way at 14 x 14). Fixed order throughout: deterministic.
 template <int S, typename Acc>
 CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<const Acc>& g,
                                  const SharedPlanes<const Acc>& src, int C_g, int C_src, int samples,
@@ -166,7 +168,7 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
   for (int first = 0; first < pairs * slices; first += kThreads) {
     const int item = first + tid;
     const bool active = item < pairs * slices;
-    const int pair = active ? item / slices : 0, slice = item - pair * slices;
+    const int slice = active ? item / pairs : 0, pair = active ? item - slice * pairs : 0;
     const int cb = pair / C_src, ci = pair - cb * C_src, c0 = cb * KC;
     Acc acc[KC][kGradSums];
     CAE_UNROLL
@@ -217,10 +219,10 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
         if (cp >= C_g) continue;
         Acc sum[kGradSums];
         CAE_UNROLL
-        for (int e = 0; e < kGradSums; ++e) sum[e] = scratch[p * slices * kGradSums + e];
+        for (int e = 0; e < kGradSums; ++e) sum[e] = scratch[p * kGradSums + e];
         for (int sl = 1; sl < slices; ++sl) {
           CAE_UNROLL
-          for (int e = 0; e < kGradSums; ++e) sum[e] += scratch[(p * slices + sl) * kGradSums + e];
+          for (int e = 0; e < kGradSums; ++e) sum[e] += scratch[(sl * pairs + p) * kGradSums + e];
         }
         CAE_UNROLL
         for (int t = 0; t < 9; ++t) row[(cp * C_src + cip) * 9 + t] = sum[t];
