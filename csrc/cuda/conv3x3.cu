@@ -11,6 +11,17 @@
 
 namespace cae {
 
+bool cuda::tensor_cores_allowed(const Tensor& t) {
+  const at::ScalarType dtype = t.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && !(dtype == at::kFloat && conv_allows_tf32()))
+    return false;
+  const int device = t.device().index();
+  int major = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+              "cae: cannot read the compute capability of CUDA device ", device);
+  return major >= 8;
+}
+
 namespace {
 
 template <typename T>
@@ -30,34 +41,12 @@ cuda::CorrelateArgs<T> correlate_args(const CorrelateParams& p) {
           p.relu};
 }
 
-// The tensor-core products' input type for T: float16, bfloat16, or float32
-// on tf32 (mma_dtype<T> says whether T has one).
-template <typename T>
-constexpr bool mma_dtype =
-    std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
-template <typename T>
-using MmaKind =
-    std::conditional_t<std::is_same_v<T, at::Half>, cuda::MmaF16,
-                       std::conditional_t<std::is_same_v<T, float>, cuda::MmaTF32, cuda::MmaBF16>>;
-
-// Whether T's products may run on tensor cores on t's device: sm_80 and newer,
-// float32 only where PyTorch lets cuDNN convolve in TF32.
-template <typename T>
-bool tensor_cores_allowed(const Tensor& t) {
-  if (!mma_dtype<T> || (std::is_same_v<T, float> && !cuda::conv_allows_tf32())) return false;
-  const int device = t.device().index();
-  int major = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
-              "cae: cannot read the compute capability of CUDA device ", device);
-  return major >= 8;
-}
-
 template <typename T>
 bool launch_on_tensor_cores(const CorrelateParams& p, cuda::CorrelateWeight weight,
                             const cuda::PendingSums& sums, cudaStream_t stream) {
-  using Kind = MmaKind<T>;
-  if constexpr (mma_dtype<T>) {
-    if (!tensor_cores_allowed<T>(p.input)) return false;
+  using Kind = cuda::MmaKind<T>;
+  if constexpr (cuda::mma_dtype<T>) {
+    if (!cuda::tensor_cores_allowed(p.input)) return false;
     const cuda::CorrelateArgs<T> a = correlate_args<T>(p);
     const cuda::MmaTaps taps = weight == cuda::CorrelateWeight::OutIn          ? cuda::MmaTaps::Correlate
                                : weight == cuda::CorrelateWeight::InOutFlipped ? cuda::MmaTaps::Flipped
@@ -80,15 +69,15 @@ bool launch_on_tensor_cores(const CorrelateParams& p, cuda::CorrelateWeight weig
 template <typename T>
 at::Tensor weight_grad_on_tensor_cores(const cuda::WeightGradArgs<T>& a, const WeightGradParams& p,
                                        int columns, cudaStream_t stream) {
-  if constexpr (mma_dtype<T>) {
-    if (!tensor_cores_allowed<T>(p.small)) return {};
+  if constexpr (cuda::mma_dtype<T>) {
+    if (!cuda::tensor_cores_allowed(p.small)) return {};
     const int stride = static_cast<int>(p.stride);
     const cuda::MmaWeightGradPlan plan = cuda::plan_weight_grad_mma(a, stride, p.nhwc);
     if (!plan.ok) return {};
     cuda::check_smem(plan.smem, "weight_grad");
     at::Tensor partial = cuda::scratch<float>(p.small, plan.blocks, columns);
-    cuda::launch_weight_grad_mma<T, MmaKind<T>>(a, plan, stride, p.nhwc, partial.mutable_data_ptr<float>(),
-                                                stream);
+    cuda::launch_weight_grad_mma<T, cuda::MmaKind<T>>(a, plan, stride, p.nhwc,
+                                                      partial.mutable_data_ptr<float>(), stream);
     return partial;
   } else {
     (void)a, (void)p, (void)columns, (void)stream;

@@ -33,6 +33,7 @@
 #include "common.cuh"
 #ifndef CAE_HOST_ONLY  // device code: not in the host-compiled files
 #include "grid_sums.cuh"
+#include "mma.cuh"
 #endif
 
 // float32 and float64, and float16 / bfloat16 with float32 accumulation
@@ -131,6 +132,21 @@ inline GridSumsWorkspace<Acc> grid_sums_workspace(const at::Tensor& like, int si
 // (torch.backends.cudnn.allow_tf32); float32 correlations then use tensor
 // cores. Host-compiled (precision.cpp): nvcc does not parse ATen/Context.h.
 bool conv_allows_tf32();
+
+// Whether t's products may run on tensor cores on t's device: float16 and
+// bfloat16, float32 on TF32 only where conv_allows_tf32(); sm_80 and newer.
+bool tensor_cores_allowed(const Tensor& t);
+
+#ifndef CAE_HOST_ONLY
+// The tensor-core products' input type for T: float16, bfloat16, or float32
+// on tf32 (mma_dtype<T> says whether T has one).
+template <typename T>
+constexpr bool mma_dtype =
+    std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>;
+template <typename T>
+using MmaKind = std::conditional_t<std::is_same_v<T, at::Half>, MmaF16,
+                                   std::conditional_t<std::is_same_v<T, float>, MmaTF32, MmaBF16>>;
+#endif
 
 // The 3x3 correlation on tensor cores, where the device, dtype and shape
 // allow it (conv3x3.cu); false: nothing launched, the caller's plain kernel
