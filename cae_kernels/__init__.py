@@ -4,9 +4,10 @@ The ops are registered as ``torch.ops.cae.*``; use them through the functions
 below or the layers of ``cae_kernels.nn``.
 """
 
-from . import nn
+from . import nn, optim
 from ._registration import cpu_capabilities, cpu_capability, set_cpu_capability
 from .functional import (
+    adam_,
     conv3x3,
     conv_transpose3x3,
     decoder_block,
@@ -25,7 +26,9 @@ __all__ = [
     "encoder_block",
     "decoder_block",
     "sigmoid_cross_entropy",
+    "adam_",
     "nn",
+    "optim",
     "with_cuda",
     "cpu_capability",
     "cpu_capabilities",

@@ -52,6 +52,17 @@ def _sizes(sizes) -> str:
     return "[" + ", ".join(str(s) for s in sizes) + "]"
 
 
+def is_non_overlapping_and_dense(t) -> bool:
+    """c10's TensorImpl::is_non_overlapping_and_dense: the dims of two or more elements,
+    by increasing stride, each stride the product of the sizes before it."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz >= 2):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def conv_output_size(size, stride):
     """3x3 convolution, padding 1: ceil(size / stride)."""
     return (size + stride - 1) // stride
@@ -231,6 +242,35 @@ class OpChecks:
         _check(grad_loss.dim() == 0, "cae: sigmoid_cross_entropy_backward's grad_loss must be 0-D, got sizes ",
                _sizes(grad_loss.shape))
         check_like(grad_loss, "grad_loss", logits)
+
+    def adam_(self, params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay) -> None:
+        counts = [len(t) for t in (params, grads, exp_avgs, exp_avg_sqs, steps)]
+        _check(len(set(counts)) == 1, "cae: adam_ takes one tensor per parameter in every list; got ", counts[0],
+               " params, ", counts[1], " grads, ", counts[2], " exp_avgs, ", counts[3], " exp_avg_sqs and ",
+               counts[4], " steps")
+        _check(lr.dim() == 0 and lr.dtype == torch.float32, "cae: adam_'s lr must be a 0-D float32 tensor, got dtype ",
+               _dtype(lr.dtype), " and sizes ", _sizes(lr.shape))
+        _check(0 <= beta1 < 1 and 0 <= beta2 < 1, f"cae: adam_'s betas must be in [0, 1), got ({beta1:g}, {beta2:g})")
+        _check(eps >= 0 and weight_decay >= 0,
+               f"cae: adam_'s eps and weight_decay must be non-negative, got {eps:g} and {weight_decay:g}")
+        for i, p in enumerate(params):
+            _check(p.dtype == torch.float32, "cae: adam_ takes float32 parameters; params[", i, "] has dtype ",
+                   _dtype(p.dtype))
+            _check(p.device == lr.device, "cae: adam_'s params[", i, "] is on device ", p.device,
+                   " but lr is on device ", lr.device)
+            _check(is_non_overlapping_and_dense(p), "cae: adam_'s params[", i,
+                   "] must be dense (non-overlapping, no gaps), got sizes ", _sizes(p.shape), " and strides ",
+                   _sizes(p.stride()))
+            for name, t in (("grads", grads[i]), ("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])):
+                _check(t.dtype == torch.float32 and t.device == p.device and t.shape == p.shape
+                       and t.stride() == p.stride(),
+                       "cae: adam_'s ", name, "[", i, "] must be like params[", i, "] (float32 on ", p.device,
+                       ", sizes ", _sizes(p.shape), ", strides ", _sizes(p.stride()), "), got ", _dtype(t.dtype),
+                       " on ", t.device, ", sizes ", _sizes(t.shape), ", strides ", _sizes(t.stride()))
+            step = steps[i]
+            _check(step.dim() == 0 and step.dtype == torch.float32 and step.device == p.device,
+                   "cae: adam_'s steps[", i, "] must be a 0-D float32 tensor on ", p.device, ", got dtype ",
+                   _dtype(step.dtype), ", sizes ", _sizes(step.shape), " on ", step.device)
 
     def max_pool2x2_grad_input(self, grad_output, input) -> None:
         self.max_pool2x2(input)

@@ -126,11 +126,15 @@ def _fakes(checks):
         checks.sigmoid_cross_entropy_backward(grad_loss, logits, target)
         return _empty(logits, logits.shape)
 
+    def adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
+        checks.adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay)
+        return lr.new_empty(())
+
     return {fake.__name__: fake for fake in (
         conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv_transpose3x3, conv_transpose3x3_grad_input,
         conv_transpose3x3_grad_weight, conv3x3_backward, conv_transpose3x3_backward, bias_grad, max_pool2x2,
         max_pool2x2_grad_input, encoder_block, encoder_block_backward, decoder_block, decoder_block_backward,
-        sigmoid_cross_entropy, sigmoid_cross_entropy_backward)}
+        sigmoid_cross_entropy, sigmoid_cross_entropy_backward, adam_)}
 
 
 def _setup_conv(ctx, inputs, output):

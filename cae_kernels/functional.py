@@ -1,6 +1,6 @@
 """The public functions: ``conv3x3``, ``conv_transpose3x3``, ``max_pool2x2``, the
 blocks that chain them, ``encoder_block`` and ``decoder_block``, and the
-autoencoder's loss, ``sigmoid_cross_entropy``.
+autoencoder's loss, ``sigmoid_cross_entropy``, and its optimizer's step, ``adam_``.
 
 Each is one registered op (``torch.ops.cae.*``) with its own backward ops, so
 it works under autograd, ``torch.compile`` and ``torch.library.opcheck``.
@@ -127,6 +127,24 @@ class _Functions:
         """
         return self._ops.sigmoid_cross_entropy(logits, target)
 
+    def adam_(self, params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas=(0.9, 0.999), eps=1e-8,
+              weight_decay=0.0):
+        """One step of Adam over lists of float32 tensors, in place; returns the gradients' 2-norm.
+
+        The update of ``torch.optim.Adam`` (amsgrad and maximize off; ``weight_decay`` added to
+        the gradient): each ``steps[i]`` (a 0-d float32 tensor on the parameters' device) is
+        incremented first, then ``params[i]``, ``exp_avgs[i]`` and ``exp_avg_sqs[i]`` updated
+        from ``grads[i]`` (each strided as its parameter). The result is the 2-norm of all the
+        gradients as read (``torch.nn.utils.get_total_norm(grads)``), 0-d. ``lr`` is a 0-d
+        float32 tensor on the same device, read there (a schedule may fill it in place, as in
+        a captured CUDA graph). On CUDA the whole step is one kernel launch (up to 32
+        tensors), where PyTorch's fused Adam and norm take about five; elsewhere ATen's fused
+        Adam runs. ``cae_kernels.optim.Adam`` is the optimizer built on it.
+        """
+        beta1, beta2 = betas
+        return self._ops.adam_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps), lr,
+                               float(beta1), float(beta2), float(eps), float(weight_decay))
+
 
 _cae = _Functions(torch.ops.cae)
 conv3x3 = _cae.conv3x3
@@ -135,6 +153,8 @@ max_pool2x2 = _cae.max_pool2x2
 encoder_block = _cae.encoder_block
 decoder_block = _cae.decoder_block
 sigmoid_cross_entropy = _cae.sigmoid_cross_entropy
+adam_ = _cae.adam_
 with_cuda = _registration.with_cuda
 
-__all__ = ["conv3x3", "conv_transpose3x3", "decoder_block", "encoder_block", "max_pool2x2", "sigmoid_cross_entropy"]
+__all__ = ["adam_", "conv3x3", "conv_transpose3x3", "decoder_block", "encoder_block", "max_pool2x2",
+           "sigmoid_cross_entropy"]

@@ -269,8 +269,10 @@ else:
     encoder_block = _functions.encoder_block
     decoder_block = _functions.decoder_block
     sigmoid_cross_entropy = _functions.sigmoid_cross_entropy
+    adam_ = _functions.adam_
 
 __all__ = [
+    "adam_",
     "conv3x3",
     "conv_transpose3x3",
     "Launch",

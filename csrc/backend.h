@@ -217,6 +217,24 @@ struct SigmoidCrossEntropyGradParams {
   Tensor target;
 };
 
+// Adam's step over a list of parameters where a backend fuses it (ops.h
+// adam_): torch.optim.Adam's update (amsgrad and maximize off, weight_decay
+// added to the gradient), each parameter's step count incremented first, and
+// the 2-norm of all the gradients (as read, before weight decay) into
+// grad_norm. float32; each gradient and state tensor strided as its
+// parameter, all dense; steps, lr and grad_norm 0-d on the parameters'
+// device. False: not fused here (ops.h composes it from ATen's ops).
+struct AdamParams {
+  std::vector<Tensor> params;
+  std::vector<Tensor> grads;
+  std::vector<Tensor> exp_avgs;
+  std::vector<Tensor> exp_avg_sqs;
+  std::vector<Tensor> steps;
+  Tensor lr;
+  double beta1, beta2, eps, weight_decay;
+  Tensor grad_norm;
+};
+
 }  // namespace cae
 
 #define CAE_BACKEND_KERNELS                                  \

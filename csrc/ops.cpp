@@ -55,6 +55,11 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   // gradient from the loss's.
   m.def("sigmoid_cross_entropy(Tensor logits, Tensor target) -> (Tensor, Tensor)");
   m.def("sigmoid_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target) -> Tensor");
+  // Adam's step over parameter lists (ops.h adam_), in place; returns the
+  // gradients' 2-norm.
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, Tensor lr, float beta1, float beta2, float eps, float weight_decay) -> Tensor");
 }
 
 // Autocast: the convolutions and the blocks run in the autocast region's lower precision

@@ -54,7 +54,8 @@ inline constexpr const char* kOpNames[] = {"conv3x3",
                                            "decoder_block",
                                            "decoder_block_backward",
                                            "sigmoid_cross_entropy",
-                                           "sigmoid_cross_entropy_backward"};
+                                           "sigmoid_cross_entropy_backward",
+                                           "adam_"};
 
 template <class K>
 struct Ops {
@@ -672,6 +673,78 @@ struct Ops {
     return (at::sigmoid(x) - t) * (grad_loss / static_cast<double>(std::max<int64_t>(x.numel(), 1)));
   }
 
+  // --- Adam's step (backend.h AdamParams): one launch where the backend fuses
+  // it, else ATen's fused Adam after the step counts' increment, and the norm
+  // as torch.nn.utils.get_total_norm computes it.
+
+  static void check_adam(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                         const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                         const std::vector<Tensor>& steps, const Tensor& lr, double beta1, double beta2,
+                         double eps, double weight_decay) {
+    TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                    exp_avg_sqs.size() == params.size() && steps.size() == params.size(),
+                "cae: adam_ takes one tensor per parameter in every list; got ", params.size(), " params, ",
+                grads.size(), " grads, ", exp_avgs.size(), " exp_avgs, ", exp_avg_sqs.size(),
+                " exp_avg_sqs and ", steps.size(), " steps");
+    TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == at::kFloat,
+                "cae: adam_'s lr must be a 0-D float32 tensor, got dtype ", lr.scalar_type(), " and sizes ",
+                lr.sizes());
+    TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
+                "cae: adam_'s betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
+    TORCH_CHECK(eps >= 0 && weight_decay >= 0, "cae: adam_'s eps and weight_decay must be non-negative, got ",
+                eps, " and ", weight_decay);
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Tensor& p = params[i];
+      TORCH_CHECK(p.scalar_type() == at::kFloat, "cae: adam_ takes float32 parameters; params[", i,
+                  "] has dtype ", p.scalar_type());
+      TORCH_CHECK(p.device() == lr.device(), "cae: adam_'s params[", i, "] is on device ", p.device(),
+                  " but lr is on device ", lr.device());
+      TORCH_CHECK(p.is_non_overlapping_and_dense(), "cae: adam_'s params[", i,
+                  "] must be dense (non-overlapping, no gaps), got sizes ", p.sizes(), " and strides ",
+                  p.strides());
+      const std::pair<const char*, const Tensor*> like_p[] = {
+          {"grads", &grads[i]}, {"exp_avgs", &exp_avgs[i]}, {"exp_avg_sqs", &exp_avg_sqs[i]}};
+      for (const auto& [name, t] : like_p) {
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->device() == p.device() && t->sizes() == p.sizes() &&
+                        t->strides() == p.strides(),
+                    "cae: adam_'s ", name, "[", i, "] must be like params[", i, "] (float32 on ", p.device(),
+                    ", sizes ", p.sizes(), ", strides ", p.strides(), "), got ", t->scalar_type(), " on ",
+                    t->device(), ", sizes ", t->sizes(), ", strides ", t->strides());
+      }
+      TORCH_CHECK(
+          steps[i].dim() == 0 && steps[i].scalar_type() == at::kFloat && steps[i].device() == p.device(),
+          "cae: adam_'s steps[", i, "] must be a 0-D float32 tensor on ", p.device(), ", got dtype ",
+          steps[i].scalar_type(), ", sizes ", steps[i].sizes(), " on ", steps[i].device());
+    }
+  }
+
+  static Tensor adam_(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> exp_avgs,
+                      std::vector<Tensor> exp_avg_sqs, std::vector<Tensor> steps, const Tensor& lr,
+                      double beta1, double beta2, double eps, double weight_decay) {
+    check_adam(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay);
+    if (params.empty()) return at::zeros({}, lr.options());
+    if constexpr (requires(const AdamParams& p) { K::adam(p); }) {
+      Tensor grad_norm = at::empty({}, lr.options());  // the kernel writes it: no fill launched
+      if (K::adam({.params = params,
+                   .grads = grads,
+                   .exp_avgs = exp_avgs,
+                   .exp_avg_sqs = exp_avg_sqs,
+                   .steps = steps,
+                   .lr = lr,
+                   .beta1 = beta1,
+                   .beta2 = beta2,
+                   .eps = eps,
+                   .weight_decay = weight_decay,
+                   .grad_norm = grad_norm}))
+        return grad_norm;
+    }
+    Tensor grad_norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(grads)));
+    at::_foreach_add_(steps, 1);
+    at::_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                     /*amsgrad=*/false, /*maximize=*/false);
+    return grad_norm;
+  }
+
   static void register_all(torch::Library& m) {
     m.impl("conv3x3", &conv3x3);
     m.impl("conv3x3_grad_input", &conv3x3_grad_input);
@@ -690,6 +763,7 @@ struct Ops {
     m.impl("decoder_block_backward", &decoder_block_backward);
     m.impl("sigmoid_cross_entropy", &sigmoid_cross_entropy);
     m.impl("sigmoid_cross_entropy_backward", &sigmoid_cross_entropy_backward);
+    m.impl("adam_", &adam_);
   }
 };
 

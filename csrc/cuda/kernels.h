@@ -212,6 +212,9 @@ struct CudaKernels {
   // The loss and its gradient (loss.cu): every shape.
   static bool sigmoid_cross_entropy(const SigmoidCrossEntropyParams& p);
   static bool sigmoid_cross_entropy_grad(const SigmoidCrossEntropyGradParams& p);
+  // Adam's step with the gradients' norm (adam.cu): float32, at most
+  // kAdamMaxTensors tensors (false beyond: ops.h composes it).
+  static bool adam(const AdamParams& p);
 
  private:
   // weight_grad up to its partial sums, and the correlations with extra
