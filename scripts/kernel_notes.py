@@ -192,6 +192,8 @@ class _OpRecorder(TorchDispatchMode):
     def _layer(self, op, bound, results):
         if op.startswith("sigmoid_cross_entropy"):
             return "loss"
+        if op == "adam_":
+            return "optimizer"
         if op.startswith("decoder_block"):
             return "decoder"
 
@@ -225,14 +227,14 @@ class _OpRecorder(TorchDispatchMode):
 def record_step(downsample, memory_format, batch_size=BATCH, seed=0, fused=False):
     """The cae_sim op calls (with their launches) of one dry-run training step: per op
     (each launch belongs to one layer), or `fused` (the blocks' ops: what CUDA runs by
-    default; a launch belongs to a block, the decoder or the loss)."""
+    default; a launch belongs to a block, the decoder, the loss or the optimizer)."""
     from cae_kernels import sim
     from cae_kernels.app.models import ConvAutoencoder
-    from cae_kernels.app.training import _train_step
+    from cae_kernels.app.training import _adam, _train_step
 
     torch.manual_seed(seed)
     model = ConvAutoencoder(downsample=downsample, backend="sim", memory_format=memory_format, fused=fused)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = _adam(model, 1e-3, torch.device("cpu"))
     x = torch.rand(batch_size, 1, 28, 28)
     with sim.record_launches(dry_run=True) as recorder:
         mode = _OpRecorder(recorder, model)
@@ -413,6 +415,11 @@ def estimate(call, launch, index_in_op):
             e.bytes = 3 * nbytes(x)
             e.outputs = x.numel()
         e.flops = 8 * x.numel()
+    elif family == "adam":  # params, grads, exp_avgs, exp_avg_sqs read, three of them written; one sum a block
+        numel = sum(p.numel() for p in a["params"])
+        e.bytes = 7 * 4 * numel + launch.grid[0] * 4
+        e.outputs = numel
+        e.flops = 12 * numel
     elif family in BLOCK_MODELS:
         BLOCK_MODELS[family](call, launch, e)
     else:

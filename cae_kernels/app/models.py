@@ -367,7 +367,13 @@ class ConvAutoencoder(_Autoencoder):
         # the gradient, instead of a dozen small ones.
         if self.backend == "torch":
             return super().loss(logits, target)
-        return self.decoder.output.functions.sigmoid_cross_entropy(logits, target)
+        return self.functions.sigmoid_cross_entropy(logits, target)
+
+    @property
+    def functions(self):
+        """The op functions the layers call (backends "cae" and "sim"): ``cae_kernels`` or
+        ``cae_kernels.sim``."""
+        return self.decoder.output.functions
 
     def layer_shapes(self, batch_size: int = 1) -> list[LayerShape]:
         # Traced layer by layer (each layer's hook must run): the per-op path, whose

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import cae_kernels
+from cae_kernels.optim import Adam
 
 from . import checkpoints, rundir
 from .data import Dataset, load_data
@@ -63,22 +64,42 @@ def _weight_penalty(weights: Sequence[torch.Tensor], weight_decay: float) -> tor
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-def _train_step(model, optimizer, weights, x, target, weight_decay, autocast=None) -> tuple[torch.Tensor, ...]:
+_SEEDS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _seed(loss: torch.Tensor) -> torch.Tensor:
+    """The backward's seed, d total / d total = 1: one tensor per device and dtype, made in
+    the first (eager) step, where ``backward()`` would fill a new one every step (a kernel)."""
+    key = (loss.device, loss.dtype)
+    if key not in _SEEDS:
+        _SEEDS[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
+    return _SEEDS[key]
+
+
+def _train_step(model, optimizer, weights, x, target, weight_decay, autocast=None,
+                loss_sum=None) -> tuple[torch.Tensor, ...]:
     """One Adam step; returns the batch's cross-entropy, RMSE and gradient norm as 0-d tensors
     on the model's device, so that a step never waits for the device: they are read at
     log intervals. ``autocast``: the forward's lower precision (the convolutions; the loss,
-    the gradients' accumulation and Adam stay float32), or None."""
+    the gradients' accumulation and Adam stay float32), or None. ``loss_sum``: a 0-d tensor
+    the batch's summed loss is added to (read at the epoch's end), or None."""
     # No cast cache: a captured step must cast the weights it is replayed with.
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None, cache_enabled=False):
         logits = model(x)
         loss, rmse = getattr(model, "module", model).loss(logits, target)  # the model itself, or the one DDP wraps
     total = loss + _weight_penalty(weights, weight_decay) if weight_decay else loss
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # a kernel or two, not one per tensor
+    total.backward(_seed(total))
     optimizer.step()
-    return loss.detach(), rmse, grad_norm
+    # cae_kernels.optim.Adam read the gradients' norm in its step; torch's Adam did not.
+    grad_norm = getattr(optimizer, "grad_norm", None)
+    if grad_norm is None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # a kernel or two, not one per tensor
+    loss = loss.detach()
+    if loss_sum is not None:
+        loss_sum.add_(loss, alpha=len(target))  # one kernel
+    return loss, rmse, grad_norm
 
 
 def _use_cuda_graph(requested: bool | None, device: torch.device, world: World) -> bool:
@@ -180,6 +201,15 @@ class GraphedStep:
         self.static[0].copy_(x)
         self.static[1].copy_(target)
         return self.graph.replay()
+
+
+def _adam(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The conv autoencoder on this package's kernels (backends "cae", "sim") trains with
+    ``cae_kernels.optim.Adam`` on the model's ops (on CUDA its step and the gradient norm
+    are one launch); the others with torch's Adam (fused on CUDA)."""
+    if getattr(model, "backend", "torch") in ("cae", "sim"):
+        return Adam(model.parameters(), lr=lr, functions=model.functions)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=_fused_adam(device))
 
 
 def _fused_adam(device: torch.device) -> bool | None:
@@ -305,8 +335,7 @@ class _Trainer:
         self.order_generator = torch.Generator().manual_seed(config.seed)
         self.noise_generator = torch.Generator().manual_seed(self._noise_seed())
         self.weights = self.model.weights()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
-                                          fused=_fused_adam(device))
+        self.optimizer = _adam(self.model, config.learning_rate, device)
         self.lr = config.learning_rate  # the learning rate of the last step, as set
         self.lr_tensor: torch.Tensor | None = None  # graphed: Adam's learning rate on the device
         # The epoch's summed loss, on the device (a graphed step adds to it: one tensor for the run).
@@ -364,10 +393,9 @@ class _Trainer:
         config = self.config
 
         def step(x, target):
-            loss, rmse, grad_norm = _train_step(net, self.optimizer, self.weights, x, target, config.weight_decay,
-                                                self.autocast)
-            self.loss_sum += loss * len(target)  # no host sync: read at the epoch's end
-            return loss, rmse, grad_norm
+            # loss_sum: no host sync, read at the epoch's end.
+            return _train_step(net, self.optimizer, self.weights, x, target, config.weight_decay, self.autocast,
+                               self.loss_sum)
 
         if not self.graphed:
             return step
