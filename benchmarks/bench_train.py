@@ -47,7 +47,7 @@ def make_step(model_name, impl, layout, batch, device):
         model.fused = False
     if compile_mode:
         model = torch.compile(model, mode=compile_mode)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = train._adam(model, config.learning_rate, device)  # as the trainer: ours on our kernels
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     images = data.load_data().train.images
     batches = []

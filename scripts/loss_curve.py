@@ -33,7 +33,7 @@ def losses(path, args, device):
     model = train.build_model(config).to(device)
     if fused is not None:
         model.fused = fused
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = train._adam(model, config.learning_rate, device)  # as the trainer: ours on our kernels
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     images = data.load_data().train.images
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
