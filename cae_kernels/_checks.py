@@ -131,12 +131,46 @@ def check_decoder_block_counts(weights, biases) -> None:
     check_block_biases("decoder_block", weights, biases)
 
 
-def check_crop(output_size, full_shape) -> None:
+def check_crop(output_size, full_shape, size_name="output_size") -> None:
     """The decoder block's crop (after its convolutions' checks)."""
     h, w = full_shape[2], full_shape[3]
     _check(len(output_size) == 2 and 0 <= output_size[0] <= h and 0 <= output_size[1] <= w,
-           "cae: decoder_block's output_size must be [H, W] within its output of [", h, ", ", w, "], got ",
+           "cae: decoder_block's ", size_name, " must be [H, W] within its output of [", h, ", ", w, "], got ",
            _sizes(output_size))
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a block computes its loss in (C++'s at::toOpMathType): float32 for the
+    16-bit floats, else the block's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_decoder_loss_target_dim(target) -> None:
+    _check(target.dim() == 4, "cae: decoder_block_loss's target must be a 4-D (N, C, H, W) tensor, got ",
+           target.dim(), "-D with sizes ", _sizes(target.shape))
+
+
+def check_decoder_loss_target(target, input, weights) -> None:
+    """decoder_block_loss's target, after the block's checks."""
+    dtype = loss_dtype(input.dtype)
+    _check(target.dtype == dtype, "cae: decoder_block_loss's target must have dtype ", _dtype(dtype),
+           " (the loss's dtype for input of dtype ", _dtype(input.dtype), "), got ", _dtype(target.dtype))
+    _check(target.device == input.device, "cae: target is on device ", target.device, " but input is on device ",
+           input.device)
+    check_same_shape(target, "target", (input.shape[0], weights[-1].shape[1], target.shape[2], target.shape[3]),
+                     "the block's output: the input's batch, the last weight's channels")
+
+
+def check_decoder_loss_backward(grad_loss, grad_output, logits, target, input) -> None:
+    """decoder_block_loss_backward's own arguments, after the forward's checks."""
+    check_activation(logits, "logits", input)
+    check_same_shape(logits, "logits", target.shape, "the target's")
+    if grad_output is not None:
+        check_activation(grad_output, "grad_output", input)
+        check_same_shape(grad_output, "grad_output", target.shape, "the target's")
+    _check(grad_loss.dim() == 0, "cae: decoder_block_loss_backward's grad_loss must be 0-D, got sizes ",
+           _sizes(grad_loss.shape))
+    check_like(grad_loss, "grad_loss", target)
 
 
 def check_block_grad_output(grad_output, input, expected) -> None:

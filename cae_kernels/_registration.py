@@ -105,17 +105,29 @@ def _fakes(checks):
         _checks.check_relu_output(output, grad_output, "output")
         return _block_grads(input, weights, biases, input_grad)
 
-    def decoder_block(input, weights, biases, relu, output_size):
+    def decoder_block(input, weights, biases, relu, output_size, size_name="output_size"):
         _checks.check_decoder_block_counts(weights, biases)
         a = input
         for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
             a = conv_transpose3x3(a, weight, bias, 2 if i + 1 < len(weights) else 1, relu)
-        _checks.check_crop(output_size, a.shape)
+        _checks.check_crop(output_size, a.shape, size_name)
         return _empty(input, (a.shape[0], a.shape[1], *output_size))
 
     def decoder_block_backward(grad_output, input, weights, biases, relu, output_size, input_grad):
         out = decoder_block(input, weights, biases, relu, output_size)
         _checks.check_block_grad_output(grad_output, input, out.shape)
+        return _block_grads(input, weights, biases, input_grad)
+
+    def decoder_block_loss(input, weights, biases, relu, target):
+        _checks.check_decoder_loss_target_dim(target)
+        logits = decoder_block(input, weights, biases, relu, list(target.shape[2:]), "target's size")
+        _checks.check_decoder_loss_target(target, input, weights)
+        return logits, target.new_empty(()), target.new_empty(())
+
+    def decoder_block_loss_backward(grad_loss, grad_output, logits, target, input, weights, biases, relu,
+                                    input_grad):
+        decoder_block_loss(input, weights, biases, relu, target)
+        _checks.check_decoder_loss_backward(grad_loss, grad_output, logits, target, input)
         return _block_grads(input, weights, biases, input_grad)
 
     def sigmoid_cross_entropy(logits, target):
@@ -134,7 +146,7 @@ def _fakes(checks):
         conv3x3, conv3x3_grad_input, conv3x3_grad_weight, conv_transpose3x3, conv_transpose3x3_grad_input,
         conv_transpose3x3_grad_weight, conv3x3_backward, conv_transpose3x3_backward, bias_grad, max_pool2x2,
         max_pool2x2_grad_input, encoder_block, encoder_block_backward, decoder_block, decoder_block_backward,
-        sigmoid_cross_entropy, sigmoid_cross_entropy_backward, adam_)}
+        decoder_block_loss, decoder_block_loss_backward, sigmoid_cross_entropy, sigmoid_cross_entropy_backward, adam_)}
 
 
 def _setup_conv(ctx, inputs, output):
@@ -162,6 +174,16 @@ def _setup_decoder_block(ctx, inputs, output):
     input, weights, biases, relu, output_size = inputs
     ctx.save_for_backward(input, *weights, *biases)
     ctx.relu, ctx.count, ctx.output_size = relu, len(weights), list(output_size)
+
+
+def _setup_decoder_block_loss(ctx, inputs, output):
+    input, weights, biases, relu, target = inputs
+    # The logits (the forward's output) give the loss's gradient without recomputing
+    # the last layer.
+    ctx.save_for_backward(input, output[0], target, *weights, *biases)
+    ctx.mark_non_differentiable(output[2])  # the RMSE: a metric
+    ctx.set_materialize_grads(False)
+    ctx.relu, ctx.count = relu, len(weights)
 
 
 def _setup_loss(ctx, inputs, output):
@@ -232,6 +254,24 @@ def register(namespace, kernels=kernels_by_device):
                                            ctx.output_size, ctx.needs_input_grad[0])
         return (*_block_gradients(ctx, grads), None, None)
 
+    # The loss's gradient, and the logits' own where they have one, staged by the
+    # block's backward; only the logits': the block's own backward.
+    def decoder_block_loss_backward(ctx, grad_logits, grad_loss, grad_rmse):
+        input, logits, target, *params = ctx.saved_tensors
+        weights, biases = params[:ctx.count], params[ctx.count:]
+        if grad_loss is None and grad_logits is None:
+            return None, [None] * ctx.count, [None] * ctx.count, None, None
+        if grad_loss is None:
+            grads = ops.decoder_block_backward(grad_logits, input, weights, biases, ctx.relu, list(target.shape[2:]),
+                                               ctx.needs_input_grad[0])
+        else:
+            grads = ops.decoder_block_loss_backward(grad_loss, grad_logits, logits, target, input, weights, biases,
+                                                    ctx.relu, ctx.needs_input_grad[0])
+        grad_target = None
+        if ctx.needs_input_grad[4] and grad_loss is not None:
+            grad_target = -logits.to(target.dtype) * (grad_loss / logits.numel())
+        return (*_block_gradients(ctx, grads), None, grad_target)
+
     # The logits' gradient from the loss's; the target's (rarely wanted) is
     # -logits * grad_loss / numel, as PyTorch's binary_cross_entropy_with_logits.
     def loss_backward(ctx, grad_loss, grad_rmse):
@@ -264,6 +304,9 @@ def register(namespace, kernels=kernels_by_device):
     )
     torch.library.register_autograd(
         f"{namespace}::decoder_block", decoder_block_backward, setup_context=_setup_decoder_block
+    )
+    torch.library.register_autograd(
+        f"{namespace}::decoder_block_loss", decoder_block_loss_backward, setup_context=_setup_decoder_block_loss
     )
     torch.library.register_autograd(
         f"{namespace}::sigmoid_cross_entropy", loss_backward, setup_context=_setup_loss

@@ -109,6 +109,26 @@ class _Functions:
             raise ValueError(f"output_size must be two ints (h, w), got {output_size!r}")
         return self._ops.decoder_block(input, list(weights), list(biases), _relu_flag(activation), output_size)
 
+    def decoder_block_loss(self, input, weights, biases, target, activation="relu"):
+        """``decoder_block`` and ``sigmoid_cross_entropy`` of its output in one op:
+        ``(logits, loss, rmse)``, the crop given by ``target``'s size.
+
+        On CUDA the block's kernel computes the loss of the logits it stores, and the
+        backward's kernel the loss's gradient: the loss takes no launches of its own.
+        ``loss`` and ``rmse`` (and ``target``) are in the block's accumulation dtype:
+        float32 for float16 and bfloat16 (under autocast the block runs in the lower
+        precision and the target is cast to float32), else the input's. ``loss`` is
+        differentiable in the block's arguments, the target and the logits' own uses;
+        ``rmse`` is a metric.
+
+        Args:
+            input, weights, biases, activation: as ``decoder_block``.
+            target: ``[N, C_out, h, w]``, ``h, w`` at most the last convolution's output size.
+        Returns:
+            logits ``[N, C_out, h, w]`` in the input's memory format, loss and rmse 0-d.
+        """
+        return self._ops.decoder_block_loss(input, list(weights), list(biases), _relu_flag(activation), target)
+
     def max_pool2x2(self, input):
         """2x2 max-pool with stride 2; odd sizes round up (7 -> 4), NaN propagates.
 
@@ -152,9 +172,11 @@ conv_transpose3x3 = _cae.conv_transpose3x3
 max_pool2x2 = _cae.max_pool2x2
 encoder_block = _cae.encoder_block
 decoder_block = _cae.decoder_block
+decoder_block_loss = _cae.decoder_block_loss
 sigmoid_cross_entropy = _cae.sigmoid_cross_entropy
 adam_ = _cae.adam_
 with_cuda = _registration.with_cuda
 
-__all__ = ["adam_", "conv3x3", "conv_transpose3x3", "decoder_block", "encoder_block", "max_pool2x2",
+__all__ = ["adam_", "conv3x3", "conv_transpose3x3", "decoder_block", "decoder_block_loss", "encoder_block",
+           "max_pool2x2",
            "sigmoid_cross_entropy"]

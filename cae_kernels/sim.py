@@ -268,6 +268,7 @@ else:
     max_pool2x2 = _functions.max_pool2x2
     encoder_block = _functions.encoder_block
     decoder_block = _functions.decoder_block
+    decoder_block_loss = _functions.decoder_block_loss
     sigmoid_cross_entropy = _functions.sigmoid_cross_entropy
     adam_ = _functions.adam_
 
@@ -279,6 +280,7 @@ __all__ = [
     "LaunchRecorder",
     "count_launches",
     "decoder_block",
+    "decoder_block_loss",
     "encoder_block",
     "launch_counts",
     "max_pool2x2",

@@ -166,11 +166,30 @@ struct EncoderBlockBackwardParams {
   bool nhwc;
 };
 
+// The autoencoder's loss computed inside a decoder block's kernels (ops.h
+// decoder_block_loss): against target (the output's shape and layout, in the
+// output's accumulation dtype: float32 for float16 and bfloat16), loss and
+// rmse as SigmoidCrossEntropyParams has them, 0-d in that dtype. The
+// backward's: the output's gradient is the loss's, from the saved logits,
+// the target and grad_loss (0-d, on the device).
+struct DecoderLossParams {
+  Tensor target;
+  Tensor loss;
+  Tensor rmse;
+};
+
+struct DecoderLossGradParams {
+  Tensor logits;
+  Tensor target;
+  Tensor grad_loss;
+};
+
 // A decoder block's forward (ops.h decoder_block) where a backend fuses it:
 // weights[i] [C_i, C_i+1, 3, 3] a stride-2 transposed convolution with its
 // bias and activation, the last a linear stride-1 one, whose output is
-// center-cropped (corner as ops.h crop_corner) to out's height and width.
-// False for a shape the kernel does not take; ops.h then composes the block.
+// center-cropped (corner as ops.h crop_corner) to out's height and width;
+// and the loss of out where given. False for a shape the kernel does not
+// take; ops.h then composes the block.
 struct DecoderBlockParams {
   Tensor out;
   Tensor input;
@@ -178,23 +197,27 @@ struct DecoderBlockParams {
   std::vector<Tensor> biases;   // contiguous
   bool relu;
   bool nhwc;
+  std::optional<DecoderLossParams> loss;
 };
 
 // The decoder block's backward (ops.h decoder_block_backward) where a backend
 // fuses it: the hidden layers recomputed from input, then every weight's and
 // bias's gradient (grad_weights, grad_biases: preallocated like weights and
-// biases), and grad_input where given. False for a shape the kernel does not
-// take; ops.h then runs the per-op chain.
+// biases), and grad_input where given. The output's gradient: grad_output,
+// plus the loss's where `loss` is given (grad_output may then be absent).
+// False for a shape the kernel does not take; ops.h then runs the per-op
+// chain.
 struct DecoderBlockBackwardParams {
   OptTensor grad_input;
   std::vector<Tensor> grad_weights;
   std::vector<Tensor> grad_biases;
-  Tensor grad_output;  // [N, C_L, crop height, crop width]
+  OptTensor grad_output;  // [N, C_L, crop height, crop width]
   Tensor input;
   std::vector<Tensor> weights;  // contiguous
   std::vector<Tensor> biases;   // contiguous
   bool relu;
   bool nhwc;
+  std::optional<DecoderLossGradParams> loss;
 };
 
 // The autoencoder's loss where a backend fuses it (ops.h

@@ -50,6 +50,18 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   m.def(
       "decoder_block_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor[] biases, "
       "bool relu, SymInt[] output_size, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
+  // The decoder block and the loss of its output against target (whose size
+  // is the crop's) in one op: (logits, loss, rmse), the loss and the RMSE as
+  // sigmoid_cross_entropy's, in the block's accumulation dtype (the target's
+  // too). The backward takes the loss's gradient and, where the logits have
+  // one of their own, grad_output.
+  m.def(
+      "decoder_block_loss(Tensor input, Tensor[] weights, Tensor[] biases, bool relu, Tensor target) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "decoder_block_loss_backward(Tensor grad_loss, Tensor? grad_output, Tensor logits, Tensor target, "
+      "Tensor input, Tensor[] weights, Tensor[] biases, bool relu, bool input_grad) -> "
+      "(Tensor, Tensor[], Tensor[])");
   // The loss (ops.h): (mean binary cross-entropy on logits, RMSE of their
   // sigmoid) against a target of the logits' sizes; the backward, the logits'
   // gradient from the loss's.
@@ -111,6 +123,25 @@ constexpr char kEncoderBlock[] = "encoder_block";
 constexpr char kDecoderBlock[] = "decoder_block";
 constexpr char kLoss[] = "sigmoid_cross_entropy";
 using LossSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+
+// The block in the lower precision, the target (and so the loss) in float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_block_loss_autocast(const at::Tensor& input,
+                                                                           at::TensorList weights,
+                                                                           at::TensorList biases, bool relu,
+                                                                           const at::Tensor& target) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(CAE_OP_NAME(CAE_NAMESPACE, "decoder_block_loss"), "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+                                                                at::TensorList, bool, const at::Tensor&)>();
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(kAutocastDevice));
+  const auto lower = at::autocast::get_lower_precision_fp_from_device_type(kAutocastDevice);
+  using at::autocast::cached_cast;
+  return op.call(cached_cast(lower, input, kAutocastDevice), cached_cast(lower, weights, kAutocastDevice),
+                 cached_cast(lower, biases, kAutocastDevice), relu,
+                 cached_cast(at::kFloat, target, kAutocastDevice));
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
@@ -119,6 +150,7 @@ TORCH_LIBRARY_IMPL(CAE_NAMESPACE, CAE_AUTOCAST_KEY, m) {
   m.impl(kEncoderBlock, &Autocast<kEncoderBlock, EncoderBlockSignature>::call);
   m.impl(kDecoderBlock, &Autocast<kDecoderBlock, DecoderBlockSignature>::call);
   m.impl(kLoss, &Autocast<kLoss, LossSignature, true>::call);
+  m.impl("decoder_block_loss", &decoder_block_loss_autocast);
 }
 
 #if !defined(CAE_WITH_CUDA) && !defined(CAE_SIM)

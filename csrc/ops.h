@@ -21,6 +21,7 @@
 // forward and vice versa, so four convolution kernels serve both op families.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,6 +54,8 @@ inline constexpr const char* kOpNames[] = {"conv3x3",
                                            "encoder_block_backward",
                                            "decoder_block",
                                            "decoder_block_backward",
+                                           "decoder_block_loss",
+                                           "decoder_block_loss_backward",
                                            "sigmoid_cross_entropy",
                                            "sigmoid_cross_entropy_backward",
                                            "adam_"};
@@ -496,8 +499,9 @@ struct Ops {
   // A decoder block: every weight but the last a stride-2 transposed
   // convolution with its bias and activation, the last a linear stride-1 one;
   // its output center-cropped to output_size ([H, W]).
+  // size_name: what gave output_size, for the message.
   static void check_decoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases,
-                                  at::IntArrayRef output_size) {
+                                  at::IntArrayRef output_size, const char* size_name = "output_size") {
     TORCH_CHECK(!weights.empty(), "cae: decoder_block takes one or more weights, got 0");
     check_block_biases("decoder_block", weights, biases);
     const auto stride = [&](size_t i) -> int64_t { return i + 1 < weights.size() ? 2 : 1; };
@@ -513,7 +517,7 @@ struct Ops {
     const int64_t h = input.size(2) * scale, w = input.size(3) * scale;
     TORCH_CHECK(output_size.size() == 2 && output_size[0] >= 0 && output_size[1] >= 0 &&
                     output_size[0] <= h && output_size[1] <= w,
-                "cae: decoder_block's output_size must be [H, W] within its output of [", h, ", ", w,
+                "cae: decoder_block's ", size_name, " must be [H, W] within its output of [", h, ", ", w,
                 "], got ", output_size);
   }
 
@@ -543,6 +547,12 @@ struct Ops {
                               c10::SymIntArrayRef output_size) {
     const auto size = C10_AS_INTARRAYREF_SLOW(output_size);
     check_decoder_block(input, weights, biases, size);
+    return decoder_block_output(input, weights, biases, relu, size);
+  }
+
+  // decoder_block after its checks.
+  static Tensor decoder_block_output(const Tensor& input, at::TensorList weights, at::TensorList biases,
+                                     bool relu, at::IntArrayRef size) {
     if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
       if (fusable(input, weights) && size[0] > 0 && size[1] > 0) {
         const bool nhwc = is_channels_last(input);
@@ -620,6 +630,102 @@ struct Ops {
       }
     }
     return {grad, grad_weights, grad_biases};
+  }
+
+  // --- The decoder block and the loss of its output (decoder_block, then
+  // sigmoid_cross_entropy) in one op, the crop given by the target's size:
+  // the backend computes the loss in the block's kernel where it fuses it
+  // (backend.h DecoderLossParams), and its backward stages the loss's
+  // gradient itself. The loss, the RMSE, the target and grad_loss are in the
+  // block's accumulation dtype (float32 for float16 and bfloat16: autocast's
+  // loss dtype), and the composed path computes the loss there too.
+
+  static at::ScalarType loss_dtype(const Tensor& input) { return at::toOpMathType(input.scalar_type()); }
+
+  static void check_decoder_block_loss(const Tensor& input, at::TensorList weights, at::TensorList biases,
+                                       const Tensor& target) {
+    TORCH_CHECK(target.dim() == 4, "cae: decoder_block_loss's target must be a 4-D (N, C, H, W) tensor, got ",
+                target.dim(), "-D with sizes ", target.sizes());
+    check_decoder_block(input, weights, biases, target.sizes().slice(2), "target's size");
+    TORCH_CHECK(target.scalar_type() == loss_dtype(input),
+                "cae: decoder_block_loss's target must have dtype ", loss_dtype(input),
+                " (the loss's dtype for input of dtype ", input.scalar_type(), "), got ",
+                target.scalar_type());
+    TORCH_CHECK(target.device() == input.device(), "cae: target is on device ", target.device(),
+                " but input is on device ", input.device());
+    check_same_shape(target, "target",
+                     {input.size(0), weights.back().size(1), target.size(2), target.size(3)},
+                     "the block's output: the input's batch, the last weight's channels");
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> decoder_block_loss(const Tensor& input, at::TensorList weights,
+                                                               at::TensorList biases, bool relu,
+                                                               const Tensor& target) {
+    check_decoder_block_loss(input, weights, biases, target);
+    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
+      if (fusable(input, weights) && target.numel() > 0) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        auto out = at::empty(target.sizes(), input.options().memory_format(format));
+        Tensor loss = at::empty({}, target.options()), rmse = at::empty({}, target.options());
+        if (K::decoder_block(
+                {.out = out,
+                 .input = input.contiguous(format),
+                 .weights = contiguous_all(weights),
+                 .biases = contiguous_all(biases),
+                 .relu = relu,
+                 .nhwc = nhwc,
+                 .loss = DecoderLossParams{.target = target.contiguous(format), .loss = loss, .rmse = rmse}}))
+          return {out, loss, rmse};
+      }
+    }
+    Tensor logits = decoder_block_output(input, weights, biases, relu, target.sizes().slice(2));
+    auto [loss, rmse] = sigmoid_cross_entropy(logits.to(target.scalar_type()), target);
+    return {logits, loss, rmse};
+  }
+
+  // The block's gradients from the loss's (grad_loss) and, where given, the
+  // logits' own (grad_output); logits: the forward's output.
+  static BlockGrads decoder_block_loss_backward(const Tensor& grad_loss, const OptTensor& grad_output,
+                                                const Tensor& logits, const Tensor& target,
+                                                const Tensor& input, at::TensorList weights,
+                                                at::TensorList biases, bool relu, bool input_grad) {
+    check_decoder_block_loss(input, weights, biases, target);
+    check_activation(logits, "logits", input);
+    check_same_shape(logits, "logits", target.sizes(), "the target's");
+    if (grad_output) {
+      check_activation(*grad_output, "grad_output", input);
+      check_same_shape(*grad_output, "grad_output", target.sizes(), "the target's");
+    }
+    TORCH_CHECK(grad_loss.dim() == 0, "cae: decoder_block_loss_backward's grad_loss must be 0-D, got sizes ",
+                grad_loss.sizes());
+    check_like(grad_loss, "grad_loss", target);
+    if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
+      if (fusable(input, weights) && target.numel() > 0) {
+        const bool nhwc = is_channels_last(input);
+        const auto format = memory_format(nhwc);
+        auto grads = empty_block_grads(input, weights, biases, input_grad, format);
+        const auto& [grad_input, grad_weights, grad_biases] = grads;
+        if (K::decoder_block_backward(
+                {.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
+                 .grad_weights = grad_weights,
+                 .grad_biases = grad_biases,
+                 .grad_output = grad_output ? OptTensor(grad_output->contiguous(format)) : std::nullopt,
+                 .input = input.contiguous(format),
+                 .weights = contiguous_all(weights),
+                 .biases = contiguous_all(biases),
+                 .relu = relu,
+                 .nhwc = nhwc,
+                 .loss = DecoderLossGradParams{.logits = logits.contiguous(format),
+                                               .target = target.contiguous(format),
+                                               .grad_loss = grad_loss}}))
+          return grads;
+      }
+    }
+    Tensor grad = sigmoid_cross_entropy_backward(grad_loss, logits.to(target.scalar_type()), target);
+    if (grad_output) grad = grad + *grad_output;
+    return decoder_block_backward(grad.to(input.scalar_type()), input, weights, biases, relu,
+                                  c10::fromIntArrayRefSlow(target.sizes().slice(2)), input_grad);
   }
 
   // --- The loss: binary cross-entropy on logits (mean over every element) and
@@ -761,6 +867,8 @@ struct Ops {
     m.impl("encoder_block_backward", &encoder_block_backward);
     m.impl("decoder_block", &decoder_block);
     m.impl("decoder_block_backward", &decoder_block_backward);
+    m.impl("decoder_block_loss", &decoder_block_loss);
+    m.impl("decoder_block_loss_backward", &decoder_block_loss_backward);
     m.impl("sigmoid_cross_entropy", &sigmoid_cross_entropy);
     m.impl("sigmoid_cross_entropy_backward", &sigmoid_cross_entropy_backward);
     m.impl("adam_", &adam_);

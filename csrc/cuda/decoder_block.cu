@@ -56,7 +56,15 @@ bool CudaKernels::decoder_block(const DecoderBlockParams& p) {
     if (!plan.ok) return;
     cuda::check_grid(plan.blocks, "decoder_block");
     cuda::check_smem(plan.smem, "decoder_block");
-    cuda::launch_decoder_block<scalar_t, acc_t>(a, plan, p.nhwc, stream);
+    cuda::DecoderLoss<acc_t> loss{};
+    cuda::GridSumsWorkspace<acc_t> workspace;  // the loss's sums; kept until the launch
+    if (p.loss) {
+      workspace = cuda::grid_sums_workspace<acc_t>(p.input, cuda::kLossSums, static_cast<int>(plan.blocks),
+                                                   stream, "decoder_block_loss");
+      loss = {p.loss->target.const_data_ptr<acc_t>(), p.loss->loss.mutable_data_ptr<acc_t>(),
+              p.loss->rmse.mutable_data_ptr<acc_t>(), workspace.sums};
+    }
+    cuda::launch_decoder_block<scalar_t, acc_t>(a, plan, loss, p.nhwc, stream);
     CAE_KERNEL_LAUNCH_CHECK();
     launched = true;
   });
@@ -75,8 +83,9 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
   CAE_DISPATCH_FLOATING_TYPES(p.input.scalar_type(), "cae_decoder_block_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::DecoderBlockBackwardArgs<scalar_t, acc_t> b{};
-    b.f = decoder_args<scalar_t>(nullptr, p.input, p.weights, p.biases, p.grad_output.size(2),
-                                 p.grad_output.size(3), p.relu);
+    const Tensor& output = p.loss ? p.loss->logits : *p.grad_output;  // its shape
+    b.f =
+        decoder_args<scalar_t>(nullptr, p.input, p.weights, p.biases, output.size(2), output.size(3), p.relu);
     const auto plan =
         cuda::plan_decoder_block<scalar_t, acc_t>(b.f, p.nhwc, true, cuda::smem_dynamic_budget());
     if (!plan.ok) return;
@@ -91,11 +100,15 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
     const auto workspace =
         cuda::grid_sums_workspace<acc_t>(p.input, size, blocks, stream, "decoder_block_backward");
     b.sums = workspace.sums;
-    b.grad_output = p.grad_output.const_data_ptr<scalar_t>();
+    b.grad_output = p.grad_output ? p.grad_output->const_data_ptr<scalar_t>() : nullptr;
+    if (p.loss) {
+      b.loss = {p.loss->logits.const_data_ptr<scalar_t>(), p.loss->target.const_data_ptr<acc_t>(),
+                p.loss->grad_loss.const_data_ptr<acc_t>()};
+    }
     b.grad_input = cuda::mutable_or_null<scalar_t>(p.grad_input);
     constexpr int V = cuda::vec_width<scalar_t>(), VO = cuda::vec_width<scalar_t, cuda::kBlockGroup>();
     const int C_out = b.f.C[L], C_in = b.f.C[0];
-    b.vec_grad_output = p.nhwc && cuda::vector_ok<V>(b.grad_output, C_out, C_out);
+    b.vec_grad_output = p.nhwc && b.grad_output != nullptr && cuda::vector_ok<V>(b.grad_output, C_out, C_out);
     b.vec_grad_input = p.nhwc && b.grad_input != nullptr && C_in % VO == 0 &&
                        reinterpret_cast<uintptr_t>(b.grad_input) % (sizeof(scalar_t) * VO) == 0;
     cuda::launch_decoder_block_backward(

@@ -14,7 +14,10 @@
 //      of one parity class (stride 2: the class fixes the taps; threads of
 //      one class are consecutive, so a warp runs one tap pattern where an
 //      image has 32 pixels per class or more) and kBlockGroup channels;
-//   2. the last layer at the crop's positions only, stored to global memory.
+//   2. the last layer at the crop's positions only, stored to global memory;
+//      with a target (DecoderLoss), each block also sums the loss of the
+//      logits it stores, and the grid's sums become the loss (grid_sums.cuh):
+//      the autoencoder's loss costs no launch of its own.
 // Each sum runs in correlate_transpose_kernel's order (input channel, ky, kx)
 // and every hidden output is rounded to T as the per-op kernel stores it, so
 // float32 and float64 results equal the composed per-op path bitwise.
@@ -24,6 +27,7 @@
 
 #include "encoder_block_kernels.cuh"
 #include "grid_sums.cuh"
+#include "loss_kernels.cuh"
 
 namespace cae {
 namespace cuda {
@@ -42,6 +46,25 @@ struct DecoderBlockArgs {
   int H_out, W_out, top, left;    // the crop and its corner in the last layer's output
   bool relu;
 };
+
+// The loss of the block's output where the op asks for it (ops.h
+// decoder_block_loss): the mean binary cross-entropy of the logits against
+// `target` and the RMSE of their sigmoid, as sigmoid_cross_entropy_kernel
+// computes them from the stored (T-rounded) logits. target == nullptr: none.
+template <typename Acc>
+struct DecoderLoss {
+  const Acc* target;   // the output's shape and layout, in Acc (float32 under autocast)
+  Acc* loss;           // 0-d
+  Acc* rmse;           // 0-d
+  GridSums<Acc> sums;  // kLossSums per block
+};
+
+// Element (n, c, y, x) of an [N, C, H, W] tensor in the layout.
+template <bool NHWC>
+CAE_DEVICE index_t pixel_offset(int n, int c, int y, int x, int C, int H, int W) {
+  return NHWC ? ((static_cast<index_t>(n) * H + y) * W + x) * C + c
+              : ((static_cast<index_t>(n) * C + c) * H + y) * W + x;
+}
 
 // An image's plane in shared memory: [channels][rows][cols] with a zero
 // border column on either side (cols = width + 2) and, for a whole plane, a
@@ -252,9 +275,12 @@ CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, con
 
 // The last layer (stride 1, linear) at the crop's output rows [oy0, oy1),
 // stored: `src` is the last plane's row of input row top + oy0 - 1.
+// With a target, adds each stored logit's cross-entropy and squared error to
+// `loss_sums`.
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void decoder_last_rows(const Acc* smem, const Acc* src, const DecoderBlockArgs<T>& a,
-                                  const DecoderBlockTiling& t, int n0, int oy0, int oy1, int tid) {
+                                  const DecoderBlockTiling& t, const Acc* __restrict__ target,
+                                  Acc (&loss_sums)[kLossSums], int n0, int oy0, int oy1, int tid) {
   const int L = a.layers, C_a = pick(a.C, L - 1), C_b = pick(a.C, L), groups = ceil_div(C_b, G);
   const DecoderPlane p = pick(t.plane, L - 1);
   StridedDigits at(tid, a.W_out, oy1 - oy0, t.samples);  // (column, row, sample, group)
@@ -265,16 +291,28 @@ CAE_DEVICE void decoder_last_rows(const Acc* smem, const Acc* src, const Decoder
     for (int j = 0; j < G; ++j) acc[j] = Acc(0);
     accumulate_transposed<1>(acc, src + s * p.sample_stride, p.channel_stride, p.cols,
                              smem + t.last_weights + co0 * C_a * 9, C_a, at.digit[1], a.left + ox);
-    if (n0 + s < a.N)
-      store_pixel<G, NHWC>(a.out, acc, pick(a.b, L - 1), false, n0 + s, co0, C_b, a.H_out, a.W_out, oy, ox,
-                           t.vec_out);
+    if (n0 + s >= a.N) continue;
+    store_pixel<G, NHWC>(a.out, acc, pick(a.b, L - 1), false, n0 + s, co0, C_b, a.H_out, a.W_out, oy, ox,
+                         t.vec_out);
+    if (target == nullptr) continue;
+    CAE_UNROLL
+    for (int j = 0; j < G; ++j) {
+      if (co0 + j >= C_b) continue;
+      // The logit as stored (store_pixel: bias added, rounded to T).
+      const Acc z = static_cast<Acc>(static_cast<T>(acc[j] + static_cast<Acc>(pick(a.b, L - 1)[co0 + j])));
+      const Acc y = target[pixel_offset<NHWC>(n0 + s, co0 + j, oy, ox, C_b, a.H_out, a.W_out)];
+      const Acc d = sigmoid(z) - y;
+      loss_sums[0] += cross_entropy(z, y);
+      loss_sums[1] += d * d;
+    }
   }
 }
 
 // The whole block for one group of images, G the last layer's channel group.
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
-                                  int n0, int tid) {
+                                  const Acc* __restrict__ target, Acc (&loss_sums)[kLossSums], int n0,
+                                  int tid) {
   const int L = a.layers;
   // 0. The input with its border into plane 0, the other planes zeroed (their
   // borders: the layers write the interiors), the last layer's weights.
@@ -287,7 +325,8 @@ CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const
   stage_transposed_weight<G>(smem + t.last_weights, pick(a.w, L - 1), pick(a.C, L - 1), pick(a.C, L), tid);
   if (L == 1) {
     __syncthreads();
-    decoder_last_rows<G, NHWC>(smem, smem + p0.offset + a.top * p0.cols, a, t, n0, 0, a.H_out, tid);
+    decoder_last_rows<G, NHWC>(smem, smem + p0.offset + a.top * p0.cols, a, t, target, loss_sums, n0, 0,
+                               a.H_out, tid);
     return;
   }
   // 1. The hidden layers but the last, whole planes.
@@ -304,28 +343,44 @@ CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const
     if (oy0 > 0) __syncthreads();  // the previous strip done reading
     decoder_hidden_rows(smem, a, t, L - 2, last, 0, a.top + oy0 - 1, oy1 - oy0 + 2, tid);
     __syncthreads();
-    decoder_last_rows<G, NHWC>(smem, smem + last.offset, a, t, n0, oy0, oy1, tid);
+    decoder_last_rows<G, NHWC>(smem, smem + last.offset, a, t, target, loss_sums, n0, oy0, oy1, tid);
   }
 }
 
 template <typename T, typename Acc, bool NHWC>
 __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
-    decoder_block_kernel(DecoderBlockArgs<T> a, DecoderBlockTiling t) {
+    decoder_block_kernel(DecoderBlockArgs<T> a, DecoderBlockTiling t, DecoderLoss<Acc> loss) {
   CAE_DYNAMIC_SHARED(Acc, smem);
+  __shared__ Acc scratch[kWarps];
+  __shared__ int flag;
   const int tid = threadIdx.x, n0 = static_cast<int>(blockIdx.x) * t.samples;
+  Acc sums[kLossSums] = {Acc(0), Acc(0)};  // this thread's cross-entropy and squared error
   if (decoder_last_group(pick(a.C, a.layers)) == 1) {
-    run_decoder_block<1, NHWC>(smem, a, t, n0, tid);
+    run_decoder_block<1, NHWC>(smem, a, t, loss.target, sums, n0, tid);
   } else {
-    run_decoder_block<kBlockGroup, NHWC>(smem, a, t, n0, tid);
+    run_decoder_block<kBlockGroup, NHWC>(smem, a, t, loss.target, sums, n0, tid);
+  }
+  if (loss.target == nullptr) return;
+  // 3. The loss: the block's sums in a fixed order, the grid's in the last block.
+  Acc* row = loss.sums.partials + static_cast<index_t>(blockIdx.x) * kLossSums;
+  for (int k = 0; k < kLossSums; ++k) {
+    const Acc v = block_sum(sums[k], scratch);
+    if (tid == 0) row[k] = v;
+  }
+  const Acc* totals = finish_grid_sums(loss.sums, &flag);
+  if (totals != nullptr && tid == 0) {
+    const Acc count = static_cast<Acc>(static_cast<index_t>(a.N) * pick(a.C, a.layers) * a.H_out * a.W_out);
+    *loss.loss = totals[0] / count;
+    *loss.rmse = sqrt(totals[1] / count);
   }
 }
 
 template <typename T, typename Acc>
-inline void launch_decoder_block(const DecoderBlockArgs<T>& a, const DecoderBlockPlan& p, bool nhwc,
-                                 cudaStream_t stream) {
+inline void launch_decoder_block(const DecoderBlockArgs<T>& a, const DecoderBlockPlan& p,
+                                 const DecoderLoss<Acc>& loss, bool nhwc, cudaStream_t stream) {
   with_bool(nhwc, [&](auto layout) {
     const auto kernel = decoder_block_kernel<T, Acc, decltype(layout)::value>;
-    CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t);
+    CAE_LAUNCH(kernel, static_cast<unsigned>(p.blocks), kThreads, p.smem, stream, a, p.t, loss);
   });
 }
 
@@ -335,14 +390,27 @@ inline void launch_decoder_block(const DecoderBlockArgs<T>& a, const DecoderBloc
 // (zeros outside the crop), then layer by layer from the last: its weight
 // and bias gradients (each block's partial row, summed over the grid by
 // finish_grid_sums), and its input's gradient, which overwrites the input's
-// plane (gated by its own ReLU) or goes to grad_input.
+// plane (gated by its own ReLU) or goes to grad_input. With the loss
+// (DecoderLossGrad), the output gradient is the loss's, staged from the saved
+// logits and the target, plus grad_output where given.
 // ---------------------------------------------------------------------------
+
+// The loss's gradient in the output's place: (sigmoid(logits) - target) *
+// grad_loss / count, as sigmoid_cross_entropy_grad_kernel computes it.
+// target == nullptr: none (grad_output is the output's gradient).
+template <typename T, typename Acc>
+struct DecoderLossGrad {
+  const T* logits;       // the forward's output
+  const Acc* target;     // in the logits' layout
+  const Acc* grad_loss;  // 0-d, on the device: read there (no host sync)
+};
 
 template <typename T, typename Acc>
 struct DecoderBlockBackwardArgs {
   DecoderBlockArgs<T> f;  // f.out unused
-  const T* grad_output;   // [N, C[L], H_out, W_out]
-  T* grad_input;          // [N, C[0], H, W], or nullptr: not asked for
+  const T* grad_output;   // [N, C[L], H_out, W_out]; nullptr with a loss: none
+  DecoderLossGrad<T, Acc> loss;
+  T* grad_input;  // [N, C[0], H, W], or nullptr: not asked for
   T* dw[kDecoderMaxLayers];
   T* db[kDecoderMaxLayers];
   GridSums<Acc> sums;  // a block's row: dw[0] | db[0] | dw[1] | db[1] | ...
@@ -418,6 +486,32 @@ CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderPlane& in, const Deco
   }
 }
 
+// The output gradient's plane (plane L, the last layer's full extent, zeros
+// outside the crop) from the loss: a thread per element, in the plane's
+// order; the logits and the target read where the crop has them.
+template <bool NHWC, typename T, typename Acc>
+CAE_DEVICE void stage_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc>& b,
+                                const DecoderBlockTiling& t, int n0, int tid) {
+  const DecoderBlockArgs<T>& a = b.f;
+  const int L = a.layers, C = pick(a.C, L);
+  const DecoderPlane pg = pick(t.plane, L);
+  const Acc scale = static_cast<Acc>(*b.loss.grad_loss) /
+                    static_cast<Acc>(static_cast<index_t>(a.N) * C * a.H_out * a.W_out);
+  StridedDigits at(tid, pg.cols, pg.rows, C);  // (column, row, channel, sample)
+  for (; at.digit[3] < t.samples; at.advance()) {
+    const int x = at.digit[0] - 1 - a.left, y = at.digit[1] - 1 - a.top, c = at.digit[2],
+              n = n0 + at.digit[3];
+    Acc v = Acc(0);
+    if (n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out) {
+      const index_t i = pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out);
+      v = (sigmoid(static_cast<Acc>(b.loss.logits[i])) - b.loss.target[i]) * scale;
+      if (b.grad_output != nullptr) v += static_cast<Acc>(b.grad_output[i]);
+    }
+    smem[pg.offset + at.digit[3] * pg.sample_stride + c * pg.channel_stride + at.digit[1] * pg.cols +
+         at.digit[0]] = v;
+  }
+}
+
 template <typename T, typename Acc, bool NHWC>
 __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     decoder_block_backward_kernel(DecoderBlockBackwardArgs<T, Acc> b, DecoderBlockTiling t) {
@@ -430,8 +524,12 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   // hidden planes zeroed.
   const DecoderPlane p0 = t.plane[0], pg = pick(t.plane, L);
   stage_decoder_plane<NHWC>(smem, p0, a.x, a.N, a.C[0], a.H, a.W, n0, -1, -1, t.samples, t.vec_in, tid);
-  stage_decoder_plane<NHWC>(smem, pg, b.grad_output, a.N, pick(a.C, L), a.H_out, a.W_out, n0, -1 - a.top,
-                            -1 - a.left, t.samples, b.vec_grad_output, tid);
+  if (b.loss.target == nullptr) {
+    stage_decoder_plane<NHWC>(smem, pg, b.grad_output, a.N, pick(a.C, L), a.H_out, a.W_out, n0, -1 - a.top,
+                              -1 - a.left, t.samples, b.vec_grad_output, tid);
+  } else {
+    stage_loss_grad<NHWC>(smem, b, t, n0, tid);
+  }
   for (int i = p0.offset + t.samples * p0.sample_stride + tid; i < pg.offset; i += kThreads) smem[i] = Acc(0);
   // 1. The hidden layers, whole planes.
   for (int i = 0; i + 1 < L; ++i) {
