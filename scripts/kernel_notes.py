@@ -53,6 +53,12 @@ LAUNCH_US = 2.0  # fixed cost per launch: back-to-back small kernels in one stre
 # Per staged element, float32, from the sm_90 SASS of the staging loops (division-free walks;
 # benchmarks/results/sass-sm90.md's notes): index arithmetic, bounds, load, convert, store.
 STAGE_INSTRUCTIONS = {False: 58, True: 25}  # by layout: NCHW, NHWC (vector loads)
+# The loss inside the decoder's kernels (decoder_block_loss), estimated rather than read from
+# the SASS: per logit in the forward, the target's load and index, exp and log1p (MUFU with
+# their range fixes), a reciprocal and the two sums; per element of the backward's output
+# gradient, beyond its staging, the logit's and target's loads, exp and a reciprocal.
+LOSS_INSTRUCTIONS = 40
+LOSS_GRAD_INSTRUCTIONS = 20
 # Tensor cores through mma.sync: issue slots a product holds its warp's scheduler (the tensor
 # pipe's rate for mma.sync on sm_90, about 512 dense f16 multiply-adds per SM and clock, so an
 # m16n8k16 (2048) takes 4 per scheduler; tf32 half the rate: m16n8k8 (1024) also 4).
@@ -102,8 +108,9 @@ Per launch:
 
 FUSED_MODEL = """\
 **The fused step** (`ConvAutoencoder(fused=True)`, what CUDA runs by default): one launch per
-encoder block (`encoder1`..`encoder3`) and its backward, one for the decoder and one for its
-backward, the loss's two. The block kernels are modeled from their loop structure as the
+encoder block (`encoder1`..`encoder3`) and its backward, one for the decoder with the loss and
+one for its backward (`decoder_block_loss`: the loss summed in the decoder's kernel, its
+gradient staged in the backward's), Adam's one. The block kernels are modeled from their loop structure as the
 per-op ones, with the same constants: their tilings are copies of the planners, checked against
 the recorded grid and shared memory; a warp runs 32 consecutive work items; per channel and tap
 of `accumulate_windows` the window's loads (each value once for a work item's 2 rows), two
@@ -302,7 +309,7 @@ def estimate(call, launch, index_in_op):
     family = kernel_family(launch.kernel)
     a = call.args
     e = Estimate()
-    if call.op in BLOCK_MODELS and family not in BLOCK_MODELS:
+    if call.op.removesuffix("_backward").removesuffix("_loss") in BLOCK_MODELS and family not in BLOCK_MODELS:
         raise SystemExit(f"kernel_notes: {call.op} composed per-op kernels ({launch.kernel}): its kernel "
                          "declined the shapes; the model covers the fused kernel only")
     warps = launch.blocks * launch.threads_per_block // 32
@@ -748,7 +755,8 @@ def _decoder_tiling(call, launch, backward):
     n, _, h, w = x.shape
     chans = [x.shape[1]] + [wt.shape[1] for wt in weights]
     layers = len(weights)
-    h_out, w_out = a["output_size"]
+    # decoder_block_loss and its backward: the crop is the target's size
+    h_out, w_out = a["output_size"] if "output_size" in a else a["target"].shape[2:]
 
     def weight_elements(c_in, c_out, group):
         return math.ceil(c_out / group) * group * c_in * 9
@@ -806,11 +814,16 @@ def _decoder_block(call, launch, e):
     last_group = 1 if chans[layers] == 1 else GROUP
     items = t["w_out"] * t["h_out"] * s * math.ceil(chans[layers] / last_group)
     work.taps(items, chans[layers - 1], 9, last_group)  # stride 1: every tap
-    work.add(e, launch.blocks)
     a = call.args
     out = call.results[0]
+    loss = call.op == "decoder_block_loss"
+    if loss:  # each logit's cross-entropy and squared error: the target's load, exp, log1p, a division
+        work.issue += _warp_items(items) * last_group * LOSS_INSTRUCTIONS
+    work.add(e, launch.blocks)
     e.bytes = nbytes(a["input"]) + sum(nbytes(t) for t in a["weights"] + a["biases"]) + nbytes(out)
-    e.outputs = out.numel()
+    if loss:
+        e.bytes += nbytes(a["target"]) + _grid_sums_bytes(launch.blocks, 2)
+    e.outputs = out.numel() + (2 if loss else 0)
 
 
 def _decoder_block_backward(call, launch, e):
@@ -825,6 +838,9 @@ def _decoder_block_backward(call, launch, e):
     work = _Work(launch.kernel.endswith("true>"))
     p0, pg = planes[0], planes[layers]
     work.stage(s * chans[0] * p0[0] * p0[1] + s * chans[layers] * pg[0] * pg[1])
+    loss = call.op == "decoder_block_loss_backward"
+    if loss:  # the output gradient from the logits and the target: a sigmoid per element
+        work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * LOSS_GRAD_INSTRUCTIONS
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
     for i in range(layers - 1):
         size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
@@ -859,7 +875,8 @@ def _decoder_block_backward(call, launch, e):
         conflict = _window_conflicts(in_cols - 2, in_rows - 2, s, (stride, stride), g_cols, c_b * g_plane)
         work.windows(hw * s * math.ceil(c_a / GROUP), c_b, 1, input_conflict=conflict)
     work.add(e, launch.blocks)
-    e.bytes = (nbytes(a["input"]) + nbytes(a["grad_output"]) + sum(nbytes(t) for t in a["weights"] + a["biases"]) * 2
+    output_grads = (nbytes(a["logits"]) + nbytes(a["target"]) if loss else 0) + nbytes(a.get("grad_output"))
+    e.bytes = (nbytes(a["input"]) + output_grads + sum(nbytes(t) for t in a["weights"] + a["biases"]) * 2
                + (nbytes(a["input"]) if input_grad else 0) + _grid_sums_bytes(launch.blocks, sums))
     e.outputs = sums + (a["input"].numel() if input_grad else 0)
 
@@ -994,7 +1011,7 @@ def per_kernel(steps):
 
 
 FORWARD_OPS = ("conv3x3", "conv_transpose3x3", "max_pool2x2", "encoder_block", "decoder_block",
-               "sigmoid_cross_entropy")
+               "decoder_block_loss", "sigmoid_cross_entropy")
 
 
 def per_layer(steps):

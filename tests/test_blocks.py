@@ -312,6 +312,29 @@ def test_model_fused_matches_per_op(downsample, fmt):
     assert fused.layer_shapes(4) == per_op.layer_shapes(4)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_model_forward_loss_fused_matches_per_op(downsample, fmt):
+    """forward_loss on the blocks (the decoder and the loss in one op, decoder_block_loss)
+    as the per-op path's forward then loss: logits, loss, RMSE and gradients."""
+    torch.manual_seed(4)
+    fused = ConvAutoencoder(downsample=downsample, memory_format=FORMATS[fmt], image_size=(13, 11), fused=True)
+    per_op = ConvAutoencoder(downsample=downsample, memory_format=FORMATS[fmt], image_size=(13, 11), fused=False)
+    per_op.load_state_dict(fused.state_dict())
+    x, target = torch.rand(3, 1, 13, 11), torch.rand(3, 1, 13, 11)
+    results = []
+    for model in (fused, per_op):
+        logits, loss, rmse = model.forward_loss(x, target)
+        loss.backward()
+        results.append((logits, loss, rmse))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert results[0][0].stride() == results[1][0].stride()
+    torch.testing.assert_close(results[1][1:], per_op.loss(per_op(x), target))
+    for (name, p), q in zip(fused.named_parameters(), per_op.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_model_chooses_the_fused_path_by_device_and_backend():
     x = torch.zeros(1)
     assert not ConvAutoencoder(backend="cae").uses_fused_blocks(x)  # the CPU kernels: per op
@@ -349,13 +372,17 @@ def test_fused_model_saves_at_most_a_quarter(downsample):
     assert fused <= per_op / 4
 
 
+@pytest.mark.parametrize("with_loss", [False, True], ids=["forward", "forward_loss"])
 @pytest.mark.parametrize("downsample", ["pool", "stride"])
-def test_fused_model_under_torch_compile(downsample):
-    """The blocks trace whole (fakes, autograd) in one graph: the same loss and gradients."""
+def test_fused_model_under_torch_compile(downsample, with_loss):
+    """The blocks trace whole (fakes, autograd) in one graph, the decoder with its loss too:
+    the same loss and gradients."""
     model = ConvAutoencoder(downsample=downsample, image_size=(13, 11), fused=True).double()
     x = torch.rand(2, 1, 13, 11, dtype=F64)
 
     def step(x):
+        if with_loss:
+            return model.forward_loss(x, x)[1]
         return torch.nn.functional.binary_cross_entropy_with_logits(model(x), x)
 
     results = []

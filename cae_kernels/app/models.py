@@ -204,6 +204,12 @@ class _Autoencoder(nn.Module):
         with torch.no_grad():
             return loss, (torch.sigmoid(logits) - target).square().mean().sqrt()
 
+    def forward_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(logits, loss, rmse)`` of a batch: ``forward`` then ``loss``, where a model
+        fuses the two (ConvAutoencoder's decoder block computes the loss of its output)."""
+        logits = self(x)
+        return logits, *self.loss(logits, target)
+
     def weights(self) -> list[nn.Parameter]:
         """The parameters that weight decay applies to: all weights, no biases."""
         return [p for name, p in self.named_parameters() if name.endswith("weight")]
@@ -361,6 +367,19 @@ class ConvAutoencoder(_Autoencoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), size=tuple(x.shape[-2:]))
+
+    def forward_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # On the fused blocks the decoder's op computes the loss of the logits it stores
+        # (``decoder_block_loss``: on CUDA no launch of its own, forward or backward).
+        if not self.uses_fused_blocks(x):
+            return super().forward_loss(x, target)
+        code = self.encode(x)
+        names = [f"deconv{level}" for level in range(1, len(self.filters) + 1)] + ["output"]
+        weights, biases = self._blocks("decoder", names)
+        code = _to_memory_format(code, self.memory_format)
+        target = _to_memory_format(target, self.memory_format)
+        logits, loss, rmse = self.functions.decoder_block_loss(code, weights, biases, target, self.activation)
+        return _to_memory_format(logits, self.memory_format), loss, rmse
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # This package's loss op on its backends: on CUDA one kernel for both, one for

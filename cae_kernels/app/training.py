@@ -85,8 +85,10 @@ def _train_step(model, optimizer, weights, x, target, weight_decay, autocast=Non
     the batch's summed loss is added to (read at the epoch's end), or None."""
     # No cast cache: a captured step must cast the weights it is replayed with.
     with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None, cache_enabled=False):
-        logits = model(x)
-        loss, rmse = getattr(model, "module", model).loss(logits, target)  # the model itself, or the one DDP wraps
+        if hasattr(model, "module"):  # DistributedDataParallel: its forward syncs the gradients
+            loss, rmse = model.module.loss(model(x), target)
+        else:  # the forward and the loss in one op where the model fuses them
+            _, loss, rmse = model.forward_loss(x, target)
     total = loss + _weight_penalty(weights, weight_decay) if weight_decay else loss
     optimizer.zero_grad(set_to_none=True)
     total.backward(_seed(total))
