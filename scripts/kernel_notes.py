@@ -480,6 +480,7 @@ def _weight_grad_results(call):
 
 THREADS = 256  # kThreads
 GROUP = 8  # kBlockGroup: a work item's output channels
+WEIGHT_GRAD_CHANNELS = 4  # kWeightGradChannels: a decoder weight-gradient item's input channels
 WEIGHT_VEC = 4  # a tap's 8 weights: two Vec<float, 4> broadcast loads (vec_width<float, 8>)
 BLOCK_SMEM_BUDGET = 44 * 1024  # kSmemBudget: the forward blocks' tiles
 BLOCK_FILL = 264  # kBlockFill
@@ -857,18 +858,25 @@ def _decoder_block_backward(call, launch, e):
         hw = (in_rows - 2) * (in_cols - 2)
         size = c_a * c_b * 9
         sums += size + c_b
-        # weight gradient: per position an FFMA and two loads (~4 issued); the first warp's
-        # addresses give its bank conflicts (threads over (ca, cb, tap))
-        lanes = range(min(32, size))
-        g_words = [((e_ // 9) % c_b) * g_plane + (e_ % 9 // 3) * g_cols + e_ % 3 for e_ in lanes]
-        x_words = [(e_ // (c_b * 9)) * in_plane for e_ in lanes]
-        warps = _warp_items(size)
-        work.issue += warps * s * hw * 4
-        work.wavefronts += warps * s * hw * (_bank_wavefronts(g_words) + _bank_wavefronts(x_words))
+        # weight gradient (decoder_weight_grad_row): a warp per item of WEIGHT_GRAD_CHANNELS input
+        # channels and one output channel, its lanes over the positions; per position the
+        # inputs' loads, the window's 9 loads, the FFMA and ~4 for the walk; the first warp's
+        # addresses give the bank conflicts; then a 5-step warp_sum (shuffle and add) per sum
+        a_ch = WEIGHT_GRAD_CHANNELS
+        items = math.ceil(c_a / a_ch) * c_b
+        rounds = math.ceil(s * hw / 32)
+        h_in, w_in = in_rows - 2, in_cols - 2
+        first = [(p // (w_in * h_in), (p // w_in) % h_in, p % w_in) for p in range(min(32, s * hw))]
+        x_words = [n * c_a * in_plane + (y + 1) * in_cols + x + 1 for n, y, x in first]
+        g_words = [n * c_b * g_plane + stride * y * g_cols + stride * x for n, y, x in first]
+        per_item = 9 * a_ch
+        work.issue += items * (rounds * (a_ch + 9 + per_item + 4) + per_item * 2 * 5)
+        work.wavefronts += items * (rounds * (a_ch * _bank_wavefronts(x_words) + 9 * _bank_wavefronts(g_words))
+                                    + per_item * 5)
         work.fmas += size * s * hw
         g_hw = (g_rows - 2) * (g_cols - 2)
-        work.issue += _warp_items(c_b) * s * g_hw * 3  # bias: a load and an add per position
-        work.wavefronts += _warp_items(c_b) * s * g_hw
+        work.issue += c_b * (math.ceil(s * g_hw / 32) * 4 + 10)  # bias: a warp each, a load and an add per position
+        work.wavefronts += c_b * (math.ceil(s * g_hw / 32) + 5)
         if i == 0 and not input_grad:
             break
         work.stage(c_a * c_b * 9, "rows")

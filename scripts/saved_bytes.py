@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """How many bytes a training step keeps for its backward pass, per model and backend.
 
-Runs the forward and the loss of the convolutional autoencoder under
+Runs the forward and the loss of the convolutional autoencoder as training does
+(``model.forward_loss``: on the fused blocks the decoder and the loss are one op) under
 ``torch.autograd.graph.saved_tensors_hooks`` and sums the storage of every tensor autograd
 saves (each storage once: a tensor saved by two nodes, or a view of a saved tensor, is
 counted once), then prints per model, layout and backend::
@@ -28,7 +29,14 @@ LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 
 
 def saved_bytes(model, x, target):
-    """Bytes of the distinct storages autograd saves for the backward of ``model``'s loss."""
+    """Bytes of the distinct storages autograd saves for the backward of ``model``'s loss
+    (``forward_loss``, as training computes it; a module without one: the binary
+    cross-entropy of its output)."""
+    forward_loss = getattr(model, "forward_loss", None)
+    if forward_loss is None:
+        def forward_loss(x, target):
+            return F.binary_cross_entropy_with_logits(model(x), target)
+
     storages = {}
 
     def pack(t):
@@ -37,7 +45,7 @@ def saved_bytes(model, x, target):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.binary_cross_entropy_with_logits(model(x), target)
+        forward_loss(x, target)
     return sum(storages.values())
 
 

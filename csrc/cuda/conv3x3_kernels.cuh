@@ -35,16 +35,17 @@ struct Window {
 
 // The digits of a thread's elements in a row-major index space of four
 // dimensions (digit[0] fastest; radices of the first three given, the last
-// unbounded), element `first` and every kThreads-th after it. The first
-// digits and kThreads's own cost a division per dimension once; advance()
-// then adds kThreads's digits with carries, at most one per digit (a digit
-// and a step digit are both below the radix): no division per element. The
-// walk ends when the last digit reaches that dimension's size.
+// unbounded), element `first` and every `stride`-th after it (kThreads: a
+// block's threads; 32: a warp's lanes). The first digits and the stride's
+// own cost a division per dimension once; advance() then adds the stride's
+// digits with carries, at most one per digit (a digit and a step digit are
+// both below the radix): no division per element. The walk ends when the
+// last digit reaches that dimension's size.
 struct StridedDigits {
   int digit[4], step[4], radix[3];
 
-  CAE_DEVICE StridedDigits(int first, int r0, int r1, int r2) : radix{r0, r1, r2} {
-    unsigned f = first, k = kThreads;  // unsigned: the shorter division
+  CAE_DEVICE StridedDigits(int first, int r0, int r1, int r2, int stride = kThreads) : radix{r0, r1, r2} {
+    unsigned f = first, k = stride;  // unsigned: the shorter division
     CAE_UNROLL
     for (int d = 0; d < 3; ++d) {
       const unsigned r = radix[d];

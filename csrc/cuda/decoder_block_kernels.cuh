@@ -421,35 +421,73 @@ struct DecoderBlockBackwardArgs {
 // partial row.
 CAE_HOST_DEVICE int decoder_grad_elements(int c_in, int c_out) { return c_in * c_out * 9 + c_out; }
 
+// Input channels per work item of decoder_weight_grad_row: each position's
+// input values are loaded once for kWeightGradChannels x 9 sums, its output
+// gradient's window once for all of them.
+constexpr int kWeightGradChannels = 4;
+
 // Layer i's weight gradient, then its bias's, over the block's images into
 // `row`: dw[ca, cb, ky, kx] = sum of in[ca, gy, gx] * g[cb, S gy + ky - 1,
-// S gx + kx - 1], db[cb] = sum of g[cb]; a thread per element, each sum over
-// (image, row, column) in order: the same bits every run.
+// S gx + kx - 1], db[cb] = sum of g[cb]. A warp per work item: kWeight-
+// GradChannels input channels and one output channel (9 taps each), or one
+// bias; its lanes split the positions (image, row, column: consecutive lanes,
+// consecutive columns) and warp_sum adds the lanes' sums in a fixed tree: the
+// same bits every run.
 template <int S, typename Acc>
 CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const DecoderPlane& in,
                                         const DecoderPlane& g, int C_a, int C_b, int samples, int tid) {
-  const int taps = C_b * 9, size = C_a * taps, h = in.rows - 2, w = in.cols - 2;
-  for (int e = tid; e < size + C_b; e += kThreads) {
-    Acc sum = Acc(0);
-    if (e < size) {
-      const int ca = e / taps, r = e - ca * taps, cb = r / 9, k = r - cb * 9, ky = k / 3, kx = k - ky * 3;
-      for (int s = 0; s < samples; ++s) {
-        const Acc* xs = smem + in.offset + s * in.sample_stride + ca * in.channel_stride + in.cols + 1;
-        const Acc* gs = smem + g.offset + s * g.sample_stride + cb * g.channel_stride + ky * g.cols + kx;
-        for (int y = 0; y < h; ++y, xs += in.cols, gs += S * g.cols) {
-          for (int x = 0; x < w; ++x) sum += xs[x] * gs[S * x];
-        }
+  constexpr int A = kWeightGradChannels;
+  const int h = in.rows - 2, w = in.cols - 2, gh = g.rows - 2, gw = g.cols - 2;
+  const int groups = ceil_div(C_a, A), items = groups * C_b + C_b, lane = tid % 32;
+  for (int item = tid / 32; item < items; item += kWarps) {
+    if (item >= groups * C_b) {  // the bias: every position of the output gradient
+      const int cb = item - groups * C_b;
+      Acc sum = Acc(0);
+      for (StridedDigits at(lane, gw, gh, samples, 32); at.digit[3] < 1; at.advance()) {
+        sum += smem[g.offset + at.digit[2] * g.sample_stride + cb * g.channel_stride +
+                    (at.digit[1] + 1) * g.cols + at.digit[0] + 1];
       }
-    } else {
-      const int cb = e - size, gh = g.rows - 2, gw = g.cols - 2;
-      for (int s = 0; s < samples; ++s) {
-        const Acc* gs = smem + g.offset + s * g.sample_stride + cb * g.channel_stride + g.cols + 1;
-        for (int y = 0; y < gh; ++y, gs += g.cols) {
-          for (int x = 0; x < gw; ++x) sum += gs[x];
+      sum = warp_sum(sum);
+      if (lane == 0) row[C_a * C_b * 9 + cb] = sum;
+      continue;
+    }
+    const int cb = item % C_b, ca0 = (item / C_b) * A;
+    // Channels past C_a read the last one (in bounds) and are not stored.
+    int x_off[A];
+    CAE_UNROLL
+    for (int a = 0; a < A; ++a)
+      x_off[a] = in.offset + (ca0 + a < C_a ? ca0 + a : C_a - 1) * in.channel_stride;
+    Acc acc[A][9];
+    CAE_UNROLL
+    for (int a = 0; a < A; ++a) {
+      CAE_UNROLL
+      for (int k = 0; k < 9; ++k) acc[a][k] = Acc(0);
+    }
+    for (StridedDigits at(lane, w, h, samples, 32); at.digit[3] < 1; at.advance()) {
+      const int x = at.digit[0], y = at.digit[1], s = at.digit[2];
+      const int xi = s * in.sample_stride + (y + 1) * in.cols + x + 1;
+      const Acc* gs = smem + g.offset + s * g.sample_stride + cb * g.channel_stride + S * y * g.cols + S * x;
+      Acc xv[A];
+      CAE_UNROLL
+      for (int a = 0; a < A; ++a) xv[a] = smem[x_off[a] + xi];
+      CAE_UNROLL
+      for (int ky = 0; ky < 3; ++ky) {
+        CAE_UNROLL
+        for (int kx = 0; kx < 3; ++kx) {
+          const Acc gv = gs[ky * g.cols + kx];
+          CAE_UNROLL
+          for (int a = 0; a < A; ++a) acc[a][ky * 3 + kx] += xv[a] * gv;
         }
       }
     }
-    row[e] = sum;
+    CAE_UNROLL
+    for (int a = 0; a < A; ++a) {
+      CAE_UNROLL
+      for (int k = 0; k < 9; ++k) {
+        const Acc v = warp_sum(acc[a][k]);
+        if (lane == 0 && ca0 + a < C_a) row[((ca0 + a) * C_b + cb) * 9 + k] = v;
+      }
+    }
   }
 }
 
