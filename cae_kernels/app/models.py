@@ -337,6 +337,11 @@ class ConvAutoencoder(_Autoencoder):
         layers = [self.get_submodule(f"{part}.{name}") for name in names]
         return [layer.weight for layer in layers], [layer.bias for layer in layers]
 
+    def _decoder_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The decoder block's weights and biases: its layers' own."""
+        names = [f"deconv{level}" for level in range(1, len(self.filters) + 1)] + ["output"]
+        return self._blocks("decoder", names)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, C, H, W] -> codes [N, filters[-1], h, w] (4x4x8 = 128 values at the defaults)."""
         x = _to_memory_format(x, self.memory_format)
@@ -357,9 +362,8 @@ class ConvAutoencoder(_Autoencoder):
         if full[0] < height or full[1] < width:
             raise ValueError(f"decoder output {full} is smaller than the image size {(height, width)}")
         if self.uses_fused_blocks(code):
-            names = [f"deconv{level}" for level in range(1, len(self.filters) + 1)] + ["output"]
-            weights, biases = self._blocks("decoder", names)
-            out = self.decoder.output.functions.decoder_block(code, weights, biases, (height, width), self.activation)
+            weights, biases = self._decoder_params()
+            out = self.functions.decoder_block(code, weights, biases, (height, width), self.activation)
             return _to_memory_format(out, self.memory_format)
         out = self.decoder(code)
         top, left = (out.shape[-2] - height) // 2, (out.shape[-1] - width) // 2
@@ -373,10 +377,8 @@ class ConvAutoencoder(_Autoencoder):
         # (``decoder_block_loss``: on CUDA no launch of its own, forward or backward).
         if not self.uses_fused_blocks(x):
             return super().forward_loss(x, target)
-        code = self.encode(x)
-        names = [f"deconv{level}" for level in range(1, len(self.filters) + 1)] + ["output"]
-        weights, biases = self._blocks("decoder", names)
-        code = _to_memory_format(code, self.memory_format)
+        weights, biases = self._decoder_params()
+        code = _to_memory_format(self.encode(x), self.memory_format)
         target = _to_memory_format(target, self.memory_format)
         logits, loss, rmse = self.functions.decoder_block_loss(code, weights, biases, target, self.activation)
         return _to_memory_format(logits, self.memory_format), loss, rmse
