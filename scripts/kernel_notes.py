@@ -861,7 +861,8 @@ def _decoder_block_backward(call, launch, e):
         # weight gradient (decoder_weight_grad_row): a warp per item of WEIGHT_GRAD_CHANNELS input
         # channels and one output channel, its lanes over the positions; per position the
         # inputs' loads, the window's 9 loads, the FFMA and ~4 for the walk; the first warp's
-        # addresses give the bank conflicts; then a 5-step warp_sum (shuffle and add) per sum
+        # addresses give the bank conflicts; then the lanes' sums: 32 by warp_reduce_scatter (31
+        # shuffles, each with an add and two selects), the rest by warp_sum (5 shuffles and adds)
         a_ch = WEIGHT_GRAD_CHANNELS
         items = math.ceil(c_a / a_ch) * c_b
         rounds = math.ceil(s * hw / 32)
@@ -870,9 +871,10 @@ def _decoder_block_backward(call, launch, e):
         x_words = [n * c_a * in_plane + (y + 1) * in_cols + x + 1 for n, y, x in first]
         g_words = [n * c_b * g_plane + stride * y * g_cols + stride * x for n, y, x in first]
         per_item = 9 * a_ch
-        work.issue += items * (rounds * (a_ch + 9 + per_item + 4) + per_item * 2 * 5)
+        rest = per_item - 32
+        work.issue += items * (rounds * (a_ch + 9 + per_item + 4) + 31 * 4 + rest * 2 * 5)
         work.wavefronts += items * (rounds * (a_ch * _bank_wavefronts(x_words) + 9 * _bank_wavefronts(g_words))
-                                    + per_item * 5)
+                                    + 31 + rest * 5)
         work.fmas += size * s * hw
         g_hw = (g_rows - 2) * (g_cols - 2)
         work.issue += c_b * (math.ceil(s * g_hw / 32) * 4 + 10)  # bias: a warp each, a load and an add per position

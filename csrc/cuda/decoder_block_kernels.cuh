@@ -431,8 +431,8 @@ constexpr int kWeightGradChannels = 4;
 // S gx + kx - 1], db[cb] = sum of g[cb]. A warp per work item: kWeight-
 // GradChannels input channels and one output channel (9 taps each), or one
 // bias; its lanes split the positions (image, row, column: consecutive lanes,
-// consecutive columns) and warp_sum adds the lanes' sums in a fixed tree: the
-// same bits every run.
+// consecutive columns), and the lanes' sums meet in fixed trees
+// (warp_reduce_scatter, warp_sum): the same bits every run.
 template <int S, typename Acc>
 CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const DecoderPlane& in,
                                         const DecoderPlane& g, int C_a, int C_b, int samples, int tid) {
@@ -480,13 +480,22 @@ CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const Decoder
         }
       }
     }
-    CAE_UNROLL
-    for (int a = 0; a < A; ++a) {
+    // The item's 36 sums over the lanes. Float: the first 32 scattered over the
+    // lanes (lane j: sum j), the rest by warp_sum into lane 0; double: warp_sum
+    // each (the reduce-scatter's 32 values would spill there).
+    constexpr int scattered = sizeof(Acc) == 4 ? 32 : 0;
+    static_assert(A * 9 >= 32, "warp_reduce_scatter takes 32 sums");
+    if constexpr (scattered > 0) {
+      Acc first[32];
       CAE_UNROLL
-      for (int k = 0; k < 9; ++k) {
-        const Acc v = warp_sum(acc[a][k]);
-        if (lane == 0 && ca0 + a < C_a) row[((ca0 + a) * C_b + cb) * 9 + k] = v;
-      }
+      for (int f = 0; f < 32; ++f) first[f] = acc[f / 9][f % 9];
+      const Acc mine = warp_reduce_scatter(first);
+      if (ca0 + lane / 9 < C_a) row[((ca0 + lane / 9) * C_b + cb) * 9 + lane % 9] = mine;
+    }
+    CAE_UNROLL
+    for (int f = scattered; f < A * 9; ++f) {
+      const Acc v = warp_sum(acc[f / 9][f % 9]);
+      if (lane == 0 && ca0 + f / 9 < C_a) row[((ca0 + f / 9) * C_b + cb) * 9 + f % 9] = v;
     }
   }
 }

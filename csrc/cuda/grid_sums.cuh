@@ -28,6 +28,25 @@ CAE_DEVICE Acc warp_sum(Acc v) {
   return v;
 }
 
+// The sums over a warp of 32 values per lane, lane j ending with the sum of
+// the lanes' v[j] (a reduce-scatter in a fixed tree: each step a lane keeps
+// half its values, adds its partner's other half; 31 shuffles where 32
+// warp_sums take 160). v is overwritten.
+template <typename Acc>
+CAE_DEVICE Acc warp_reduce_scatter(Acc (&v)[32]) {
+  const int lane = threadIdx.x % 32;
+  CAE_UNROLL
+  for (int half = 16; half > 0; half /= 2) {
+    const bool upper = (lane & half) != 0;
+    CAE_UNROLL
+    for (int i = 0; i < half; ++i) {
+      const Acc send = upper ? v[i] : v[i + half];
+      v[i] = (upper ? v[i + half] : v[i]) + __shfl_xor_sync(0xffffffffu, send, half);
+    }
+  }
+  return v[0];
+}
+
 // Block sum in a fixed order: warp trees, then the warps' sums in order.
 // Every thread must call it; the result is valid in thread 0.
 template <typename Acc>
