@@ -73,7 +73,9 @@ def cuda_wheel_include_dirs():
 
 def extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch picks the C++ standard it needs
+    # C++20 (the ops' requires-expressions): torch adds its own standard only where none is
+    # given, and older torch (2.11) gives C++17.
+    cxx_flags = ["-std=c++20", "-O3", "-fvisibility=hidden"]
     # GCC notes that passing vectors wider than -march's registers changes the
     # ABI: our vector helpers are inline, internal to each kernel.
     cxx_flags += ["-Wno-psabi"]
@@ -98,7 +100,7 @@ def extensions():
             define_macros=macros + [("CAE_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags + openmp,
-                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=openmp,
         )
