@@ -18,6 +18,7 @@ from test_decoder_block import (
     block_params,
     fits,
     kernels_of,
+    masked_reference_block,
     reference_block,
     shape_id,
     tolerance,
@@ -91,20 +92,8 @@ def test_forward(backend, dtype, fmt, relu, shape):
 
 def loss_backward_reference(functions, x, weights, biases, target, grad_loss, grad_logits):
     """Every gradient in float64 through PyTorch, of grad_loss * loss + <grad_logits, logits>,
-    with the ReLU masks of the backend's own hidden layers (the fused kernel's, bit for bit in
-    float32 and float64): a hidden pre-activation within rounding of zero must not flip
-    between the dtype and float64, which would move its gradient arbitrarily far."""
-    inputs = [t.detach().double().requires_grad_() for t in (x, *weights, *biases)]
-    k = len(weights)
-    h, hidden = inputs[0], x.detach()
-    for i in range(k - 1):
-        hidden = functions.conv_transpose3x3(hidden, weights[i].detach(), biases[i].detach(), 2, "relu")
-        h = F.conv_transpose2d(h, inputs[1 + i], inputs[1 + k + i], stride=2, padding=1, output_padding=1)
-        h = h * (hidden > 0)
-    full = F.conv_transpose2d(h, inputs[k], inputs[2 * k], stride=1, padding=1)
-    height, width = target.shape[2:]
-    top, left = (full.shape[2] - height) // 2, (full.shape[3] - width) // 2
-    logits = full[..., top:top + height, left:left + width]
+    with the backend's ReLU masks (masked_reference_block)."""
+    inputs, logits = masked_reference_block(functions, x, weights, biases, True, target.shape[2:])
     total = reference_loss(logits, target)[0] * grad_loss
     if grad_logits is not None:
         total = total + (logits * grad_logits.double()).sum()
