@@ -191,7 +191,9 @@ def test_layouts_agree(backend):
     nhwc = ConvAutoencoder(backend=backend, memory_format=torch.channels_last)
     nhwc.load_state_dict(nchw.state_dict())
     x = torch.rand(2, 1, 28, 28)
-    torch.testing.assert_close(nchw(x), nhwc(x), rtol=1e-5, atol=1e-6)
+    # The layouts sum each 72-term product in a different order: float32 rounding of the terms
+    # (not of the result) leaves a few 1e-6 in the output, a layout bug leaves 1e-1.
+    torch.testing.assert_close(nchw(x), nhwc(x), rtol=1e-4, atol=1e-5)
 
 
 def test_the_models_stay_importable_from_cae_kernels_models():
