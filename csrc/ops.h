@@ -550,24 +550,67 @@ struct Ops {
     return decoder_block_output(input, weights, biases, relu, size);
   }
 
+  // The fused decoder kernels, where the backend has them and takes the block
+  // (nullopt: the caller composes the per-op path): the output cropped to
+  // `size`, and its loss where `loss` is given (its target in any layout);
+  // the gradients, from grad_output and the loss's where given.
+  static std::optional<Tensor> fused_decoder_block(const Tensor& input, at::TensorList weights,
+                                                   at::TensorList biases, bool relu, at::IntArrayRef size,
+                                                   std::optional<DecoderLossParams> loss) {
+    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
+      if (!fusable(input, weights) || size[0] == 0 || size[1] == 0) return std::nullopt;
+      const bool nhwc = is_channels_last(input);
+      const auto format = memory_format(nhwc);
+      auto out = at::empty({input.size(0), weights.back().size(1), size[0], size[1]},
+                           input.options().memory_format(format));
+      if (loss) loss->target = loss->target.contiguous(format);
+      if (K::decoder_block({.out = out,
+                            .input = input.contiguous(format),
+                            .weights = contiguous_all(weights),
+                            .biases = contiguous_all(biases),
+                            .relu = relu,
+                            .nhwc = nhwc,
+                            .loss = std::move(loss)}))
+        return out;
+    }
+    return std::nullopt;
+  }
+
+  static std::optional<BlockGrads> fused_decoder_block_backward(const OptTensor& grad_output,
+                                                                const Tensor& input, at::TensorList weights,
+                                                                at::TensorList biases, bool relu,
+                                                                at::IntArrayRef size, bool input_grad,
+                                                                std::optional<DecoderLossGradParams> loss) {
+    if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
+      if (!fusable(input, weights) || size[0] == 0 || size[1] == 0) return std::nullopt;
+      const bool nhwc = is_channels_last(input);
+      const auto format = memory_format(nhwc);
+      auto grads = empty_block_grads(input, weights, biases, input_grad, format);
+      const auto& [grad_input, grad_weights, grad_biases] = grads;
+      if (loss) {
+        loss->logits = loss->logits.contiguous(format);
+        loss->target = loss->target.contiguous(format);
+      }
+      if (K::decoder_block_backward(
+              {.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
+               .grad_weights = grad_weights,
+               .grad_biases = grad_biases,
+               .grad_output = grad_output ? OptTensor(grad_output->contiguous(format)) : std::nullopt,
+               .input = input.contiguous(format),
+               .weights = contiguous_all(weights),
+               .biases = contiguous_all(biases),
+               .relu = relu,
+               .nhwc = nhwc,
+               .loss = std::move(loss)}))
+        return grads;
+    }
+    return std::nullopt;
+  }
+
   // decoder_block after its checks.
   static Tensor decoder_block_output(const Tensor& input, at::TensorList weights, at::TensorList biases,
                                      bool relu, at::IntArrayRef size) {
-    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
-      if (fusable(input, weights) && size[0] > 0 && size[1] > 0) {
-        const bool nhwc = is_channels_last(input);
-        const auto format = memory_format(nhwc);
-        auto out = at::empty({input.size(0), weights.back().size(1), size[0], size[1]},
-                             input.options().memory_format(format));
-        if (K::decoder_block({.out = out,
-                              .input = input.contiguous(format),
-                              .weights = contiguous_all(weights),
-                              .biases = contiguous_all(biases),
-                              .relu = relu,
-                              .nhwc = nhwc}))
-          return out;
-      }
-    }
+    if (auto out = fused_decoder_block(input, weights, biases, relu, size, std::nullopt)) return *out;
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     Tensor full =
         conv_transpose3x3(hidden.empty() ? input : hidden.back(), weights.back(), biases.back(), 1, false);
@@ -588,24 +631,9 @@ struct Ops {
     check_activation(grad_output, "grad_output", input);
     check_same_shape(grad_output, "grad_output", {input.size(0), weights.back().size(1), size[0], size[1]},
                      "the block's output");
-    if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
-      if (fusable(input, weights) && grad_output.numel() > 0) {
-        const bool nhwc = is_channels_last(input);
-        const auto format = memory_format(nhwc);
-        auto grads = empty_block_grads(input, weights, biases, input_grad, format);
-        const auto& [grad_input, grad_weights, grad_biases] = grads;
-        if (K::decoder_block_backward({.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
-                                       .grad_weights = grad_weights,
-                                       .grad_biases = grad_biases,
-                                       .grad_output = grad_output.contiguous(format),
-                                       .input = input.contiguous(format),
-                                       .weights = contiguous_all(weights),
-                                       .biases = contiguous_all(biases),
-                                       .relu = relu,
-                                       .nhwc = nhwc}))
-          return grads;
-      }
-    }
+    if (auto grads = fused_decoder_block_backward(grad_output, input, weights, biases, relu, size, input_grad,
+                                                  std::nullopt))
+      return *grads;
     const auto hidden = decoder_block_interior(input, weights, biases, relu);
     const Tensor& last_input = hidden.empty() ? input : hidden.back();
     const std::array<int64_t, 4> full{input.size(0), weights.back().size(1), last_input.size(2),
@@ -662,25 +690,12 @@ struct Ops {
                                                                at::TensorList biases, bool relu,
                                                                const Tensor& target) {
     check_decoder_block_loss(input, weights, biases, target);
-    if constexpr (requires(const DecoderBlockParams& p) { K::decoder_block(p); }) {
-      if (fusable(input, weights) && target.numel() > 0) {
-        const bool nhwc = is_channels_last(input);
-        const auto format = memory_format(nhwc);
-        auto out = at::empty(target.sizes(), input.options().memory_format(format));
-        Tensor loss = at::empty({}, target.options()), rmse = at::empty({}, target.options());
-        if (K::decoder_block(
-                {.out = out,
-                 .input = input.contiguous(format),
-                 .weights = contiguous_all(weights),
-                 .biases = contiguous_all(biases),
-                 .relu = relu,
-                 .nhwc = nhwc,
-                 .loss = DecoderLossParams{.target = target.contiguous(format), .loss = loss, .rmse = rmse}}))
-          return {out, loss, rmse};
-      }
-    }
+    Tensor loss = at::empty({}, target.options()), rmse = at::empty({}, target.options());
+    if (auto out = fused_decoder_block(input, weights, biases, relu, target.sizes().slice(2),
+                                       DecoderLossParams{.target = target, .loss = loss, .rmse = rmse}))
+      return {*out, loss, rmse};
     Tensor logits = decoder_block_output(input, weights, biases, relu, target.sizes().slice(2));
-    auto [loss, rmse] = sigmoid_cross_entropy(logits.to(target.scalar_type()), target);
+    std::tie(loss, rmse) = sigmoid_cross_entropy(logits.to(target.scalar_type()), target);
     return {logits, loss, rmse};
   }
 
@@ -700,28 +715,10 @@ struct Ops {
     TORCH_CHECK(grad_loss.dim() == 0, "cae: decoder_block_loss_backward's grad_loss must be 0-D, got sizes ",
                 grad_loss.sizes());
     check_like(grad_loss, "grad_loss", target);
-    if constexpr (requires(const DecoderBlockBackwardParams& p) { K::decoder_block_backward(p); }) {
-      if (fusable(input, weights) && target.numel() > 0) {
-        const bool nhwc = is_channels_last(input);
-        const auto format = memory_format(nhwc);
-        auto grads = empty_block_grads(input, weights, biases, input_grad, format);
-        const auto& [grad_input, grad_weights, grad_biases] = grads;
-        if (K::decoder_block_backward(
-                {.grad_input = input_grad ? OptTensor(grad_input) : std::nullopt,
-                 .grad_weights = grad_weights,
-                 .grad_biases = grad_biases,
-                 .grad_output = grad_output ? OptTensor(grad_output->contiguous(format)) : std::nullopt,
-                 .input = input.contiguous(format),
-                 .weights = contiguous_all(weights),
-                 .biases = contiguous_all(biases),
-                 .relu = relu,
-                 .nhwc = nhwc,
-                 .loss = DecoderLossGradParams{.logits = logits.contiguous(format),
-                                               .target = target.contiguous(format),
-                                               .grad_loss = grad_loss}}))
-          return grads;
-      }
-    }
+    if (auto grads = fused_decoder_block_backward(
+            grad_output, input, weights, biases, relu, target.sizes().slice(2), input_grad,
+            DecoderLossGradParams{.logits = logits, .target = target, .grad_loss = grad_loss}))
+      return *grads;
     Tensor grad = sigmoid_cross_entropy_backward(grad_loss, logits.to(target.scalar_type()), target);
     if (grad_output) grad = grad + *grad_output;
     return decoder_block_backward(grad.to(input.scalar_type()), input, weights, biases, relu,
