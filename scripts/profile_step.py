@@ -7,13 +7,16 @@ digits, ``cae train``'s step) under ``torch.profiler`` and prints, for each path
 layout, the kernels' GPU time per step, largest first, their sum, and the step's wall
 time from a CUDA graph beside it::
 
-    cae (fused) nhwc, batch 256: 10 kernels, 612.0 us of GPU time a step; graphed step 801.2 us
+    cae (fused) nhwc, batch 256: 10 kernels, 612.0 us of GPU time a step; graphed step 801.2 us (...)
        calls    us/step   share  kernel
            3      301.2    49%   cae::cuda::encoder_block_backward_kernel<float, float, true, ...>
       ...
 
 GPU time summed over kernels is what the model's "kernel time" estimates; a graphed
-step's wall time above it is gaps between kernels (launch latency, dependencies).
+step's wall time above it is gaps between kernels (launch latency, dependencies). The
+graphed step is timed twice, with TF32 on (PyTorch's default: the per-op correlations run
+on tensor cores, the fused block kernels do not yet) and off (exact float32 everywhere):
+the difference between the two paths with TF32 off is what fusing buys by itself.
 
 ``--ncu`` instead runs one fused step between ``cudaProfilerStart`` and
 ``cudaProfilerStop`` and nothing else, for Nsight Compute:
@@ -63,12 +66,17 @@ def kernel_times(step, inputs, steps):
     return {k: (calls / steps, us / steps) for k, (calls, us) in times.items()}
 
 
-def graphed_step_us(impl, layout, batch, device, steps):
-    """Median wall time of a step replayed from a CUDA graph (our kernels only), in us."""
+def graphed_step_us(impl, layout, batch, device, steps, tf32=True):
+    """Median wall time of a step replayed from a CUDA graph (our kernels only), in us;
+    ``tf32=False`` captures it with TF32 off: the exact float32 path."""
     if impl == "torch":
         return None
-    step, inputs = make_step("conv-pool", f"{impl}-graph", layout, batch, device)
-    prepare(step, f"{impl}-graph", inputs)
+    torch.backends.cudnn.allow_tf32 = tf32  # our kernels read it when the graph is captured
+    try:
+        step, inputs = make_step("conv-pool", f"{impl}-graph", layout, batch, device)
+        prepare(step, f"{impl}-graph", inputs)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
     times = []
     for i in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -88,8 +96,9 @@ def report(impl, layout, batch, device, steps):
     total = sum(us for _, us in times.values())
     calls = sum(c for c, _ in times.values())
     graphed = graphed_step_us(impl, layout, batch, device, steps)
+    exact = graphed_step_us(impl, layout, batch, device, steps, tf32=False)
     print(f"{IMPLS[impl]} {layout}, batch {batch}: {calls:g} kernels, {total:.1f} us of GPU time a step"
-          + (f"; graphed step {graphed:.1f} us" if graphed is not None else ""))
+          + (f"; graphed step {graphed:.1f} us ({exact:.1f} us exact float32)" if graphed is not None else ""))
     print(f"  {'calls':>6} {'us/step':>10} {'share':>7}  kernel")
     for name, (c, us) in sorted(times.items(), key=lambda kv: -kv[1][1]):
         print(f"  {c:>6g} {us:>10.1f} {us / total:>7.0%}  {name[:140]}")
