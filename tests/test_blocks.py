@@ -335,6 +335,18 @@ def test_model_forward_loss_fused_matches_per_op(downsample, fmt):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_forward_loss_refuses_a_target_unlike_the_input(fused):
+    """The fused decoder crops its output to the target's size: a smaller target would
+    give a loss of part of the image, so every path refuses it the same way."""
+    model = ConvAutoencoder(fused=fused)
+    x = torch.rand(2, 1, 28, 28)
+    for target in (x[..., :20, :20], x[:1], torch.rand(2, 1, 32, 32)):
+        with pytest.raises(ValueError, match=rf"target has shape {re.escape(str(tuple(target.shape)))}, "
+                                             r"the input \(2, 1, 28, 28\): they must match"):
+            model.forward_loss(x, target)
+
+
 def test_model_chooses_the_fused_path_by_device_and_backend():
     x = torch.zeros(1)
     assert not ConvAutoencoder(backend="cae").uses_fused_blocks(x)  # the CPU kernels: per op

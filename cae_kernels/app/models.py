@@ -375,6 +375,10 @@ class ConvAutoencoder(_Autoencoder):
     def forward_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # On the fused blocks the decoder's op computes the loss of the logits it stores
         # (``decoder_block_loss``: on CUDA no launch of its own, forward or backward).
+        # It crops its output to the target's size, so a target unlike x is refused here,
+        # on every path alike.
+        if target.shape != x.shape:
+            raise ValueError(f"target has shape {tuple(target.shape)}, the input {tuple(x.shape)}: they must match")
         if not self.uses_fused_blocks(x):
             return super().forward_loss(x, target)
         weights, biases = self._decoder_params()
