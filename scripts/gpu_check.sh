@@ -138,10 +138,10 @@ fi
 rm -f "$journal"
 tail -5 "$OUT_DIR/tests.log"
 
-# The loss over 1,000 training steps on our kernels (per op and fused) against
-# PyTorch's, exact float32 (scripts/loss_curve.py), then bfloat16 training's eval loss
-# after cae train's 50 epochs against float32's (scripts/precision_check.py, within
-# 2%), appended to tests.log.
+# The loss over 1,000 training steps on our kernels (per op and fused) and on
+# PyTorch's float32 (both layouts) against PyTorch's float64 (scripts/loss_curve.py),
+# then bfloat16 training's eval loss after cae train's 50 epochs against float32's
+# (scripts/precision_check.py, within 2%), appended to tests.log.
 t0=$SECONDS
 set +e
 {
@@ -280,7 +280,7 @@ EOF
 {
   echo
   echo "loss curve (${status[loss]}, ${seconds[loss]} s):"
-  grep -E "^(cae|loss_curve|precision_check)" "$OUT_DIR/.loss_curve" || true
+  grep -E "^(torch|cae|bound|loss_curve|precision_check)" "$OUT_DIR/.loss_curve" || true
 } >> "$OUT_DIR/summary.txt"
 rm -f "$OUT_DIR/.loss_curve"
 echo

@@ -408,15 +408,19 @@ def test_saved_bytes_counts_each_storage_once():
 
 
 def test_loss_curve_script(capsys):
-    """A few steps of each path against PyTorch's (the GPU script runs 1,000): within a
-    tolerance no float32 rounding reaches in a few steps; the exit status reports a path
-    beyond the tolerance (a negative one: every path)."""
+    """A few steps of each path against PyTorch's float64 (the GPU script runs 1,000):
+    within a tolerance no float32 rounding reaches in a few steps; the exit status reports
+    a path of ours beyond the bound (a negative one: every path)."""
     script = load_script("loss_curve")
     args = ["--steps", "3", "--batch-size", "16"]
-    assert script.main([*args, "--tolerance", "1e-3"]) == 0
+    assert script.main([*args, "--tolerance", "1e-3", "--margin", "0"]) == 0
     out = capsys.readouterr().out
-    assert "cae: 3 steps" in out and "cae-fused: 3 steps" in out
-    assert script.main([*args, "--tolerance", "-1"]) == 1
+    assert "torch float64 (reference), nhwc: 3 steps" in out
+    for path in ("torch, float32 nhwc", "torch-nchw, float32 nchw", "cae, float32 nhwc", "cae-fused, float32 nhwc"):
+        assert f"{path}: largest |loss - reference's| / reference's " in out
+    assert "bound for cae's paths: max(0.001, 0 x " in out and out.rstrip().endswith("= 1.0e-03: ok")
+    assert script.main([*args, "--tolerance", "-1", "--margin", "-1"]) == 1
+    assert "FAILED (cae, cae-fused)" in capsys.readouterr().out
 
 
 def test_precision_check_script(capsys):
