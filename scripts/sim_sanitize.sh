@@ -4,9 +4,11 @@
 #
 #   scripts/sim_sanitize.sh [schedules] [asan] [tsan]     (default: all three)
 #
-# schedules  the emulated backend's tests ("sim" in the op suite, test_cuda_kernels.py,
-#            test_sim.py) with CAE_SIM_SCHEDULE=reverse, then shuffle:<seed>:
-#            a missing __syncthreads changes results with the order threads run in.
+# schedules  the emulated backend's tests ("sim" in the op suite and the block suites,
+#            test_cuda_kernels.py, test_sim.py) with CAE_SIM_SCHEDULE=reverse, then
+#            shuffle:<seed>: a missing __syncthreads changes results with the order
+#            threads run in; the shuffled run with every torch.empty NaN-filled
+#            (CAE_TEST_NAN_EMPTY, tests/conftest.py): a read of an element never written.
 # asan       the same tests in a build with -fsanitize=address: out-of-bounds reads
 #            and writes of global memory (torch's CPU tensors) and of dynamic
 #            shared memory (an exact-size heap block per emulated block).
@@ -31,8 +33,10 @@ modes=("$@")
 [ ${#modes[@]} -gt 0 ] || modes=(schedules asan tsan)
 
 # The emulated backend's tests, wherever they live: the op suite's "sim" backend, the
-# CUDA kernels' tiling tests, the emulator's own, the fused encoder block's.
-TESTS=(tests/test_ops.py tests/test_cuda_kernels.py tests/test_sim.py tests/test_encoder_block.py)
+# CUDA kernels' tiling tests, the emulator's own, the fused blocks' (forward, backward,
+# the decoder's loss).
+TESTS=(tests/test_ops.py tests/test_cuda_kernels.py tests/test_sim.py tests/test_encoder_block.py
+  tests/test_blocks.py tests/test_decoder_block.py tests/test_decoder_block_loss.py)
 # Small shapes: every kernel, both layouts and strides, the reductions, the
 # fault hooks; float16/bfloat16 on one ragged shape with the fused ReLU.
 # Gradcheck, opcheck (mostly tracing, not kernels), the 520-image weight gradient
@@ -50,7 +54,11 @@ SUBSET+=" and not ((float16 or bfloat16) and not (3x3x5x9x11 and relu))"
 TSAN_SUBSET="sim and (((test_conv3x3 or test_conv_transpose3x3) and relu and float64"
 TSAN_SUBSET+=" and not 2x16x8x14x14 and not 4x2x3x1x1) or test_max_pool2x2 or gated or bugs or sanitizer"
 TSAN_SUBSET+=" or fragment_layout or (tensor_cores and float16 and not bfloat16 and nhwc)"
-TSAN_SUBSET+=" or (test_encoder_block and float64 and relu and 2x16x8x14x14))"
+TSAN_SUBSET+=" or (test_encoder_block and float64 and relu and 2x16x8x14x14)"
+# The fused blocks' kernels: the encoder block's forward and backward (pool and strided),
+# the decoder's forward and backward with the loss.
+TSAN_SUBSET+=" or (test_blocks and test_encoder_block and float64 and nhwc and relu)"
+TSAN_SUBSET+=" or (test_decoder_block_loss and float64 and nchw and 2x8x8x8x16x1x4x4x28x28))"
 # --capture=sys: pytest captures Python's output only, so a sanitizer's report
 # (written to fd 2 just before it aborts the process) reaches the log.
 pytest_run() {
@@ -73,10 +81,10 @@ for mode in "${modes[@]}"; do
   case "$mode" in
     schedules)
       "$PYTHON" -m cae_kernels.sim --build
-      for schedule in reverse "shuffle:$SEED"; do
-        echo "== emulated kernels, schedule $schedule"
-        CAE_SIM_SCHEDULE=$schedule pytest_run
-      done
+      echo "== emulated kernels, schedule reverse"
+      CAE_SIM_SCHEDULE=reverse pytest_run
+      echo "== emulated kernels, schedule shuffle:$SEED, empty tensors NaN"
+      CAE_SIM_SCHEDULE="shuffle:$SEED" CAE_TEST_NAN_EMPTY=1 pytest_run
       ;;
     asan)
       CAE_SIM_SANITIZE=address "$PYTHON" -m cae_kernels.sim --build

@@ -17,6 +17,16 @@ def fresh_seed(request):
     yield seed
 
 
+# With CAE_TEST_NAN_EMPTY=1 every tensor torch.empty makes (ours: outputs, gradients,
+# the partial sums' scratch) starts as NaN, as PyTorch's deterministic mode fills them:
+# a kernel that reads an element it never wrote fails its test instead of passing on the
+# zeros fresh CPU memory often holds (a GPU's caching allocator hands back old values).
+# scripts/sim_sanitize.sh runs the emulated kernels so.
+if os.environ.get("CAE_TEST_NAN_EMPTY") == "1":
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a test's own nondeterministic ops only warn
+    torch.utils.deterministic.fill_uninitialized_memory = True
+
+
 # A run that must survive a crashing test (scripts/gpu_check.sh on a GPU): with
 # CAE_TEST_JOURNAL=<file>, each test's id is appended before it runs ("start <id>")
 # and its outcome after ("passed|failed|skipped <id>", a failure's report indented
