@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>  // before defining __noinline__: libstdc++ uses __attribute__((__noinline__))
 #include <mutex>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -749,6 +750,33 @@ inline void parse_schedule(Launch& L) {
   }
 }
 
+// The order the blocks of a grid run in, one after another: the schedule's
+// too, since a GPU runs blocks in any order (and at once). Forward: x fastest,
+// then y, then z; reverse: the other way round; shuffle: k -> (a k + c) mod
+// blocks, a permutation for any a coprime to the count (no table: a grid may
+// hold 2^31 blocks), a and c from the seed.
+struct BlockOrder {
+  uint64_t blocks, a = 1, c = 0;
+  Order sched;
+  dim3 grid;
+  BlockOrder(const Launch& L, dim3 g)
+      : blocks(static_cast<uint64_t>(g.x) * g.y * g.z), sched(L.sched), grid(g) {
+    if (sched != Order::Shuffle || blocks < 2) return;
+    uint64_t rng = L.seed ^ 0xB10C0DE5ull;
+    c = splitmix64(rng) % blocks;
+    a = splitmix64(rng) % blocks | 1;
+    while (std::gcd(a, blocks) != 1) a += 2;  // an odd a: blocks' factor 2 is never shared
+  }
+  uint3 block(uint64_t k) const {
+    const uint64_t i = sched == Order::Forward ? k
+                       : sched == Order::Reverse
+                           ? blocks - 1 - k
+                           : static_cast<uint64_t>((static_cast<unsigned __int128>(a) * k + c) % blocks);
+    return uint3{static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                 static_cast<unsigned>(i / (static_cast<uint64_t>(grid.x) * grid.y))};
+  }
+};
+
 inline size_t stack_size_from_env() {
   size_t sz = CAE_SIM_STACK_SIZE;
   if (const char* e = std::getenv("CAE_SIM_STACK_KB")) {
@@ -991,18 +1019,17 @@ inline void run_launch(const char* name, dim3 grid, dim3 block, size_t smem, voi
   L.tsan_main = __tsan_get_current_fiber();
 #endif
   __atomic_store_n(&g_launch, &L, __ATOMIC_RELAXED);
-  for (unsigned z = 0; z < grid.z && !L.failed; ++z)
-    for (unsigned y = 0; y < grid.y && !L.failed; ++y)
-      for (unsigned x = 0; x < grid.x && !L.failed; ++x) {
-        L.block_idx = uint3{x, y, z};
-        // Exact-size allocation so ASan sees overruns; 0xFF bytes = NaN.
-        L.dyn_smem = static_cast<unsigned char*>(std::malloc(smem ? smem : 1));
-        if (!L.dyn_smem) throw std::bad_alloc();
-        std::memset(L.dyn_smem, 0xFF, smem);
-        run_block(L);
-        std::free(L.dyn_smem);
-        L.dyn_smem = nullptr;
-      }
+  const BlockOrder order(L, grid);
+  for (uint64_t k = 0; k < order.blocks && !L.failed; ++k) {
+    L.block_idx = order.block(k);
+    // Exact-size allocation so ASan sees overruns; 0xFF bytes = NaN.
+    L.dyn_smem = static_cast<unsigned char*>(std::malloc(smem ? smem : 1));
+    if (!L.dyn_smem) throw std::bad_alloc();
+    std::memset(L.dyn_smem, 0xFF, smem);
+    run_block(L);
+    std::free(L.dyn_smem);
+    L.dyn_smem = nullptr;
+  }
   if (L.failed) {
     std::string msg = L.error;
     throw std::runtime_error(msg);

@@ -179,6 +179,12 @@ __global__ void warps_in_3d_block(unsigned* first_linear, unsigned* lane_of) {
 
 __global__ void noarg_kernel() {}
 
+// Each block's place in the order the blocks ran: a ticket per block.
+__global__ void block_tickets(unsigned* tickets, unsigned* next) {
+  if (threadIdx.x == 0)
+    tickets[blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)] = atomicAdd(next, 1u);
+}
+
 // --- A realistic templated kernel: 3x3 convolution, padding 1, stride S, with
 // an input tile plus halo in shared memory; one block = TILE x TILE outputs of
 // one (image, output channel).
