@@ -71,12 +71,12 @@ def graphed_step_us(impl, layout, batch, device, steps, tf32=True):
     ``tf32=False`` captures it with TF32 off: the exact float32 path."""
     if impl == "torch":
         return None
-    torch.backends.cudnn.allow_tf32 = tf32  # our kernels read it when the graph is captured
+    previous, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, tf32  # read at the capture
     try:
         step, inputs = make_step("conv-pool", f"{impl}-graph", layout, batch, device)
         prepare(step, f"{impl}-graph", inputs)
     finally:
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = previous
     times = []
     for i in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
