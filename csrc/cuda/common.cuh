@@ -137,25 +137,41 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// x[at], ..., x[at + N - 1] and the same elements of its gate (nullptr: none)
+// as loaded, by one vector load each; zeros where !inside (a halo, or channels
+// past a short last chunk). Nothing reads the values here, so a loop can
+// issue several of these loads before it waits for the first (batched_walk).
+template <typename T, int N>
+struct RawGated {
+  Vec<T, N> x, gate;
+
+  // Element j in the accumulation type, gated like load_gated.
+  template <typename Acc>
+  CAE_DEVICE Acc value(int j, bool has_gate) const {
+    const Acc e = static_cast<Acc>(x.v[j]);
+    return has_gate ? gated(e, static_cast<Acc>(gate.v[j])) : e;
+  }
+};
+
+template <int N, typename T>
+CAE_DEVICE RawGated<T, N> load_raw(const T* __restrict__ x, const T* __restrict__ gate, index_t at,
+                                   bool inside) {
+  RawGated<T, N> r{};
+  if (inside) {
+    r.x = *reinterpret_cast<const Vec<T, N>*>(x + at);
+    if (gate != nullptr) r.gate = *reinterpret_cast<const Vec<T, N>*>(gate + at);
+  }
+  return r;
+}
+
 // x[at], ..., x[at + N - 1] by one vector load, each gated like load_gated;
-// zeros where !inside (a halo, or channels past a short last chunk).
+// zeros where !inside.
 template <typename Acc, int N, typename T>
 CAE_DEVICE void load_gated_vec(Acc (&out)[N], const T* __restrict__ x, const T* __restrict__ gate, index_t at,
                                bool inside) {
-  Vec<T, N> v, g;
-  if (inside) {
-    v = *reinterpret_cast<const Vec<T, N>*>(x + at);
-    if (gate != nullptr) g = *reinterpret_cast<const Vec<T, N>*>(gate + at);
-  }
+  const RawGated<T, N> r = load_raw<N>(x, gate, at, inside);
   CAE_UNROLL
-  for (int j = 0; j < N; ++j) {
-    Acc e = Acc(0);
-    if (inside) {
-      e = static_cast<Acc>(v.v[j]);
-      if (gate != nullptr) e = gated(e, static_cast<Acc>(g.v[j]));
-    }
-    out[j] = e;
-  }
+  for (int j = 0; j < N; ++j) out[j] = r.template value<Acc>(j, gate != nullptr);
 }
 
 // Widest vector of T that is at most 16 bytes, and at most `limit` elements.

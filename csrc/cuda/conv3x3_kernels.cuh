@@ -67,47 +67,101 @@ struct StridedDigits {
   }
 };
 
+// Staging runs at global memory's latency, not its bandwidth, when a thread
+// waits for each load before it issues the next (a loop of load, store to
+// shared memory, advance: one load in flight per thread, ~0.6 us an
+// iteration from HBM, and a block stages 10-40 elements per thread). The
+// staging loops therefore walk their elements B at a time: every load of a
+// batch first (`fetch`: the element's raw value and where it goes), then its
+// stores (`put`), so a thread keeps B loads in flight: stage_batch, up to 4
+// loads of 4 bytes, 2 of 8, one 16-byte vector; fewer in the kernels whose
+// register cap leaves no room (a load holds its registers until its store).
+constexpr int kStageBatch = 4;
+
+template <int B, class Fetch, class Put>
+CAE_DEVICE void batched_walk(StridedDigits& at, int end, Fetch fetch, Put put) {
+  using Item = decltype(fetch(at));
+  while (at.digit[3] < end) {
+    Item items[B];
+    bool live[B];
+    CAE_UNROLL
+    for (int k = 0; k < B; ++k) {
+      live[k] = at.digit[3] < end;
+      if (live[k]) {
+        items[k] = fetch(at);
+        at.advance();
+      }
+    }
+    CAE_UNROLL
+    for (int k = 0; k < B; ++k) {
+      if (live[k]) put(items[k]);
+    }
+  }
+}
+
+// Loads in flight per thread for loads of `bytes` each, at most `most`.
+template <size_t bytes, int most = kStageBatch>
+constexpr int stage_batch() {
+  const int fit = bytes >= 16 ? 1 : bytes >= 8 ? 2 : 4;
+  return fit < most ? fit : most;
+}
+
+// V elements of a staging, as loaded, and where they go in shared memory.
+template <typename T, int V = 1>
+struct Staged {
+  int at;
+  RawGated<T, V> r;
+};
+
 // Copies gate(x) over the window into dst[s * sample_stride + c *
 // channel_stride + r * cols + col], zero outside the image or batch.
 // NCHW: consecutive threads read consecutive columns of one row.
-template <typename Acc, typename T>
+template <int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
                            int W, const Window& win, int tid) {
   StridedDigits at(tid, win.cols, win.rows, win.count);  // (col, r, c, s)
-  for (; at.digit[3] < win.samples; at.advance()) {
-    const int col = at.digit[0], r = at.digit[1], c = at.digit[2], s = at.digit[3];
-    const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
-    Acc v = Acc(0);
-    if (n < N && y >= 0 && y < H && xx >= 0 && xx < W) {
-      v = load_gated<Acc>(x, gate, ((static_cast<index_t>(n) * C + win.c0 + c) * H + y) * W + xx);
-    }
-    dst[s * win.sample_stride + c * win.channel_stride + r * win.cols + col] = v;
-  }
+  batched_walk<stage_batch<sizeof(T), MaxBatch>()>(
+      at, win.samples,
+      [&](const StridedDigits& d) {
+        const int col = d.digit[0], r = d.digit[1], c = d.digit[2], s = d.digit[3];
+        const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
+        const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
+        return Staged<T>{
+            s * win.sample_stride + c * win.channel_stride + r * win.cols + col,
+            load_raw<1>(x, gate, ((static_cast<index_t>(n) * C + win.c0 + c) * H + y) * W + xx, inside)};
+      },
+      [&](const Staged<T>& e) { dst[e.at] = e.r.template value<Acc>(0, gate != nullptr); });
 }
 
 // NHWC: consecutive threads read consecutive channels of one pixel, V of them
 // per thread as one vector load when `vec` (channel counts and pointers
 // aligned, see vector_ok), so a warp reads whole rows of pixels.
-template <int V, typename Acc, typename T>
+template <int V, int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
                            int W, const Window& win, bool vec, int tid) {
-  const int lanes = vec ? win.count / V : win.count;  // loads per pixel
-  const int width = vec ? V : 1;
-  StridedDigits at(tid, lanes, win.cols, win.rows);  // (lane, col, r, s)
-  for (; at.digit[3] < win.samples; at.advance()) {
-    const int c = at.digit[0] * width, col = at.digit[1], r = at.digit[2], s = at.digit[3];
-    const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
-    Acc* d = dst + s * win.sample_stride + c * win.channel_stride + r * win.cols + col;
-    const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
-    const index_t at_x = ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c;
-    if (vec) {
-      Acc e[V];
-      load_gated_vec<Acc>(e, x, gate, at_x, inside);
-      CAE_UNROLL
-      for (int j = 0; j < V; ++j) d[j * win.channel_stride] = e[j];
-    } else {
-      *d = inside ? load_gated<Acc>(x, gate, at_x) : Acc(0);
-    }
+  auto walk = [&](auto width) {
+    constexpr int U = decltype(width)::value;                  // elements per load: V, or 1
+    StridedDigits at(tid, win.count / U, win.cols, win.rows);  // (lane, col, r, s)
+    batched_walk<stage_batch<U * sizeof(T), MaxBatch>()>(
+        at, win.samples,
+        [&](const StridedDigits& d) {
+          const int c = d.digit[0] * U, col = d.digit[1], r = d.digit[2], s = d.digit[3];
+          const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
+          const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
+          return Staged<T, U>{
+              s * win.sample_stride + c * win.channel_stride + r * win.cols + col,
+              load_raw<U>(x, gate, ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c, inside)};
+        },
+        [&](const Staged<T, U>& e) {
+          CAE_UNROLL
+          for (int j = 0; j < U; ++j)
+            dst[e.at + j * win.channel_stride] = e.r.template value<Acc>(j, gate != nullptr);
+        });
+  };
+  if (vec) {
+    walk(std::integral_constant<int, V>{});
+  } else {
+    walk(std::integral_constant<int, 1>{});
   }
 }
 
@@ -323,7 +377,8 @@ inline ConvPlan plan_correlate(const CorrelateArgs<T>& a, int stride, bool nhwc)
 // variants meet without spilling on sm_90; without one ptxas picks a cap of
 // its own, and spilled in some (benchmarks/results/sass-sm90.md). 4 up to 4
 // accumulators per thread (3 in NHWC, whose vector staging needs more), 3 for
-// 8, 2 for 16. Shared memory (up to kSmemBudget) allows 4.
+// 8, 2 for 16. Shared memory (up to kSmemBudget) allows 4. Under a cap of 64
+// or 80 the staging keeps one load in flight (stage_batch): more spill.
 template <typename T, typename Acc, int COB, bool NHWC>
 constexpr int conv_min_blocks() {
   return COB <= 4 ? (NHWC ? 3 : 4) : COB <= 8 ? 3 : 2;
@@ -358,10 +413,11 @@ __global__ void __launch_bounds__(kThreads, conv_min_blocks<T, Acc, COB, NHWC>()
                            static_cast<index_t>(a.C_in) * 9, a.C_out - co0, count * 9, tid);
     const Window win{o.n0,      o.y0 * S - 1,     o.x0 * S - 1,   c0, count, t.in_rows, t.in_cols,
                      t.samples, t.channel_stride, t.sample_stride};
+    constexpr int batch = conv_min_blocks<T, Acc, COB, NHWC>() > 2 ? 1 : kStageBatch;
     if (NHWC) {
-      stage_nhwc<vec_width<T>()>(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, t.vec_in, tid);
+      stage_nhwc<vec_width<T>(), batch>(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, t.vec_in, tid);
     } else {
-      stage_nchw(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, tid);
+      stage_nchw<batch>(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, tid);
     }
     __syncthreads();
     const Acc* src = in_s + ps * t.sample_stride + py * S * t.in_cols + px * S;
@@ -584,43 +640,39 @@ inline WeightGradPlan plan_weight_grad(const WeightGradArgs<T>& a, int stride, b
 }
 
 // Stages gate(a) over a region: dst[c * a_stride + p], p = (s, y, x) row-major.
-template <int V, bool NHWC, typename Acc, typename T>
+// Channels from `count` to `padded_count` (a short last chunk) are zeros.
+template <int V, bool NHWC, int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C,
                                 int H, int W, int n0, int y0, int x0, int c0, int count, int padded_count,
                                 const WeightGradTiling& t, bool vec, int tid) {
   const int per_image = t.rows * t.cols;
-  if (NHWC) {
-    const int lanes = vec ? padded_count / V : padded_count;
-    const int width = vec ? V : 1;
-    StridedDigits at(tid, lanes, t.cols, t.rows);  // (lane, x, y, s)
-    for (; at.digit[3] < t.samples; at.advance()) {
-      const int c = at.digit[0] * width, px = at.digit[1], py = at.digit[2], s = at.digit[3];
-      const int p = s * per_image + py * t.cols + px;
-      const int n = n0 + s, y = y0 + py, xx = x0 + px;
-      // c < count: a short last chunk (count, a multiple of V when vec, is
-      // then below padded_count) stages zeros for the channels it lacks.
-      const bool inside = n < N && y < H && xx < W && c < count;
-      const index_t at_x = ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c;
-      if (vec) {
-        Acc e[V];
-        load_gated_vec<Acc>(e, x, gate, at_x, inside);
-        CAE_UNROLL
-        for (int j = 0; j < V; ++j) dst[(c + j) * t.a_stride + p] = e[j];
-      } else {
-        dst[c * t.a_stride + p] = inside ? load_gated<Acc>(x, gate, at_x) : Acc(0);
-      }
-    }
+  auto walk = [&](auto width) {
+    constexpr int U = decltype(width)::value;  // elements per load: V (NHWC vectors), or 1
+    // NHWC (lane, x, y, s), NCHW (x, y, s, c).
+    StridedDigits at = NHWC ? StridedDigits(tid, padded_count / U, t.cols, t.rows)
+                            : StridedDigits(tid, t.cols, t.rows, t.samples);
+    batched_walk<stage_batch<U * sizeof(T), MaxBatch>()>(
+        at, NHWC ? t.samples : padded_count,
+        [&](const StridedDigits& d) {
+          const int c = NHWC ? d.digit[0] * U : d.digit[3], px = d.digit[NHWC ? 1 : 0],
+                    py = d.digit[NHWC ? 2 : 1], s = d.digit[NHWC ? 3 : 2];
+          const int n = n0 + s, y = y0 + py, xx = x0 + px;
+          const bool inside = n < N && y < H && xx < W && c < count;
+          const index_t at_x = NHWC ? ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c
+                                    : ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx;
+          return Staged<T, U>{c * t.a_stride + s * per_image + py * t.cols + px,
+                              load_raw<U>(x, gate, at_x, inside)};
+        },
+        [&](const Staged<T, U>& e) {
+          CAE_UNROLL
+          for (int j = 0; j < U; ++j)
+            dst[e.at + j * t.a_stride] = e.r.template value<Acc>(j, gate != nullptr);
+        });
+  };
+  if (NHWC && vec) {
+    walk(std::integral_constant<int, V>{});
   } else {
-    StridedDigits at(tid, t.cols, t.rows, t.samples);  // (x, y, s, c)
-    for (; at.digit[3] < padded_count; at.advance()) {
-      const int px = at.digit[0], py = at.digit[1], s = at.digit[2], c = at.digit[3];
-      const int n = n0 + s, y = y0 + py, xx = x0 + px;
-      Acc v = Acc(0);
-      if (c < count && n < N && y < H && xx < W) {
-        v = load_gated<Acc>(x, gate, ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx);
-      }
-      dst[c * t.a_stride + s * per_image + py * t.cols + px] = v;
-    }
+    walk(std::integral_constant<int, 1>{});
   }
 }
 
@@ -632,6 +684,10 @@ CAE_DEVICE void stage_window_offsets(int* offset_s, const WeightGradTiling& t, i
     offset_s[p] = at.digit[2] * b_image + at.digit[1] * stride * t.b_cols + at.digit[0] * stride;
   }
 }
+
+// Loads in flight while the weight-gradient kernels stage (stage_batch): 4
+// spill under their register caps.
+constexpr int kWeightGradStageBatch = 2;
 
 // __launch_bounds__'s blocks per SM for weight_grad_kernel (see
 // conv_min_blocks): a unit's 9 * CA_R sums and CA_R bias sums per thread
@@ -682,15 +738,16 @@ __global__ void __launch_bounds__(kThreads, weight_grad_min_blocks<T, Acc, CA_R,
         const bool first_region = region == static_cast<int>(blockIdx.x);
         const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
         __syncthreads();  // the previous region (or staging) is done reading
-        stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0,
-                                              ca0, ca_count, t.ca_stage, t, t.vec_a, tid);
+        stage_positions<vec_width<T>(), NHWC, kWeightGradStageBatch>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a,
+                                                                     a.W_a, o.n0, o.y0, o.x0, ca0, ca_count,
+                                                                     t.ca_stage, t, t.vec_a, tid);
         const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       cb0,    cb_count, t.b_rows,
                          t.b_cols, t.samples,    t.b_channel_stride, b_image};
         if (NHWC) {
-          stage_nhwc<vec_width<T>()>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win,
-                                     t.vec_b && cb_count % vec_width<T>() == 0, tid);
+          stage_nhwc<vec_width<T>(), kWeightGradStageBatch>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win,
+                                                            t.vec_b && cb_count % vec_width<T>() == 0, tid);
         } else {
-          stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
+          stage_nchw<kWeightGradStageBatch>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
         }
         __syncthreads();
         for (int unit0 = 0; unit0 < t.units; unit0 += t.items) {

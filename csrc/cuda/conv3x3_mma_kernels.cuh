@@ -181,25 +181,36 @@ CAE_DEVICE void stage_words(uint32_t* dst, const CorrelateArgs<T>& a, const MmaC
   // NHWC (word, col, r, s); NCHW (col, r, word, s): word fastest, or col.
   StridedDigits at = NHWC ? StridedDigits(tid, words, t.in_cols, t.in_rows)
                           : StridedDigits(tid, t.in_cols, t.in_rows, words);
-  for (; at.digit[3] < t.samples; at.advance()) {
-    const int word = at.digit[NHWC ? 0 : 2], col = at.digit[NHWC ? 1 : 0], r = at.digit[1 + NHWC],
-              s = at.digit[3];
-    const int pixel = (s * t.in_rows + r) * t.in_cols + col;
-    const int n = n0 + s, y = y0 + r, xx = x0 + col;
-    T v[2] = {static_cast<T>(0.0f), static_cast<T>(0.0f)};
-    if (n < a.N && y >= 0 && y < a.H && xx >= 0 && xx < a.W) {
-      CAE_UNROLL
-      for (int e = 0; e < E; ++e) {
-        const int c = c0 + E * word + e;
-        if (c < c0 + count) {
+  struct Item {
+    int at;
+    RawGated<T, 1> e[2];
+  };
+  batched_walk<stage_batch<E * sizeof(T)>()>(
+      at, t.samples,
+      [&](const StridedDigits& d) {
+        const int word = d.digit[NHWC ? 0 : 2], col = d.digit[NHWC ? 1 : 0], r = d.digit[1 + NHWC],
+                  s = d.digit[3];
+        const int n = n0 + s, y = y0 + r, xx = x0 + col;
+        const bool inside = n < a.N && y >= 0 && y < a.H && xx >= 0 && xx < a.W;
+        Item item{((s * t.in_rows + r) * t.in_cols + col) * t.pixel_words + word, {}};
+        CAE_UNROLL
+        for (int e = 0; e < E; ++e) {
+          const int c = c0 + E * word + e;
           const index_t i = NHWC ? ((static_cast<index_t>(n) * a.H + y) * a.W + xx) * a.C_in + c
                                  : ((static_cast<index_t>(n) * a.C_in + c) * a.H + y) * a.W + xx;
-          v[e] = static_cast<T>(load_gated<float>(a.x, a.x_gate, i));  // exact: T is 16-bit or float
+          item.e[e] = load_raw<1>(a.x, a.x_gate, i, inside && c < c0 + count);
         }
-      }
-    }
-    dst[pixel * t.pixel_words + word] = mma_word<Kind>(v[0], v[1]);
-  }
+        return item;
+      },
+      [&](const Item& item) {
+        T v[2] = {static_cast<T>(0.0f), static_cast<T>(0.0f)};
+        CAE_UNROLL
+        for (int e = 0; e < E; ++e) {
+          v[e] = static_cast<T>(
+              item.e[e].template value<float>(0, a.x_gate != nullptr));  // exact: T is 16-bit or float
+        }
+        dst[item.at] = mma_word<Kind>(v[0], v[1]);
+      });
 }
 
 // Launch bounds of 2 blocks per SM (at most 128 registers): without them
@@ -476,14 +487,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     const bool first_region = region == static_cast<int>(blockIdx.x);
     const TileOrigin o = tile_origin(region, t.tiles_x, t.tiles_y, t.rows, t.cols, t.samples);
     __syncthreads();  // the previous region is done reading
-    stage_positions<vec_width<T>(), NHWC>(a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0, 0,
-                                          a.C_a, a.C_a, t, t.vec_a, tid);
+    stage_positions<vec_width<T>(), NHWC, kWeightGradStageBatch>(
+        a_s, a.a, a.a_gate, a.N, a.C_a, a.H_a, a.W_a, o.n0, o.y0, o.x0, 0, a.C_a, a.C_a, t, t.vec_a, tid);
     const Window win{o.n0,     o.y0 * S - 1, o.x0 * S - 1,       0,      a.C_b, t.b_rows,
                      t.b_cols, t.samples,    t.b_channel_stride, b_image};
     if (NHWC) {
-      stage_nhwc<vec_width<T>()>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, t.vec_b, tid);
+      stage_nhwc<vec_width<T>(), kWeightGradStageBatch>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win,
+                                                        t.vec_b, tid);
     } else {
-      stage_nchw(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
+      stage_nchw<kWeightGradStageBatch>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
     }
     __syncthreads();
 

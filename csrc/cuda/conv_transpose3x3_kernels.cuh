@@ -63,6 +63,9 @@ constexpr int transpose_min_blocks() {
   return COB == 1 || (COB == 4 && !NHWC) ? 3 : COB >= 16 && sizeof(Acc) > 4 ? 1 : 2;
 }
 
+// Loads in flight while it stages (stage_batch): 4 spill under those caps.
+constexpr int kTransposeStageBatch = 2;
+
 template <typename T, typename Acc, int S, int COB, bool NHWC>
 __global__ void __launch_bounds__(kThreads, transpose_min_blocks<Acc, COB, NHWC>())
     correlate_transpose_kernel(CorrelateTransposeArgs<T> a, ConvTiling t, SumsJob<T, Acc> sums) {
@@ -121,9 +124,10 @@ __global__ void __launch_bounds__(kThreads, transpose_min_blocks<Acc, COB, NHWC>
                      t.channel_stride,
                      t.sample_stride};
     if (NHWC) {
-      stage_nhwc<vec_width<T>()>(in_s, a.g, a.g_gate, a.N, a.C_a, a.H_a, a.W_a, win, t.vec_in, tid);
+      stage_nhwc<vec_width<T>(), kTransposeStageBatch>(in_s, a.g, a.g_gate, a.N, a.C_a, a.H_a, a.W_a, win,
+                                                       t.vec_in, tid);
     } else {
-      stage_nchw(in_s, a.g, a.g_gate, a.N, a.C_a, a.H_a, a.W_a, win, tid);
+      stage_nchw<kTransposeStageBatch>(in_s, a.g, a.g_gate, a.N, a.C_a, a.H_a, a.W_a, win, tid);
     }
     __syncthreads();
     const Acc* src = in_s + ps * t.sample_stride;

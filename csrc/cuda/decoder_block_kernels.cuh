@@ -544,19 +544,37 @@ CAE_DEVICE void stage_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc
   const DecoderPlane pg = pick(t.plane, L);
   const Acc scale = static_cast<Acc>(*b.loss.grad_loss) /
                     static_cast<Acc>(static_cast<index_t>(a.N) * C * a.H_out * a.W_out);
+  struct Item {
+    int at;
+    bool inside;
+    T logit, grad;
+    Acc target;
+  };
   StridedDigits at(tid, pg.cols, pg.rows, C);  // (column, row, channel, sample)
-  for (; at.digit[3] < t.samples; at.advance()) {
-    const int x = at.digit[0] - 1 - a.left, y = at.digit[1] - 1 - a.top, c = at.digit[2],
-              n = n0 + at.digit[3];
-    Acc v = Acc(0);
-    if (n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out) {
-      const index_t i = pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out);
-      v = (sigmoid(static_cast<Acc>(b.loss.logits[i])) - b.loss.target[i]) * scale;
-      if (b.grad_output != nullptr) v += static_cast<Acc>(b.grad_output[i]);
-    }
-    smem[pg.offset + at.digit[3] * pg.sample_stride + c * pg.channel_stride + at.digit[1] * pg.cols +
-         at.digit[0]] = v;
-  }
+  batched_walk<stage_batch<sizeof(T)>()>(
+      at, t.samples,
+      [&](const StridedDigits& d) {
+        const int x = d.digit[0] - 1 - a.left, y = d.digit[1] - 1 - a.top, c = d.digit[2],
+                  n = n0 + d.digit[3];
+        Item item{pg.offset + d.digit[3] * pg.sample_stride + c * pg.channel_stride + d.digit[1] * pg.cols +
+                      d.digit[0],
+                  n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out, T(0.0f), T(0.0f), Acc(0)};
+        if (item.inside) {
+          const index_t i = pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out);
+          item.logit = b.loss.logits[i];
+          item.target = b.loss.target[i];
+          if (b.grad_output != nullptr) item.grad = b.grad_output[i];
+        }
+        return item;
+      },
+      [&](const Item& item) {
+        Acc v = Acc(0);
+        if (item.inside) {
+          v = (sigmoid(static_cast<Acc>(item.logit)) - item.target) * scale;
+          if (b.grad_output != nullptr) v += static_cast<Acc>(item.grad);
+        }
+        smem[item.at] = v;
+      });
 }
 
 template <typename T, typename Acc, bool NHWC>

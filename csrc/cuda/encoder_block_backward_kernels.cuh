@@ -393,34 +393,42 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     }
   } else {
     // One thread per pool window and channel: the winner (row-major, the first
-    // maximum, a NaN over everything) takes the output gradient.
+    // maximum, a NaN over everything) takes the output gradient, loaded a batch
+    // of windows at a time (batched_walk).
+    struct Window2x2 {
+      int c, ox, oy, s;
+      T go;
+    };
     StridedDigits at =
         NHWC ? StridedDigits(tid, a.C1, a.W_out, a.H_out) : StridedDigits(tid, a.W_out, a.H_out, a.C1);
-    for (; at.digit[3] < samples; at.advance()) {
-      const int c = NHWC ? at.digit[0] : at.digit[2], ox = at.digit[NHWC ? 1 : 0],
-                oy = at.digit[NHWC ? 2 : 1];
-      const int s = at.digit[3];
-      const int n = n0 + s;
-      Acc* win = a2v.at(s, c, 2 * oy, 2 * ox);
-      const bool two_rows = 2 * oy + 1 < a.H, two_cols = 2 * ox + 1 < a.W;
-      Acc best = win[0];
-      int arg = 0;
-      CAE_UNROLL
-      for (int k = 1; k < 4; ++k) {
-        const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
-        const Acc v = win[(k >> 1) * t.pitch + (k & 1)];
-        if (valid && takes_max(v, best)) best = v, arg = k;
-      }
-      const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
-                                  : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
-      const Acc go = static_cast<Acc>(args.grad_out[at_out]);
-      const Acc winner = a.relu ? gated(go, best) : go;
-      CAE_UNROLL
-      for (int k = 0; k < 4; ++k) {
-        const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
-        if (valid) win[(k >> 1) * t.pitch + (k & 1)] = k == arg ? winner : Acc(0);
-      }
-    }
+    batched_walk<stage_batch<sizeof(T)>()>(
+        at, samples,
+        [&](const StridedDigits& d) {
+          const int c = NHWC ? d.digit[0] : d.digit[2], ox = d.digit[NHWC ? 1 : 0],
+                    oy = d.digit[NHWC ? 2 : 1], s = d.digit[3], n = n0 + s;
+          const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
+                                      : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
+          return Window2x2{c, ox, oy, s, args.grad_out[at_out]};
+        },
+        [&](const Window2x2& e) {
+          Acc* win = a2v.at(e.s, e.c, 2 * e.oy, 2 * e.ox);
+          const bool two_rows = 2 * e.oy + 1 < a.H, two_cols = 2 * e.ox + 1 < a.W;
+          Acc best = win[0];
+          int arg = 0;
+          CAE_UNROLL
+          for (int k = 1; k < 4; ++k) {
+            const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+            const Acc v = win[(k >> 1) * t.pitch + (k & 1)];
+            if (valid && takes_max(v, best)) best = v, arg = k;
+          }
+          const Acc go = static_cast<Acc>(e.go);
+          const Acc winner = a.relu ? gated(go, best) : go;
+          CAE_UNROLL
+          for (int k = 0; k < 4; ++k) {
+            const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+            if (valid) win[(k >> 1) * t.pitch + (k & 1)] = k == arg ? winner : Acc(0);
+          }
+        });
   }
   __syncthreads();
 
