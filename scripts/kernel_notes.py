@@ -24,6 +24,7 @@ it takes about 30 s once the emulated kernels are built.
 import argparse
 import importlib.util
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,20 @@ RESERVED_SHARED = 1024  # per block, sm_80 and later
 MAX_THREADS_PER_SM = 2048
 MAX_BLOCKS_PER_SM = 32
 PYTORCH_STEP_MS = (0.35, 0.45)  # the issue's estimate of PyTorch + cuDNN GPU time per step
+# A global load's round trip under load (HBM, or L2 for data the previous kernel wrote), what a
+# thread waits when its next instruction needs the value. Not from NVIDIA's figures: the H200
+# run's per-op costs (docs/kernels.md, "What the model left out") fit about this.
+MEMORY_LATENCY_S = 0.6e-6
+# Loads a staging loop keeps in flight per thread (batched_walk, stage_batch in
+# conv3x3_kernels.cuh): 4 of 4 bytes, 1 of 16 (an NHWC vector of 4 floats), fewer under a
+# kernel's register cap: correlate_kernel with up to 8 output channels a thread 1, the weight
+# gradients and the transposed correlation 2. KERNEL_NOTES_STAGE_BATCH=1 models the loops as
+# they were before batched_walk (one load in flight).
+STAGE_BATCH_MAX = int(os.environ.get("KERNEL_NOTES_STAGE_BATCH", "4"))
+# Warps an SM needs resident to issue at its full rate: a scheduler's warps wait ~30 clocks for
+# a shared load and ~4 for an FFMA it depends on, so it takes about 8 warps to have one ready
+# each clock. With fewer, issue slows in proportion (the fused kernels run 8-16 warps an SM).
+WARPS_FOR_FULL_ISSUE = int(os.environ.get("KERNEL_NOTES_FULL_ISSUE_WARPS", "32"))
 
 MODEL = f"""\
 **Model (an estimate, not a measurement).** H200 SXM: {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz,
@@ -97,16 +112,28 @@ Per launch:
   staging loops has them). The weight gradient's staging is not counted (a lower
   bound). *instr/output* of `weight_grad` is per gradient element: a reduction over all
   positions of the batch.
-- *time* = max(t mem / SM fill, max(t issue, t shared) / wave efficiency) + {LAUNCH_US:.0f} us
-  per launch, where t mem = bytes / ({HBM_FRACTION:.0%} of HBM), t issue = warp instructions /
-  ({ISSUE_PER_CLOCK} x {SMS} x clock), t shared = wavefronts / ({LDS_PER_CLOCK} x {SMS} x
-  clock); SM fill = min(blocks, {SMS}) / {SMS}; wave efficiency = waves / ceil(waves) above
-  one wave, the SM fill below it (a lone block is taken to get its SM's whole throughput:
-  optimistic). Latency (a kernel of a few blocks is latency-bound, not throughput-bound) is
-  only in the fixed per-launch cost, which is the model's largest single assumption.
+- *waits*: the global loads a thread of a block waits for one after another: its staging
+  loop's elements (window, weights) over the loads it keeps in flight (4 of 4 bytes, one
+  16-byte NHWC vector, 1 or 2 in the kernels with tight register caps), a grid-stride
+  loop's iterations; t wait = ceil(waves) x waits x {MEMORY_LATENCY_S * 1e6:.1f} us (the blocks of a
+  wave wait side by side, the waves one after another).
+- *time* = max(t mem / SM fill, t wait + max(t issue, t shared) / wave efficiency) +
+  {LAUNCH_US:.0f} us per launch, where t mem = bytes / ({HBM_FRACTION:.0%} of HBM), t issue = warp
+  instructions / ({ISSUE_PER_CLOCK} x {SMS} x clock), t shared = wavefronts / ({LDS_PER_CLOCK} x
+  {SMS} x clock); SM fill = min(blocks, {SMS}) / {SMS}; wave efficiency = waves / ceil(waves)
+  above one wave, the SM fill below it (a lone block is taken to get its SM's whole
+  throughput: optimistic). t issue and t shared are at full rate with {WARPS_FOR_FULL_ISSUE}
+  or more resident warps an SM (blocks/SM x warps a block), slower in proportion below (a
+  scheduler needs about 8 warps to have one ready every clock while the others wait for
+  shared loads). The latency of the global loads is t wait only: no overlap of one block's
+  waiting with another's issue on the same SM (pessimistic), none of the barriers' cost
+  (optimistic). The H200 run (`benchmarks/results/gpu-h200/`) is how these two terms were
+  set: before the staging loops kept several loads in flight (`KERNEL_NOTES_STAGE_BATCH=1`
+  models them), this model gives 0.63-0.76 of every measured graphed step (pool and stride,
+  per op and fused, both layouts; without the two terms 0.21-0.26).
 """
 
-FUSED_MODEL = """\
+FUSED_MODEL = f"""\
 **The fused step** (`ConvAutoencoder(fused=True)`, what CUDA runs by default): one launch per
 encoder block (`encoder1`..`encoder3`) and its backward, one for the decoder with the loss and
 one for its backward (`decoder_block_loss`: the loss summed in the decoder's kernel, its
@@ -123,10 +150,12 @@ read by the finishing blocks); *FLOPs*: what the kernels compute, recomputed hal
 and the backward's recompute of the forward included; *instr/output* of a backward block: per
 gradient element (weights, biases, the input's where asked). Left out: the barriers between phases
 (a block waits for its slowest warp), the finishing blocks' serial sums over the partial rows,
-the index arithmetic of the stride-2 loops, and latency: the decoder's first layers (4 x 4 and
-8 x 8 images) are a few warps of work per block, a block of whole images runs its phases one
-after another, and the third encoder block's phases keep 32-50 of 256 threads busy, so where a
-fused kernel is latency-bound its time here is optimistic.
+the index arithmetic of the stride-2 loops, and the latency within a phase: the decoder's first
+layers (4 x 4 and 8 x 8 images) are a few warps of work per block, and the third encoder block's
+phases keep 32-50 of 256 threads busy, so where a fused kernel is latency-bound its time here is
+optimistic. What the block kernels' 1-2 blocks of 8 warps an SM cost is in the model: issue at
+the share of the {WARPS_FOR_FULL_ISSUE} warps an SM needs to issue every clock (8-16 of them:
+a half or a quarter of the rate).
 """
 
 # --- the SASS report ------------------------------------------------------------------
@@ -279,6 +308,20 @@ class Estimate:
     outputs: int = 0
     warp_instructions: float = 0.0
     wavefronts: float = 0.0
+    waits: float = 0.0  # global loads a thread waits for in sequence (per block)
+
+
+def stage_batch(load_bytes, most=STAGE_BATCH_MAX):
+    """Loads in flight per thread in a staging loop (stage_batch in conv3x3_kernels.cuh)."""
+    fit = 1 if load_bytes >= 16 else 2 if load_bytes >= 8 else 4
+    return max(1, min(fit, most))
+
+
+def staging_waits(elements, nhwc_vec=False, most=STAGE_BATCH_MAX):
+    """A thread's waits staging `elements` float32 values with a block's threads: NHWC
+    vectors of 4 where the channels allow (one 16-byte load each), else one per element."""
+    per_load = 4 if nhwc_vec else 1
+    return math.ceil(elements / (THREADS * per_load * stage_batch(4 * per_load, most)))
 
 
 def _conv_shapes(call):
@@ -330,7 +373,13 @@ def estimate(call, launch, index_in_op):
             input_wavefronts = taps
         weight_loads = taps * math.ceil(cob / 4)
         per_channel_issue = taps * cob + taps + weight_loads + 2
-        staged = c_in * _staged_per_channel(launch, family, stride, cob, out, acc_bytes)
+        per_channel = _staged_per_channel(launch, family, stride, cob, out, acc_bytes)
+        staged = c_in * per_channel
+        # correlate_kernel under a cap of 64 or 80 registers (up to 8 output channels) keeps one
+        # load in flight, the transposed kernel 2; the weights: COB loads a tap, a tap a thread
+        most = (1 if cob <= 8 else STAGE_BATCH_MAX) if family == "correlate" else min(2, STAGE_BATCH_MAX)
+        e.waits = (staging_waits(c_in * (per_channel - 9 * cob), nhwc and c_in % 4 == 0, most)
+                   + math.ceil(c_in * 9 / THREADS))
         e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc]
         e.wavefronts = warps * c_in * (input_wavefronts + weight_loads) + launch.blocks * staged / 32
     elif family == "correlate_mma":
@@ -364,6 +413,8 @@ def estimate(call, launch, index_in_op):
         fragment_loads = k_steps * (2 * 4 + (cob // 8) * 2)  # A: 4 words a tile; B: 2 a tile
         mma_warps = launch.blocks * launch.threads_per_block // 32
         staged = groups * 8 * (window + 9 * cob)
+        # stage_words: an operand word a load (tf32: one float; 16-bit: two channels, two loads)
+        e.waits = staging_waits(groups * 8 * window) + math.ceil(groups * 8 * 9 / THREADS)
         e.warp_instructions = (mma_warps * (products_per_warp * MMA_ISSUE + fragment_loads + 2 * cob)
                                + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc])
         e.wavefronts = mma_warps * (fragment_loads + 2 * cob) + launch.blocks * staged / 32
@@ -377,6 +428,14 @@ def estimate(call, launch, index_in_op):
         e.flops = 2 * macs
         e.outputs = grad_w.numel()
         targs = template_args(launch.kernel)
+        # a block's regions staged whole (every channel of both sides; b's halo not counted),
+        # 2 loads in flight (the weight gradients' register caps), NHWC vectors where allowed
+        nhwc = targs[-1] == "true"
+        small, large = a["grad_output"], a["input"]
+        if small.shape[2] > large.shape[2]:
+            small, large = large, small
+        e.waits = (staging_waits(small.numel() / launch.blocks, nhwc and small.shape[1] % 4 == 0, 2)
+                   + staging_waits(large.numel() / launch.blocks, nhwc and large.shape[1] % 4 == 0, 2))
         if family == "weight_grad_mma":
             # tensor cores (conv3x3_mma_kernels.cuh): per warp, unit of 3 n8 tiles of the 9 C_b
             # columns and k step (16 positions, tf32 8): 3 products; the lane's k positions'
@@ -401,6 +460,7 @@ def estimate(call, launch, index_in_op):
         e.bytes = rows * cols * 4 + cols * (grad_b if grad_b is not None else grad_w).element_size()
         e.outputs = cols
         e.flops = rows * cols
+        e.waits = math.ceil(rows / 8 / 16)  # every 8th row a thread, nvcc's 16-fold unrolled loads
     elif family.startswith("bias_grad"):
         g = a["grad_output"]
         e.bytes = nbytes(g) + nbytes(a.get("relu_output")) + launch.grid[0] * g.shape[1] * 4
@@ -431,6 +491,10 @@ def estimate(call, launch, index_in_op):
         BLOCK_MODELS[family](call, launch, e)
     else:
         raise SystemExit(f"kernel_notes: no model for kernel {launch.kernel} (add one)")
+    if family.startswith(("bias_grad", "max_pool", "sigmoid_cross_entropy", "adam")):
+        # grid-stride loops: an iteration's loads (a pool window's 4 at once) before its use
+        elements = e.outputs if family.startswith("max_pool") else e.bytes / 8
+        e.waits = math.ceil(elements / (launch.blocks * THREADS))
     return e
 
 
@@ -505,6 +569,7 @@ class _Work:
     issue: float = 0.0
     wavefronts: float = 0.0
     fmas: float = 0.0
+    waits: float = 0.0
 
     def windows(self, items, channels, pixels, input_conflict=1, first=True):
         """`items` thread items of accumulate_windows<pixels, 8> over `channels`: per channel
@@ -530,12 +595,21 @@ class _Work:
         self.wavefronts += warps * channels * issued_taps * (input_conflict + loads_w)
         self.fmas += items * channels * (thread_taps or issued_taps) * group
 
-    def stage(self, elements, weights=None):
-        """Elements staged into shared memory: an input's or a gradient's window, or
-        `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS)."""
+    def stage(self, elements, weights=None, channels=1):
+        """Elements staged into shared memory: an input's or a gradient's window of
+        `channels`, or `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS: a group
+        of 8 loads a thread at a time)."""
         per_element = STAGE_INSTRUCTIONS[self.nhwc] if weights is None else WEIGHT_STAGE_INSTRUCTIONS[weights]
         self.issue += elements / 32 * per_element
         self.wavefronts += elements / 32
+        if weights is None:
+            self.waits += staging_waits(elements, self.nhwc and channels % 4 == 0)
+        else:
+            self.waits += math.ceil(elements / (THREADS * GROUP))
+
+    def global_loads(self, elements):
+        """A loop over `elements` with a global load each, batched as the staging."""
+        self.waits += staging_waits(elements)
 
     def fill(self, elements):
         """Shared memory zeroed: a store and the loop, a thread per element."""
@@ -543,6 +617,7 @@ class _Work:
         self.wavefronts += elements / 32
 
     def add(self, e, blocks):
+        e.waits += self.waits
         e.warp_instructions += self.issue * blocks
         e.wavefronts += self.wavefronts * blocks
         e.flops += 2 * self.fmas * blocks
@@ -629,7 +704,7 @@ def _encoder_block(call, launch, e):
     t = _encoder_tiling(n, c0, c1, h, w, strided, launch)
     s, g = t["samples"], t["groups"]
     work = _Work(launch.kernel.endswith("true>"))
-    work.stage(s * c0 * t["r0"] * t["c0"])
+    work.stage(s * c0 * t["r0"] * t["c0"], channels=c0)
     work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows")
     # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
@@ -695,7 +770,9 @@ def _encoder_block_backward(call, launch, e):
     _check_plan(launch, math.ceil(n / samples), (fixed + samples * per_image) * 4)
     sums = (c1 * c0 * 9 + c1) + (c1 * c1 * 9 + c1) * (2 if strided else 1)
     work = _Work(launch.kernel.endswith("true>"))
-    work.stage(samples * c0 * (rows + 2) * (w + 2) + (samples * c1 * (h_out + 1) * (w_out + 1) if strided else 0))
+    work.stage(samples * c0 * (rows + 2) * (w + 2), channels=c0)
+    if strided:
+        work.stage(samples * c1 * (h_out + 1) * (w_out + 1), channels=c1)
     work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows")  # w1, w2 for the recompute
     work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed")  # w1, w2, w_down
     work.fill(2 * samples * c1 * plane)
@@ -716,6 +793,7 @@ def _encoder_block_backward(call, launch, e):
         windows = _warp_items(c1 * h_out * w_out * samples)
         work.issue += windows * (POOL_INSTRUCTIONS + 8)
         work.wavefronts += windows * 8
+        work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
     _weight_grad_pass(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
     work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))  # grad_z1
     _weight_grad_pass(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
@@ -799,7 +877,7 @@ def _decoder_block(call, launch, e):
     s, chans, layers = t["samples"], t["chans"], t["layers"]
     work = _Work(launch.kernel.endswith("true>"))
     p0 = t["planes"][0]
-    work.stage(s * chans[0] * p0[0] * p0[1])
+    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0])
     work.stage(sum(chans[i] * chans[i + 1] * 9 for i in range(layers)), "transposed")
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(t["planes"]) if i > 0))
     for i in range(layers - 1):
@@ -838,8 +916,14 @@ def _decoder_block_backward(call, launch, e):
     a = call.args
     work = _Work(launch.kernel.endswith("true>"))
     p0, pg = planes[0], planes[layers]
-    work.stage(s * chans[0] * p0[0] * p0[1] + s * chans[layers] * pg[0] * pg[1])
     loss = call.op == "decoder_block_loss_backward"
+    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0])
+    if loss:  # stage_loss_grad: the logits and the target (and grad_output) an element, batched
+        work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * STAGE_INSTRUCTIONS[False]
+        work.wavefronts += s * chans[layers] * pg[0] * pg[1] / 32
+        work.global_loads(s * chans[layers] * pg[0] * pg[1])
+    else:
+        work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers])
     if loss:  # the output gradient from the logits and the target: a sigmoid per element
         work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * LOSS_GRAD_INSTRUCTIONS
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
@@ -929,6 +1013,7 @@ class Row:
     t_mem: float
     t_issue: float
     t_lds: float
+    t_wait: float
     time: float
 
 
@@ -946,8 +1031,14 @@ def model_launch(call, index, launch, sass, shorten):
     t_mem = est.bytes / (HBM_FRACTION * HBM_BYTES_PER_S)
     t_issue = est.warp_instructions / (ISSUE_PER_CLOCK * SMS * CLOCK_HZ)
     t_lds = est.wavefronts / (LDS_PER_CLOCK * SMS * CLOCK_HZ)
-    time = max(t_mem / fill, max(t_issue, t_lds) / wave_efficiency(launch.blocks, waves)) + LAUNCH_US * 1e-6
-    return Row(call.layer, call.op, short, launch, registers, per_sm, waves, est, t_mem, t_issue, t_lds, time)
+    t_wait = math.ceil(waves) * est.waits * MEMORY_LATENCY_S
+    # fewer resident warps than the schedulers need to issue every clock
+    occupancy = min(1.0, per_sm * launch.threads_per_block / 32 / WARPS_FOR_FULL_ISSUE)
+    t_issue, t_lds = t_issue / occupancy, t_lds / occupancy
+    time = (max(t_mem / fill, t_wait + max(t_issue, t_lds) / wave_efficiency(launch.blocks, waves))
+            + LAUNCH_US * 1e-6)
+    return Row(call.layer, call.op, short, launch, registers, per_sm, waves, est, t_mem, t_issue, t_lds, t_wait,
+               time)
 
 
 def model_step(calls, sass, shorten):
@@ -970,8 +1061,8 @@ def _shape(launch):
 def step_table(rows):
     lines = [
         "| # | layer | op | kernel | grid x block | dyn. shared KiB | regs | blocks/SM | waves | MB | MFLOP "
-        "| instr/output | t mem us | t issue us | t shared us | time us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| instr/output | waits | t mem us | t issue us | t shared us | t wait us | time us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows, 1):
         e = r.est
@@ -979,7 +1070,8 @@ def step_table(rows):
         lines.append(
             f"| {i} | {r.layer} | `{r.op}` | `{r.kernel}` | {_shape(r.launch)} | {r.launch.shared_bytes / 1024:.1f} "
             f"| {r.registers} | {r.per_sm} | {r.waves:.2f} | {e.bytes / 1e6:.2f} | {e.flops / 1e6:.0f} "
-            f"| {per_output} | {_us(r.t_mem)} | {_us(r.t_issue)} | {_us(r.t_lds)} | {_us(r.time)} |"
+            f"| {per_output} | {e.waits:.0f} | {_us(r.t_mem)} | {_us(r.t_issue)} | {_us(r.t_lds)} | {_us(r.t_wait)} "
+            f"| {_us(r.time)} |"
         )
     return lines
 
