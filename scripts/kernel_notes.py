@@ -83,7 +83,7 @@ STAGE_BATCH_MAX = int(os.environ.get("KERNEL_NOTES_STAGE_BATCH", "4"))
 # Warps an SM needs resident to issue at its full rate: a scheduler's warps wait ~30 clocks for
 # a shared load and ~4 for an FFMA it depends on, so it takes about 8 warps to have one ready
 # each clock. With fewer, issue slows in proportion (the fused kernels run 8-16 warps an SM).
-WARPS_FOR_FULL_ISSUE = int(os.environ.get("KERNEL_NOTES_FULL_ISSUE_WARPS", "32"))
+WARPS_FOR_FULL_ISSUE = 32
 
 MODEL = f"""\
 **Model (an estimate, not a measurement).** H200 SXM: {SMS} SMs at {CLOCK_HZ / 1e9:.2f} GHz,
@@ -918,14 +918,13 @@ def _decoder_block_backward(call, launch, e):
     p0, pg = planes[0], planes[layers]
     loss = call.op == "decoder_block_loss_backward"
     work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0])
-    if loss:  # stage_loss_grad: the logits and the target (and grad_output) an element, batched
-        work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * STAGE_INSTRUCTIONS[False]
+    if loss:  # stage_loss_grad: the logits and the target (and grad_output) an element, batched,
+        # and the output gradient from them: a sigmoid per element
+        work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * (STAGE_INSTRUCTIONS[False] + LOSS_GRAD_INSTRUCTIONS)
         work.wavefronts += s * chans[layers] * pg[0] * pg[1] / 32
         work.global_loads(s * chans[layers] * pg[0] * pg[1])
     else:
         work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers])
-    if loss:  # the output gradient from the logits and the target: a sigmoid per element
-        work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * LOSS_GRAD_INSTRUCTIONS
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
     for i in range(layers - 1):
         size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)

@@ -164,16 +164,6 @@ CAE_DEVICE RawGated<T, N> load_raw(const T* __restrict__ x, const T* __restrict_
   return r;
 }
 
-// x[at], ..., x[at + N - 1] by one vector load, each gated like load_gated;
-// zeros where !inside.
-template <typename Acc, int N, typename T>
-CAE_DEVICE void load_gated_vec(Acc (&out)[N], const T* __restrict__ x, const T* __restrict__ gate, index_t at,
-                               bool inside) {
-  const RawGated<T, N> r = load_raw<N>(x, gate, at, inside);
-  CAE_UNROLL
-  for (int j = 0; j < N; ++j) out[j] = r.template value<Acc>(j, gate != nullptr);
-}
-
 // Widest vector of T that is at most 16 bytes, and at most `limit` elements.
 template <typename T, int limit = 16>
 constexpr int vec_width() {
