@@ -317,11 +317,12 @@ def stage_batch(load_bytes, most=STAGE_BATCH_MAX):
     return max(1, min(fit, most))
 
 
-def staging_waits(elements, nhwc_vec=False, most=STAGE_BATCH_MAX):
-    """A thread's waits staging `elements` float32 values with a block's threads: NHWC
-    vectors of 4 where the channels allow (one 16-byte load each), else one per element."""
+def staging_waits(elements, nhwc_vec=False, most=STAGE_BATCH_MAX, threads=None):
+    """A thread's waits staging `elements` float32 values with a block's threads (THREADS
+    unless given): NHWC vectors of 4 where the channels allow (one 16-byte load each),
+    else one per element."""
     per_load = 4 if nhwc_vec else 1
-    return math.ceil(elements / (THREADS * per_load * stage_batch(4 * per_load, most)))
+    return math.ceil(elements / ((threads or THREADS) * per_load * stage_batch(4 * per_load, most)))
 
 
 def _conv_shapes(call):
@@ -539,7 +540,8 @@ def _weight_grad_results(call):
 # The block kernels (encoder_block_kernels.cuh, encoder_block_backward_kernels.cuh,
 # decoder_block_kernels.cuh) run 256 threads that take work items (a pixel or two rows of a
 # column, and 8 channels) in StridedDigits order, so a warp runs 32 consecutive items: a
-# block's warp items are ceil(items / 32). Their tilings are copied from the planners and
+# block's warp items are ceil(items / 32). (The encoder backward's block runs 512 threads
+# where it fills an SM: its _Work takes the launch's.) Their tilings are copied from the planners and
 # checked against the recorded grid and shared memory, as _staged_per_channel does.
 
 THREADS = 256  # kThreads
@@ -566,6 +568,7 @@ class _Work:
     """Per-block work of a block kernel, summed in warp instructions, wavefronts and FMAs."""
 
     nhwc: bool
+    threads: int = THREADS
     issue: float = 0.0
     wavefronts: float = 0.0
     fmas: float = 0.0
@@ -603,13 +606,13 @@ class _Work:
         self.issue += elements / 32 * per_element
         self.wavefronts += elements / 32
         if weights is None:
-            self.waits += staging_waits(elements, self.nhwc and channels % 4 == 0)
+            self.waits += staging_waits(elements, self.nhwc and channels % 4 == 0, threads=self.threads)
         else:
-            self.waits += math.ceil(elements / (THREADS * GROUP))
+            self.waits += math.ceil(elements / (self.threads * GROUP))
 
     def global_loads(self, elements):
         """A loop over `elements` with a global load each, batched as the staging."""
-        self.waits += staging_waits(elements)
+        self.waits += staging_waits(elements, threads=self.threads)
 
     def fill(self, elements):
         """Shared memory zeroed: a store and the loop, a thread per element."""
@@ -729,7 +732,7 @@ def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitc
     the rows; per position 9 source loads, 4 gradient loads, 36 + 4 FFMA/FADD, ~3 for the
     walk; slices' sums through the scratch. Bank conflicts from the first warp's addresses."""
     pairs = math.ceil(c_g / GRAD_CHANNELS) * c_src
-    slices = 1 if pairs >= THREADS else THREADS // pairs
+    slices = 1 if pairs >= work.threads else work.threads // pairs
     items = pairs * slices
     positions = samples * math.ceil(g_rows / slices) * g_cols  # the longest slice
     per_position = 9 + GRAD_CHANNELS + GRAD_CHANNELS * GRAD_SUMS + 3
@@ -761,7 +764,8 @@ def _encoder_block_backward(call, launch, e):
     out_pitch, out_plane = w_out + 1, (((h_out + 1) * (w_out + 1)) | 1) if strided else 0
     w1_size = max(g1 * GROUP * c0 * 9, g0 * GROUP * c1 * 9)
     w2_size = g1 * GROUP * c1 * 9
-    fixed = w1_size + w2_size * (2 if strided else 1) + THREADS * GRAD_SUMS
+    threads = launch.threads_per_block  # 512 where a block fills an SM (backward_max_threads)
+    fixed = w1_size + w2_size * (2 if strided else 1) + threads * GRAD_SUMS
     per_image = (c0 + 2 * c1) * plane + c1 * out_plane
     samples = 1
     budget = launch.shared_bytes // 4  # the opt-in limit is the device's: take the plan's images
@@ -769,7 +773,7 @@ def _encoder_block_backward(call, launch, e):
         samples *= 2
     _check_plan(launch, math.ceil(n / samples), (fixed + samples * per_image) * 4)
     sums = (c1 * c0 * 9 + c1) + (c1 * c1 * 9 + c1) * (2 if strided else 1)
-    work = _Work(launch.kernel.endswith("true>"))
+    work = _Work(launch.kernel.endswith("true>"), threads)
     work.stage(samples * c0 * (rows + 2) * (w + 2), channels=c0)
     if strided:
         work.stage(samples * c1 * (h_out + 1) * (w_out + 1), channels=c1)

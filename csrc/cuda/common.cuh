@@ -93,8 +93,11 @@ namespace cuda {
 // 2^31); sizes of one dimension and offsets inside a block's tile are int.
 using index_t = int64_t;
 
-// Every kernel runs 256-thread blocks: 8 warps, enough to hide latency, small
-// enough that the tiny layers of the autoencoder still give hundreds of blocks.
+// Kernels run 256-thread blocks: 8 warps, enough to hide latency where 2-4
+// blocks share an SM, small enough that the tiny layers of the autoencoder
+// still give hundreds of blocks. The fused encoder backward takes 512 where
+// one of its blocks fills an SM's shared memory (plan_encoder_block_backward):
+// the helpers it shares take a block's thread count, kThreads by default.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Dynamic shared memory per block: under the 48 KiB a block may take without

@@ -118,8 +118,8 @@ struct Staged {
 // NCHW: consecutive threads read consecutive columns of one row.
 template <int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
-                           int W, const Window& win, int tid) {
-  StridedDigits at(tid, win.cols, win.rows, win.count);  // (col, r, c, s)
+                           int W, const Window& win, int tid, int threads = kThreads) {
+  StridedDigits at(tid, win.cols, win.rows, win.count, threads);  // (col, r, c, s)
   batched_walk<stage_batch<sizeof(T), MaxBatch>()>(
       at, win.samples,
       [&](const StridedDigits& d) {
@@ -138,10 +138,10 @@ CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restric
 // aligned, see vector_ok), so a warp reads whole rows of pixels.
 template <int V, int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
-                           int W, const Window& win, bool vec, int tid) {
+                           int W, const Window& win, bool vec, int tid, int threads = kThreads) {
   auto walk = [&](auto width) {
-    constexpr int U = decltype(width)::value;                  // elements per load: V, or 1
-    StridedDigits at(tid, win.count / U, win.cols, win.rows);  // (lane, col, r, s)
+    constexpr int U = decltype(width)::value;                           // elements per load: V, or 1
+    StridedDigits at(tid, win.count / U, win.cols, win.rows, threads);  // (lane, col, r, s)
     batched_walk<stage_batch<U * sizeof(T), MaxBatch>()>(
         at, win.samples,
         [&](const StridedDigits& d) {
@@ -175,9 +175,9 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
 // zeros.
 template <int COB, typename Acc, typename T>
 CAE_DEVICE void stage_weight_rows(Acc* w_s, const T* __restrict__ w, index_t first, index_t row_stride,
-                                  int rows, int taps, int tid) {
+                                  int rows, int taps, int tid, int threads = kThreads) {
   constexpr int W = vec_width<Acc, COB>();  // divides COB (1, 4, 8, 16)
-  for (int e = tid; e < taps; e += kThreads) {
+  for (int e = tid; e < taps; e += threads) {
     CAE_UNROLL
     for (int j = 0; j < COB; j += W) {
       Vec<Acc, W> v;

@@ -9,8 +9,9 @@ namespace cae {
 // False (nothing launched) where one image's planes (x, a1, a2 padded, and
 // the strided block's output gradient) and the weights do not fit the
 // device's opt-in shared memory: 28 x 28 with 16 channels fits float32 on
-// sm_90 (166 KB), not float64, nor anything of that size on sm_75 (64 KB).
-// ops.h then runs the composed backward.
+// sm_90 (150 KiB pool, 173 KiB strided, with a 512-thread block's scratch),
+// not float64, nor anything of that size on sm_75 (64 KiB). ops.h then runs
+// the composed backward.
 bool CudaKernels::encoder_block_backward(const EncoderBlockBackwardParams& p) {
   CAE_DEVICE_GUARD(p.input);
   const cudaStream_t stream = CAE_CURRENT_STREAM();
@@ -42,7 +43,7 @@ bool CudaKernels::encoder_block_backward(const EncoderBlockBackwardParams& p) {
     cuda::with_bool(p.nhwc, [&](auto layout) {
       const auto kernel = cuda::encoder_block_backward_kernel<scalar_t, acc_t, decltype(layout)::value>;
       cuda::allow_smem(kernel, plan.smem);
-      CAE_LAUNCH(kernel, static_cast<unsigned>(plan.blocks), cuda::kThreads, plan.smem, stream, a, plan.t,
+      CAE_LAUNCH(kernel, static_cast<unsigned>(plan.blocks), plan.t.threads, plan.smem, stream, a, plan.t,
                  workspace.sums);
     });
     CAE_KERNEL_LAUNCH_CHECK();

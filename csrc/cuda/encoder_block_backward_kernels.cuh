@@ -7,7 +7,8 @@
 // Layout of the work: a block owns `samples` whole images (no halos), every
 // plane in shared memory zero-padded to (H + 2) x (W + 2) (one row more when
 // H is odd: layer passes take rows in pairs), so 3x3 windows need no bounds
-// checks. Phases, separated by barriers:
+// checks; 256 threads, or 512 where the block fills an SM on its own
+// (backward_max_threads). Phases, separated by barriers:
 //   0. stage x, the weights, (strided) gate(grad_out); zero a1's, a2's padding;
 //   1. a1 = act(b1 + correlate(x, w1)), as the forward kernel computes it;
 //   2. a2 = act(b2 + correlate(a1, w2)); w1 restaged transposed and flipped;
@@ -52,6 +53,7 @@ constexpr int kGradSums = 10;
 // Shared memory of a block (elements of Acc): the weights first (multiples
 // of kBlockGroup: vector aligned), the slices' scratch, then the planes.
 struct EncoderBackwardTiling {
+  int threads;  // a block's: kThreads, or backward_max_threads where one block fills an SM
   int samples;
   int pitch, plane;          // a padded plane's row pitch (W + 2) and odd stride
   int out_pitch, out_plane;  // staged grad_out (strided): (H_out + 1) x (W_out + 1)
@@ -67,6 +69,16 @@ struct EncoderBackwardPlan {
   size_t smem;
   bool ok;  // false: one image does not fit shared memory
 };
+
+// Threads a block may have: 512 (16 warps, 128 registers each, as two blocks
+// of 256) for float32 accumulation, taken where one block's images fill more
+// than half an SM's shared memory (the pool model's first block: one 28 x 28
+// image, ~150 KB), which would otherwise run 8 warps an SM; 256 for double
+// (255 registers a thread).
+template <typename Acc>
+constexpr int backward_max_threads() {
+  return sizeof(Acc) > 4 ? kThreads : 2 * kThreads;
+}
 
 // The partial-sum row's segments: dw1, db1, dw2, db2, dw_down, db_down.
 constexpr int kGradSegments = 6;
@@ -95,21 +107,29 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   t.w1_size = w1_fwd > w1_t ? w1_fwd : w1_t;
   t.w2_size = t.groups1 * G * a.C1 * 9;
   t.wd_size = strided ? t.w2_size : 0;
-  t.scratch_size = kThreads * kGradSums;
   int seg[kGradSegments];
   grad_segment_sizes(seg, a.C0, a.C1, strided);
   t.sums = 0;
   for (int s : seg) t.sums += s;
-  const size_t fixed = static_cast<size_t>(t.w1_size) + t.w2_size + t.wd_size + t.scratch_size;
+  const size_t weights = static_cast<size_t>(t.w1_size) + t.w2_size + t.wd_size;
   const size_t per_image =
       static_cast<size_t>(a.C0 + 2 * a.C1) * t.plane + static_cast<size_t>(a.C1) * t.out_plane;
-  const auto bytes = [&](int samples) { return (fixed + samples * per_image) * sizeof(Acc); };
-  if (bytes(1) > budget) return p;
+  // The slices' scratch: kGradSums a thread.
+  const auto bytes = [&](int samples, int threads) {
+    return (weights + static_cast<size_t>(threads) * kGradSums + samples * per_image) * sizeof(Acc);
+  };
+  t.threads = kThreads;
+  if (bytes(1, t.threads) > budget) return p;
   // Images packed while they fit and the grid keeps kBlockFill blocks.
   t.samples = 1;
-  while (bytes(2 * t.samples) <= budget &&
+  while (bytes(2 * t.samples, t.threads) <= budget &&
          ceil_div(static_cast<index_t>(a.N), static_cast<index_t>(2 * t.samples)) >= kBlockFill)
     t.samples *= 2;
+  // No second block fits an SM: more threads for this one.
+  constexpr int most = backward_max_threads<Acc>();
+  if (most > t.threads && 2 * bytes(t.samples, t.threads) > budget && bytes(t.samples, most) <= budget)
+    t.threads = most;
+  t.scratch_size = t.threads * kGradSums;
   constexpr int V = vec_width<T>();
   t.vec_x = nhwc && vector_ok<V>(a.x, a.C0, a.C0);
   t.vec_g = nhwc && vector_ok<V>(args.grad_out, a.C1, a.C1) &&
@@ -117,7 +137,7 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   constexpr int VO = vec_width<T, G>();
   t.vec_gi = nhwc && args.grad_input != nullptr && vector_ok<VO>(args.grad_input, a.C0, a.C0);
   p.blocks = ceil_div(static_cast<index_t>(a.N), static_cast<index_t>(t.samples));
-  p.smem = bytes(t.samples);
+  p.smem = bytes(t.samples, t.threads);
   p.ok = true;
   return p;
 }
@@ -128,9 +148,9 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
 // Flipped: the stride-1 transposed correlation as a correlation.
 template <int G, typename Acc, typename T>
 CAE_DEVICE void stage_weight_transposed(Acc* w_s, const T* __restrict__ w, int C_out, int C_in, int groups,
-                                        bool flip, int tid) {
+                                        bool flip, int tid, int threads) {
   const int taps = C_out * 9;
-  for (int e = tid; e < groups * taps; e += kThreads) {
+  for (int e = tid; e < groups * taps; e += threads) {
     const int g = e / taps, r = e - g * taps;
     const int c = r / 9, tap = r - c * 9;
     const index_t first = static_cast<index_t>(c) * C_in * 9 + (flip ? 8 - tap : tap);
@@ -158,14 +178,14 @@ constexpr int kGradChannels = 4;
 // on a few banks (8-way at 14 x 14). Fixed order throughout: deterministic.
 template <int S, typename Acc>
 CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<const Acc>& g,
-                                 const SharedPlanes<const Acc>& src, int C_g, int C_src, int samples,
-                                 int tid) {
+                                 const SharedPlanes<const Acc>& src, int C_g, int C_src, int samples, int tid,
+                                 int threads) {
   constexpr int KC = kGradChannels;
   const int pairs = ceil_div(C_g, KC) * C_src;  // (channel block, ci)
-  const int slices = pairs >= kThreads ? 1 : kThreads / pairs;
+  const int slices = pairs >= threads ? 1 : threads / pairs;
   Acc* db = row + C_g * C_src * 9;
   // Uniform trip count: the slices' barriers below are reached by every thread.
-  for (int first = 0; first < pairs * slices; first += kThreads) {
+  for (int first = 0; first < pairs * slices; first += threads) {
     const int item = first + tid;
     const bool active = item < pairs * slices;
     const int slice = active ? item / pairs : 0, pair = active ? item - slice * pairs : 0;
@@ -214,7 +234,7 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
         for (int e = 0; e < kGradSums; ++e) scratch[item * kGradSums + e] = acc[k][e];
       }
       __syncthreads();
-      for (int p = tid; p < pairs; p += kThreads) {
+      for (int p = tid; p < pairs; p += threads) {
         const int cp = p / C_src * KC + k, cip = p - p / C_src * C_src;
         if (cp >= C_g) continue;
         Acc sum[kGradSums];
@@ -242,8 +262,8 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src,
                                 const Acc* w, int count, int samples, int groups, int C, int H, T* out,
-                                int n0, bool relu, bool vec, int tid) {
-  StridedDigits at(tid, dst.cols, dst.rows / 2, samples);  // (col, row pair, sample, group)
+                                int n0, bool relu, bool vec, int tid, int threads) {
+  StridedDigits at(tid, dst.cols, dst.rows / 2, samples, threads);  // (col, row pair, sample, group)
   for (; at.digit[3] < groups; at.advance()) {
     const int col = at.digit[0], row = 2 * at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
     Acc acc[2][G];
@@ -275,11 +295,10 @@ CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes
   }
 }
 
-// Registers: two blocks per SM (128 registers) for float32 accumulation, as
-// the forward: the smaller images' blocks fit twice in shared memory; one for
-// double.
+// Registers: 128 a thread for float32 accumulation, as the forward (two
+// blocks of 256 an SM, or one of 512); 255 for double.
 template <typename T, typename Acc, bool NHWC>
-__global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
+__global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
     encoder_block_backward_kernel(EncoderBlockBackwardArgs<T> args, EncoderBackwardTiling t,
                                   GridSums<Acc> sums) {
   const EncoderBlockArgs<T>& a = args.block;
@@ -289,12 +308,12 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   Acc* w1_s = smem;                               // w1, then its transposed copy
   Acc* w2_s = w1_s + t.w1_size;                   // w2, then its transposed copy
   Acc* wd_s = w2_s + t.w2_size;                   // w_down transposed (strided)
-  Acc* scratch = wd_s + t.wd_size;                // [kThreads][kGradSums]
+  Acc* scratch = wd_s + t.wd_size;                // [t.threads][kGradSums]
   Acc* x_s = scratch + t.scratch_size;            // [samples][C0][plane]
   Acc* a1_s = x_s + t.samples * a.C0 * t.plane;   // [samples][C1][plane]: a1, then grad_z1
   Acc* a2_s = a1_s + t.samples * a.C1 * t.plane;  // [samples][C1][plane]: a2, then grad_z2
   Acc* go_s = a2_s + t.samples * a.C1 * t.plane;  // [samples][C1][out_plane] (strided)
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, threads = t.threads;
   const bool strided = a.w_down != nullptr;
   const int n0 = static_cast<int>(blockIdx.x) * t.samples;
   const int samples = a.N - n0 < t.samples ? a.N - n0 : t.samples;  // the last block's may be fewer
@@ -319,18 +338,18 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   for (int g = 0; g < t.groups1; ++g) {
     const int taps1 = a.C0 * 9, taps2 = a.C1 * 9;
     stage_weight_rows<G>(w1_s + g * taps1 * G, a.w1, static_cast<index_t>(g) * G * taps1, taps1, a.C1 - g * G,
-                         taps1, tid);
+                         taps1, tid, threads);
     stage_weight_rows<G>(w2_s + g * taps2 * G, a.w2, static_cast<index_t>(g) * G * taps2, taps2, a.C1 - g * G,
-                         taps2, tid);
+                         taps2, tid, threads);
   }
-  if (strided) stage_weight_transposed<G>(wd_s, a.w_down, a.C1, a.C1, t.groups1, false, tid);
-  for (int i = tid; i < 2 * t.samples * a.C1 * t.plane; i += kThreads) a1_s[i] = Acc(0);
+  if (strided) stage_weight_transposed<G>(wd_s, a.w_down, a.C1, a.C1, t.groups1, false, tid, threads);
+  for (int i = tid; i < 2 * t.samples * a.C1 * t.plane; i += threads) a1_s[i] = Acc(0);
   const Window xw{n0, -1, -1, 0, a.C0, rows + 2, a.W + 2, samples, t.plane, a.C0 * t.plane};
   if (NHWC) {
     stage_nhwc<vec_width<T>()>(x_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, xw, t.vec_x,
-                               tid);
+                               tid, threads);
   } else {
-    stage_nchw(x_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, xw, tid);
+    stage_nchw(x_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, xw, tid, threads);
   }
   if (strided) {
     // gate(grad_out), with a zero row and column past its end (the stride-2
@@ -338,32 +357,34 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     const Window gw{n0, 0, 0, 0, a.C1, a.H_out + 1, a.W_out + 1, samples, t.out_plane, a.C1 * t.out_plane};
     if (NHWC) {
       stage_nhwc<vec_width<T>()>(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, t.vec_g,
-                                 tid);
+                                 tid, threads);
     } else {
-      stage_nchw(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, tid);
+      stage_nchw(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, tid, threads);
     }
   }
   __syncthreads();
 
   // 1. a1 (the forward kernel's sums, rounded to T).
   LayerPass<T> layer{a.b1, nullptr, 0, 0, 0, 0, a.H, a.W, n0, a.N, a.C1, a.H, a.W, a.relu, false};
-  layer_pass<G, NHWC>(a1v, padded(x_s, a.C0), w1_s, a.C0, samples, t.groups1, true, true, layer, tid);
+  layer_pass<G, NHWC>(a1v, padded(x_s, a.C0), w1_s, a.C0, samples, t.groups1, true, true, layer, tid,
+                      threads);
   __syncthreads();
 
   // 2. a2; w1 no longer needed as it is: its transposed copy for phase 6.
   layer.bias = a.b2;
-  layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, true, true, layer, tid);
-  stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid);
+  layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, true, true, layer, tid,
+                      threads);
+  stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid, threads);
   __syncthreads();
 
   // 3. grad_z2 over a2; w2's transposed copy for phase 5.
-  stage_weight_transposed<G>(w2_s, a.w2, a.C1, a.C1, t.groups1, true, tid);
+  stage_weight_transposed<G>(w2_s, a.w2, a.C1, a.C1, t.groups1, true, tid, threads);
   if (strided) {
     const SharedPlanes<const Acc> gv{go_s, t.out_plane, a.C1 * t.out_plane, a.H_out, a.W_out, t.out_pitch};
-    weight_grad_pass<2>(dwd_row, scratch, gv, padded(a2_s, a.C1), a.C1, a.C1, samples, tid);
+    weight_grad_pass<2>(dwd_row, scratch, gv, padded(a2_s, a.C1), a.C1, a.C1, samples, tid, threads);
     __syncthreads();  // a2 read by dw_down before grad_z2 replaces it
     // grad_a2 at (y, x): the taps with (y + 1 - ky) even, from g row (y + 1 - ky) / 2.
-    StridedDigits at(tid, a.W, a.H, samples);  // (x, y, sample, group)
+    StridedDigits at(tid, a.W, a.H, samples, threads);  // (x, y, sample, group)
     for (; at.digit[3] < t.groups1; at.advance()) {
       const int x = at.digit[0], y = at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
       Acc acc[G];
@@ -399,8 +420,8 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       int c, ox, oy, s;
       T go;
     };
-    StridedDigits at =
-        NHWC ? StridedDigits(tid, a.C1, a.W_out, a.H_out) : StridedDigits(tid, a.W_out, a.H_out, a.C1);
+    StridedDigits at = NHWC ? StridedDigits(tid, a.C1, a.W_out, a.H_out, threads)
+                            : StridedDigits(tid, a.W_out, a.H_out, a.C1, threads);
     batched_walk<stage_batch<sizeof(T)>()>(
         at, samples,
         [&](const StridedDigits& d) {
@@ -434,21 +455,21 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
 
   // 4. dw2, db2.
   const SharedPlanes<const Acc> gz2{a2v.p, t.plane, a.C1 * t.plane, a.H, a.W, t.pitch};
-  weight_grad_pass<1>(dw2_row, scratch, gz2, padded(a1_s, a.C1), a.C1, a.C1, samples, tid);
+  weight_grad_pass<1>(dw2_row, scratch, gz2, padded(a1_s, a.C1), a.C1, a.C1, samples, tid, threads);
   __syncthreads();
 
   // 5. grad_z1 over a1.
   transposed_pass<G, NHWC>(a1v, padded(a2_s, a.C1), w2_s, a.C1, samples, t.groups1, a.C1, a.H,
-                           static_cast<T*>(nullptr), n0, a.relu, false, tid);
+                           static_cast<T*>(nullptr), n0, a.relu, false, tid, threads);
   __syncthreads();
 
   // 6. dw1, db1, and the input gradient.
   const SharedPlanes<const Acc> gz1{a1v.p, t.plane, a.C1 * t.plane, a.H, a.W, t.pitch};
-  weight_grad_pass<1>(dw1_row, scratch, gz1, padded(x_s, a.C0), a.C1, a.C0, samples, tid);
+  weight_grad_pass<1>(dw1_row, scratch, gz1, padded(x_s, a.C0), a.C1, a.C0, samples, tid, threads);
   if (args.grad_input != nullptr) {
     const SharedPlanes<Acc> xv = interior(x_s, a.C0);  // its positions, not its values
     transposed_pass<G, NHWC>(xv, padded(a1_s, a.C1), w1_s, a.C1, samples, t.groups0, a.C0, a.H,
-                             args.grad_input, n0, false, t.vec_gi, tid);
+                             args.grad_input, n0, false, t.vec_gi, tid, threads);
   }
 
   // The totals, in the last block to finish.
@@ -456,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   if (totals != nullptr) {
     T* const outs[kGradSegments] = {args.dw1, args.db1, args.dw2, args.db2, args.dw_down, args.db_down};
     for (int k = 0, off = 0; k < kGradSegments; off += seg[k], ++k) {
-      for (int i = tid; i < seg[k]; i += kThreads) outs[k][i] = static_cast<T>(totals[off + i]);
+      for (int i = tid; i < seg[k]; i += threads) outs[k][i] = static_cast<T>(totals[off + i]);
     }
   }
 }

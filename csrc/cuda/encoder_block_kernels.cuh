@@ -221,8 +221,8 @@ struct LayerPass {
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src, const Acc* w,
                            int count, int samples, int groups, bool first, bool last, const LayerPass<T>& l,
-                           int tid) {
-  StridedDigits at(tid, dst.cols, dst.rows / 2, samples);  // (col, row pair, sample, group)
+                           int tid, int threads = kThreads) {
+  StridedDigits at(tid, dst.cols, dst.rows / 2, samples, threads);  // (col, row pair, sample, group)
   for (; at.digit[3] < groups; at.advance()) {
     const int col = at.digit[0], row = 2 * at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
     Acc* d = dst.at(s, co0, row, col);
