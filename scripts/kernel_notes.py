@@ -732,7 +732,7 @@ def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitc
     the rows; per position 9 source loads, 4 gradient loads, 36 + 4 FFMA/FADD, ~3 for the
     walk; slices' sums through the scratch. Bank conflicts from the first warp's addresses."""
     pairs = math.ceil(c_g / GRAD_CHANNELS) * c_src
-    slices = 1 if pairs >= work.threads else work.threads // pairs
+    slices = min(1 if pairs >= work.threads else work.threads // pairs, g_rows)
     items = pairs * slices
     positions = samples * math.ceil(g_rows / slices) * g_cols  # the longest slice
     per_position = 9 + GRAD_CHANNELS + GRAD_CHANNELS * GRAD_SUMS + 3

@@ -364,7 +364,7 @@ def test_backward_declined_shapes_are_composed(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_backward_block_size_follows_shared_memory(dtype, fmt, variant):
     """The pool model's first block (a 28 x 28 image of 16 channels a block, over half an
     SM's shared memory) runs 512 threads a block, its second (14 x 14) the usual 256;

@@ -182,7 +182,10 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
                                  int threads) {
   constexpr int KC = kGradChannels;
   const int pairs = ceil_div(C_g, KC) * C_src;  // (channel block, ci)
-  const int slices = pairs >= threads ? 1 : threads / pairs;
+  // Slices past the rows would sum nothing, and lengthen the slice sums below
+  // (a few threads' serial loop): the first block's dw1 (4 items) has 28 rows.
+  const int spare = pairs >= threads ? 1 : threads / pairs;
+  const int slices = spare < g.rows ? spare : g.rows;
   Acc* db = row + C_g * C_src * 9;
   // Uniform trip count: the slices' barriers below are reached by every thread.
   for (int first = 0; first < pairs * slices; first += threads) {
