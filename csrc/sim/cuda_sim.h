@@ -790,7 +790,15 @@ inline size_t stack_size_from_env() {
 inline void ensure_stacks(Launch& L, unsigned n, size_t size) {
   if (L.stacks && L.stack_count >= n && L.stack_size == size) return;
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  if (L.stacks) munmap(L.stacks, L.stack_count * L.stack_stride);
+  if (L.stacks) {
+#if CAE_SIM_ASAN
+    // Frames left on the stacks keep their redzones poisoned, and ASan does
+    // not clear shadow memory on munmap: memory mapped there later (Python's
+    // own) would report stack-buffer-underflow.
+    __asan_unpoison_memory_region(L.stacks, L.stack_count * L.stack_stride);
+#endif
+    munmap(L.stacks, L.stack_count * L.stack_stride);
+  }
   L.stacks = nullptr;
   for (Fiber& f : L.fibers) f.at_top = false;  // their stacks are gone
   const size_t stride = size + page;

@@ -323,6 +323,28 @@ static void test_errors() {
   test_block_reduction();
 }
 
+// A launch with more threads than any before maps larger fiber stacks and
+// unmaps the old ones, on which abandoned frames (a trapped block's) keep
+// their redzones poisoned: ASan keeps shadow memory through munmap, so the
+// old range must be unpoisoned first, or memory mapped there later (by the
+// host program) reports stack-buffer-underflow. Checked right after the
+// stacks grow, before any fiber starts on the new ones (which may overlap).
+static void test_stacks_grow() {
+  std::vector<int> ibuf(64);
+  expect_error([&] { CAE_LAUNCH(trap_kernel, 4, 32, 0, 0, ibuf.data()); }, {"__trap"});
+  auto& state = ::cae_sim::detail::g_state;
+  const char* old_stacks = state.stacks;
+  const size_t old_bytes = state.stack_count * state.stack_stride;
+  ::cae_sim::detail::ensure_stacks(state, state.stack_count + 32, state.stack_size);
+  CHECK(state.stacks != nullptr);
+#if CAE_SIM_ASAN
+  CHECK(__asan_region_is_poisoned(const_cast<char*>(old_stacks), old_bytes) == nullptr);
+#else
+  (void)old_stacks, (void)old_bytes;
+#endif
+  test_block_reduction();  // the emulator runs on, on the new stacks
+}
+
 static void test_params_and_warps() {
   std::vector<int> out(96);
   CAE_LAUNCH(params_are_private, 1, 96, 0, 0, 1000, out.data());
@@ -398,6 +420,7 @@ int main(int argc, char** argv) {
       {"dynamic shared memory, unwritten reads are NaN", test_dynamic_shared},
       {"errors: deadlock, divergence, masks, trap, bad config", test_errors},
       {"private parameters, warps of a 3-D block", test_params_and_warps},
+      {"fiber stacks grow, the old ones unpoisoned", test_stacks_grow},
       {"shared-memory exchange ordered by __syncwarp", test_warp_smem_exchange},
       {"templated 3x3 convolution vs naive loop", test_conv},
   };
