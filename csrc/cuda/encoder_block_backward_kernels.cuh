@@ -53,12 +53,14 @@ constexpr int kGradSums = 10;
 // Shared memory of a block (elements of Acc): the weights first (multiples
 // of kBlockGroup: vector aligned), the slices' scratch, then the planes.
 struct EncoderBackwardTiling {
-  int threads;  // a block's: kThreads, or backward_max_threads where one block fills an SM
+  // A block's: kThreads, or backward_max_threads where one block fills an SM;
+  // the slices' scratch takes kGradSums a thread.
+  int threads;
   int samples;
   int pitch, plane;          // a padded plane's row pitch (W + 2) and odd stride
   int out_pitch, out_plane;  // staged grad_out (strided): (H_out + 1) x (W_out + 1)
   int groups1, groups0;      // ceil(C1 / kBlockGroup), ceil(C0 / kBlockGroup)
-  int w1_size, w2_size, wd_size, scratch_size;
+  int w1_size, w2_size, wd_size;
   int sums;                   // partial sums per block
   bool vec_x, vec_g, vec_gi;  // NHWC vector loads of x, grad_out; stores of grad_input
 };
@@ -129,7 +131,6 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   constexpr int most = backward_max_threads<Acc>();
   if (most > t.threads && 2 * bytes(t.samples, t.threads) > budget && bytes(t.samples, most) <= budget)
     t.threads = most;
-  t.scratch_size = t.threads * kGradSums;
   constexpr int V = vec_width<T>();
   t.vec_x = nhwc && vector_ok<V>(a.x, a.C0, a.C0);
   t.vec_g = nhwc && vector_ok<V>(args.grad_out, a.C1, a.C1) &&
@@ -312,7 +313,7 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   Acc* w2_s = w1_s + t.w1_size;                   // w2, then its transposed copy
   Acc* wd_s = w2_s + t.w2_size;                   // w_down transposed (strided)
   Acc* scratch = wd_s + t.wd_size;                // [t.threads][kGradSums]
-  Acc* x_s = scratch + t.scratch_size;            // [samples][C0][plane]
+  Acc* x_s = scratch + t.threads * kGradSums;     // [samples][C0][plane]
   Acc* a1_s = x_s + t.samples * a.C0 * t.plane;   // [samples][C1][plane]: a1, then grad_z1
   Acc* a2_s = a1_s + t.samples * a.C1 * t.plane;  // [samples][C1][plane]: a2, then grad_z2
   Acc* go_s = a2_s + t.samples * a.C1 * t.plane;  // [samples][C1][out_plane] (strided)

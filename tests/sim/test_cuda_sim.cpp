@@ -333,12 +333,12 @@ static void test_stacks_grow() {
   std::vector<int> ibuf(64);
   expect_error([&] { CAE_LAUNCH(trap_kernel, 4, 32, 0, 0, ibuf.data()); }, {"__trap"});
   auto& state = ::cae_sim::detail::g_state;
-  const char* old_stacks = state.stacks;
+  char* old_stacks = state.stacks;
   const size_t old_bytes = state.stack_count * state.stack_stride;
   ::cae_sim::detail::ensure_stacks(state, state.stack_count + 32, state.stack_size);
   CHECK(state.stacks != nullptr);
 #if CAE_SIM_ASAN
-  CHECK(__asan_region_is_poisoned(const_cast<char*>(old_stacks), old_bytes) == nullptr);
+  CHECK(__asan_region_is_poisoned(old_stacks, old_bytes) == nullptr);
 #else
   (void)old_stacks, (void)old_bytes;
 #endif
