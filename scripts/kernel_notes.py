@@ -587,6 +587,19 @@ class _Work:
         self.wavefronts += warps * (channels * (loads_in * input_conflict + loads_w) + sums)
         self.fmas += items * channels * ffma
 
+    def mma_layer(self, positions, channels, groups, input_conflict=1):
+        """mma_pass over `positions`: a warp per 16 positions; per 8-channel group of a tap,
+        its A fragment (4 loads, 4 cvt.rna to tf32), per output group the B fragment (2 loads,
+        2 cvt) and one m16n8k8 product, 3 for the loop; per tile ~40 for its positions'
+        addresses and per group and position the epilogue's 2 channels (bias, ReLU,
+        rounding, the shared store: ~12)."""
+        tiles = math.ceil(positions / 16)
+        steps = 9 * math.ceil(channels / 8)
+        self.issue += tiles * (steps * (8 + groups * (4 + MMA_ISSUE) + 3)
+                               + 40 + groups * 2 * 12)
+        self.wavefronts += tiles * (steps * (4 * input_conflict + 2 * groups) + groups * 2 * 2)
+        self.fmas += positions * channels * 9 * GROUP * groups
+
     def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1):
         """Items of a transposed correlation (accumulate_transposed, the encoder backward's
         stride-2 loop) issuing `issued_taps` taps per channel and warp (the union of its
@@ -649,6 +662,36 @@ def _window_conflicts(cols, rows, samples, step, pitch, sample_stride):
     return total / math.ceil(items / 32)
 
 
+def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride):
+    """Wavefronts of layer_pass_mma's A loads, averaged over the tiles: lane (g, t) reads
+    position 16 x tile + g (row-major over rows x cols per sample; the second load g + 8)
+    of channel t."""
+    positions = cols * rows * samples
+    total = tiles = 0
+    for first in range(0, positions, 16):
+        for half in (0, 8):
+            words = []
+            for lane in range(32):
+                p = min(first + half + lane // 4, positions - 1)
+                s, r, c = p // (rows * cols), p % (rows * cols) // cols, p % cols
+                words.append(s * sample_stride + r * pitch + c + (lane % 4) * channel_stride)
+            total += _bank_wavefronts(words)
+            tiles += 1
+    return total / tiles
+
+
+def mma_pass_fits(x, channels):
+    """Whether the encoder kernels' pass producing `channels` runs on tensor cores
+    (encoder_block_args' tensor_cores and mma_pass_fits; the emulator's device is sm_90)."""
+    tf32_ok = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+    return x.dtype != torch.float64 and tf32_ok and channels <= 2 * GROUP
+
+
+def _mma_channel_stride(n):
+    """mma_channel_stride: at least n, 8 mod 32."""
+    return n + (8 - n) % 32
+
+
 def _grid_sums_bytes(blocks, size):
     """finish_grid_sums' traffic: each block's row written, read by its group's last block,
     the groups' rows written and read by the grid's last; the totals, float32."""
@@ -662,8 +705,9 @@ def _check_plan(launch, blocks, smem_bytes):
                          f"the copy of its planner says {blocks}, {smem_bytes} B: update it")
 
 
-def _encoder_tiling(n, c0, c1, h, w, strided, launch):
-    """plan_encoder_block: the output tile, images per block and the regions (a2, a1, input)."""
+def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
+    """plan_encoder_block: the output tile, images per block and the regions (a2, a1, input);
+    `mma`: a2 on tensor cores, whose A loads want a1's channels 8 banks apart."""
     h_out, w_out = math.ceil(h / 2), math.ceil(w / 2)
     groups = math.ceil(c1 / GROUP)
     rows, cols = _pow2_at_least(h_out, 1, 8), _pow2_at_least(w_out, 1, 8)
@@ -676,7 +720,8 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch):
         r1, c1_ = r2 + 2, c2 + 2
         r0, c0_ = r1 + 2, c1_ + 2
         w2 = groups * GROUP * c1 * 9
-        fixed = w2 * (2 if strided else 1) + samples * c1 * (((r1 * c1_) | 1) + ((r2 * c2) | 1))
+        stride1 = _mma_channel_stride(r1 * c1_) if mma else (r1 * c1_) | 1
+        fixed = w2 * (2 if strided else 1) + samples * c1 * (stride1 + ((r2 * c2) | 1))
         per_channel = samples * ((r0 * c0_) | 1) + groups * GROUP * 9
         if (fixed + per_channel) * 4 <= BLOCK_SMEM_BUDGET:
             break
@@ -692,7 +737,7 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch):
         raise SystemExit(f"kernel_notes: {launch.kernel}: {launch.blocks} blocks, {launch.shared_bytes} B, not "
                          f"the copy of plan_encoder_block's ({blocks} blocks, chunks of {per_channel * 4} B)")
     return dict(rows=rows, cols=cols, samples=samples, groups=groups, r2=r2, c2=c2, r1=r1, c1=c1_, r0=r0, c0=c0_,
-                sample0=chunk * ((r0 * c0_) | 1), sample1=c1 * ((r1 * c1_) | 1), sample2=c1 * ((r2 * c2) | 1))
+                sample0=chunk * ((r0 * c0_) | 1), sample1=c1 * stride1, sample2=c1 * ((r2 * c2) | 1), mma=mma)
 
 
 def _encoder_block(call, launch, e):
@@ -704,7 +749,7 @@ def _encoder_block(call, launch, e):
     x, weights = a["input"], a["weights"]
     n, c0, h, w = x.shape
     c1, strided = weights[0].shape[0], len(weights) == 3
-    t = _encoder_tiling(n, c0, c1, h, w, strided, launch)
+    t = _encoder_tiling(n, c0, c1, h, w, strided, launch, mma_pass_fits(x, c1))
     s, g = t["samples"], t["groups"]
     work = _Work(launch.kernel.endswith("true>"))
     work.stage(s * c0 * t["r0"] * t["c0"], channels=c0)
@@ -713,8 +758,12 @@ def _encoder_block(call, launch, e):
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
     conflict = _window_conflicts(t["c1"], t["r1"] // 2, s, (2, 1), t["c0"], t["sample0"])
     work.windows(t["c1"] * t["r1"] // 2 * s * g, c0, 2, input_conflict=conflict)
-    conflict = _window_conflicts(t["c2"], t["r2"] // 2, s, (2, 1), t["c1"], t["sample1"])
-    work.windows(t["c2"] * t["r2"] // 2 * s * g, c1, 2, input_conflict=conflict)
+    if t["mma"]:
+        conflict = _mma_conflicts(t["c2"], t["r2"], s, t["c1"], t["sample1"], t["sample1"] // c1)
+        work.mma_layer(t["c2"] * t["r2"] * s, c1, g, input_conflict=conflict)
+    else:
+        conflict = _window_conflicts(t["c2"], t["r2"] // 2, s, (2, 1), t["c1"], t["sample1"])
+        work.windows(t["c2"] * t["r2"] // 2 * s * g, c1, 2, input_conflict=conflict)
     if strided:  # stride-2 windows over a2
         conflict = _window_conflicts(t["cols"], t["rows"], s, (2, 2), t["c2"], t["sample2"])
         work.windows(t["cols"] * t["rows"] * s * g, c1, 1, input_conflict=conflict)
@@ -786,7 +835,11 @@ def _encoder_block_backward(call, launch, e):
         return _window_conflicts(w, rows // 2, samples, (2, 1), pitch, channels * plane)
 
     work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))  # a1
-    work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))  # a2
+    conflict_mma = _mma_conflicts(w, rows, samples, pitch, c1 * plane, plane)
+    if mma_pass_fits(x, c1):  # a2
+        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma)
+    else:
+        work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     if strided:
         _weight_grad_pass(work, c1, c1, h_out, w_out, samples, out_plane, out_pitch, plane, pitch, 2)
         items = w * h * samples * g1
@@ -799,10 +852,15 @@ def _encoder_block_backward(call, launch, e):
         work.wavefronts += windows * 8
         work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
     _weight_grad_pass(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
-    work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))  # grad_z1
+    if mma_pass_fits(x, c1):  # grad_z1
+        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma)
+    else:
+        work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     _weight_grad_pass(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
     input_grad = bool(a.get("input_grad"))
-    if input_grad:
+    if input_grad and mma_pass_fits(x, c0):
+        work.mma_layer(w * rows * samples, c1, g0, input_conflict=conflict_mma)
+    elif input_grad:
         work.windows(pairs_items * g0, c1, 2, input_conflict=conflict(c1))
     work.issue += _warp_items(sums) * 4  # the row's stores
     work.add(e, launch.blocks)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cae_kernels._registration import _suggest_memory_format
 
-from backends import BACKENDS, FORMATS, assert_close, make_input, on_cuda_kernels
+from backends import BACKENDS, FORMATS, assert_close, make_input, on_cuda_kernels, tf32
 
 F64 = torch.float64
 VARIANTS = ("pool", "stride")
@@ -202,24 +202,29 @@ BACKWARD_SHAPES = ((2, 3, 8, 7, 5), (3, 16, 8, 6, 6), (2, 1, 5, 1, 1), (1, 3, 4,
 BACKWARD_KERNEL = "cae::cuda::encoder_block_backward_kernel"
 
 
-def reference_grads(x, weights, biases, relu, grad_output, rounded_to=None):
+def reference_grads(x, weights, biases, relu, grad_output, rounded_to=None, kernels_activations=None):
     """The input's, weights' and biases' gradients in float64 (PyTorch's autograd);
     `rounded_to`: a1 and a2 rounded to that dtype as the kernels store them (the
     gradient passes the rounding unchanged), so that the ReLU gates and the pool's
-    winners are the kernels' (a 16-bit tie or flip moves a whole gradient)."""
+    winners are the kernels' (a 16-bit tie or flip moves a whole gradient);
+    `kernels_activations`: the kernel's own forward (a1, a2, out) in their place alike."""
     leaves = [t.detach().double().requires_grad_() for t in (x, *weights, *biases)]
     x64, weights64, biases64 = leaves[0], leaves[1:1 + len(weights)], leaves[1 + len(weights):]
 
-    def act(t):
+    def act(t, layer):
+        if kernels_activations is not None:  # the kernel's values, and its gates
+            ours = kernels_activations[layer].double()
+            t = t * (ours > 0) if relu else t
+            return t + (ours - t).detach()
         t = torch.relu(t) if relu else t
         return t if rounded_to is None else t + (t.to(rounded_to).double() - t).detach()
 
-    a1 = act(F.conv2d(x64, weights64[0], biases64[0], padding=1))
-    a2 = act(F.conv2d(a1, weights64[1], biases64[1], padding=1))
+    a1 = act(F.conv2d(x64, weights64[0], biases64[0], padding=1), 0)
+    a2 = act(F.conv2d(a1, weights64[1], biases64[1], padding=1), 1)
     if len(weights) == 2:
         out = F.max_pool2d(a2, 2, ceil_mode=True)
     else:
-        out = act(F.conv2d(a2, weights64[2], biases64[2], stride=2, padding=1))
+        out = act(F.conv2d(a2, weights64[2], biases64[2], stride=2, padding=1), 2)
     out.backward(grad_output.double())
     return [t.grad for t in leaves]
 
@@ -388,6 +393,85 @@ def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant)
         check_grads(backend, dtype, ours, expected, True, "against float64")
         composed = composed_grads(backend.ops, x, weights, biases, True, go)
         check_grads(backend, dtype, ours, [c.double() for c in composed], True, "against the per-op backward")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels()
+def test_encoder_block_on_tf32_tensor_cores(backend, fmt, variant):
+    """float32 with TF32 allowed (PyTorch's default for cuDNN): the block's 16 -> 16 (or
+    12 -> 12) products on tf32 tensor cores: a2 in the forward and in the backward's
+    recompute alike, and the backward's grad_z1 and input gradient. Forward and backward
+    not equal to the exact path's (the tensor cores ran); on an emulated sm_75, or
+    without TF32, the exact path's bitwise. The forward within float16's tolerance of
+    float64, and the backward: of the linear strided block (no ReLU gate or pool winner
+    that a rounding could flip: every gradient continuous in a2), and on the emulator
+    with ReLU through the gates and winners of the forward's own a1, a2 and output (the
+    test hook's): the recompute must find the forward's."""
+    for shape in ((2, 3, 16, 9, 11), (1, 8, 12, 7, 10)):  # small enough for sm_75's fused backward
+        x, weights, biases, go = backward_inputs(backend, torch.float32, fmt, variant, shape)
+        results = {}
+        for allowed, arch in ((False, "90"), (True, "75"), (True, "90")):
+            if backend.name != "sim" and arch == "75":
+                continue
+            with pytest.MonkeyPatch.context() as mp, tf32(allowed):
+                mp.setenv("CAE_SIM_ARCH", arch)
+                out = backend.ops.encoder_block(x, weights, biases, True)
+                gi, gw, gb = backend.ops.encoder_block_backward(go, x, out if variant == "stride" else None,
+                                                                weights, biases, True, True)
+                results[allowed, arch] = [out, gi, *gw, *gb]
+        *_, expected = reference_block(x, weights, biases, True)
+        assert_close(results[True, "90"][0], expected, tolerance(backend, torch.float16, expected), "forward")
+        for i, what in ((0, "forward"), (1, "input gradient")):
+            assert not torch.equal(results[True, "90"][i], results[False, "90"][i]), f"{what}: no tensor cores"
+        if (True, "75") in results:  # (the weight gradients' sums follow sm_75's blocks)
+            for i, what in ((0, "forward"), (1, "input gradient")):
+                assert torch.equal(results[True, "75"][i], results[False, "90"][i]), f"{what} on sm_75"
+        if variant == "stride":
+            with tf32(True):
+                gi, gw, gb = backend.ops.encoder_block_backward(go, x, None, weights, biases, False, True)
+            expected = reference_grads(x, weights, biases, False, go)
+            check_tf32_grads(backend, [gi, *gw, *gb], expected, "linear")
+        if backend.name == "sim":
+            with pytest.MonkeyPatch.context() as mp, tf32(True):
+                mp.setenv("CAE_SIM_ARCH", "90")
+                out, a1, a2 = backend.ops._sim_encoder_block_interiors(x, weights, biases, True)
+                mask = out if variant == "stride" else None
+                gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+            expected = reference_grads(x, weights, biases, True, go, kernels_activations=(a1, a2, out))
+            check_tf32_grads(backend, [gi, *gw, *gb], expected, "relu")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tf32_recompute_finds_the_forwards_gates(fmt, variant):
+    """The backward's a2, recomputed on tf32 tensor cores, is the forward's to the bit: a
+    constant image and b2 cancelling the exact path's a2 put every interior a2 within
+    rounding of zero, where tf32's and float32's sums fall on either side of the ReLU
+    (a recompute that differs from the forward moves whole gradients)."""
+    backend = BACKENDS["sim"]
+    with backend.in_use(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAE_SIM_ARCH", "90")
+        n, c0, c1, h, w = 2, 2, 16, 10, 8
+        x = torch.full((n, c0, h, w), 0.75).contiguous(memory_format=FORMATS[fmt])
+        weights, biases = block_params(c0, c1, variant, torch.float32, "cpu")
+        a1 = backend.ops.conv3x3(x, weights[0], biases[0], 1, True)
+        biases[1] = -backend.ops.conv3x3(a1, weights[1], None, 1, False)[0, :, h // 2, w // 2].contiguous()
+        go = make_input((n, c1, (h + 1) // 2, (w + 1) // 2), torch.float32, "cpu", fmt).detach()
+        with tf32(True):
+            out, a1, a2 = backend.ops._sim_encoder_block_interiors(x, weights, biases, True)
+            gi, gw, gb = backend.ops.encoder_block_backward(go, x, out if variant == "stride" else None, weights,
+                                                            biases, True, True)
+        interior = a2[:, :, 2:-2, 2:-2]
+        assert 0 < (interior > 0).sum() < interior.numel() and interior.abs().max() < 1e-2, "a2 is not on zero"
+        expected = reference_grads(x, weights, biases, True, go, kernels_activations=(a1, a2, out))
+        check_tf32_grads(backend, [gi, *gw, *gb], expected, "a2 on zero")
+
+
+def check_tf32_grads(backend, ours, expected, what):
+    names = ["input", *NAMES[1:len(ours) // 2 + 1], *(f"b{name[1:]}" for name in NAMES[1:len(ours) // 2 + 1])]
+    for name, got, ref in zip(names, ours, expected, strict=True):
+        assert_close(got, ref, grad_tolerance(backend, torch.float16, ref), f"{name}'s gradient on tf32 ({what})")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

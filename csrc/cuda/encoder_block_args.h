@@ -30,7 +30,8 @@ inline EncoderBlockArgs<T> encoder_block_args(const Tensor& input, const Encoder
           to_int(input.size(3), "width"),
           to_int(H_out, "height"),
           to_int(W_out, "width"),
-          relu};
+          relu,
+          std::is_same_v<at::opmath_type<T>, float> && tensor_cores_allowed(input)};
 }
 
 }  // namespace cuda

@@ -257,16 +257,55 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
   }
 }
 
+// Where a transposed_pass's result goes.
+template <typename T>
+struct TransposedPass {
+  T* out;  // nullptr: the result, gated by dst's own values where `relu`, replaces dst
+  int n0, C, H;
+  bool relu, vec;     // vec: NHWC vector stores to out
+  bool tensor_cores;  // on tensor cores where mma_pass_fits
+};
+
+// K channels [co0, co0 + K) of a transposed_pass result at (s, row, col).
+template <int K, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void finish_transposed(const SharedPlanes<Acc>& dst, const TransposedPass<T>& p, int s, int row,
+                                  int col, int co0, Acc (&v)[K], bool vec) {
+  const bool inside = row < p.H;
+  if (p.out != nullptr) {
+    if (inside)
+      store_pixel<K, NHWC>(p.out, v, static_cast<const T*>(nullptr), false, p.n0 + s, co0, p.C, p.H, dst.cols,
+                           row, col, vec);
+    return;
+  }
+  Acc* d = dst.at(s, co0, row, col);
+  CAE_UNROLL
+  for (int j = 0; j < K; ++j) {
+    if (co0 + j < p.C) {
+      Acc& e = d[j * dst.channel_stride];
+      e = !inside ? Acc(0) : p.relu ? gated(v[j], e) : v[j];
+    }
+  }
+}
+
 // The stride-1 transposed correlation of src (padded planes) with w_s as
 // stage_weight_transposed lays it out (flipped), over dst's positions (dst a
 // view of the interior: two rows of one column and G channels per item, as
-// layer_pass). `out` nullptr: the result, gated by dst's own values where
-// `relu`, replaces dst in place (zero on the padding row of an odd H); else it
-// is stored to out (the input gradient).
+// layer_pass; or mma_pass's tiles), finished by finish_transposed (zero on the
+// padding row of an odd H). Each result element is read and written by the
+// thread that computes it.
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src,
-                                const Acc* w, int count, int samples, int groups, int C, int H, T* out,
-                                int n0, bool relu, bool vec, int tid, int threads) {
+                                const Acc* w, int count, int samples, int groups, const TransposedPass<T>& p,
+                                int tid, int threads) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (mma_pass_fits<Acc>(p.tensor_cores, groups)) {
+      mma_pass<G>(dst.rows, dst.cols, src, w, count, samples, groups, tid, threads,
+                  [&](int s, int row, int col, int co0, float (&v)[2]) {
+                    finish_transposed<2, NHWC>(dst, p, s, row, col, co0, v, false);
+                  });
+      return;
+    }
+  }
   StridedDigits at(tid, dst.cols, dst.rows / 2, samples, threads);  // (col, row pair, sample, group)
   for (; at.digit[3] < groups; at.advance()) {
     const int col = at.digit[0], row = 2 * at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
@@ -279,23 +318,7 @@ CAE_DEVICE void transposed_pass(const SharedPlanes<Acc>& dst, const SharedPlanes
     accumulate_windows(acc, src.at(s, 0, row, col), src.channel_stride, src.pitch, w + co0 * count * 9,
                        count);
     CAE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      const bool inside = row + i < H;
-      if (out != nullptr) {
-        if (inside)
-          store_pixel<G, NHWC>(out, acc[i], static_cast<const T*>(nullptr), false, n0 + s, co0, C, H,
-                               dst.cols, row + i, col, vec);
-        continue;
-      }
-      Acc* d = dst.at(s, co0, row + i, col);
-      CAE_UNROLL
-      for (int j = 0; j < G; ++j) {
-        if (co0 + j < C) {
-          Acc& e = d[j * dst.channel_stride];
-          e = !inside ? Acc(0) : relu ? gated(acc[i][j], e) : acc[i][j];
-        }
-      }
-    }
+    for (int i = 0; i < 2; ++i) finish_transposed<G, NHWC>(dst, p, s, row + i, col, co0, acc[i], p.vec);
   }
 }
 
@@ -376,8 +399,8 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
 
   // 2. a2; w1 no longer needed as it is: its transposed copy for phase 6.
   layer.bias = a.b2;
-  layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, true, true, layer, tid,
-                      threads);
+  layer.tensor_cores = a.tensor_cores;  // as the forward: its gates and winners
+  whole_layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, layer, tid, threads);
   stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid, threads);
   __syncthreads();
 
@@ -463,8 +486,15 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   __syncthreads();
 
   // 5. grad_z1 over a1.
-  transposed_pass<G, NHWC>(a1v, padded(a2_s, a.C1), w2_s, a.C1, samples, t.groups1, a.C1, a.H,
-                           static_cast<T*>(nullptr), n0, a.relu, false, tid, threads);
+  transposed_pass<G, NHWC>(a1v, padded(a2_s, a.C1), w2_s, a.C1, samples, t.groups1,
+                           TransposedPass<T>{.out = nullptr,
+                                             .n0 = n0,
+                                             .C = a.C1,
+                                             .H = a.H,
+                                             .relu = a.relu,
+                                             .vec = false,
+                                             .tensor_cores = a.tensor_cores},
+                           tid, threads);
   __syncthreads();
 
   // 6. dw1, db1, and the input gradient.
@@ -472,8 +502,15 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   weight_grad_pass<1>(dw1_row, scratch, gz1, padded(x_s, a.C0), a.C1, a.C0, samples, tid, threads);
   if (args.grad_input != nullptr) {
     const SharedPlanes<Acc> xv = interior(x_s, a.C0);  // its positions, not its values
-    transposed_pass<G, NHWC>(xv, padded(a1_s, a.C1), w1_s, a.C1, samples, t.groups0, a.C0, a.H,
-                             args.grad_input, n0, false, t.vec_gi, tid, threads);
+    transposed_pass<G, NHWC>(xv, padded(a1_s, a.C1), w1_s, a.C1, samples, t.groups0,
+                             TransposedPass<T>{.out = args.grad_input,
+                                               .n0 = n0,
+                                               .C = a.C0,
+                                               .H = a.H,
+                                               .relu = false,
+                                               .vec = t.vec_gi,
+                                               .tensor_cores = a.tensor_cores},
+                             tid, threads);
   }
 
   // The totals, in the last block to finish.

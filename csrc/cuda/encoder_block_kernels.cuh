@@ -27,6 +27,7 @@
 
 #include "conv3x3_kernels.cuh"
 #include "max_pool2x2_kernels.cuh"
+#include "mma.cuh"
 
 namespace cae {
 namespace cuda {
@@ -45,10 +46,18 @@ struct EncoderBlockArgs {
   const T* b_down;  // [C1] with w_down
   int N, C0, C1, H, W, H_out, W_out;
   bool relu;
+  // Products on tf32 tensor cores where a pass suits them (mma_pass_fits: at
+  // most 16 output channels): float16, bfloat16 (exact in tf32) and float32
+  // where TF32 is allowed, sm_80 and newer. a2 = correlate(a1, w2) takes them
+  // in the forward and in the backward's recompute alike (the same sums, so
+  // the same ReLU gates and pool winners).
+  bool tensor_cores;
 };
 
 // Output channels per work item: a thread's accumulators.
 constexpr int kBlockGroup = 8;
+// Groups of output channels a tensor-core pass takes at most (mma_pass).
+constexpr int kMmaGroups = 2;
 
 // A block's tile and its shared memory (elements of Acc): weights first (each
 // a multiple of kBlockGroup elements: vector aligned), then a1, a2, the input.
@@ -72,9 +81,14 @@ struct EncoderBlockPlan {
   bool ok;  // false: no tile fits the shared-memory budget (too many channels)
 };
 
+// A plane's channel stride for layer_pass_mma's A loads (lane (g, t) reads
+// position g of channel t): 8 banks apart, the 8 positions in between.
+inline int mma_channel_stride(int n) { return n + ((8 - n) % 32 + 32) % 32; }
+
 // The regions and the shared memory of `t.rows` x `t.cols` x `t.samples` with
-// a chunk of one input channel (fixed: everything but the input's chunk).
-inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, size_t& fixed,
+// a chunk of one input channel (fixed: everything but the input's chunk);
+// `mma`: a2 on tensor cores (mma_channel_stride for a1).
+inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, bool mma, size_t& fixed,
                                  size_t& per_channel) {
   // Strided: the window's halo column, and two more rows (one for the halo,
   // one so that the count stays even: threads take rows in pairs).
@@ -82,7 +96,7 @@ inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, si
   t.r1 = t.r2 + 2, t.c1 = t.c2 + 2;
   t.r0 = t.r1 + 2, t.c0 = t.c1 + 2;
   t.stride2 = odd_stride(t.r2 * t.c2), t.sample2 = C1 * t.stride2;
-  t.stride1 = odd_stride(t.r1 * t.c1), t.sample1 = C1 * t.stride1;
+  t.stride1 = mma ? mma_channel_stride(t.r1 * t.c1) : odd_stride(t.r1 * t.c1), t.sample1 = C1 * t.stride1;
   t.stride0 = odd_stride(t.r0 * t.c0);
   const size_t c1p = static_cast<size_t>(t.groups) * kBlockGroup;
   t.w2_size = static_cast<int>(c1p * C1 * 9), t.wd_size = strided ? t.w2_size : 0;
@@ -110,7 +124,7 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   // Smaller tiles until a1, a2, the weights and one input channel fit.
   size_t fixed = 0, per_channel = 0;
   for (;;) {
-    size_encoder_regions(t, a.C1, strided, fixed, per_channel);
+    size_encoder_regions(t, a.C1, strided, a.tensor_cores && t.groups <= kMmaGroups, fixed, per_channel);
     if ((fixed + per_channel) * sizeof(Acc) <= kSmemBudget) break;
     if (t.samples > 1) {
       t.samples /= 2;
@@ -213,6 +227,7 @@ struct LayerPass {
   int own_size_y, own_size_x;
   int n0, N, C, H, W;
   bool relu, vec;
+  bool tensor_cores = false;  // whole_layer_pass: on tensor cores (layer_pass_mma)
 };
 
 // Input channels [0, count) of src through w ([group][count * 9][G]) into dst;
@@ -250,6 +265,120 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
                              y, xx, l.vec);
     }
   }
+}
+
+// A pass of layer_pass's shape (3x3 windows of src, planes one row and column
+// before dst's positions, through w as [group][count * 9][G]) on tensor cores:
+// an implicit GEMM [positions] x [9 taps x input channels] x [output
+// channels] through m16n8k8 tf32 products (mma.cuh), float accumulation, at
+// most kMmaGroups groups of output channels. A warp takes 16 consecutive
+// positions of dst (row-major, samples one after the other) and every group;
+// k runs over the input channels in 8s (zeros past `count`), each over the 9
+// taps, always in this order: the forward and the backward's recompute get
+// the same sums. Operands are rounded to tf32 (cvt.rna, as the per-op kernels
+// stage them): float16 and bfloat16 values are tf32 already, but the
+// backward's gradients in shared memory are floats whatever T is. `finish(s, row, col,
+// co0, v)` takes the sums of channels co0 and co0 + 1 at a position of dst.
+
+template <int G, typename Finish>
+CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
+                         int samples, int groups, int tid, int threads, Finish&& finish) {
+  static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
+  const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int per_sample = rows * cols, positions = samples * per_sample;
+  const int group_stride = count * 9 * G;
+  for (int m0 = tid / 32 * 16; m0 < positions; m0 += threads / 32 * 16) {
+    // The lane's two rows of A (positions m0 + g and m0 + g + 8; past the
+    // end: the last one, computed and not finished), once a tile.
+    int s[2], row[2], col[2];
+    const float* base[2];
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int p = m0 + g + 8 * i < positions ? m0 + g + 8 * i : positions - 1;
+      s[i] = p / per_sample;
+      row[i] = p % per_sample / cols, col[i] = p % cols;
+      base[i] = src.at(s[i], 0, row[i], col[i]);
+    }
+    float acc[kMmaGroups][4] = {};
+    for (int c0 = 0; c0 < count; c0 += 8) {
+      const int c_lo = c0 + t4, c_hi = c_lo + 4;
+      const bool lo_in = c_lo < count, hi_in = c_hi < count;
+      const float* a_lo[2] = {base[0] + c_lo * src.channel_stride, base[1] + c_lo * src.channel_stride};
+      const float* a_hi[2] = {base[0] + c_hi * src.channel_stride, base[1] + c_hi * src.channel_stride};
+      const float* w_lo = w + (c_lo * 9) * G + g;
+      const float* w_hi = w + (c_hi * 9) * G + g;
+      CAE_UNROLL
+      for (int ky = 0; ky < 3; ++ky) {
+        CAE_UNROLL
+        for (int kx = 0; kx < 3; ++kx) {
+          const int off = ky * src.pitch + kx, tap = ky * 3 + kx;
+          const uint32_t a[4] = {to_tf32(lo_in ? a_lo[0][off] : 0.0f), to_tf32(lo_in ? a_lo[1][off] : 0.0f),
+                                 to_tf32(hi_in ? a_hi[0][off] : 0.0f), to_tf32(hi_in ? a_hi[1][off] : 0.0f)};
+          CAE_UNROLL
+          for (int nt = 0; nt < kMmaGroups; ++nt) {
+            if (nt >= groups) break;
+            const int at = nt * group_stride + tap * G;
+            const uint32_t b[2] = {to_tf32(lo_in ? w_lo[at] : 0.0f), to_tf32(hi_in ? w_hi[at] : 0.0f)};
+            mma_m16n8k8_tf32(acc[nt], a, b, acc[nt]);
+          }
+        }
+      }
+    }
+    // acc[nt]: positions (g, g + 8) x channels nt * 8 + 2 t4 + (0, 1).
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      if (m0 + g + 8 * i >= positions) continue;
+      CAE_UNROLL
+      for (int nt = 0; nt < kMmaGroups; ++nt) {
+        if (nt >= groups) break;
+        float v[2] = {acc[nt][2 * i], acc[nt][2 * i + 1]};
+        finish(s[i], row[i], col[i], nt * G + 2 * t4, v);
+      }
+    }
+  }
+}
+
+// layer_pass's work (first and last: the whole layer in one pass) through
+// mma_pass, finished as layer_pass finishes it.
+template <int G, bool NHWC, typename T>
+CAE_DEVICE void layer_pass_mma(const SharedPlanes<float>& dst, const SharedPlanes<const float>& src,
+                               const float* w, int count, int samples, int groups, const LayerPass<T>& l,
+                               int tid, int threads) {
+  mma_pass<G>(dst.rows, dst.cols, src, w, count, samples, groups, tid, threads,
+              [&](int s, int row, int col, int co0, float (&v)[2]) {
+                const int n = l.n0 + s, y = l.y0 + row, xx = l.x0 + col;
+                const bool inside = y >= 0 && y < l.H && xx >= 0 && xx < l.W;
+                finish_activation<T>(v, l.bias, co0, l.C, l.relu, inside);
+                float* d = dst.at(s, co0, row, col);
+                CAE_UNROLL
+                for (int j = 0; j < 2; ++j)
+                  if (co0 + j < l.C) d[j * dst.channel_stride] = v[j];
+                const bool own = y >= l.own_y && y < l.own_y + l.own_size_y && xx >= l.own_x &&
+                                 xx < l.own_x + l.own_size_x;
+                if (l.interior != nullptr && inside && n < l.N && own)
+                  store_pixel<2, NHWC>(l.interior, v, static_cast<const T*>(nullptr), false, n, co0, l.C, l.H,
+                                       l.W, y, xx, false);
+              });
+}
+
+// Whether a pass of `groups` output groups runs on tensor cores: where the
+// kernel's arguments allow them (dtype, device) and the groups fit mma_pass.
+template <typename Acc>
+CAE_DEVICE bool mma_pass_fits(bool tensor_cores, int groups) {
+  return std::is_same<Acc, float>::value && tensor_cores && groups <= kMmaGroups;
+}
+
+// A layer summed in one pass: on tensor cores where mma_pass_fits, else
+// layer_pass.
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void whole_layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src,
+                                 const Acc* w, int count, int samples, int groups, const LayerPass<T>& l,
+                                 int tid, int threads = kThreads) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (mma_pass_fits<Acc>(l.tensor_cores, groups))
+      return layer_pass_mma<G, NHWC>(dst, src, w, count, samples, groups, l, tid, threads);
+  }
+  layer_pass<G, NHWC>(dst, src, w, count, samples, groups, true, true, l, tid, threads);
 }
 
 // __launch_bounds__'s blocks per SM of the fused block kernels (see
@@ -314,8 +443,9 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
 
   // 2. a2 over its region.
   layer.bias = a.b2, layer.interior = a.a2, layer.y0 = y2, layer.x0 = x2;
-  layer_pass<G, NHWC>(a2p, SharedPlanes<const Acc>{a1_s, t.stride1, t.sample1, t.r1, t.c1, t.c1}, w2_s, a.C1,
-                      t.samples, t.groups, true, true, layer, tid);
+  layer.tensor_cores = a.tensor_cores;
+  whole_layer_pass<G, NHWC>(a2p, SharedPlanes<const Acc>{a1_s, t.stride1, t.sample1, t.r1, t.c1, t.c1}, w2_s,
+                            a.C1, t.samples, t.groups, layer, tid);
   __syncthreads();
 
   // 3. The block's output tile.
