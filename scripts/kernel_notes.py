@@ -797,6 +797,40 @@ def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitc
         work.wavefronts += GRAD_CHANNELS * (warps * GRAD_SUMS + _warp_items(pairs) * slices * GRAD_SUMS)
 
 
+MMA_GRAD_TILES = 6  # kMmaGradTiles: n-tiles of a weight_grad_pass_mma warp item
+
+
+def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane, src_pitch, stride):
+    """weight_grad_pass_mma: warps of MMA_GRAD_TILES n-tiles (c_src x 9 columns) and a slice
+    of the 8-position k-steps; per step 4 A loads, 2 B loads a tile, a cvt each, ~12 for the
+    positions' walk, an m16n8k8 a tile; the slices' row updates; db a thread per channel and
+    share of the positions (a load and an add each, ~4 with the walk). Bank conflicts from the
+    first step's addresses."""
+    tiles = math.ceil(c_src * 9 / 8)
+    groups = math.ceil(tiles / MMA_GRAD_TILES)
+    slices = max(1, work.threads // 32 // groups)
+    steps = math.ceil(samples * g_rows * g_cols / 8)
+    lanes = [(lane // 4, lane % 4) for lane in range(32)]
+
+    def position(k):
+        return divmod(k % (g_rows * g_cols), g_cols)
+
+    a_words = [gl * g_plane + position(t)[0] * g_pitch + position(t)[1] for gl, t in lanes]
+    b_words = [(n // 9) * src_plane + (n % 9) // 3 * src_pitch + n % 3
+               + stride * (position(t)[0] * src_pitch + position(t)[1]) for n, t in lanes]
+    per_step_issue = 8 + 12 + MMA_GRAD_TILES * 4
+    per_step_wavefronts = 4 * _bank_wavefronts(a_words) + 2 * MMA_GRAD_TILES * _bank_wavefronts(b_words)
+    for group in range(groups):
+        in_group = min(MMA_GRAD_TILES, tiles - group * MMA_GRAD_TILES)
+        work.issue += steps * (per_step_issue + in_group * MMA_ISSUE)
+        work.wavefronts += steps * per_step_wavefronts
+    work.issue += slices * groups * MMA_GRAD_TILES * 4 * 2  # the row, slice after slice
+    positions = samples * g_rows * g_cols
+    work.issue += positions * c_g / 32 * 4
+    work.wavefronts += positions * c_g / 32
+    work.fmas += c_g * c_src * 9 * positions
+
+
 def _encoder_block_backward(call, launch, e):
     """encoder_block_backward_kernel: whole images per block in padded planes; a1 and a2
     recomputed; grad_z2 (the pool's winners, or dw_down and the stride-2 transposed
@@ -836,12 +870,13 @@ def _encoder_block_backward(call, launch, e):
 
     work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))  # a1
     conflict_mma = _mma_conflicts(w, rows, samples, pitch, c1 * plane, plane)
+    weight_grads = _weight_grad_pass_mma if mma_pass_fits(x, c1) else _weight_grad_pass
     if mma_pass_fits(x, c1):  # a2
         work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma)
     else:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     if strided:
-        _weight_grad_pass(work, c1, c1, h_out, w_out, samples, out_plane, out_pitch, plane, pitch, 2)
+        weight_grads(work, c1, c1, h_out, w_out, samples, out_plane, out_pitch, plane, pitch, 2)
         items = w * h * samples * g1
         # a warp's threads take consecutive x, both parities (and rows where W < 32: both
         # row parities): 2 x 2 taps issued (2 x 1.5 over one row); the weights as two vectors
@@ -851,12 +886,12 @@ def _encoder_block_backward(call, launch, e):
         work.issue += windows * (POOL_INSTRUCTIONS + 8)
         work.wavefronts += windows * 8
         work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
-    _weight_grad_pass(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
+    weight_grads(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
     if mma_pass_fits(x, c1):  # grad_z1
         work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma)
     else:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
-    _weight_grad_pass(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
+    weight_grads(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
     input_grad = bool(a.get("input_grad"))
     if input_grad and mma_pass_fits(x, c0):
         work.mma_layer(w * rows * samples, c1, g0, input_conflict=conflict_mma)

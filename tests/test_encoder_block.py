@@ -401,7 +401,8 @@ def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant)
 def test_encoder_block_on_tf32_tensor_cores(backend, fmt, variant):
     """float32 with TF32 allowed (PyTorch's default for cuDNN): the block's 16 -> 16 (or
     12 -> 12) products on tf32 tensor cores: a2 in the forward and in the backward's
-    recompute alike, and the backward's grad_z1 and input gradient. Forward and backward
+    recompute alike, and the backward's grad_z1, input gradient and weight gradients
+    (the biases' in exact float32). Forward and backward
     not equal to the exact path's (the tensor cores ran); on an emulated sm_75, or
     without TF32, the exact path's bitwise. The forward within float16's tolerance of
     float64, and the backward: of the linear strided block (no ReLU gate or pool winner
@@ -422,7 +423,7 @@ def test_encoder_block_on_tf32_tensor_cores(backend, fmt, variant):
                 results[allowed, arch] = [out, gi, *gw, *gb]
         *_, expected = reference_block(x, weights, biases, True)
         assert_close(results[True, "90"][0], expected, tolerance(backend, torch.float16, expected), "forward")
-        for i, what in ((0, "forward"), (1, "input gradient")):
+        for i, what in ((0, "forward"), (1, "input gradient"), (2, "w1's gradient"), (3, "w2's gradient")):
             assert not torch.equal(results[True, "90"][i], results[False, "90"][i]), f"{what}: no tensor cores"
         if (True, "75") in results:  # (the weight gradients' sums follow sm_75's blocks)
             for i, what in ((0, "forward"), (1, "input gradient")):
