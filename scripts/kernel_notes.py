@@ -611,6 +611,17 @@ class _Work:
         self.wavefronts += warps * channels * issued_taps * (input_conflict + loads_w)
         self.fmas += items * channels * (thread_taps or issued_taps) * group
 
+    def last_layer(self, items, channels, pixels, group):
+        """Items of the decoder's last layer (accumulate_last_layer: `pixels` of a column
+        and `group` channels a thread): per channel its (pixels + 2) x 3 window's loads,
+        per tap the group's weight loads and group x pixels FFMA, 2 for the loop."""
+        warps = _warp_items(items)
+        loads_in, loads_w = 3 * (pixels + 2), 9 * max(1, group // WEIGHT_VEC)
+        ffma = 9 * group * pixels
+        self.issue += warps * channels * (ffma + loads_in + loads_w + 2)
+        self.wavefronts += warps * channels * (loads_in + loads_w)
+        self.fmas += items * channels * ffma
+
     def stage(self, elements, weights=None, channels=1):
         """Elements staged into shared memory: an input's or a gradient's window of
         `channels`, or `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS: a group
@@ -800,12 +811,13 @@ def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitc
 MMA_GRAD_TILES = 6  # kMmaGradTiles: n-tiles of a weight_grad_pass_mma warp item
 
 
-def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane, src_pitch, stride):
+def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane, src_pitch, stride,
+                          bias=True):
     """weight_grad_pass_mma: warps of MMA_GRAD_TILES n-tiles (c_src x 9 columns) and a slice
     of the 8-position k-steps; per step 4 A loads, 2 B loads a tile, a cvt each, ~12 for the
-    positions' walk, an m16n8k8 a tile; the slices' row updates; db a thread per channel and
-    share of the positions (a load and an add each, ~4 with the walk). Bank conflicts from the
-    first step's addresses."""
+    positions' walk, an m16n8k8 a tile; the slices' row updates. Bank conflicts from the
+    first step's addresses. With `bias`, bias_grad_pass: a thread per channel and share of
+    the positions (a load and an add each, ~4 with the walk)."""
     tiles = math.ceil(c_src * 9 / 8)
     groups = math.ceil(tiles / MMA_GRAD_TILES)
     slices = max(1, work.threads // 32 // groups)
@@ -819,16 +831,17 @@ def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_
     b_words = [(n // 9) * src_plane + (n % 9) // 3 * src_pitch + n % 3
                + stride * (position(t)[0] * src_pitch + position(t)[1]) for n, t in lanes]
     per_step_issue = 8 + 12 + MMA_GRAD_TILES * 4
-    per_step_wavefronts = 4 * _bank_wavefronts(a_words) + 2 * MMA_GRAD_TILES * _bank_wavefronts(b_words)
     for group in range(groups):
+        # (the loads of tiles past the columns are predicated off: no wavefronts)
         in_group = min(MMA_GRAD_TILES, tiles - group * MMA_GRAD_TILES)
         work.issue += steps * (per_step_issue + in_group * MMA_ISSUE)
-        work.wavefronts += steps * per_step_wavefronts
+        work.wavefronts += steps * (4 * _bank_wavefronts(a_words) + 2 * in_group * _bank_wavefronts(b_words))
     work.issue += slices * groups * MMA_GRAD_TILES * 4 * 2  # the row, slice after slice
     positions = samples * g_rows * g_cols
-    work.issue += positions * c_g / 32 * 4
-    work.wavefronts += positions * c_g / 32
     work.fmas += c_g * c_src * 9 * positions
+    if bias:
+        work.issue += positions * c_g / 32 * 4
+        work.wavefronts += positions * c_g / 32
 
 
 def _encoder_block_backward(call, launch, e):
@@ -988,13 +1001,15 @@ def _decoder_block(call, launch, e):
             work.taps(size_w * rows * s * groups, chans[i], _issued_taps(size_w, rows, s * groups), GROUP,
                       thread_taps=2.25)
     last_group = 1 if chans[layers] == 1 else GROUP
-    items = t["w_out"] * t["h_out"] * s * math.ceil(chans[layers] / last_group)
-    work.taps(items, chans[layers - 1], 9, last_group)  # stride 1: every tap
+    pixels = 4 if last_group == 1 else 1  # decoder_last_pixels: a thread's pixels of a column
+    row_groups = sum(math.ceil(min(t["strip"], t["h_out"] - y) / pixels) for y in range(0, t["h_out"], t["strip"]))
+    items = t["w_out"] * row_groups * s * math.ceil(chans[layers] / last_group)
+    work.last_layer(items, chans[layers - 1], pixels, last_group)
     a = call.args
     out = call.results[0]
     loss = call.op == "decoder_block_loss"
     if loss:  # each logit's cross-entropy and squared error: the target's load, exp, log1p, a division
-        work.issue += _warp_items(items) * last_group * LOSS_INSTRUCTIONS
+        work.issue += _warp_items(items) * pixels * last_group * LOSS_INSTRUCTIONS
     work.add(e, launch.blocks)
     e.bytes = nbytes(a["input"]) + sum(nbytes(t) for t in a["weights"] + a["biases"]) + nbytes(out)
     if loss:
@@ -1043,19 +1058,23 @@ def _decoder_block_backward(call, launch, e):
         # inputs' loads, the window's 9 loads, the FFMA and ~4 for the walk; the first warp's
         # addresses give the bank conflicts; then the lanes' sums: 32 by warp_reduce_scatter (31
         # shuffles, each with an add and two selects), the rest by warp_sum (5 shuffles and adds)
-        a_ch = WEIGHT_GRAD_CHANNELS
-        items = math.ceil(c_a / a_ch) * c_b
-        rounds = math.ceil(s * hw / 32)
         h_in, w_in = in_rows - 2, in_cols - 2
-        first = [(p // (w_in * h_in), (p // w_in) % h_in, p % w_in) for p in range(min(32, s * hw))]
-        x_words = [n * c_a * in_plane + (y + 1) * in_cols + x + 1 for n, y, x in first]
-        g_words = [n * c_b * g_plane + stride * y * g_cols + stride * x for n, y, x in first]
-        per_item = 9 * a_ch
-        rest = per_item - 32
-        work.issue += items * (rounds * (a_ch + 9 + per_item + 4) + 31 * 4 + rest * 2 * 5)
-        work.wavefronts += items * (rounds * (a_ch * _bank_wavefronts(x_words) + 9 * _bank_wavefronts(g_words))
-                                    + 31 + rest * 5)
-        work.fmas += size * s * hw
+        if mma_pass_fits(a["input"], c_a) and c_b > 1:  # weight_grad_pass_mma: M the input's channels
+            _weight_grad_pass_mma(work, c_a, c_b, h_in, w_in, s, in_plane, in_cols, g_plane, g_cols, stride,
+                                  bias=False)
+        else:
+            a_ch = WEIGHT_GRAD_CHANNELS
+            items = math.ceil(c_a / a_ch) * c_b
+            rounds = math.ceil(s * hw / 32)
+            first = [(p // (w_in * h_in), (p // w_in) % h_in, p % w_in) for p in range(min(32, s * hw))]
+            x_words = [n * c_a * in_plane + (y + 1) * in_cols + x + 1 for n, y, x in first]
+            g_words = [n * c_b * g_plane + stride * y * g_cols + stride * x for n, y, x in first]
+            per_item = 9 * a_ch
+            rest = per_item - 32
+            work.issue += items * (rounds * (a_ch + 9 + per_item + 4) + 31 * 4 + rest * 2 * 5)
+            work.wavefronts += items * (rounds * (a_ch * _bank_wavefronts(x_words) + 9 * _bank_wavefronts(g_words))
+                                        + 31 + rest * 5)
+            work.fmas += size * s * hw
         g_hw = (g_rows - 2) * (g_cols - 2)
         work.issue += c_b * (math.ceil(s * g_hw / 32) * 4 + 10)  # bias: a warp each, a load and an add per position
         work.wavefronts += c_b * (math.ceil(s * g_hw / 32) + 5)

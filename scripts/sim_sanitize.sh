@@ -58,9 +58,9 @@ TSAN_SUBSET+=" or (test_encoder_block and float64 and relu and 2x16x8x14x14)"
 # The fused blocks' kernels: the encoder block's forward and backward (pool and strided),
 # the decoder's forward and backward with the loss.
 TSAN_SUBSET+=" or (test_blocks and test_encoder_block and float64 and nhwc and relu)"
-# The encoder backward's 512-thread blocks; the encoder kernels' tensor-core passes.
+# The encoder backward's 512-thread blocks; the block kernels' tensor-core passes.
 TSAN_SUBSET+=" or (block_size_follows and float32 and nchw and pool)"
-TSAN_SUBSET+=" or (on_tf32_tensor_cores and nhwc and stride)"
+TSAN_SUBSET+=" or (on_tf32_tensor_cores and nhwc and stride) or (weight_grads_on_tf32 and nhwc and 3L)"
 TSAN_SUBSET+=" or (test_decoder_block_loss and float64 and nchw and 2x8x8x8x16x1x4x4x28x28))"
 # --capture=sys: pytest captures Python's output only, so a sanitizer's report
 # (written to fd 2 just before it aborts the process) reaches the log.

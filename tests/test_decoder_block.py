@@ -11,7 +11,7 @@ from test_blocks import decoder_per_op
 from cae_kernels import reference
 from cae_kernels._registration import _suggest_memory_format
 
-from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32
 
 F64 = torch.float64
 KERNEL = "cae::cuda::decoder_block_kernel"
@@ -230,6 +230,44 @@ def test_decoder_block_backward(backend, dtype, fmt, relu, shape, input_grad):
         assert_close(mine, ref, backward_tolerance(backend, dtype, ref, layers), f"gradient {i}")
         assert_close(mine, theirs.double(), backward_tolerance(backend, dtype, ref, layers),
                      f"gradient {i} against the per-op kernels")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[2]], ids=shape_id)
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels()
+def test_backward_weight_grads_on_tf32_tensor_cores(backend, fmt, shape):
+    """float32 with TF32 allowed (PyTorch's default for cuDNN): the weight gradients of
+    the layers with more than one output channel on tf32 tensor cores (every layer's
+    input has at most 16 channels), not equal to the exact path's, within float16's
+    tolerance of float64 and deterministic; the other weight gradients, the input and
+    bias gradients, and the recomputed layers (the ReLU gates) they pass, the exact
+    path's bit for bit. On an emulated sm_75 (where the block fits its shared memory),
+    everything the exact path's."""
+    n, c0, channels, h, w, size = shape
+    x = make_input((n, c0, h, w), torch.float32, backend.device, fmt).detach()
+    weights, biases = block_params(c0, channels, torch.float32, backend.device)
+    grad = make_input((n, channels[-1], *size), torch.float32, backend.device, fmt).detach()
+    layers = len(channels)
+    runs = {}
+    for allowed, arch in ((False, "90"), (True, "90"), (True, "90"), (True, "75")):
+        if arch == "75" and (backend.name != "sim" or shape == SHAPES[0]):
+            continue  # (the autoencoder's decoder: past sm_75's shared memory, composed)
+        with pytest.MonkeyPatch.context() as mp, tf32(allowed):
+            mp.setenv("CAE_SIM_ARCH", arch)
+            gi, gw, gb = backend.ops.decoder_block_backward(grad, x, weights, biases, True, list(size), True)
+        runs.setdefault((allowed, arch), []).append([gi, *gw, *gb])
+    exact, (tc, tc_again) = runs[False, "90"][0], runs[True, "90"]
+    for i, (mine, again, theirs) in enumerate(zip(tc, tc_again, exact, strict=True)):
+        assert torch.equal(mine, again), f"gradient {i}: not deterministic"
+        on_tensor_cores = 1 <= i <= layers and channels[i - 1] > 1  # (one output channel: the warps' sums)
+        path = "tensor cores" if on_tensor_cores else "the exact path"
+        assert torch.equal(mine, theirs) != on_tensor_cores, f"gradient {i}: not on {path}"
+    expected = backward_reference(backend.functions, x, weights, biases, True, size, grad)
+    for i, (mine, ref) in enumerate(zip(tc, expected, strict=True)):
+        assert_close(mine, ref, backward_tolerance(backend, torch.float16, ref, layers), f"gradient {i} on tf32")
+    if (True, "75") in runs:
+        for i, (mine, theirs) in enumerate(zip(runs[True, "75"][0], exact, strict=True)):
+            assert torch.equal(mine, theirs), f"gradient {i} on sm_75"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

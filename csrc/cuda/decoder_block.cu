@@ -106,6 +106,7 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
                 p.loss->grad_loss.const_data_ptr<acc_t>()};
     }
     b.grad_input = cuda::mutable_or_null<scalar_t>(p.grad_input);
+    b.tensor_cores = std::is_same_v<acc_t, float> && cuda::tensor_cores_allowed(p.input);
     constexpr int V = cuda::vec_width<scalar_t>(), VO = cuda::vec_width<scalar_t, cuda::kBlockGroup>();
     const int C_out = b.f.C[L], C_in = b.f.C[0];
     b.vec_grad_output = p.nhwc && b.grad_output != nullptr && cuda::vector_ok<V>(b.grad_output, C_out, C_out);

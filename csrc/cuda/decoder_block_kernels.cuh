@@ -196,30 +196,77 @@ CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C
   }
 }
 
-// acc[j] += the taps of a transposed correlation of stride S that reach output
+// acc[j] += the taps of a stride-2 transposed correlation that reach output
 // pixel (y, x), over `count` channels of src (pixel (gy, gx) at src[(gy + 1) *
 // cols + gx + 1]) times w[(c * 9 + tap) * G + j], in
-// correlate_transpose_kernel's order of summation. Stride 2: the taps with
-// y = 2 gy + ky - 1 (ky = 1 for even y, 0 and 2 for odd), likewise x.
-template <int S, int G, typename Acc>
+// correlate_transpose_kernel's order of summation: the taps with y = 2 gy +
+// ky - 1 (ky = 1 for even y, 0 and 2 for odd), likewise x.
+template <int G, typename Acc>
 CAE_DEVICE void accumulate_transposed(Acc (&acc)[G], const Acc* src, int channel_stride, int cols,
                                       const Acc* w, int count, int y, int x) {
   constexpr int WV = vec_width<Acc, G>();
   for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
     CAE_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
-      if (S == 2 && ((y + 1 - ky) & 1)) continue;
-      const int r = (S == 1 ? y + 1 - ky : (y + 1 - ky) >> 1) + 1;
+      if ((y + 1 - ky) & 1) continue;
+      const int r = ((y + 1 - ky) >> 1) + 1;
       CAE_UNROLL
       for (int kx = 0; kx < 3; ++kx) {
-        if (S == 2 && ((x + 1 - kx) & 1)) continue;
-        const Acc v = src[r * cols + (S == 1 ? x + 1 - kx : (x + 1 - kx) >> 1) + 1];
+        if ((x + 1 - kx) & 1) continue;
+        const Acc v = src[r * cols + ((x + 1 - kx) >> 1) + 1];
         const Acc* wk = w + (ky * 3 + kx) * G;
         CAE_UNROLL
         for (int j = 0; j < G; j += WV) {
           const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
           CAE_UNROLL
           for (int k = 0; k < WV; ++k) acc[j + k] += v * wv.v[k];
+        }
+      }
+    }
+  }
+}
+
+// Output pixels a thread of the last layer takes, consecutive in a column
+// (a warp's lanes on consecutive columns: no bank conflicts): with one output
+// channel (the autoencoder's image) 4, so that each weight serves 4 pixels
+// and a window of 6 x 3 loads 4 (18 loads a pixel and channel at 1); with a
+// group of 8 channels one (the group's accumulators are its registers).
+template <int G>
+constexpr int decoder_last_pixels() {
+  return G == 1 ? 4 : 1;
+}
+
+// acc[p][j] += the stride-1 transposed correlation at output pixels (y + p,
+// x), p < P (src as accumulate_transposed's), in correlate_transpose_kernel's
+// order of summation per pixel. Window rows past `last_row` (the output rows
+// end at last_row - 2: pixels that are not stored) read last_row instead.
+template <int P, int G, typename Acc>
+CAE_DEVICE void accumulate_last_layer(Acc (&acc)[P][G], const Acc* src, int channel_stride, int cols,
+                                      const Acc* w, int count, int y, int x, int last_row) {
+  constexpr int WV = vec_width<Acc, G>();
+  int row[P + 2];  // the window's rows: output row y + p reads rows y + p + 2 - ky
+  CAE_UNROLL
+  for (int r = 0; r < P + 2; ++r) row[r] = (y + r < last_row ? y + r : last_row) * cols + x;
+  for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
+    Acc v[P + 2][3];
+    CAE_UNROLL
+    for (int r = 0; r < P + 2; ++r) {
+      CAE_UNROLL
+      for (int k = 0; k < 3; ++k) v[r][k] = src[row[r] + k];
+    }
+    CAE_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      CAE_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        const Acc* wk = w + (ky * 3 + kx) * G;
+        CAE_UNROLL
+        for (int j = 0; j < G; j += WV) {
+          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
+          CAE_UNROLL
+          for (int p = 0; p < P; ++p) {
+            CAE_UNROLL
+            for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p + 2 - ky][2 - kx] * wv.v[k];
+          }
         }
       }
     }
@@ -262,8 +309,8 @@ CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, con
     for (int j = 0; j < G; ++j) acc[j] = Acc(0);
     const bool inside = y >= 0 && y < h;
     if (inside)
-      accumulate_transposed<2>(acc, smem + src.offset + s * src.sample_stride, src.channel_stride, src.cols,
-                               smem + g * C_a * 9 * G, C_a, y, x);
+      accumulate_transposed(acc, smem + src.offset + s * src.sample_stride, src.channel_stride, src.cols,
+                            smem + g * C_a * 9 * G, C_a, y, x);
     finish_activation<T>(acc, pick(a.b, i), g * G, C_b, a.relu, inside);
     Acc* d = smem + dst.offset + s * dst.sample_stride + g * G * dst.channel_stride +
              (at.digit[2] + dst_row0) * dst.cols + x + 1;
@@ -274,7 +321,8 @@ CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, con
 }
 
 // The last layer (stride 1, linear) at the crop's output rows [oy0, oy1),
-// stored: `src` is the last plane's row of input row top + oy0 - 1.
+// stored: `src` is the last plane's row of input row top + oy0 - 1. A thread
+// takes decoder_last_pixels pixels of a column and G channels.
 // With a target, adds each stored logit's cross-entropy and squared error to
 // `loss_sums`.
 template <int G, bool NHWC, typename T, typename Acc>
@@ -283,27 +331,38 @@ CAE_DEVICE void decoder_last_rows(const Acc* smem, const Acc* src, const Decoder
                                   Acc (&loss_sums)[kLossSums], int n0, int oy0, int oy1, int tid) {
   const int L = a.layers, C_a = pick(a.C, L - 1), C_b = pick(a.C, L), groups = ceil_div(C_b, G);
   const DecoderPlane p = pick(t.plane, L - 1);
-  StridedDigits at(tid, a.W_out, oy1 - oy0, t.samples);  // (column, row, sample, group)
+  constexpr int P = decoder_last_pixels<G>();
+  const int rows = oy1 - oy0;
+  StridedDigits at(tid, a.W_out, ceil_div(rows, P), t.samples);  // (column, P rows, sample, group)
   for (; at.digit[3] < groups; at.advance()) {
-    const int ox = at.digit[0], oy = oy0 + at.digit[1], s = at.digit[2], co0 = at.digit[3] * G;
-    Acc acc[G];
+    const int ox = at.digit[0], y0 = at.digit[1] * P, s = at.digit[2], co0 = at.digit[3] * G;
+    Acc acc[P][G];
     CAE_UNROLL
-    for (int j = 0; j < G; ++j) acc[j] = Acc(0);
-    accumulate_transposed<1>(acc, src + s * p.sample_stride, p.channel_stride, p.cols,
-                             smem + t.last_weights + co0 * C_a * 9, C_a, at.digit[1], a.left + ox);
+    for (int q = 0; q < P; ++q) {
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) acc[q][j] = Acc(0);
+    }
+    accumulate_last_layer(acc, src + s * p.sample_stride, p.channel_stride, p.cols,
+                          smem + t.last_weights + co0 * C_a * 9, C_a, y0, a.left + ox, rows + 1);
     if (n0 + s >= a.N) continue;
-    store_pixel<G, NHWC>(a.out, acc, pick(a.b, L - 1), false, n0 + s, co0, C_b, a.H_out, a.W_out, oy, ox,
-                         t.vec_out);
-    if (target == nullptr) continue;
     CAE_UNROLL
-    for (int j = 0; j < G; ++j) {
-      if (co0 + j >= C_b) continue;
-      // The logit as stored (store_pixel: bias added, rounded to T).
-      const Acc z = static_cast<Acc>(static_cast<T>(acc[j] + static_cast<Acc>(pick(a.b, L - 1)[co0 + j])));
-      const Acc y = target[pixel_offset<NHWC>(n0 + s, co0 + j, oy, ox, C_b, a.H_out, a.W_out)];
-      const Acc d = sigmoid(z) - y;
-      loss_sums[0] += cross_entropy(z, y);
-      loss_sums[1] += d * d;
+    for (int q = 0; q < P; ++q) {
+      const int oy = oy0 + y0 + q;
+      if (oy >= oy1) break;
+      store_pixel<G, NHWC>(a.out, acc[q], pick(a.b, L - 1), false, n0 + s, co0, C_b, a.H_out, a.W_out, oy, ox,
+                           t.vec_out);
+      if (target == nullptr) continue;
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) {
+        if (co0 + j >= C_b) continue;
+        // The logit as stored (store_pixel: bias added, rounded to T).
+        const Acc z =
+            static_cast<Acc>(static_cast<T>(acc[q][j] + static_cast<Acc>(pick(a.b, L - 1)[co0 + j])));
+        const Acc y = target[pixel_offset<NHWC>(n0 + s, co0 + j, oy, ox, C_b, a.H_out, a.W_out)];
+        const Acc d = sigmoid(z) - y;
+        loss_sums[0] += cross_entropy(z, y);
+        loss_sums[1] += d * d;
+      }
     }
   }
 }
@@ -415,6 +474,12 @@ struct DecoderBlockBackwardArgs {
   T* db[kDecoderMaxLayers];
   GridSums<Acc> sums;  // a block's row: dw[0] | db[0] | dw[1] | db[1] | ...
   bool vec_grad_output, vec_grad_input;
+  // The weight gradients on tf32 tensor cores (weight_grad_pass_mma) where a
+  // layer's input has at most 16 channels and its output more than one
+  // (decoder_weight_grad_row): float16, bfloat16 and float32
+  // where TF32 is allowed, sm_80 and newer (EncoderBlockArgs::tensor_cores).
+  // The bias and input gradients, and the recomputed layers, stay exact.
+  bool tensor_cores;
 };
 
 // Elements of layer i's weight and bias gradients, and where they start in a
@@ -432,16 +497,22 @@ constexpr int kWeightGradChannels = 4;
 // GradChannels input channels and one output channel (9 taps each), or one
 // bias; its lanes split the positions (image, row, column: consecutive lanes,
 // consecutive columns), and the lanes' sums meet in fixed trees
-// (warp_reduce_scatter, warp_sum): the same bits every run.
+// (warp_reduce_scatter, warp_sum): the same bits every run. On tensor cores
+// where mma_pass_fits C_a and C_b > 1: the biases so, then dw by
+// weight_grad_pass_mma (the GEMM's rows the input's channels, its columns
+// (cb, tap); with one output channel, 7 of a tile's 16 columns would idle and
+// each A fragment serve 9 sums: slower than the warps' sums).
 template <int S, typename Acc>
 CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const DecoderPlane& in,
-                                        const DecoderPlane& g, int C_a, int C_b, int samples, int tid) {
+                                        const DecoderPlane& g, int C_a, int C_b, int samples,
+                                        bool tensor_cores, int tid) {
   constexpr int A = kWeightGradChannels;
-  const int h = in.rows - 2, w = in.cols - 2, gh = g.rows - 2, gw = g.cols - 2;
-  const int groups = ceil_div(C_a, A), items = groups * C_b + C_b, lane = tid % 32;
+  const int h = in.rows - 2, w = in.cols - 2, gh = g.rows - 2, gw = g.cols - 2, lane = tid % 32;
+  const bool mma = C_b > 1 && mma_pass_fits<Acc>(tensor_cores, ceil_div(C_a, kBlockGroup));
+  const int groups = ceil_div(C_a, A), weight_items = mma ? 0 : groups * C_b, items = weight_items + C_b;
   for (int item = tid / 32; item < items; item += kWarps) {
-    if (item >= groups * C_b) {  // the bias: every position of the output gradient
-      const int cb = item - groups * C_b;
+    if (item >= weight_items) {  // the bias: every position of the output gradient
+      const int cb = item - weight_items;
       Acc sum = Acc(0);
       for (StridedDigits at(lane, gw, gh, samples, 32); at.digit[3] < 1; at.advance()) {
         sum += smem[g.offset + at.digit[2] * g.sample_stride + cb * g.channel_stride +
@@ -496,6 +567,15 @@ CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const Decoder
     for (int f = scattered; f < A * 9; ++f) {
       const Acc v = warp_sum(acc[f / 9][f % 9]);
       if (lane == 0 && ca0 + f / 9 < C_a) row[((ca0 + f / 9) * C_b + cb) * 9 + f % 9] = v;
+    }
+  }
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (mma) {
+      const SharedPlanes<const float> x{
+          smem + in.offset + in.cols + 1, in.channel_stride, in.sample_stride, h, w, in.cols};
+      const SharedPlanes<const float> gp{smem + g.offset, g.channel_stride, g.sample_stride,
+                                         g.rows,          g.cols,           g.cols};
+      weight_grad_pass_mma<S>(row, x, gp, C_a, C_b, samples, tid);
     }
   }
 }
@@ -612,9 +692,9 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     offset -= decoder_grad_elements(C_a, C_b);
     __syncthreads();  // layer i's output gradient complete, the weights free
     if (i + 1 < L) {
-      decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, tid);
+      decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, b.tensor_cores, tid);
     } else {
-      decoder_weight_grad_row<1>(row + offset, smem, in, g, C_a, C_b, t.samples, tid);
+      decoder_weight_grad_row<1>(row + offset, smem, in, g, C_a, C_b, t.samples, b.tensor_cores, tid);
     }
     if (i == 0 && b.grad_input == nullptr) break;
     const T* w = pick(a.w, i);

@@ -257,94 +257,12 @@ CAE_DEVICE void weight_grad_pass(Acc* row, Acc* scratch, const SharedPlanes<cons
   }
 }
 
-// weight_grad_pass on tensor cores, for C_g <= 16: the GEMM dw[c][(ci, tap)]
-// = sum_p g[c][p] src[ci][window(p) + tap] as m16n8k8 tf32 products, M the
-// gradient's channels (zero past C_g), N the C_src x 9 columns (n = ci * 9 +
-// tap, zero past them), k 8 positions (samples x rows x cols, row-major). A
-// warp item is kMmaGradTiles n-tiles and one of `slices` interleaved shares of
-// the k-steps; the slices add into `row` one after the other, between
-// barriers (fixed order: deterministic). db in exact float32: a thread per
-// channel and slice of the positions, the slices added in order in `scratch`.
-constexpr int kMmaGradTiles = 6;
-
-// A position (sample, row, column) of rows x cols planes that advances by a
-// fixed number of positions, d_rows rows and d_cols < cols columns, with no
-// division.
-struct PlaneWalk {
-  int s, r, c;
-  CAE_DEVICE PlaneWalk(int p, int rows, int cols)
-      : s(p / (rows * cols)), r(p % (rows * cols) / cols), c(p % cols) {}
-  CAE_DEVICE void advance(int d_rows, int d_cols, int rows, int cols) {
-    c += d_cols, r += d_rows;
-    if (c >= cols) c -= cols, ++r;
-    while (r >= rows) r -= rows, ++s;
-  }
-};
-
-template <int S>
-CAE_DEVICE void weight_grad_pass_mma(float* row, float* scratch, const SharedPlanes<const float>& g,
-                                     const SharedPlanes<const float>& src, int C_g, int C_src, int samples,
-                                     int tid, int threads) {
-  const int warp = tid / 32, lane = tid % 32, gl = lane / 4, t4 = lane % 4;
-  const int columns = C_src * 9, tiles = ceil_div(columns, 8);
-  const int tile_groups = ceil_div(tiles, kMmaGradTiles), warps = threads / 32;
-  const int slices = warps / tile_groups > 0 ? warps / tile_groups : 1;
-  const int per_sample = g.rows * g.cols, positions = samples * per_sample;
-  const int steps = ceil_div(positions, 8);
-  const bool busy = warp < tile_groups * slices;
-  const int tile0 = warp % tile_groups * kMmaGradTiles, slice = warp / tile_groups;
-  // The lane's B columns: where tap `tap` of channel ci lies from a window's start.
-  int b_offset[kMmaGradTiles];
-  CAE_UNROLL
-  for (int j = 0; j < kMmaGradTiles; ++j) {
-    const int n = (tile0 + j) * 8 + gl, ci = n / 9, tap = n - ci * 9;
-    b_offset[j] = n < columns ? ci * src.channel_stride + tap / 3 * src.pitch + tap % 3 : -1;
-  }
-  // The lane's two positions of a step (k = t4 and t4 + 4), `slices` steps on
-  // at a time.
-  PlaneWalk at[2] = {{slice * 8 + t4, g.rows, g.cols}, {slice * 8 + t4 + 4, g.rows, g.cols}};
-  const int delta = slices * 8, d_rows = delta / g.cols, d_cols = delta % g.cols;
-  float acc[kMmaGradTiles][4] = {};
-  for (int step = slice; busy && step < steps; step += slices) {
-    uint32_t a[4], b[kMmaGradTiles][2];
-    CAE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      const bool inside = at[i].s < samples;
-      const float* gp = g.at(inside ? at[i].s : 0, 0, at[i].r, at[i].c);
-      a[2 * i] = to_tf32(inside && gl < C_g ? gp[gl * g.channel_stride] : 0.0f);
-      a[2 * i + 1] = to_tf32(inside && gl + 8 < C_g ? gp[(gl + 8) * g.channel_stride] : 0.0f);
-      const float* sp = src.at(inside ? at[i].s : 0, 0, S * at[i].r, S * at[i].c);
-      CAE_UNROLL
-      for (int j = 0; j < kMmaGradTiles; ++j)
-        b[j][i] = to_tf32(inside && b_offset[j] >= 0 ? sp[b_offset[j]] : 0.0f);
-      at[i].advance(d_rows, d_cols, g.rows, g.cols);
-    }
-    // a: (channel gl, k t4), (gl + 8, t4), (gl, t4 + 4), (gl + 8, t4 + 4); b[j]: k t4 and t4 + 4.
-    CAE_UNROLL
-    for (int j = 0; j < kMmaGradTiles; ++j) {
-      if (tile0 + j >= tiles) break;
-      mma_m16n8k8_tf32(acc[j], a, b[j], acc[j]);
-    }
-  }
-  // The slices into the row, in slice order; acc[j]: channels (gl, gl + 8) x
-  // columns (tile0 + j) * 8 + 2 t4 + (0, 1).
-  for (int sl = 0; sl < slices; ++sl) {
-    if (busy && slice == sl) {
-      CAE_UNROLL
-      for (int j = 0; j < kMmaGradTiles; ++j) {
-        CAE_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int c = gl + 8 * (e / 2), n = (tile0 + j) * 8 + 2 * t4 + e % 2;
-          if (c < C_g && n < columns) {
-            float& out = row[c * columns + n];
-            out = sl == 0 ? acc[j][e] : out + acc[j][e];
-          }
-        }
-      }
-    }
-    __syncthreads();
-  }
-  // db: `parts` threads a channel, each over every parts-th position.
+// db[c] = the sum of g's channel c over the block's positions, in exact
+// float32 beside weight_grad_pass_mma: `parts` threads a channel, each over
+// every parts-th position, the parts added in order in `scratch`.
+CAE_DEVICE void bias_grad_pass(float* db, float* scratch, const SharedPlanes<const float>& g, int C_g,
+                               int samples, int tid, int threads) {
+  const int positions = samples * g.rows * g.cols;
   const int parts = threads / C_g < positions ? threads / C_g : positions;
   if (tid < C_g * parts) {
     const int c = tid / parts, part = tid - c * parts;
@@ -359,7 +277,7 @@ CAE_DEVICE void weight_grad_pass_mma(float* row, float* scratch, const SharedPla
   if (tid < C_g) {
     float sum = scratch[tid * parts];
     for (int part = 1; part < parts; ++part) sum += scratch[tid * parts + part];
-    row[C_g * columns + tid] = sum;
+    db[tid] = sum;
   }
   __syncthreads();  // the scratch is read before anything reuses it
 }
@@ -473,8 +391,10 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
                                 const SharedPlanes<const Acc>& src, int C_src) {
     constexpr int S = decltype(stride)::value;
     if constexpr (std::is_same<Acc, float>::value) {
-      if (mma_pass_fits<Acc>(a.tensor_cores, t.groups1))
-        return weight_grad_pass_mma<S>(row, scratch, g, src, a.C1, C_src, samples, tid, threads);
+      if (mma_pass_fits<Acc>(a.tensor_cores, t.groups1)) {
+        weight_grad_pass_mma<S>(row, g, src, a.C1, C_src, samples, tid, threads);
+        return bias_grad_pass(row + a.C1 * C_src * 9, scratch, g, a.C1, samples, tid, threads);
+      }
     }
     weight_grad_pass<S>(row, scratch, g, src, a.C1, C_src, samples, tid, threads);
   };

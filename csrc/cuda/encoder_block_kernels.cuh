@@ -368,6 +368,96 @@ CAE_DEVICE bool mma_pass_fits(bool tensor_cores, int groups) {
   return std::is_same<Acc, float>::value && tensor_cores && groups <= kMmaGroups;
 }
 
+// A 3x3 weight gradient on tensor cores, for C_g <= 16: the GEMM dw[c][(ci,
+// tap)] = sum_p g[c][p] src[ci][S p + tap] (src padded: tap (ky, kx) at ky
+// rows and kx columns from the window's start) as m16n8k8 tf32 products into
+// row[c * C_src * 9 + ci * 9 + tap]; M the channels of g (zero past C_g), N
+// the C_src x 9 columns (n = ci * 9 + tap, zero past them), k 8 positions of
+// g (samples x rows x cols, row-major). A warp item is kMmaGradTiles n-tiles
+// and one of `slices` interleaved shares of the k-steps; the slices add into
+// `row` one after the other, between barriers (fixed order: deterministic).
+// The encoder's backward (dw1, dw2, dw_down) and the decoder's take it.
+constexpr int kMmaGradTiles = 6;
+
+// A position (sample, row, column) of rows x cols planes that advances by a
+// fixed number of positions, d_rows rows and d_cols < cols columns, with no
+// division.
+struct PlaneWalk {
+  int s, r, c;
+  CAE_DEVICE PlaneWalk(int p, int rows, int cols)
+      : s(p / (rows * cols)), r(p % (rows * cols) / cols), c(p % cols) {}
+  CAE_DEVICE void advance(int d_rows, int d_cols, int rows, int cols) {
+    c += d_cols, r += d_rows;
+    if (c >= cols) c -= cols, ++r;
+    while (r >= rows) r -= rows, ++s;
+  }
+};
+
+template <int S>
+CAE_DEVICE void weight_grad_pass_mma(float* row, const SharedPlanes<const float>& g,
+                                     const SharedPlanes<const float>& src, int C_g, int C_src, int samples,
+                                     int tid, int threads = kThreads) {
+  const int warp = tid / 32, lane = tid % 32, gl = lane / 4, t4 = lane % 4;
+  const int columns = C_src * 9, tiles = ceil_div(columns, 8);
+  const int tile_groups = ceil_div(tiles, kMmaGradTiles), warps = threads / 32;
+  const int slices = warps / tile_groups > 0 ? warps / tile_groups : 1;
+  const int per_sample = g.rows * g.cols, positions = samples * per_sample;
+  const int steps = ceil_div(positions, 8);
+  const bool busy = warp < tile_groups * slices;
+  const int tile0 = warp % tile_groups * kMmaGradTiles, slice = warp / tile_groups;
+  // The lane's B columns: where tap `tap` of channel ci lies from a window's start.
+  int b_offset[kMmaGradTiles];
+  CAE_UNROLL
+  for (int j = 0; j < kMmaGradTiles; ++j) {
+    const int n = (tile0 + j) * 8 + gl, ci = n / 9, tap = n - ci * 9;
+    b_offset[j] = n < columns ? ci * src.channel_stride + tap / 3 * src.pitch + tap % 3 : -1;
+  }
+  // The lane's two positions of a step (k = t4 and t4 + 4), `slices` steps on
+  // at a time.
+  PlaneWalk at[2] = {{slice * 8 + t4, g.rows, g.cols}, {slice * 8 + t4 + 4, g.rows, g.cols}};
+  const int delta = slices * 8, d_rows = delta / g.cols, d_cols = delta % g.cols;
+  float acc[kMmaGradTiles][4] = {};
+  for (int step = slice; busy && step < steps; step += slices) {
+    uint32_t a[4], b[kMmaGradTiles][2];
+    CAE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const bool inside = at[i].s < samples;
+      const float* gp = g.at(inside ? at[i].s : 0, 0, at[i].r, at[i].c);
+      a[2 * i] = to_tf32(inside && gl < C_g ? gp[gl * g.channel_stride] : 0.0f);
+      a[2 * i + 1] = to_tf32(inside && gl + 8 < C_g ? gp[(gl + 8) * g.channel_stride] : 0.0f);
+      const float* sp = src.at(inside ? at[i].s : 0, 0, S * at[i].r, S * at[i].c);
+      CAE_UNROLL
+      for (int j = 0; j < kMmaGradTiles; ++j)
+        b[j][i] = to_tf32(inside && b_offset[j] >= 0 ? sp[b_offset[j]] : 0.0f);
+      at[i].advance(d_rows, d_cols, g.rows, g.cols);
+    }
+    // a: (channel gl, k t4), (gl + 8, t4), (gl, t4 + 4), (gl + 8, t4 + 4); b[j]: k t4 and t4 + 4.
+    CAE_UNROLL
+    for (int j = 0; j < kMmaGradTiles; ++j) {
+      if (tile0 + j >= tiles) break;
+      mma_m16n8k8_tf32(acc[j], a, b[j], acc[j]);
+    }
+  }
+  // The slices into the row, in slice order; acc[j]: channels (gl, gl + 8) x
+  // columns (tile0 + j) * 8 + 2 t4 + (0, 1).
+  for (int sl = 0; sl < slices; ++sl) {
+    if (busy && slice == sl) {
+      CAE_UNROLL
+      for (int j = 0; j < kMmaGradTiles; ++j) {
+        CAE_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int c = gl + 8 * (e / 2), n = (tile0 + j) * 8 + 2 * t4 + e % 2;
+          if (c < C_g && n < columns) {
+            float& out = row[c * columns + n];
+            out = sl == 0 ? acc[j][e] : out + acc[j][e];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // A layer summed in one pass: on tensor cores where mma_pass_fits, else
 // layer_pass.
 template <int G, bool NHWC, typename T, typename Acc>
