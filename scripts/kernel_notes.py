@@ -691,11 +691,17 @@ def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride):
     return total / tiles
 
 
+def tensor_cores(x):
+    """The block kernels' tensor_cores argument (encoder_block_args.h; the emulator's device
+    is sm_90)."""
+    tf32_ok = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+    return x.dtype != torch.float64 and tf32_ok
+
+
 def mma_pass_fits(x, channels):
     """Whether the encoder kernels' pass producing `channels` runs on tensor cores
-    (encoder_block_args' tensor_cores and mma_pass_fits; the emulator's device is sm_90)."""
-    tf32_ok = x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32
-    return x.dtype != torch.float64 and tf32_ok and channels <= 2 * GROUP
+    (tensor_cores and mma_pass_fits)."""
+    return tensor_cores(x) and channels <= 2 * GROUP
 
 
 def _mma_channel_stride(n):
@@ -856,7 +862,9 @@ def _encoder_block_backward(call, launch, e):
     h_out, w_out = go.shape[2], go.shape[3]
     g1, g0 = math.ceil(c1 / GROUP), math.ceil(c0 / GROUP)
     rows = h + (h & 1)
-    pitch, plane = w + 2, ((rows + 2) * (w + 2)) | 1
+    pitch = w + 2
+    # the planes' channel stride: 8 banks apart for mma_pass's A loads where it may run
+    plane = _mma_channel_stride((rows + 2) * pitch) if tensor_cores(x) else ((rows + 2) * pitch) | 1
     out_pitch, out_plane = w_out + 1, (((h_out + 1) * (w_out + 1)) | 1) if strided else 0
     w1_size = max(g1 * GROUP * c0 * 9, g0 * GROUP * c1 * 9)
     w2_size = g1 * GROUP * c1 * 9

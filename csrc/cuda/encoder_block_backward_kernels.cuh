@@ -57,7 +57,7 @@ struct EncoderBackwardTiling {
   // the slices' scratch takes kGradSums a thread.
   int threads;
   int samples;
-  int pitch, plane;          // a padded plane's row pitch (W + 2) and odd stride
+  int pitch, plane;          // a padded plane's row pitch (W + 2) and channel stride
   int out_pitch, out_plane;  // staged grad_out (strided): (H_out + 1) x (W_out + 1)
   int groups1, groups0;      // ceil(C1 / kBlockGroup), ceil(C0 / kBlockGroup)
   int w1_size, w2_size, wd_size;
@@ -101,7 +101,10 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   constexpr int G = kBlockGroup;
   t.groups1 = ceil_div(a.C1, G), t.groups0 = ceil_div(a.C0, G);
   t.pitch = a.W + 2;
-  t.plane = odd_stride((a.H + (a.H & 1) + 2) * t.pitch);
+  // The planes' channel stride: odd, or where mma_pass may read them (its A
+  // fragments: 8 positions of 4 channels), 8 banks apart.
+  const int plane = (a.H + (a.H & 1) + 2) * t.pitch;
+  t.plane = a.tensor_cores ? mma_channel_stride(plane) : odd_stride(plane);
   t.out_pitch = a.W_out + 1;
   t.out_plane = strided ? odd_stride((a.H_out + 1) * t.out_pitch) : 0;
   // w1 forward ([group][C0 * 9][G]), later transposed ([C0 group][C1 * 9][G]).
