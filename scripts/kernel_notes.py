@@ -600,16 +600,17 @@ class _Work:
         self.wavefronts += tiles * (steps * (4 * input_conflict + 2 * groups) + groups * 2 * 2)
         self.fmas += positions * channels * 9 * GROUP * groups
 
-    def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1):
+    def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1, pixels=1):
         """Items of a transposed correlation (accumulate_transposed, the encoder backward's
         stride-2 loop) issuing `issued_taps` taps per channel and warp (the union of its
         threads' taps, from _issued_taps) where a thread computes `thread_taps` (stride 2:
-        2.25 on average): a tap is one input load, the group's weight loads and its FFMA."""
+        2.25 on average): a tap is an input load per pixel of the item, the group's weight
+        loads (once for the pixels) and its FFMA."""
         warps = _warp_items(items)
         loads_w = max(1, group // WEIGHT_VEC)
-        self.issue += warps * channels * (issued_taps * (group + 1 + loads_w) + 2)
-        self.wavefronts += warps * channels * issued_taps * (input_conflict + loads_w)
-        self.fmas += items * channels * (thread_taps or issued_taps) * group
+        self.issue += warps * channels * (issued_taps * ((group + 1) * pixels + loads_w) + 2)
+        self.wavefronts += warps * channels * issued_taps * (input_conflict * pixels + loads_w)
+        self.fmas += items * channels * (thread_taps or issued_taps) * group * pixels
 
     def last_layer(self, items, channels, pixels, group):
         """Items of the decoder's last layer (accumulate_last_layer: `pixels` of a column
@@ -926,18 +927,22 @@ def _encoder_block_backward(call, launch, e):
     e.outputs = sums + (x.numel() if input_grad else 0)
 
 
-def _issued_taps(width, rows, samples_groups):
+def _issued_taps(width, rows, samples_groups, pixels=1):
     """Taps per channel a warp issues in decoder_hidden_rows' stride-2 transposed
-    correlation, averaged over its warps: items run (column / 2, column parity, row, ...),
-    a thread's taps follow its pixel's parities (1, 2, 2 or 4) and a warp issues the union of
-    its threads' (a warp over both row parities runs all three rows of taps)."""
-    items = (width // 2) * 2 * rows * samples_groups
+    correlation, averaged over its warps: items run (`pixels` columns of a parity, column
+    parity, row: the even rows, then the odd, ...), a thread's taps follow its pixels'
+    parities (1, 2, 2 or 4) and a warp issues the union of its threads' (a warp over both
+    row parities runs all three rows of taps)."""
+    per_parity = math.ceil(width / 2 / pixels)
+    half = (rows + 1) // 2
+    items = per_parity * 2 * rows * samples_groups
     total = 0
     for first in range(0, items, 32):
         taps = set()
         for i in range(first, min(first + 32, items)):
-            x = 2 * (i % (width // 2)) + (i // (width // 2)) % 2
-            y = (i // width) % rows
+            x = 2 * pixels * (i % per_parity) + (i // per_parity) % 2
+            r = (i // (2 * per_parity)) % rows
+            y = 2 * r if r < half else 2 * (r - half) + 1
             ky = {k for k in range(3) if (y + 1 - k) % 2 == 0}
             kx = {k for k in range(3) if (x + 1 - k) % 2 == 0}
             taps |= {(p, q) for p in ky for q in kx}
@@ -1005,9 +1010,10 @@ def _decoder_block(call, launch, e):
             strips = [size_h]
         else:
             strips = [min(t["strip"], t["h_out"] - y) + 2 for y in range(0, t["h_out"], t["strip"])]
+        pixels = 2  # decoder_hidden_rows<2>: two pixels of a column parity a thread
         for rows in strips:
-            work.taps(size_w * rows * s * groups, chans[i], _issued_taps(size_w, rows, s * groups), GROUP,
-                      thread_taps=2.25)
+            work.taps(math.ceil(size_w / 2 / pixels) * 2 * rows * s * groups, chans[i],
+                      _issued_taps(size_w, rows, s * groups, pixels), GROUP, thread_taps=2.25, pixels=pixels)
     last_group = 1 if chans[layers] == 1 else GROUP
     pixels = 4 if last_group == 1 else 1  # decoder_last_pixels: a thread's pixels of a column
     row_groups = sum(math.ceil(min(t["strip"], t["h_out"] - y) / pixels) for y in range(0, t["h_out"], t["strip"]))

@@ -359,8 +359,14 @@ def test_kernel_notes_issued_taps():
     kernel_notes = load_script("kernel_notes")
     # 64 columns: a warp is one row and one column parity: 1, 2, 2 or 4 taps, 2.25 on average
     assert kernel_notes._issued_taps(64, 2, 1) == 2.25
-    # 8 columns: a warp spans 4 rows of both parities, both column parities: all 9 taps
-    assert kernel_notes._issued_taps(8, 8, 1) == 9
+    # 8 columns: a warp spans 4 rows of one parity (the even rows, then the odd), both
+    # column parities: 3 taps, then 6
+    assert kernel_notes._issued_taps(8, 8, 1) == 4.5
+    # two pixels a thread (the forward's): a warp of 64 columns takes both column parities
+    assert kernel_notes._issued_taps(64, 2, 1, pixels=2) == 4.5
+    # 6 rows: the first warp takes the 3 even rows and the first odd one (9 taps), the
+    # second the other two odd rows (6)
+    assert kernel_notes._issued_taps(8, 6, 1) == 7.5
 
 
 def test_kernel_notes_bias_grad_and_reduction(sim):

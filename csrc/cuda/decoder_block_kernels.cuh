@@ -196,14 +196,16 @@ CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C
   }
 }
 
-// acc[j] += the taps of a stride-2 transposed correlation that reach output
-// pixel (y, x), over `count` channels of src (pixel (gy, gx) at src[(gy + 1) *
-// cols + gx + 1]) times w[(c * 9 + tap) * G + j], in
-// correlate_transpose_kernel's order of summation: the taps with y = 2 gy +
-// ky - 1 (ky = 1 for even y, 0 and 2 for odd), likewise x.
-template <int G, typename Acc>
-CAE_DEVICE void accumulate_transposed(Acc (&acc)[G], const Acc* src, int channel_stride, int cols,
-                                      const Acc* w, int count, int y, int x) {
+// acc[p][j] += the taps of a stride-2 transposed correlation that reach output
+// pixel (y, x + 2 p), p < `valid` <= P (the others stay zero), over `count`
+// channels of src (pixel (gy, gx) at src[(gy + 1) * cols + gx + 1]) times
+// w[(c * 9 + tap) * G + j], in correlate_transpose_kernel's order of
+// summation: the taps with y = 2 gy + ky - 1 (ky = 1 for even y, 0 and 2 for
+// odd), likewise x. The P pixels share a column parity, so their taps, and
+// each tap's weights are loaded once for them; their inputs are consecutive.
+template <int P, int G, typename Acc>
+CAE_DEVICE void accumulate_transposed(Acc (&acc)[P][G], const Acc* src, int channel_stride, int cols,
+                                      const Acc* w, int count, int y, int x, int valid) {
   constexpr int WV = vec_width<Acc, G>();
   for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
     CAE_UNROLL
@@ -213,13 +215,19 @@ CAE_DEVICE void accumulate_transposed(Acc (&acc)[G], const Acc* src, int channel
       CAE_UNROLL
       for (int kx = 0; kx < 3; ++kx) {
         if ((x + 1 - kx) & 1) continue;
-        const Acc v = src[r * cols + ((x + 1 - kx) >> 1) + 1];
+        const Acc* sp = src + r * cols + ((x + 1 - kx) >> 1) + 1;
+        Acc v[P];
+        CAE_UNROLL
+        for (int p = 0; p < P; ++p) v[p] = p < valid ? sp[p] : Acc(0);
         const Acc* wk = w + (ky * 3 + kx) * G;
         CAE_UNROLL
         for (int j = 0; j < G; j += WV) {
           const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
           CAE_UNROLL
-          for (int k = 0; k < WV; ++k) acc[j + k] += v * wv.v[k];
+          for (int p = 0; p < P; ++p) {
+            CAE_UNROLL
+            for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p] * wv.v[k];
+          }
         }
       }
     }
@@ -290,33 +298,49 @@ CAE_DEVICE void stage_decoder_plane(Acc* smem, const DecoderPlane& p, const T* _
 // Rows [y_first, y_first + rows) of hidden layer i's output from plane i
 // (whole) into `dst`, row y at dst row y - y_first + dst_row0; rows outside
 // the image are zeros (the next layer's padding). Bias, activation and T
-// rounding as correlate_transpose_kernel stores them. A thread takes an
-// output pixel and kBlockGroup channels; consecutive threads take every
-// other column (one column parity: one tap pattern), then the other parity.
-template <typename T, typename Acc>
+// rounding as correlate_transpose_kernel stores them. A thread takes P output
+// pixels of a row and column parity (columns x, x + 2, ...) and kBlockGroup
+// channels; consecutive threads take the next P of the parity (one tap
+// pattern), then the other parity, then the next row of the same parity. The forward takes P = 2 (each tap's
+// weights loaded once for two pixels); the backward's recompute 1 (its
+// registers), with the same sums.
+template <int P, typename T, typename Acc>
 CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
                                     int i, const DecoderPlane& dst, int dst_row0, int y_first, int rows,
                                     int tid) {
   constexpr int G = kBlockGroup;
   const DecoderPlane src = pick(t.plane, i);
   const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1), groups = ceil_div(C_b, G), h = a.H << (i + 1);
-  StridedDigits at(tid, src.cols - 2, 2, rows);  // (column / 2, column parity, row, sample + samples * group)
+  const int per_parity = src.cols - 2, half = (rows + 1) >> 1;  // an output row's pixels of one column parity
+  // (P pixels of a column parity, the parity, row, sample + samples * group)
+  StridedDigits at(tid, ceil_div(per_parity, P), 2, rows);
   for (; at.digit[3] < t.samples * groups; at.advance()) {
     const int s = at.digit[3] % t.samples, g = at.digit[3] / t.samples;
-    const int y = y_first + at.digit[2], x = 2 * at.digit[0] + at.digit[1];
-    Acc acc[G];
+    // The even rows first, then the odd: a warp over several rows runs one row
+    // parity's taps (1 or 2 rows of them, not 3).
+    const int r = at.digit[2], local = r < half ? 2 * r : 2 * (r - half) + 1;
+    const int y = y_first + local, x = 2 * P * at.digit[0] + at.digit[1];
+    const int left = per_parity - P * at.digit[0], valid = left < P ? left : P;
+    Acc acc[P][G];
     CAE_UNROLL
-    for (int j = 0; j < G; ++j) acc[j] = Acc(0);
+    for (int p = 0; p < P; ++p) {
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j) acc[p][j] = Acc(0);
+    }
     const bool inside = y >= 0 && y < h;
     if (inside)
       accumulate_transposed(acc, smem + src.offset + s * src.sample_stride, src.channel_stride, src.cols,
-                            smem + g * C_a * 9 * G, C_a, y, x);
-    finish_activation<T>(acc, pick(a.b, i), g * G, C_b, a.relu, inside);
+                            smem + g * C_a * 9 * G, C_a, y, x, valid);
     Acc* d = smem + dst.offset + s * dst.sample_stride + g * G * dst.channel_stride +
-             (at.digit[2] + dst_row0) * dst.cols + x + 1;
+             (local + dst_row0) * dst.cols + x + 1;
     CAE_UNROLL
-    for (int j = 0; j < G; ++j)
-      if (g * G + j < C_b) d[j * dst.channel_stride] = acc[j];
+    for (int p = 0; p < P; ++p) {
+      if (p >= valid) break;
+      finish_activation<T>(acc[p], pick(a.b, i), g * G, C_b, a.relu, inside);
+      CAE_UNROLL
+      for (int j = 0; j < G; ++j)
+        if (g * G + j < C_b) d[j * dst.channel_stride + 2 * p] = acc[p][j];
+    }
   }
 }
 
@@ -393,14 +417,14 @@ CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const
     __syncthreads();  // the previous layer done with the weights, its plane complete
     stage_transposed_weight<kBlockGroup>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
     __syncthreads();
-    if (i + 2 < L) decoder_hidden_rows(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
+    if (i + 2 < L) decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
   }
   // 2. Strip by strip: the last hidden layer's rows under the strip's window,
   // then the last layer's output rows.
   for (int oy0 = 0; oy0 < a.H_out; oy0 += t.strip_rows) {
     const int oy1 = oy0 + t.strip_rows < a.H_out ? oy0 + t.strip_rows : a.H_out;
     if (oy0 > 0) __syncthreads();  // the previous strip done reading
-    decoder_hidden_rows(smem, a, t, L - 2, last, 0, a.top + oy0 - 1, oy1 - oy0 + 2, tid);
+    decoder_hidden_rows<2>(smem, a, t, L - 2, last, 0, a.top + oy0 - 1, oy1 - oy0 + 2, tid);
     __syncthreads();
     decoder_last_rows<G, NHWC>(smem, smem + last.offset, a, t, target, loss_sums, n0, oy0, oy1, tid);
   }
@@ -681,7 +705,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     __syncthreads();  // the previous layer done with the weights, its plane complete
     stage_transposed_weight<G>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
     __syncthreads();
-    decoder_hidden_rows(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
+    decoder_hidden_rows<1>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
   }
   // 2. Layer by layer from the last.
   Acc* row = b.sums.partials + static_cast<index_t>(blockIdx.x) * b.sums.size;
