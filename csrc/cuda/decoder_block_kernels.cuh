@@ -196,6 +196,22 @@ CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C
   }
 }
 
+// acc[p][j] += v[p] * wk[j] for P pixels and G channels: one tap, its weights
+// loaded once (vectors of WV) for the P pixels.
+template <int P, int G, typename Acc>
+CAE_DEVICE void add_tap(Acc (&acc)[P][G], const Acc (&v)[P], const Acc* wk) {
+  constexpr int WV = vec_width<Acc, G>();
+  CAE_UNROLL
+  for (int j = 0; j < G; j += WV) {
+    const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
+    CAE_UNROLL
+    for (int p = 0; p < P; ++p) {
+      CAE_UNROLL
+      for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p] * wv.v[k];
+    }
+  }
+}
+
 // acc[p][j] += the taps of a stride-2 transposed correlation that reach output
 // pixel (y, x + 2 p), p < `valid` <= P (the others stay zero), over `count`
 // channels of src (pixel (gy, gx) at src[(gy + 1) * cols + gx + 1]) times
@@ -206,7 +222,6 @@ CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C
 template <int P, int G, typename Acc>
 CAE_DEVICE void accumulate_transposed(Acc (&acc)[P][G], const Acc* src, int channel_stride, int cols,
                                       const Acc* w, int count, int y, int x, int valid) {
-  constexpr int WV = vec_width<Acc, G>();
   for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
     CAE_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
@@ -219,16 +234,7 @@ CAE_DEVICE void accumulate_transposed(Acc (&acc)[P][G], const Acc* src, int chan
         Acc v[P];
         CAE_UNROLL
         for (int p = 0; p < P; ++p) v[p] = p < valid ? sp[p] : Acc(0);
-        const Acc* wk = w + (ky * 3 + kx) * G;
-        CAE_UNROLL
-        for (int j = 0; j < G; j += WV) {
-          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
-          CAE_UNROLL
-          for (int p = 0; p < P; ++p) {
-            CAE_UNROLL
-            for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p] * wv.v[k];
-          }
-        }
+        add_tap(acc, v, w + (ky * 3 + kx) * G);
       }
     }
   }
@@ -251,7 +257,6 @@ constexpr int decoder_last_pixels() {
 template <int P, int G, typename Acc>
 CAE_DEVICE void accumulate_last_layer(Acc (&acc)[P][G], const Acc* src, int channel_stride, int cols,
                                       const Acc* w, int count, int y, int x, int last_row) {
-  constexpr int WV = vec_width<Acc, G>();
   int row[P + 2];  // the window's rows: output row y + p reads rows y + p + 2 - ky
   CAE_UNROLL
   for (int r = 0; r < P + 2; ++r) row[r] = (y + r < last_row ? y + r : last_row) * cols + x;
@@ -266,16 +271,10 @@ CAE_DEVICE void accumulate_last_layer(Acc (&acc)[P][G], const Acc* src, int chan
     for (int ky = 0; ky < 3; ++ky) {
       CAE_UNROLL
       for (int kx = 0; kx < 3; ++kx) {
-        const Acc* wk = w + (ky * 3 + kx) * G;
+        Acc tap[P];
         CAE_UNROLL
-        for (int j = 0; j < G; j += WV) {
-          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
-          CAE_UNROLL
-          for (int p = 0; p < P; ++p) {
-            CAE_UNROLL
-            for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p + 2 - ky][2 - kx] * wv.v[k];
-          }
-        }
+        for (int p = 0; p < P; ++p) tap[p] = v[p + 2 - ky][2 - kx];
+        add_tap(acc, tap, w + (ky * 3 + kx) * G);
       }
     }
   }
