@@ -22,6 +22,7 @@ it takes about 30 s once the emulated kernels are built.
 
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -706,8 +707,14 @@ def mma_pass_fits(x, channels):
 
 
 def _mma_channel_stride(n):
-    """mma_channel_stride: at least n, 8 mod 32."""
-    return n + (8 - n) % 32
+    """mma_channel_stride: at least n, 24 mod 32."""
+    return n + (24 - n) % 32
+
+
+def _backward_pitch(w):
+    """backward_pitch: the least pitch at least w + 2 that is 6 to 13 mod 32."""
+    pitch = w + 2
+    return pitch if 6 <= pitch % 32 <= 13 else pitch + (38 - pitch % 32) % 32
 
 
 def _grid_sums_bytes(blocks, size):
@@ -818,6 +825,33 @@ def _weight_grad_pass(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitc
 MMA_GRAD_TILES = 6  # kMmaGradTiles: n-tiles of a weight_grad_pass_mma warp item
 
 
+@functools.cache
+def _mma_grad_wavefronts(c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane, src_pitch, stride):
+    """weight_grad_pass_mma's fragment loads, in wavefronts over every k-step of the block:
+    the A loads (channels gl and gl + 8 at positions t and t + 4; none past C_g) and, per
+    n-tile, the B loads (column n = tile x 8 + gl: channel n / 9, tap n % 9, at the same
+    positions), the planes `samples` deep (c_g and c_src channels a sample)."""
+    per_sample, columns = g_rows * g_cols, c_src * 9
+    positions, tiles = samples * per_sample, math.ceil(columns / 8)
+    a_total, b_total = 0, [0] * tiles
+    for first in range(0, positions, 4):  # a step's half: 4 positions, the lanes' t
+        at = []
+        for t in range(4):
+            p = first + t
+            if p < positions:
+                sample, r, c = p // per_sample, p % per_sample // g_cols, p % g_cols
+                at.append((t, sample * c_g * g_plane + r * g_pitch + c,
+                           sample * c_src * src_plane + stride * (r * src_pitch + c)))
+        for channel0 in (0, 8):
+            words = [(channel0 + gl) * g_plane + g for gl in range(8) if channel0 + gl < c_g for _, g, _ in at]
+            a_total += _bank_wavefronts(words) if words else 0
+        for tile in range(tiles):
+            words = [(n // 9) * src_plane + (n % 9) // 3 * src_pitch + n % 3 + src
+                     for n in range(tile * 8, min(tile * 8 + 8, columns)) for _, _, src in at]
+            b_total[tile] += _bank_wavefronts(words)
+    return a_total, b_total
+
+
 def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane, src_pitch, stride,
                           bias=True):
     """weight_grad_pass_mma: warps of MMA_GRAD_TILES n-tiles (c_src x 9 columns) and a slice
@@ -829,20 +863,14 @@ def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_
     groups = math.ceil(tiles / MMA_GRAD_TILES)
     slices = max(1, work.threads // 32 // groups)
     steps = math.ceil(samples * g_rows * g_cols / 8)
-    lanes = [(lane // 4, lane % 4) for lane in range(32)]
-
-    def position(k):
-        return divmod(k % (g_rows * g_cols), g_cols)
-
-    a_words = [gl * g_plane + position(t)[0] * g_pitch + position(t)[1] for gl, t in lanes]
-    b_words = [(n // 9) * src_plane + (n % 9) // 3 * src_pitch + n % 3
-               + stride * (position(t)[0] * src_pitch + position(t)[1]) for n, t in lanes]
+    a_loads, b_loads = _mma_grad_wavefronts(c_g, c_src, g_rows, g_cols, samples, g_plane, g_pitch, src_plane,
+                                            src_pitch, stride)
     per_step_issue = 8 + 12 + MMA_GRAD_TILES * 4
     for group in range(groups):
         # (the loads of tiles past the columns are predicated off: no wavefronts)
         in_group = min(MMA_GRAD_TILES, tiles - group * MMA_GRAD_TILES)
         work.issue += steps * (per_step_issue + in_group * MMA_ISSUE)
-        work.wavefronts += steps * (4 * _bank_wavefronts(a_words) + 2 * in_group * _bank_wavefronts(b_words))
+        work.wavefronts += a_loads + sum(b_loads[group * MMA_GRAD_TILES:(group + 1) * MMA_GRAD_TILES])
     work.issue += slices * groups * MMA_GRAD_TILES * 4 * 2  # the row, slice after slice
     positions = samples * g_rows * g_cols
     work.fmas += c_g * c_src * 9 * positions
@@ -863,19 +891,22 @@ def _encoder_block_backward(call, launch, e):
     h_out, w_out = go.shape[2], go.shape[3]
     g1, g0 = math.ceil(c1 / GROUP), math.ceil(c0 / GROUP)
     rows = h + (h & 1)
-    pitch = w + 2
-    # the planes' channel stride: 8 banks apart for mma_pass's A loads where it may run
-    plane = _mma_channel_stride((rows + 2) * pitch) if tensor_cores(x) else ((rows + 2) * pitch) | 1
     out_pitch, out_plane = w_out + 1, (((h_out + 1) * (w_out + 1)) | 1) if strided else 0
     w1_size = max(g1 * GROUP * c0 * 9, g0 * GROUP * c1 * 9)
     w2_size = g1 * GROUP * c1 * 9
     threads = launch.threads_per_block  # 512 where a block fills an SM (backward_max_threads)
     fixed = w1_size + w2_size * (2 if strided else 1) + threads * GRAD_SUMS
-    per_image = (c0 + 2 * c1) * plane + c1 * out_plane
-    samples = 1
     budget = launch.shared_bytes // 4  # the opt-in limit is the device's: take the plan's images
-    while fixed + 2 * samples * per_image <= budget and math.ceil(n / (2 * samples)) >= BLOCK_FILL:
-        samples *= 2
+    # the planes' pitch and channel stride where the tensor cores may read them: backward_pitch
+    # (W + 2 where only that fits the device), mma_channel_stride
+    for pitch in ([_backward_pitch(w)] if tensor_cores(x) else []) + [w + 2]:
+        plane = _mma_channel_stride((rows + 2) * pitch) if tensor_cores(x) else ((rows + 2) * pitch) | 1
+        per_image = (c0 + 2 * c1) * plane + c1 * out_plane
+        samples = 1
+        while fixed + 2 * samples * per_image <= budget and math.ceil(n / (2 * samples)) >= BLOCK_FILL:
+            samples *= 2
+        if fixed + samples * per_image == budget:
+            break
     _check_plan(launch, math.ceil(n / samples), (fixed + samples * per_image) * 4)
     sums = (c1 * c0 * 9 + c1) + (c1 * c1 * 9 + c1) * (2 if strided else 1)
     work = _Work(launch.kernel.endswith("true>"), threads)

@@ -393,9 +393,11 @@ def test_backward_declined_shapes_are_composed(variant):
 def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant):
     """The pool model's first block (a 28 x 28 image of 16 channels a block, over half an
     SM's shared memory) runs 512 threads a block, its second (14 x 14) the usual 256
-    (the emulator's launch record; on a GPU, that both launch); every gradient as float64
-    autograd and the per-op backward give it, either way."""
-    for shape, threads in (((2, 1, 16, 28, 28), 512), ((2, 16, 8, 14, 14), 256)):
+    (the emulator's launch record; on a GPU, that both launch); a 48 x 48 image of 8
+    channels fits only with its planes' rows unpadded (W + 2 apart, not backward_pitch's
+    70) and runs so. Every gradient as float64 autograd and the per-op backward give it,
+    either way."""
+    for shape, threads in (((2, 1, 16, 28, 28), 512), ((2, 16, 8, 14, 14), 256), ((1, 1, 8, 48, 48), 512)):
         x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
         mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
         if backend.name == "sim":

@@ -31,6 +31,8 @@ struct Window {
   int samples;
   int channel_stride;  // shared-memory elements between channels (odd)
   int sample_stride;   // shared-memory elements between samples
+  int pitch = 0;       // shared-memory elements between rows, where more than cols
+  CAE_HOST_DEVICE int row_pitch() const { return pitch > cols ? pitch : cols; }
 };
 
 // The digits of a thread's elements in a row-major index space of four
@@ -114,7 +116,7 @@ struct Staged {
 };
 
 // Copies gate(x) over the window into dst[s * sample_stride + c *
-// channel_stride + r * cols + col], zero outside the image or batch.
+// channel_stride + r * row_pitch() + col], zero outside the image or batch.
 // NCHW: consecutive threads read consecutive columns of one row.
 template <int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
@@ -127,7 +129,7 @@ CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restric
         const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
         const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
         return Staged<T>{
-            s * win.sample_stride + c * win.channel_stride + r * win.cols + col,
+            s * win.sample_stride + c * win.channel_stride + r * win.row_pitch() + col,
             load_raw<1>(x, gate, ((static_cast<index_t>(n) * C + win.c0 + c) * H + y) * W + xx, inside)};
       },
       [&](const Staged<T>& e) { dst[e.at] = e.r.template value<Acc>(0, gate != nullptr); });
@@ -149,7 +151,7 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
           const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
           const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
           return Staged<T, U>{
-              s * win.sample_stride + c * win.channel_stride + r * win.cols + col,
+              s * win.sample_stride + c * win.channel_stride + r * win.row_pitch() + col,
               load_raw<U>(x, gate, ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c, inside)};
         },
         [&](const Staged<T, U>& e) {

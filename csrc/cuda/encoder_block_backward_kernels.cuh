@@ -57,7 +57,7 @@ struct EncoderBackwardTiling {
   // the slices' scratch takes kGradSums a thread.
   int threads;
   int samples;
-  int pitch, plane;          // a padded plane's row pitch (W + 2) and channel stride
+  int pitch, plane;          // a padded plane's row pitch (W + 2, or backward_pitch) and channel stride
   int out_pitch, out_plane;  // staged grad_out (strided): (H_out + 1) x (W_out + 1)
   int groups1, groups0;      // ceil(C1 / kBlockGroup), ceil(C0 / kBlockGroup)
   int w1_size, w2_size, wd_size;
@@ -89,6 +89,17 @@ CAE_HOST_DEVICE void grad_segment_sizes(int (&size)[kGradSegments], int C0, int 
   size[4] = strided ? C1 * C1 * 9 : 0, size[5] = strided ? C1 : 0;
 }
 
+// The padded planes' row pitch where the tensor cores read them: the least
+// at least W + 2 that is 6 to 13 mod 32. weight_grad_pass_mma's B fragment
+// (8 columns (channel, tap) at 4 consecutive positions) reads, per row of
+// taps, 3 taps x 4 positions: 6 consecutive words; its three rows then fall
+// on distinct banks (at 0, pitch and 2 pitch mod 32). At W + 2 = 30 (28 x 28
+// images) they overlapped: 2 to 3 wavefronts a load where 1 does.
+inline int backward_pitch(int W) {
+  const int pitch = W + 2, r = pitch % 32;
+  return r >= 6 && r <= 13 ? pitch : pitch + (38 - r) % 32;
+}
+
 // `budget`: the dynamic shared memory a block may take on this device.
 template <typename T, typename Acc>
 inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwardArgs<T>& args, bool nhwc,
@@ -100,11 +111,6 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   const bool strided = a.w_down != nullptr;
   constexpr int G = kBlockGroup;
   t.groups1 = ceil_div(a.C1, G), t.groups0 = ceil_div(a.C0, G);
-  t.pitch = a.W + 2;
-  // The planes' channel stride: odd, or where mma_pass may read them (its A
-  // fragments: 8 positions of 4 channels), 8 banks apart.
-  const int plane = (a.H + (a.H & 1) + 2) * t.pitch;
-  t.plane = a.tensor_cores ? mma_channel_stride(plane) : odd_stride(plane);
   t.out_pitch = a.W_out + 1;
   t.out_plane = strided ? odd_stride((a.H_out + 1) * t.out_pitch) : 0;
   // w1 forward ([group][C0 * 9][G]), later transposed ([C0 group][C1 * 9][G]).
@@ -117,13 +123,23 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   t.sums = 0;
   for (int s : seg) t.sums += s;
   const size_t weights = static_cast<size_t>(t.w1_size) + t.w2_size + t.wd_size;
-  const size_t per_image =
-      static_cast<size_t>(a.C0 + 2 * a.C1) * t.plane + static_cast<size_t>(a.C1) * t.out_plane;
+  // The planes' pitch and channel stride: W + 2 and odd, or where the tensor
+  // cores may read them, backward_pitch and mma_channel_stride (W + 2 where
+  // that is all that fits).
+  size_t per_image = 0;
+  const auto set_planes = [&](int pitch) {
+    t.pitch = pitch;
+    const int plane = (a.H + (a.H & 1) + 2) * pitch;
+    t.plane = a.tensor_cores ? mma_channel_stride(plane) : odd_stride(plane);
+    per_image = static_cast<size_t>(a.C0 + 2 * a.C1) * t.plane + static_cast<size_t>(a.C1) * t.out_plane;
+  };
   // The slices' scratch: kGradSums a thread.
   const auto bytes = [&](int samples, int threads) {
     return (weights + static_cast<size_t>(threads) * kGradSums + samples * per_image) * sizeof(Acc);
   };
   t.threads = kThreads;
+  set_planes(a.tensor_cores ? backward_pitch(a.W) : a.W + 2);
+  if (bytes(1, t.threads) > budget) set_planes(a.W + 2);
   if (bytes(1, t.threads) > budget) return p;
   // Images packed while they fit and the grid keeps kBlockFill blocks.
   t.samples = 1;
@@ -412,7 +428,7 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   }
   if (strided) stage_weight_transposed<G>(wd_s, a.w_down, a.C1, a.C1, t.groups1, false, tid, threads);
   for (int i = tid; i < 2 * t.samples * a.C1 * t.plane; i += threads) a1_s[i] = Acc(0);
-  const Window xw{n0, -1, -1, 0, a.C0, rows + 2, a.W + 2, samples, t.plane, a.C0 * t.plane};
+  const Window xw{n0, -1, -1, 0, a.C0, rows + 2, a.W + 2, samples, t.plane, a.C0 * t.plane, t.pitch};
   if (NHWC) {
     stage_nhwc<vec_width<T>()>(x_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, xw, t.vec_x,
                                tid, threads);

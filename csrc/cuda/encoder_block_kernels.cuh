@@ -82,8 +82,11 @@ struct EncoderBlockPlan {
 };
 
 // A plane's channel stride for layer_pass_mma's A loads (lane (g, t) reads
-// position g of channel t): 8 banks apart, the 8 positions in between.
-inline int mma_channel_stride(int n) { return n + ((8 - n) % 32 + 32) % 32; }
+// position g of channel t): 24 mod 32, channels t at banks 0, 24, 16, 8 with
+// the 8 positions in between. (8 mod 32 would do as well here; 24 also keeps
+// weight_grad_pass_mma's B tiles that span two channels off each other's
+// banks, with the backward's row pitch: backward_pitch.)
+inline int mma_channel_stride(int n) { return n + ((24 - n) % 32 + 32) % 32; }
 
 // The regions and the shared memory of `t.rows` x `t.cols` x `t.samples` with
 // a chunk of one input channel (fixed: everything but the input's chunk);
