@@ -546,6 +546,7 @@ def _weight_grad_results(call):
 # checked against the recorded grid and shared memory, as _staged_per_channel does.
 
 THREADS = 256  # kThreads
+MMA_PASS_TILES = 2  # kMmaPassTiles: tiles of 16 positions of a mma_pass warp item
 GROUP = 8  # kBlockGroup: a work item's output channels
 WEIGHT_GRAD_CHANNELS = 4  # kWeightGradChannels: a decoder weight-gradient item's input channels
 WEIGHT_VEC = 4  # a tap's 8 weights: two Vec<float, 4> broadcast loads (vec_width<float, 8>)
@@ -589,16 +590,19 @@ class _Work:
         self.fmas += items * channels * ffma
 
     def mma_layer(self, positions, channels, groups, input_conflict=1):
-        """mma_pass over `positions`: a warp per 16 positions; per 8-channel group of a tap,
-        its A fragment (4 loads, 4 cvt.rna to tf32), per output group the B fragment (2 loads,
-        2 cvt) and one m16n8k8 product, 3 for the loop; per tile ~40 for its positions'
-        addresses and per group and position the epilogue's 2 channels (bias, ReLU,
-        rounding, the shared store: ~12)."""
-        tiles = math.ceil(positions / 16)
+        """mma_pass over `positions`: a warp item per MMA_PASS_TILES tiles of 16 positions (the
+        last item's tiles past the end computed too); per 8-channel group of a tap, each output
+        group's B fragment once (2 loads, 2 cvt to tf32), each tile's A fragment (4 loads, 4
+        cvt) and its m16n8k8 products, 3 for the loop; per tile ~40 for its positions'
+        addresses, and per group and position the epilogue's 2 channels (bias, ReLU, rounding,
+        the shared store: ~12)."""
+        items = math.ceil(positions / (16 * MMA_PASS_TILES))
+        tiles, finished = items * MMA_PASS_TILES, math.ceil(positions / 16)
         steps = 9 * math.ceil(channels / 8)
-        self.issue += tiles * (steps * (8 + groups * (4 + MMA_ISSUE) + 3)
-                               + 40 + groups * 2 * 12)
-        self.wavefronts += tiles * (steps * (4 * input_conflict + 2 * groups) + groups * 2 * 2)
+        self.issue += (items * steps * (MMA_PASS_TILES * (8 + groups * MMA_ISSUE) + groups * 4 + 3)
+                       + tiles * 40 + finished * groups * 2 * 12)
+        self.wavefronts += (items * steps * (MMA_PASS_TILES * 4 * input_conflict + 2 * groups)
+                            + finished * groups * 2 * 2)
         self.fmas += positions * channels * 9 * GROUP * groups
 
     def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1, pixels=1):

@@ -274,40 +274,45 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
 // before dst's positions, through w as [group][count * 9][G]) on tensor cores:
 // an implicit GEMM [positions] x [9 taps x input channels] x [output
 // channels] through m16n8k8 tf32 products (mma.cuh), float accumulation, at
-// most kMmaGroups groups of output channels. A warp takes 16 consecutive
-// positions of dst (row-major, samples one after the other) and every group;
-// k runs over the input channels in 8s (zeros past `count`), each over the 9
-// taps, always in this order: the forward and the backward's recompute get
-// the same sums. Operands are rounded to tf32 (cvt.rna, as the per-op kernels
-// stage them): float16 and bfloat16 values are tf32 already, but the
-// backward's gradients in shared memory are floats whatever T is. `finish(s, row, col,
-// co0, v)` takes the sums of channels co0 and co0 + 1 at a position of dst.
+// most kMmaGroups groups of output channels. A warp takes kMmaPassTiles
+// tiles of 16 consecutive positions of dst (row-major, samples one after the
+// other) and every group: each B fragment (a tap's weights) loaded once
+// serves the tiles. k runs over the input channels in 8s (zeros past
+// `count`), each over the 9 taps, always in this order: the forward and the
+// backward's recompute get the same sums. Operands are rounded to tf32
+// (cvt.rna, as the per-op kernels stage them): float16 and bfloat16 values
+// are tf32 already, but the backward's gradients in shared memory are floats
+// whatever T is. `finish(s, row, col, co0, v)` takes the sums of channels co0
+// and co0 + 1 at a position of dst.
+constexpr int kMmaPassTiles = 2;
 
 template <int G, typename Finish>
 CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
                          int samples, int groups, int tid, int threads, Finish&& finish) {
   static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
+  constexpr int M = kMmaPassTiles;
   const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int per_sample = rows * cols, positions = samples * per_sample;
   const int group_stride = count * 9 * G;
-  for (int m0 = tid / 32 * 16; m0 < positions; m0 += threads / 32 * 16) {
-    // The lane's two rows of A (positions m0 + g and m0 + g + 8; past the
-    // end: the last one, computed and not finished), once a tile.
-    int s[2], row[2], col[2];
-    const float* base[2];
+  // The lane's rows of A: positions m0 + 8 r + g (r < 2 M; past the end: the
+  // last one, computed and not finished).
+  const auto position = [&](int m0, int r) {
+    const int p = m0 + 8 * r + g;
+    return p < positions ? p : positions - 1;
+  };
+  for (int m0 = tid / 32 * 16 * M; m0 < positions; m0 += threads / 32 * 16 * M) {
+    int base[2 * M];  // the rows' windows in src, from src.p
     CAE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      const int p = m0 + g + 8 * i < positions ? m0 + g + 8 * i : positions - 1;
-      s[i] = p / per_sample;
-      row[i] = p % per_sample / cols, col[i] = p % cols;
-      base[i] = src.at(s[i], 0, row[i], col[i]);
+    for (int r = 0; r < 2 * M; ++r) {
+      const int p = position(m0, r), s = p / per_sample;
+      base[r] = static_cast<int>(src.at(s, 0, p % per_sample / cols, p % cols) - src.p);
     }
-    float acc[kMmaGroups][4] = {};
+    float acc[M][kMmaGroups][4] = {};
     for (int c0 = 0; c0 < count; c0 += 8) {
       const int c_lo = c0 + t4, c_hi = c_lo + 4;
       const bool lo_in = c_lo < count, hi_in = c_hi < count;
-      const float* a_lo[2] = {base[0] + c_lo * src.channel_stride, base[1] + c_lo * src.channel_stride};
-      const float* a_hi[2] = {base[0] + c_hi * src.channel_stride, base[1] + c_hi * src.channel_stride};
+      const float* a_lo = src.p + c_lo * src.channel_stride;
+      const float* a_hi = src.p + c_hi * src.channel_stride;
       const float* w_lo = w + (c_lo * 9) * G + g;
       const float* w_hi = w + (c_hi * 9) * G + g;
       CAE_UNROLL
@@ -315,27 +320,39 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
         CAE_UNROLL
         for (int kx = 0; kx < 3; ++kx) {
           const int off = ky * src.pitch + kx, tap = ky * 3 + kx;
-          const uint32_t a[4] = {to_tf32(lo_in ? a_lo[0][off] : 0.0f), to_tf32(lo_in ? a_lo[1][off] : 0.0f),
-                                 to_tf32(hi_in ? a_hi[0][off] : 0.0f), to_tf32(hi_in ? a_hi[1][off] : 0.0f)};
+          uint32_t b[kMmaGroups][2];
           CAE_UNROLL
           for (int nt = 0; nt < kMmaGroups; ++nt) {
-            if (nt >= groups) break;
             const int at = nt * group_stride + tap * G;
-            const uint32_t b[2] = {to_tf32(lo_in ? w_lo[at] : 0.0f), to_tf32(hi_in ? w_hi[at] : 0.0f)};
-            mma_m16n8k8_tf32(acc[nt], a, b, acc[nt]);
+            const bool in = nt < groups;
+            b[nt][0] = to_tf32(in && lo_in ? w_lo[at] : 0.0f);
+            b[nt][1] = to_tf32(in && hi_in ? w_hi[at] : 0.0f);
+          }
+          CAE_UNROLL
+          for (int m = 0; m < M; ++m) {
+            const int r0 = base[2 * m] + off, r1 = base[2 * m + 1] + off;
+            const uint32_t a[4] = {to_tf32(lo_in ? a_lo[r0] : 0.0f), to_tf32(lo_in ? a_lo[r1] : 0.0f),
+                                   to_tf32(hi_in ? a_hi[r0] : 0.0f), to_tf32(hi_in ? a_hi[r1] : 0.0f)};
+            CAE_UNROLL
+            for (int nt = 0; nt < kMmaGroups; ++nt) {
+              if (nt >= groups) break;
+              mma_m16n8k8_tf32(acc[m][nt], a, b[nt], acc[m][nt]);
+            }
           }
         }
       }
     }
-    // acc[nt]: positions (g, g + 8) x channels nt * 8 + 2 t4 + (0, 1).
+    // acc[m][nt]: positions (g, g + 8) of tile m x channels nt * 8 + 2 t4 + (0, 1).
     CAE_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      if (m0 + g + 8 * i >= positions) continue;
+    for (int r = 0; r < 2 * M; ++r) {
+      const int p = m0 + 8 * r + g;
+      if (p >= positions) continue;
+      const int s = p / per_sample, row = p % per_sample / cols, col = p % cols;
       CAE_UNROLL
       for (int nt = 0; nt < kMmaGroups; ++nt) {
         if (nt >= groups) break;
-        float v[2] = {acc[nt][2 * i], acc[nt][2 * i + 1]};
-        finish(s[i], row[i], col[i], nt * G + 2 * t4, v);
+        float v[2] = {acc[r / 2][nt][2 * (r % 2)], acc[r / 2][nt][2 * (r % 2) + 1]};
+        finish(s, row, col, nt * G + 2 * t4, v);
       }
     }
   }
