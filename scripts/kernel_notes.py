@@ -1091,8 +1091,9 @@ def _decoder_block_backward(call, launch, e):
         size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
         groups = math.ceil(chans[i + 1] / GROUP)
         work.stage(chans[i] * chans[i + 1] * 9, "transposed")
-        work.taps(size_w * size_h * s * groups, chans[i], _issued_taps(size_w, size_h, s * groups), GROUP,
-                  thread_taps=2.25)
+        pixels = 2  # decoder_hidden_rows<2>, as the forward
+        work.taps(math.ceil(size_w / 2 / pixels) * 2 * size_h * s * groups, chans[i],
+                  _issued_taps(size_w, size_h, s * groups, pixels), GROUP, thread_taps=2.25, pixels=pixels)
     input_grad = bool(a.get("input_grad"))
     sums = 0
     for i in reversed(range(layers)):

@@ -300,9 +300,9 @@ CAE_DEVICE void stage_decoder_plane(Acc* smem, const DecoderPlane& p, const T* _
 // rounding as correlate_transpose_kernel stores them. A thread takes P output
 // pixels of a row and column parity (columns x, x + 2, ...) and kBlockGroup
 // channels; consecutive threads take the next P of the parity (one tap
-// pattern), then the other parity, then the next row of the same parity. The forward takes P = 2 (each tap's
-// weights loaded once for two pixels); the backward's recompute 1 (its
-// registers), with the same sums.
+// pattern), then the other parity, then the next row of the same parity. The
+// forward and the backward's recompute take P = 2 (each tap's weights loaded
+// once for two pixels), with the same sums as P = 1.
 template <int P, typename T, typename Acc>
 CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
                                     int i, const DecoderPlane& dst, int dst_row0, int y_first, int rows,
@@ -704,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     __syncthreads();  // the previous layer done with the weights, its plane complete
     stage_transposed_weight<G>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
     __syncthreads();
-    decoder_hidden_rows<1>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
+    decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
   }
   // 2. Layer by layer from the last.
   Acc* row = b.sums.partials + static_cast<index_t>(blockIdx.x) * b.sums.size;
