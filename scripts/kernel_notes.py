@@ -1027,6 +1027,15 @@ def _decoder_tiling(call, launch, backward):
                 h_out=h_out, w_out=w_out)
 
 
+def _decoder_hidden_taps(work, size_w, rows, planes, channels):
+    """A hidden stride-2 layer's taps over `rows` rows of `planes` planes (samples x channel
+    groups) from `channels` input channels, as decoder_hidden_rows<2> computes them in the
+    forward and in the backward's recompute: two pixels of a column parity a thread."""
+    pixels = 2
+    work.taps(math.ceil(size_w / 2 / pixels) * 2 * rows * planes, channels,
+              _issued_taps(size_w, rows, planes, pixels), GROUP, thread_taps=2.25, pixels=pixels)
+
+
 def _decoder_block(call, launch, e):
     """decoder_block_kernel: whole images per block; the hidden stride-2 layers over whole
     planes, the last hidden layer strip by strip (its two border rows recomputed for every
@@ -1045,10 +1054,8 @@ def _decoder_block(call, launch, e):
             strips = [size_h]
         else:
             strips = [min(t["strip"], t["h_out"] - y) + 2 for y in range(0, t["h_out"], t["strip"])]
-        pixels = 2  # decoder_hidden_rows<2>: two pixels of a column parity a thread
         for rows in strips:
-            work.taps(math.ceil(size_w / 2 / pixels) * 2 * rows * s * groups, chans[i],
-                      _issued_taps(size_w, rows, s * groups, pixels), GROUP, thread_taps=2.25, pixels=pixels)
+            _decoder_hidden_taps(work, size_w, rows, s * groups, chans[i])
     last_group = 1 if chans[layers] == 1 else GROUP
     pixels = 4 if last_group == 1 else 1  # decoder_last_pixels: a thread's pixels of a column
     row_groups = sum(math.ceil(min(t["strip"], t["h_out"] - y) / pixels) for y in range(0, t["h_out"], t["strip"]))
@@ -1091,9 +1098,7 @@ def _decoder_block_backward(call, launch, e):
         size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
         groups = math.ceil(chans[i + 1] / GROUP)
         work.stage(chans[i] * chans[i + 1] * 9, "transposed")
-        pixels = 2  # decoder_hidden_rows<2>, as the forward
-        work.taps(math.ceil(size_w / 2 / pixels) * 2 * size_h * s * groups, chans[i],
-                  _issued_taps(size_w, size_h, s * groups, pixels), GROUP, thread_taps=2.25, pixels=pixels)
+        _decoder_hidden_taps(work, size_w, size_h, s * groups, chans[i])
     input_grad = bool(a.get("input_grad"))
     sums = 0
     for i in reversed(range(layers)):
