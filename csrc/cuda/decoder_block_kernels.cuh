@@ -196,22 +196,6 @@ CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C
   }
 }
 
-// acc[p][j] += v[p] * wk[j] for P pixels and G channels: one tap, its weights
-// loaded once (vectors of WV) for the P pixels.
-template <int P, int G, typename Acc>
-CAE_DEVICE void add_tap(Acc (&acc)[P][G], const Acc (&v)[P], const Acc* wk) {
-  constexpr int WV = vec_width<Acc, G>();
-  CAE_UNROLL
-  for (int j = 0; j < G; j += WV) {
-    const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
-    CAE_UNROLL
-    for (int p = 0; p < P; ++p) {
-      CAE_UNROLL
-      for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p] * wv.v[k];
-    }
-  }
-}
-
 // acc[p][j] += the taps of a stride-2 transposed correlation that reach output
 // pixel (y, x + 2 p), p < `valid` <= P (the others stay zero), over `count`
 // channels of src (pixel (gy, gx) at src[(gy + 1) * cols + gx + 1]) times

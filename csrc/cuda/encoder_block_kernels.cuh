@@ -174,6 +174,22 @@ CAE_DEVICE void finish_activation(Acc (&v)[G], const T* __restrict__ bias, int c
   }
 }
 
+// acc[p][j] += v[p] * wk[j] for P pixels and G channels: one tap, its weights
+// loaded once (vectors of WV) for the P pixels.
+template <int P, int G, typename Acc>
+CAE_DEVICE void add_tap(Acc (&acc)[P][G], const Acc (&v)[P], const Acc* wk) {
+  constexpr int WV = vec_width<Acc, G>();
+  CAE_UNROLL
+  for (int j = 0; j < G; j += WV) {
+    const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
+    CAE_UNROLL
+    for (int p = 0; p < P; ++p) {
+      CAE_UNROLL
+      for (int k = 0; k < WV; ++k) acc[p][j + k] += v[p] * wv.v[k];
+    }
+  }
+}
+
 // acc[p][j] += the 3x3 window of pixel p of P in one column (rows p .. p + 2
 // from src; channel c at src[c * channel_stride], rows row_stride apart) times
 // w[(c * 9 + tap) * G + j], over `count` channels, in correlate_kernel's order
@@ -185,7 +201,6 @@ CAE_DEVICE void finish_activation(Acc (&v)[G], const T* __restrict__ bias, int c
 template <int P, int G, typename Acc>
 CAE_DEVICE void accumulate_windows(Acc (&acc)[P][G], const Acc* src, int channel_stride, int row_stride,
                                    const Acc* w, int count) {
-  constexpr int WV = vec_width<Acc, G>();
   for (int c = 0; c < count; ++c, src += channel_stride, w += 9 * G) {
     CAE_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
@@ -194,16 +209,7 @@ CAE_DEVICE void accumulate_windows(Acc (&acc)[P][G], const Acc* src, int channel
         Acc v[P];
         CAE_UNROLL
         for (int p = 0; p < P; ++p) v[p] = src[(ky + p) * row_stride + kx];
-        const Acc* wk = w + (ky * 3 + kx) * G;
-        CAE_UNROLL
-        for (int j = 0; j < G; j += WV) {
-          const Vec<Acc, WV> wv = *reinterpret_cast<const Vec<Acc, WV>*>(wk + j);
-          CAE_UNROLL
-          for (int k = 0; k < WV; ++k) {
-            CAE_UNROLL
-            for (int p = 0; p < P; ++p) acc[p][j + k] += v[p] * wv.v[k];
-          }
-        }
+        add_tap(acc, v, w + (ky * 3 + kx) * G);
       }
     }
   }
