@@ -142,10 +142,11 @@ gradient staged in the backward's), Adam's one. The block kernels are modeled fr
 per-op ones, with the same constants: their tilings are copies of the planners, checked against
 the recorded grid and shared memory; a warp runs 32 consecutive work items; per channel and tap
 of `accumulate_windows` the window's loads (each value once for a work item's 2 rows), two
-broadcast weight loads for 8 output channels and the FFMA; the stride-2 transposed layers issue
-the union of a warp's taps (both parities of a row or column in one warp: up to 9 where 2.25 are
-needed); the weight gradients from their per-position loads, with the bank conflicts of the
-first warp's addresses; staging as above per staged element (weights included). *bytes*: the
+broadcast weight loads for 8 output channels and the FFMA; the stride-2 transposed layers on
+tensor cores per parity class (its 1, 2 or 4 taps), else issuing the union of a warp's taps (both
+parities of a row or column in one warp: up to 9 where 2.25 are needed); the weight gradients
+from their per-position loads, with the bank conflicts of the first warp's addresses; staging
+as above per staged element (weights included). *bytes*: the
 block's input, weights, output (and gradients) once, plus the grid sums' partial rows (written,
 read by the finishing blocks); *FLOPs*: what the kernels compute, recomputed halos, strip rows
 and the backward's recompute of the forward included; *instr/output* of a backward block: per
@@ -589,21 +590,22 @@ class _Work:
         self.wavefronts += warps * (channels * (loads_in * input_conflict + loads_w) + sums)
         self.fmas += items * channels * ffma
 
-    def mma_layer(self, positions, channels, groups, input_conflict=1):
-        """mma_pass over `positions`: a warp item per MMA_PASS_TILES tiles of 16 positions (the
-        last item's tiles past the end computed too); per 8-channel group of a tap, each output
-        group's B fragment once (2 loads, 2 cvt to tf32), each tile's A fragment (4 loads, 4
-        cvt) and its m16n8k8 products, 3 for the loop; per tile ~40 for its positions'
-        addresses, and per group and position the epilogue's 2 channels (bias, ReLU, rounding,
-        the shared store: ~12)."""
+    def mma_layer(self, positions, channels, groups, input_conflict=1, taps=9):
+        """mma_pass over `positions` (`taps` of the 9 each: a stride-2 transposed layer's parity
+        class 1, 2 or 4): a warp item per MMA_PASS_TILES tiles of 16 positions (the last item's
+        tiles past the end computed too); per 8-channel group of a tap, each output group's B
+        fragment once (2 loads, 2 cvt to tf32), each tile's A fragment (4 loads, 4 cvt) and its
+        m16n8k8 products, 3 for the loop; per tile ~40 for its positions' addresses, and per
+        group and position the epilogue's 2 channels (bias, ReLU, rounding, the shared store:
+        ~12)."""
         items = math.ceil(positions / (16 * MMA_PASS_TILES))
         tiles, finished = items * MMA_PASS_TILES, math.ceil(positions / 16)
-        steps = 9 * math.ceil(channels / 8)
+        steps = taps * math.ceil(channels / 8)
         self.issue += (items * steps * (MMA_PASS_TILES * (8 + groups * MMA_ISSUE) + groups * 4 + 3)
                        + tiles * 40 + finished * groups * 2 * 12)
         self.wavefronts += (items * steps * (MMA_PASS_TILES * 4 * input_conflict + 2 * groups)
                             + finished * groups * 2 * 2)
-        self.fmas += positions * channels * 9 * GROUP * groups
+        self.fmas += positions * channels * taps * GROUP * groups
 
     def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1, pixels=1):
         """Items of a transposed correlation (accumulate_transposed, the encoder backward's
@@ -679,10 +681,10 @@ def _window_conflicts(cols, rows, samples, step, pitch, sample_stride):
     return total / math.ceil(items / 32)
 
 
-def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride):
+def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride, stride=1):
     """Wavefronts of layer_pass_mma's A loads, averaged over the tiles: lane (g, t) reads
-    position 16 x tile + g (row-major over rows x cols per sample; the second load g + 8)
-    of channel t."""
+    position 16 x tile + g (row-major over rows x cols per sample; the second load g + 8;
+    its window `stride` rows and columns from the last's) of channel t."""
     positions = cols * rows * samples
     total = tiles = 0
     for first in range(0, positions, 16):
@@ -691,7 +693,7 @@ def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride):
             for lane in range(32):
                 p = min(first + half + lane // 4, positions - 1)
                 s, r, c = p // (rows * cols), p % (rows * cols) // cols, p % cols
-                words.append(s * sample_stride + r * pitch + c + (lane % 4) * channel_stride)
+                words.append(s * sample_stride + stride * (r * pitch + c) + (lane % 4) * channel_stride)
             total += _bank_wavefronts(words)
             tiles += 1
     return total / tiles
@@ -1027,13 +1029,25 @@ def _decoder_tiling(call, launch, backward):
                 h_out=h_out, w_out=w_out)
 
 
-def _decoder_hidden_taps(work, size_w, rows, planes, channels):
-    """A hidden stride-2 layer's taps over `rows` rows of `planes` planes (samples x channel
-    groups) from `channels` input channels, as decoder_hidden_rows<2> computes them in the
-    forward and in the backward's recompute: two pixels of a column parity a thread."""
-    pixels = 2
-    work.taps(math.ceil(size_w / 2 / pixels) * 2 * rows * planes, channels,
-              _issued_taps(size_w, rows, planes, pixels), GROUP, thread_taps=2.25, pixels=pixels)
+def _decoder_hidden_taps(work, call, t, i, rows):
+    """Hidden layer i's output over `rows` rows (half of each parity) of the block's images, as
+    decoder_hidden_rows computes them in the forward and in the backward's recompute: on tensor
+    cores (mma_pass_fits) each row and column parity's grid over the input through mma_pass
+    with its 1, 2 or 4 taps; else two pixels of a column parity a thread."""
+    s, c_a, c_b = t["samples"], t["chans"][i], t["chans"][i + 1]
+    groups, size_w = math.ceil(c_b / GROUP), t["w"] << (i + 1)
+    if not mma_pass_fits(call.args["input"], c_b):
+        pixels = 2
+        work.taps(math.ceil(size_w / 2 / pixels) * 2 * rows * s * groups, c_a,
+                  _issued_taps(size_w, rows, s * groups, pixels), GROUP, thread_taps=2.25, pixels=pixels)
+        return
+    _, cols, plane = t["planes"][i]
+    for row_parity in (0, 1):
+        parity_rows = (rows + 1 - row_parity) // 2
+        conflict = _mma_conflicts(cols - 2, parity_rows, s, cols, c_a * plane, plane)
+        for col_parity in (0, 1):
+            work.mma_layer(parity_rows * (cols - 2) * s, c_a, groups, input_conflict=conflict,
+                           taps=(1 + row_parity) * (1 + col_parity))
 
 
 def _decoder_block(call, launch, e):
@@ -1048,14 +1062,12 @@ def _decoder_block(call, launch, e):
     work.stage(sum(chans[i] * chans[i + 1] * 9 for i in range(layers)), "transposed")
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(t["planes"]) if i > 0))
     for i in range(layers - 1):
-        size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
-        groups = math.ceil(chans[i + 1] / GROUP)
         if i + 2 < layers:
-            strips = [size_h]
+            strips = [t["h"] << (i + 1)]
         else:
             strips = [min(t["strip"], t["h_out"] - y) + 2 for y in range(0, t["h_out"], t["strip"])]
         for rows in strips:
-            _decoder_hidden_taps(work, size_w, rows, s * groups, chans[i])
+            _decoder_hidden_taps(work, call, t, i, rows)
     last_group = 1 if chans[layers] == 1 else GROUP
     pixels = 4 if last_group == 1 else 1  # decoder_last_pixels: a thread's pixels of a column
     row_groups = sum(math.ceil(min(t["strip"], t["h_out"] - y) / pixels) for y in range(0, t["h_out"], t["strip"]))
@@ -1095,10 +1107,8 @@ def _decoder_block_backward(call, launch, e):
         work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers])
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
     for i in range(layers - 1):
-        size_h, size_w = t["h"] << (i + 1), t["w"] << (i + 1)
-        groups = math.ceil(chans[i + 1] / GROUP)
         work.stage(chans[i] * chans[i + 1] * 9, "transposed")
-        _decoder_hidden_taps(work, size_w, size_h, s * groups, chans[i])
+        _decoder_hidden_taps(work, call, t, i, t["h"] << (i + 1))
     input_grad = bool(a.get("input_grad"))
     sums = 0
     for i in reversed(range(layers)):

@@ -235,14 +235,14 @@ def test_decoder_block_backward(backend, dtype, fmt, relu, shape, input_grad):
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[2]], ids=shape_id)
 @pytest.mark.parametrize("fmt", FORMATS)
 @on_cuda_kernels()
-def test_backward_weight_grads_on_tf32_tensor_cores(backend, fmt, shape):
-    """float32 with TF32 allowed (PyTorch's default for cuDNN): the weight gradients of
-    the layers with more than one output channel on tf32 tensor cores (every layer's
-    input has at most 16 channels), not equal to the exact path's, within float16's
-    tolerance of float64 and deterministic; the other weight gradients, the input and
-    bias gradients, and the recomputed layers (the ReLU gates) they pass, the exact
-    path's bit for bit. On an emulated sm_75 (where the block fits its shared memory),
-    everything the exact path's."""
+def test_decoder_block_on_tf32_tensor_cores(backend, fmt, shape):
+    """float32 with TF32 allowed (PyTorch's default for cuDNN): the hidden layers (in the
+    forward and in the backward's recompute alike) and the weight gradients of the layers
+    with more than one output channel on tf32 tensor cores (every layer's input has at
+    most 16 channels): deterministic, not equal to the exact path's where the tensor
+    cores ran, within float16's tolerance of float64 (the ReLU masks the forward's own:
+    test_tf32_recompute_finds_the_forwards_gates). On an emulated sm_75 (where the block
+    fits its shared memory), everything the exact path's."""
     n, c0, channels, h, w, size = shape
     x = make_input((n, c0, h, w), torch.float32, backend.device, fmt).detach()
     weights, biases = block_params(c0, channels, torch.float32, backend.device)
@@ -254,20 +254,58 @@ def test_backward_weight_grads_on_tf32_tensor_cores(backend, fmt, shape):
             continue  # (the autoencoder's decoder: past sm_75's shared memory, composed)
         with pytest.MonkeyPatch.context() as mp, tf32(allowed):
             mp.setenv("CAE_SIM_ARCH", arch)
+            out = backend.ops.decoder_block(x, weights, biases, True, list(size))
             gi, gw, gb = backend.ops.decoder_block_backward(grad, x, weights, biases, True, list(size), True)
-        runs.setdefault((allowed, arch), []).append([gi, *gw, *gb])
+        runs.setdefault((allowed, arch), []).append([out, gi, *gw, *gb])
     exact, (tc, tc_again) = runs[False, "90"][0], runs[True, "90"]
-    for i, (mine, again, theirs) in enumerate(zip(tc, tc_again, exact, strict=True)):
-        assert torch.equal(mine, again), f"gradient {i}: not deterministic"
-        on_tensor_cores = 1 <= i <= layers and channels[i - 1] > 1  # (one output channel: the warps' sums)
-        path = "tensor cores" if on_tensor_cores else "the exact path"
-        assert torch.equal(mine, theirs) != on_tensor_cores, f"gradient {i}: not on {path}"
+    for i, (mine, again) in enumerate(zip(tc, tc_again, strict=True)):
+        assert torch.equal(mine, again), f"result {i}: not deterministic"
+    assert not torch.equal(tc[0], exact[0]), "the forward: no tensor cores"
+    for j in range(layers):
+        if channels[j] > 1:  # (one output channel: the warps' sums)
+            assert not torch.equal(tc[2 + j], exact[2 + j]), f"layer {j}'s weight gradient: no tensor cores"
+    expected = reference_block(x, weights, biases, True, size)
+    assert_close(tc[0], expected, tolerance(backend, torch.float16, expected, layers), "the forward on tf32")
     expected = backward_reference(backend.functions, x, weights, biases, True, size, grad)
-    for i, (mine, ref) in enumerate(zip(tc, expected, strict=True)):
+    for i, (mine, ref) in enumerate(zip(tc[1:], expected, strict=True)):
         assert_close(mine, ref, backward_tolerance(backend, torch.float16, ref, layers), f"gradient {i} on tf32")
     if (True, "75") in runs:
         for i, (mine, theirs) in enumerate(zip(runs[True, "75"][0], exact, strict=True)):
-            assert torch.equal(mine, theirs), f"gradient {i} on sm_75"
+            assert torch.equal(mine, theirs), f"result {i} on sm_75"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tf32_recompute_finds_the_forwards_gates(fmt):
+    """The backward's hidden layer, recomputed on tf32 tensor cores, is the forward's to
+    the bit. A constant image and a bias cancelling the exact path's sums put the hidden
+    layer's interior at odd rows and columns within rounding of zero, where tf32's and
+    float32's sums fall on either side of the ReLU; the last layer (its centre tap an
+    identity) passes the forward's hidden layer out whole, and the reference gradients
+    take its ReLU mask: a recompute that differs moves whole gradients."""
+    backend = BACKENDS["sim"]
+    with backend.in_use(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAE_SIM_ARCH", "90")
+        n, c0, c1, h, w = 2, 8, 16, 5, 6
+        size = [2 * h, 2 * w]
+        x = torch.full((n, c0, h, w), 0.75).contiguous(memory_format=FORMATS[fmt])
+        w0 = make_input((c0, c1, 3, 3), torch.float32, "cpu", scale=0.25).detach()
+        w1 = torch.zeros(c1, c1, 3, 3)
+        w1[:, :, 1, 1] = torch.eye(c1)
+        b1 = torch.zeros(c1)
+        linear = backend.ops.decoder_block(x, [w0, w1], [b1, b1], False, size)  # the exact path
+        b0 = -linear[0, :, 2 * (h // 2) + 1, 2 * (w // 2) + 1].contiguous()
+        go = make_input((n, c1, *size), torch.float32, "cpu", fmt).detach()
+        with tf32(True):
+            out = backend.ops.decoder_block(x, [w0, w1], [b0, b1], True, size)
+            gi, gw, gb = backend.ops.decoder_block_backward(go, x, [w0, w1], [b0, b1], True, size, True)
+    interior = out[:, :, 1:2 * h - 2:2, 1:2 * w - 2:2]
+    assert 0 < (interior > 0).sum() < interior.numel() and interior.max() < 1e-2, "the layer is not on zero"
+    leaves = [t.double().requires_grad_() for t in (x, w0, w1, b0, b1)]
+    hidden = F.conv_transpose2d(leaves[0], leaves[1], leaves[3], stride=2, padding=1, output_padding=1)
+    full = F.conv_transpose2d(hidden * (out > 0), leaves[2], leaves[4], stride=1, padding=1)
+    expected = torch.autograd.grad(full, leaves, go.double())
+    for name, mine, ref in zip(["input", "w0", "w1", "b0", "b1"], [gi, *gw, *gb], expected, strict=True):
+        assert_close(mine, ref, backward_tolerance(backend, torch.float16, ref, 2), f"{name}'s gradient on tf32")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -33,6 +33,7 @@ cuda::DecoderBlockArgs<T> decoder_args(T* out, const Tensor& input, const std::v
   a.top = static_cast<int>((input.size(2) * scale - H_out) / 2);
   a.left = static_cast<int>((input.size(3) * scale - W_out) / 2);
   a.relu = relu;
+  a.tensor_cores = std::is_same_v<at::opmath_type<T>, float> && cuda::tensor_cores_allowed(input);
   return a;
 }
 
@@ -106,7 +107,6 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
                 p.loss->grad_loss.const_data_ptr<acc_t>()};
     }
     b.grad_input = cuda::mutable_or_null<scalar_t>(p.grad_input);
-    b.tensor_cores = std::is_same_v<acc_t, float> && cuda::tensor_cores_allowed(p.input);
     constexpr int V = cuda::vec_width<scalar_t>(), VO = cuda::vec_width<scalar_t, cuda::kBlockGroup>();
     const int C_out = b.f.C[L], C_in = b.f.C[0];
     b.vec_grad_output = p.nhwc && b.grad_output != nullptr && cuda::vector_ok<V>(b.grad_output, C_out, C_out);

@@ -45,6 +45,14 @@ struct DecoderBlockArgs {
   int layers, N, H, W;            // H, W: the input's
   int H_out, W_out, top, left;    // the crop and its corner in the last layer's output
   bool relu;
+  // Products on tf32 tensor cores where a layer suits them (mma_pass_fits):
+  // the hidden layers (decoder_hidden_rows, in the forward and in the
+  // backward's recompute alike) and the weight gradients of the layers with
+  // more than one output channel (decoder_weight_grad_row); float16,
+  // bfloat16, and float32 where TF32 is allowed, sm_80 and newer
+  // (EncoderBlockArgs::tensor_cores). The last layer and the input and bias
+  // gradients stay exact.
+  bool tensor_cores;
 };
 
 // The loss of the block's output where the op asks for it (ops.h
@@ -278,6 +286,71 @@ CAE_DEVICE void stage_decoder_plane(Acc* smem, const DecoderPlane& p, const T* _
   }
 }
 
+// mma_pass's taps for the output positions of row parity PY and column
+// parity PX of a stride-2 transposed correlation (accumulate_transposed's,
+// in its order): ky = 1 for even rows, 0 and 2 for odd, likewise kx; the
+// window of output row y starts at input row y >> 1 of a plane with a border
+// row, tap ky reads ((PY + 1 - ky) >> 1) + 1 rows below it.
+template <int PY, int PX>
+struct TransposedTaps {
+  static constexpr int rows = PY ? 2 : 1, cols = PX ? 2 : 1, count = rows * cols;
+  static constexpr int ky(int i) { return PY ? 2 * (i / cols) : 1; }
+  static constexpr int kx(int i) { return PX ? 2 * (i % cols) : 1; }
+  static constexpr int tap(int i) { return ky(i) * 3 + kx(i); }
+  static constexpr int dy(int i) { return ((PY + 1 - ky(i)) >> 1) + 1; }
+  static constexpr int dx(int i) { return ((PX + 1 - kx(i)) >> 1) + 1; }
+};
+
+// decoder_hidden_rows' output rows [y_lo, y_hi) (inside the image) of row
+// parity PY and column parity PX through mma_pass: a grid over the input's
+// rows and columns, position (row, col) the output pixel (y0 + 2 row, 2 col +
+// PX). The weights are at smem[0] as stage_transposed_weight puts them.
+template <int PY, int PX, typename T>
+CAE_DEVICE void decoder_parity_mma(float* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
+                                   int i, const DecoderPlane& dst, int dst_row0, int y_first, int y_lo,
+                                   int y_hi, int tid) {
+  const DecoderPlane src = pick(t.plane, i);
+  const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1);
+  const int y0 = y_lo + ((y_lo ^ PY) & 1);  // the parity's first row
+  if (y0 >= y_hi) return;
+  const SharedPlanes<const float> in{smem + src.offset + (y0 >> 1) * src.cols,
+                                     src.channel_stride,
+                                     src.sample_stride,
+                                     src.rows,
+                                     src.cols,
+                                     src.cols};
+  float* out = smem + dst.offset + (y0 - y_first + dst_row0) * dst.cols + PX + 1;
+  mma_pass<kBlockGroup, TransposedTaps<PY, PX>>(
+      (y_hi - y0 + 1) >> 1, src.cols - 2, in, smem, C_a, t.samples, ceil_div(C_b, kBlockGroup), tid, kThreads,
+      [&](int s, int row, int col, int co0, float (&v)[2]) {
+        finish_activation<T>(v, pick(a.b, i), co0, C_b, a.relu, true);
+        float* d = out + s * dst.sample_stride + co0 * dst.channel_stride + 2 * row * dst.cols + 2 * col;
+        CAE_UNROLL
+        for (int j = 0; j < 2; ++j)
+          if (co0 + j < C_b) d[j * dst.channel_stride] = v[j];
+      });
+}
+
+// decoder_hidden_rows on tensor cores: each parity class through
+// decoder_parity_mma, the rows outside the image zeroed.
+template <typename T>
+CAE_DEVICE void decoder_hidden_rows_mma(float* smem, const DecoderBlockArgs<T>& a,
+                                        const DecoderBlockTiling& t, int i, const DecoderPlane& dst,
+                                        int dst_row0, int y_first, int rows, int tid) {
+  const int h = a.H << (i + 1), width = (pick(t.plane, i).cols - 2) * 2, C_b = pick(a.C, i + 1);
+  const int y_lo = y_first > 0 ? y_first : 0, y_hi = y_first + rows < h ? y_first + rows : h;
+  for (int y = y_first; y < y_first + rows; ++y) {
+    if (y >= y_lo && y < y_hi) continue;
+    for (StridedDigits at(tid, width, C_b, t.samples); at.digit[3] < 1; at.advance())
+      smem[dst.offset + at.digit[2] * dst.sample_stride + at.digit[1] * dst.channel_stride +
+           (y - y_first + dst_row0) * dst.cols + at.digit[0] + 1] = 0.0f;
+  }
+  decoder_parity_mma<0, 0>(smem, a, t, i, dst, dst_row0, y_first, y_lo, y_hi, tid);
+  decoder_parity_mma<0, 1>(smem, a, t, i, dst, dst_row0, y_first, y_lo, y_hi, tid);
+  decoder_parity_mma<1, 0>(smem, a, t, i, dst, dst_row0, y_first, y_lo, y_hi, tid);
+  decoder_parity_mma<1, 1>(smem, a, t, i, dst, dst_row0, y_first, y_lo, y_hi, tid);
+}
+
 // Rows [y_first, y_first + rows) of hidden layer i's output from plane i
 // (whole) into `dst`, row y at dst row y - y_first + dst_row0; rows outside
 // the image are zeros (the next layer's padding). Bias, activation and T
@@ -286,7 +359,8 @@ CAE_DEVICE void stage_decoder_plane(Acc* smem, const DecoderPlane& p, const T* _
 // channels; consecutive threads take the next P of the parity (one tap
 // pattern), then the other parity, then the next row of the same parity. The
 // forward and the backward's recompute take P = 2 (each tap's weights loaded
-// once for two pixels), with the same sums as P = 1.
+// once for two pixels), with the same sums as P = 1. On tensor cores where
+// mma_pass_fits (decoder_hidden_rows_mma), the same in both.
 template <int P, typename T, typename Acc>
 CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderBlockTiling& t,
                                     int i, const DecoderPlane& dst, int dst_row0, int y_first, int rows,
@@ -294,6 +368,10 @@ CAE_DEVICE void decoder_hidden_rows(Acc* smem, const DecoderBlockArgs<T>& a, con
   constexpr int G = kBlockGroup;
   const DecoderPlane src = pick(t.plane, i);
   const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1), groups = ceil_div(C_b, G), h = a.H << (i + 1);
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (mma_pass_fits<Acc>(a.tensor_cores, groups))
+      return decoder_hidden_rows_mma(smem, a, t, i, dst, dst_row0, y_first, rows, tid);
+  }
   const int per_parity = src.cols - 2, half = (rows + 1) >> 1;  // an output row's pixels of one column parity
   // (P pixels of a column parity, the parity, row, sample + samples * group)
   StridedDigits at(tid, ceil_div(per_parity, P), 2, rows);
@@ -481,12 +559,6 @@ struct DecoderBlockBackwardArgs {
   T* db[kDecoderMaxLayers];
   GridSums<Acc> sums;  // a block's row: dw[0] | db[0] | dw[1] | db[1] | ...
   bool vec_grad_output, vec_grad_input;
-  // The weight gradients on tf32 tensor cores (weight_grad_pass_mma) where a
-  // layer's input has at most 16 channels and its output more than one
-  // (decoder_weight_grad_row): float16, bfloat16 and float32
-  // where TF32 is allowed, sm_80 and newer (EncoderBlockArgs::tensor_cores).
-  // The bias and input gradients, and the recomputed layers, stay exact.
-  bool tensor_cores;
 };
 
 // Elements of layer i's weight and bias gradients, and where they start in a
@@ -699,9 +771,9 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     offset -= decoder_grad_elements(C_a, C_b);
     __syncthreads();  // layer i's output gradient complete, the weights free
     if (i + 1 < L) {
-      decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, b.tensor_cores, tid);
+      decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, a.tensor_cores, tid);
     } else {
-      decoder_weight_grad_row<1>(row + offset, smem, in, g, C_a, C_b, t.samples, b.tensor_cores, tid);
+      decoder_weight_grad_row<1>(row + offset, smem, in, g, C_a, C_b, t.samples, a.tensor_cores, tid);
     }
     if (i == 0 && b.grad_input == nullptr) break;
     const T* w = pick(a.w, i);

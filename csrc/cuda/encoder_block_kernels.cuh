@@ -289,10 +289,19 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
 // (cvt.rna, as the per-op kernels stage them): float16 and bfloat16 values
 // are tf32 already, but the backward's gradients in shared memory are floats
 // whatever T is. `finish(s, row, col, co0, v)` takes the sums of channels co0
-// and co0 + 1 at a position of dst.
+// and co0 + 1 at a position of dst. `Taps` names the taps summed, in order,
+// and their windows' rows and columns (AllTaps: the correlation's 9;
+// TransposedTaps: one parity class of a stride-2 transposed correlation).
 constexpr int kMmaPassTiles = 2;
 
-template <int G, typename Finish>
+struct AllTaps {
+  static constexpr int count = 9;
+  static constexpr int tap(int i) { return i; }  // ky * 3 + kx
+  static constexpr int dy(int i) { return i / 3; }
+  static constexpr int dx(int i) { return i % 3; }
+};
+
+template <int G, typename Taps = AllTaps, typename Finish>
 CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
                          int samples, int groups, int tid, int threads, Finish&& finish) {
   static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
@@ -322,28 +331,25 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
       const float* w_lo = w + (c_lo * 9) * G + g;
       const float* w_hi = w + (c_hi * 9) * G + g;
       CAE_UNROLL
-      for (int ky = 0; ky < 3; ++ky) {
+      for (int i = 0; i < Taps::count; ++i) {
+        const int off = Taps::dy(i) * src.pitch + Taps::dx(i), tap = Taps::tap(i);
+        uint32_t b[kMmaGroups][2];
         CAE_UNROLL
-        for (int kx = 0; kx < 3; ++kx) {
-          const int off = ky * src.pitch + kx, tap = ky * 3 + kx;
-          uint32_t b[kMmaGroups][2];
+        for (int nt = 0; nt < kMmaGroups; ++nt) {
+          const int at = nt * group_stride + tap * G;
+          const bool in = nt < groups;
+          b[nt][0] = to_tf32(in && lo_in ? w_lo[at] : 0.0f);
+          b[nt][1] = to_tf32(in && hi_in ? w_hi[at] : 0.0f);
+        }
+        CAE_UNROLL
+        for (int m = 0; m < M; ++m) {
+          const int r0 = base[2 * m] + off, r1 = base[2 * m + 1] + off;
+          const uint32_t a[4] = {to_tf32(lo_in ? a_lo[r0] : 0.0f), to_tf32(lo_in ? a_lo[r1] : 0.0f),
+                                 to_tf32(hi_in ? a_hi[r0] : 0.0f), to_tf32(hi_in ? a_hi[r1] : 0.0f)};
           CAE_UNROLL
           for (int nt = 0; nt < kMmaGroups; ++nt) {
-            const int at = nt * group_stride + tap * G;
-            const bool in = nt < groups;
-            b[nt][0] = to_tf32(in && lo_in ? w_lo[at] : 0.0f);
-            b[nt][1] = to_tf32(in && hi_in ? w_hi[at] : 0.0f);
-          }
-          CAE_UNROLL
-          for (int m = 0; m < M; ++m) {
-            const int r0 = base[2 * m] + off, r1 = base[2 * m + 1] + off;
-            const uint32_t a[4] = {to_tf32(lo_in ? a_lo[r0] : 0.0f), to_tf32(lo_in ? a_lo[r1] : 0.0f),
-                                   to_tf32(hi_in ? a_hi[r0] : 0.0f), to_tf32(hi_in ? a_hi[r1] : 0.0f)};
-            CAE_UNROLL
-            for (int nt = 0; nt < kMmaGroups; ++nt) {
-              if (nt >= groups) break;
-              mma_m16n8k8_tf32(acc[m][nt], a, b[nt], acc[m][nt]);
-            }
+            if (nt >= groups) break;
+            mma_m16n8k8_tf32(acc[m][nt], a, b[nt], acc[m][nt]);
           }
         }
       }

@@ -31,20 +31,22 @@ CAE_DEVICE Acc warp_sum(Acc v) {
 // The sums over a warp of 32 values per lane, lane j ending with the sum of
 // the lanes' v[j] (a reduce-scatter in a fixed tree: each step a lane keeps
 // half its values, adds its partner's other half; 31 shuffles where 32
-// warp_sums take 160). v is overwritten.
-template <typename Acc>
+// warp_sums take 160). v is overwritten. The steps are instantiated one by
+// one (Half a template argument): every index a constant, v stays in
+// registers however much code the kernel around it has.
+template <int Half = 16, typename Acc>
 CAE_DEVICE Acc warp_reduce_scatter(Acc (&v)[32]) {
-  const int lane = threadIdx.x % 32;
+  const bool upper = (threadIdx.x & Half) != 0;
   CAE_UNROLL
-  for (int half = 16; half > 0; half /= 2) {
-    const bool upper = (lane & half) != 0;
-    CAE_UNROLL
-    for (int i = 0; i < half; ++i) {
-      const Acc send = upper ? v[i] : v[i + half];
-      v[i] = (upper ? v[i + half] : v[i]) + __shfl_xor_sync(0xffffffffu, send, half);
-    }
+  for (int i = 0; i < Half; ++i) {
+    const Acc send = upper ? v[i] : v[i + Half];
+    v[i] = (upper ? v[i + Half] : v[i]) + __shfl_xor_sync(0xffffffffu, send, Half);
   }
-  return v[0];
+  if constexpr (Half > 1) {
+    return warp_reduce_scatter<Half / 2>(v);
+  } else {
+    return v[0];
+  }
 }
 
 // Block sum in a fixed order: warp trees, then the warps' sums in order.
