@@ -1089,7 +1089,8 @@ def _decoder_block_backward(call, launch, e):
     """decoder_block_backward_kernel: whole images per block in opt-in shared memory; the
     hidden layers recomputed whole; per layer from the last, its weight and bias gradients
     (a thread per element, each summing every position of the block's images) and its
-    input's gradient (accumulate_windows over the output gradient, stride 2 but the last);
+    input's gradient (over the output gradient, stride 2 but the last: mma_pass where it
+    fits and the gradient has more than one channel, else accumulate_windows);
     the partial rows summed by finish_grid_sums."""
     t = _decoder_tiling(call, launch, backward=True)
     s, chans, layers, planes = t["samples"], t["chans"], t["layers"], t["planes"]
@@ -1146,8 +1147,12 @@ def _decoder_block_backward(call, launch, e):
         if i == 0 and not input_grad:
             break
         work.stage(c_a * c_b * 9, "rows")
-        conflict = _window_conflicts(in_cols - 2, in_rows - 2, s, (stride, stride), g_cols, c_b * g_plane)
-        work.windows(hw * s * math.ceil(c_a / GROUP), c_b, 1, input_conflict=conflict)
+        if c_b > 1 and mma_pass_fits(a["input"], c_a):  # mma_pass, the windows `stride` apart
+            conflict = _mma_conflicts(in_cols - 2, in_rows - 2, s, g_cols, c_b * g_plane, g_plane, stride)
+            work.mma_layer(hw * s, c_b, math.ceil(c_a / GROUP), input_conflict=conflict)
+        else:
+            conflict = _window_conflicts(in_cols - 2, in_rows - 2, s, (stride, stride), g_cols, c_b * g_plane)
+            work.windows(hw * s * math.ceil(c_a / GROUP), c_b, 1, input_conflict=conflict)
     work.add(e, launch.blocks)
     output_grads = (nbytes(a["logits"]) + nbytes(a["target"]) if loss else 0) + nbytes(a.get("grad_output"))
     e.bytes = (nbytes(a["input"]) + output_grads + sum(nbytes(t) for t in a["weights"] + a["biases"]) * 2

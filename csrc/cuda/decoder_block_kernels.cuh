@@ -293,7 +293,7 @@ CAE_DEVICE void stage_decoder_plane(Acc* smem, const DecoderPlane& p, const T* _
 // row, tap ky reads ((PY + 1 - ky) >> 1) + 1 rows below it.
 template <int PY, int PX>
 struct TransposedTaps {
-  static constexpr int rows = PY ? 2 : 1, cols = PX ? 2 : 1, count = rows * cols;
+  static constexpr int stride = 1, rows = PY ? 2 : 1, cols = PX ? 2 : 1, count = rows * cols;
   static constexpr int ky(int i) { return PY ? 2 * (i / cols) : 1; }
   static constexpr int kx(int i) { return PX ? 2 * (i % cols) : 1; }
   static constexpr int tap(int i) { return ky(i) * 3 + kx(i); }
@@ -661,34 +661,51 @@ CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const Decoder
 
 // The gradient of layer i's input: grad[ca, gy, gx] = sum of g[cb, S gy + ky
 // - 1, S gx + kx - 1] * w[ca, cb, ky, kx] (w staged as [group of C_a][C_b *
-// 9][8]), a thread per input pixel and 8 channels. Into plane `in` in place,
-// gated by its own values where `gate` (each element read and written by its
-// own thread), or, with grad_input, stored.
+// 9][8]), a thread per input pixel and 8 channels, or on tensor cores where
+// mma_pass_fits and C_b > 1 (with one channel of g, 7 of a k-step's 8 would
+// be zeros). Into plane `in` in place, gated by its own values where `gate`
+// (each element read and written by its own thread), or, with grad_input,
+// stored.
 template <int S, bool NHWC, typename T, typename Acc>
-CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderPlane& in, const DecoderPlane& g, int C_a, int C_b,
-                                   int samples, bool gate, T* grad_input, int N, int n0, bool vec, int tid) {
+CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderBlockArgs<T>& a, const DecoderPlane& in,
+                                   const DecoderPlane& g, int C_a, int C_b, int samples, bool gate,
+                                   T* grad_input, int n0, bool vec, int tid) {
   constexpr int G = kBlockGroup;
-  const int h = in.rows - 2, w = in.cols - 2;
+  const int h = in.rows - 2, w = in.cols - 2, groups = ceil_div(C_a, G);
+  // Channels ca0.. of image s at (gy, gx), as many as v holds.
+  const auto put = [&](int s, int gy, int gx, int ca0, auto& v, bool vec_ok) {
+    constexpr int N = std::extent_v<std::remove_reference_t<decltype(v)>>;
+    if (grad_input != nullptr) {
+      if (n0 + s < a.N)
+        store_pixel<N, NHWC>(grad_input, v, static_cast<const T*>(nullptr), false, n0 + s, ca0, C_a, h, w, gy,
+                             gx, vec_ok);
+      return;
+    }
+    Acc* d = smem + in.offset + s * in.sample_stride + ca0 * in.channel_stride + (gy + 1) * in.cols + gx + 1;
+    CAE_UNROLL
+    for (int j = 0; j < N; ++j) {
+      if (ca0 + j < C_a) d[j * in.channel_stride] = gate ? gated(v[j], d[j * in.channel_stride]) : v[j];
+    }
+  };
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (C_b > 1 && mma_pass_fits<Acc>(a.tensor_cores, groups)) {
+      const SharedPlanes<const float> src{smem + g.offset, g.channel_stride, g.sample_stride,
+                                          g.rows,          g.cols,           g.cols};
+      mma_pass<G, AllTaps<S>>(
+          h, w, src, smem, C_b, samples, groups, tid, kThreads,
+          [&](int s, int gy, int gx, int ca0, float (&v)[2]) { put(s, gy, gx, ca0, v, false); });
+      return;
+    }
+  }
   StridedDigits at(tid, w, h, samples);  // (column, row, sample, group)
-  for (; at.digit[3] < ceil_div(C_a, G); at.advance()) {
+  for (; at.digit[3] < groups; at.advance()) {
     const int gx = at.digit[0], gy = at.digit[1], s = at.digit[2], ca0 = at.digit[3] * G;
     Acc acc[1][G];
     CAE_UNROLL
     for (int j = 0; j < G; ++j) acc[0][j] = Acc(0);
     accumulate_windows(acc, smem + g.offset + s * g.sample_stride + S * gy * g.cols + S * gx,
                        g.channel_stride, g.cols, smem + at.digit[3] * C_b * 9 * G, C_b);
-    if (grad_input != nullptr) {
-      if (n0 + s < N)
-        store_pixel<G, NHWC>(grad_input, acc[0], static_cast<const T*>(nullptr), false, n0 + s, ca0, C_a, h,
-                             w, gy, gx, vec);
-      continue;
-    }
-    Acc* d = smem + in.offset + s * in.sample_stride + ca0 * in.channel_stride + (gy + 1) * in.cols + gx + 1;
-    CAE_UNROLL
-    for (int j = 0; j < G; ++j) {
-      if (ca0 + j < C_a)
-        d[j * in.channel_stride] = gate ? gated(acc[0][j], d[j * in.channel_stride]) : acc[0][j];
-    }
+    put(s, gy, gx, ca0, acc[0], vec);
   }
 }
 
@@ -784,10 +801,10 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     __syncthreads();  // the weight gradient done reading plane i
     T* out = i == 0 ? b.grad_input : nullptr;
     if (i + 1 < L) {
-      decoder_input_grad<2, NHWC>(smem, in, g, C_a, C_b, t.samples, a.relu, out, a.N, n0, b.vec_grad_input,
+      decoder_input_grad<2, NHWC>(smem, a, in, g, C_a, C_b, t.samples, a.relu, out, n0, b.vec_grad_input,
                                   tid);
     } else {
-      decoder_input_grad<1, NHWC>(smem, in, g, C_a, C_b, t.samples, a.relu && i > 0, out, a.N, n0,
+      decoder_input_grad<1, NHWC>(smem, a, in, g, C_a, C_b, t.samples, a.relu && i > 0, out, n0,
                                   b.vec_grad_input, tid);
     }
   }

@@ -291,17 +291,20 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
 // whatever T is. `finish(s, row, col, co0, v)` takes the sums of channels co0
 // and co0 + 1 at a position of dst. `Taps` names the taps summed, in order,
 // and their windows' rows and columns (AllTaps: the correlation's 9;
-// TransposedTaps: one parity class of a stride-2 transposed correlation).
+// TransposedTaps: one parity class of a stride-2 transposed correlation) and
+// the windows' stride: position (row, col) of dst reads src's window at
+// (stride x row, stride x col).
 constexpr int kMmaPassTiles = 2;
 
+template <int S = 1>
 struct AllTaps {
-  static constexpr int count = 9;
+  static constexpr int stride = S, count = 9;
   static constexpr int tap(int i) { return i; }  // ky * 3 + kx
   static constexpr int dy(int i) { return i / 3; }
   static constexpr int dx(int i) { return i % 3; }
 };
 
-template <int G, typename Taps = AllTaps, typename Finish>
+template <int G, typename Taps = AllTaps<>, typename Finish>
 CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
                          int samples, int groups, int tid, int threads, Finish&& finish) {
   static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
@@ -320,7 +323,8 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
     CAE_UNROLL
     for (int r = 0; r < 2 * M; ++r) {
       const int p = position(m0, r), s = p / per_sample;
-      base[r] = static_cast<int>(src.at(s, 0, p % per_sample / cols, p % cols) - src.p);
+      base[r] = static_cast<int>(
+          src.at(s, 0, Taps::stride * (p % per_sample / cols), Taps::stride * (p % cols)) - src.p);
     }
     float acc[M][kMmaGroups][4] = {};
     for (int c0 = 0; c0 < count; c0 += 8) {
