@@ -237,10 +237,11 @@ def test_decoder_block_backward(backend, dtype, fmt, relu, shape, input_grad):
 @on_cuda_kernels()
 def test_decoder_block_on_tf32_tensor_cores(backend, fmt, shape):
     """float32 with TF32 allowed (PyTorch's default for cuDNN): the hidden layers (in the
-    forward and in the backward's recompute alike) and the weight gradients of the layers
-    with more than one output channel on tf32 tensor cores (every layer's input has at
-    most 16 channels): deterministic, not equal to the exact path's where the tensor
-    cores ran, within float16's tolerance of float64 (the ReLU masks the forward's own:
+    forward and in the backward's recompute alike), and the weight gradients of the layers
+    with more than one output channel and the input gradients where the output gradient
+    has more than one, on tf32 tensor cores (every layer's input has at most 16 channels):
+    deterministic, not equal to the exact path's where the tensor cores ran, within
+    float16's tolerance of float64 (the ReLU masks the forward's own:
     test_tf32_recompute_finds_the_forwards_gates). On an emulated sm_75 (where the block
     fits its shared memory), everything the exact path's."""
     n, c0, channels, h, w, size = shape

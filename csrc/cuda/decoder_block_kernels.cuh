@@ -47,11 +47,12 @@ struct DecoderBlockArgs {
   bool relu;
   // Products on tf32 tensor cores where a layer suits them (mma_pass_fits):
   // the hidden layers (decoder_hidden_rows, in the forward and in the
-  // backward's recompute alike) and the weight gradients of the layers with
-  // more than one output channel (decoder_weight_grad_row); float16,
-  // bfloat16, and float32 where TF32 is allowed, sm_80 and newer
-  // (EncoderBlockArgs::tensor_cores). The last layer and the input and bias
-  // gradients stay exact.
+  // backward's recompute alike), the weight gradients of the layers with
+  // more than one output channel (decoder_weight_grad_row) and the input
+  // gradients where the output gradient has more than one channel
+  // (decoder_input_grad); float16, bfloat16, and float32 where TF32 is
+  // allowed, sm_80 and newer (EncoderBlockArgs::tensor_cores). The last layer
+  // and the bias gradients stay exact.
   bool tensor_cores;
 };
 
