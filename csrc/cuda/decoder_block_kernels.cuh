@@ -81,6 +81,15 @@ CAE_DEVICE index_t pixel_offset(int n, int c, int y, int x, int C, int H, int W)
 // apart, at `offset` elements of Acc from the start of shared memory.
 struct DecoderPlane {
   int offset, rows, cols, channel_stride, sample_stride;
+  // The planes in `smem` as the passes that take SharedPlanes read them
+  // (mma_pass, weight_grad_pass_mma): from row `row` on, border included ...
+  CAE_DEVICE SharedPlanes<const float> rows_from(const float* smem, int row = 0) const {
+    return {smem + offset + row * cols, channel_stride, sample_stride, rows - row, cols, cols};
+  }
+  // ... or the image's own pixels, inside the border (a whole plane).
+  CAE_DEVICE SharedPlanes<const float> interior(const float* smem) const {
+    return {smem + offset + cols + 1, channel_stride, sample_stride, rows - 2, cols - 2, cols};
+  }
 };
 
 // Shared memory: the hidden layers' weight buffer (staged layer by layer;
@@ -314,16 +323,10 @@ CAE_DEVICE void decoder_parity_mma(float* smem, const DecoderBlockArgs<T>& a, co
   const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1);
   const int y0 = y_lo + ((y_lo ^ PY) & 1);  // the parity's first row
   if (y0 >= y_hi) return;
-  const SharedPlanes<const float> in{smem + src.offset + (y0 >> 1) * src.cols,
-                                     src.channel_stride,
-                                     src.sample_stride,
-                                     src.rows,
-                                     src.cols,
-                                     src.cols};
   float* out = smem + dst.offset + (y0 - y_first + dst_row0) * dst.cols + PX + 1;
   mma_pass<kBlockGroup, TransposedTaps<PY, PX>>(
-      (y_hi - y0 + 1) >> 1, src.cols - 2, in, smem, C_a, t.samples, ceil_div(C_b, kBlockGroup), tid, kThreads,
-      [&](int s, int row, int col, int co0, float (&v)[2]) {
+      (y_hi - y0 + 1) >> 1, src.cols - 2, src.rows_from(smem, y0 >> 1), smem, C_a, t.samples,
+      ceil_div(C_b, kBlockGroup), tid, kThreads, [&](int s, int row, int col, int co0, float (&v)[2]) {
         finish_activation<T>(v, pick(a.b, i), co0, C_b, a.relu, true);
         float* d = out + s * dst.sample_stride + co0 * dst.channel_stride + 2 * row * dst.cols + 2 * col;
         CAE_UNROLL
@@ -651,11 +654,7 @@ CAE_DEVICE void decoder_weight_grad_row(Acc* row, const Acc* smem, const Decoder
   }
   if constexpr (std::is_same<Acc, float>::value) {
     if (mma) {
-      const SharedPlanes<const float> x{
-          smem + in.offset + in.cols + 1, in.channel_stride, in.sample_stride, h, w, in.cols};
-      const SharedPlanes<const float> gp{smem + g.offset, g.channel_stride, g.sample_stride,
-                                         g.rows,          g.cols,           g.cols};
-      weight_grad_pass_mma<S>(row, x, gp, C_a, C_b, samples, tid);
+      weight_grad_pass_mma<S>(row, in.interior(smem), g.rows_from(smem), C_a, C_b, samples, tid);
     }
   }
 }
@@ -690,10 +689,8 @@ CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderBlockArgs<T>& a, cons
   };
   if constexpr (std::is_same_v<Acc, float>) {
     if (C_b > 1 && mma_pass_fits<Acc>(a.tensor_cores, groups)) {
-      const SharedPlanes<const float> src{smem + g.offset, g.channel_stride, g.sample_stride,
-                                          g.rows,          g.cols,           g.cols};
       mma_pass<G, AllTaps<S>>(
-          h, w, src, smem, C_b, samples, groups, tid, kThreads,
+          h, w, g.rows_from(smem), smem, C_b, samples, groups, tid, kThreads,
           [&](int s, int gy, int gx, int ca0, float (&v)[2]) { put(s, gy, gx, ca0, v, false); });
       return;
     }
