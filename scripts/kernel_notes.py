@@ -1029,11 +1029,12 @@ def _decoder_tiling(call, launch, backward):
                 h_out=h_out, w_out=w_out)
 
 
-def _decoder_hidden_taps(work, call, t, i, rows):
-    """Hidden layer i's output over `rows` rows (half of each parity) of the block's images, as
+def _decoder_hidden_taps(work, call, t, i, y_first, rows):
+    """Hidden layer i's output rows [y_first, y_first + rows) of the block's images, as
     decoder_hidden_rows computes them in the forward and in the backward's recompute: on tensor
-    cores (mma_pass_fits) each row and column parity's grid over the input through mma_pass
-    with its 1, 2 or 4 taps; else two pixels of a column parity a thread."""
+    cores (mma_pass_fits) the rows outside the image zeroed and each row and column parity's
+    grid over the input (the rows inside) through mma_pass with its 1, 2 or 4 taps; else two
+    pixels of a column parity a thread."""
     s, c_a, c_b = t["samples"], t["chans"][i], t["chans"][i + 1]
     groups, size_w = math.ceil(c_b / GROUP), t["w"] << (i + 1)
     if not mma_pass_fits(call.args["input"], c_b):
@@ -1042,8 +1043,13 @@ def _decoder_hidden_taps(work, call, t, i, rows):
                   _issued_taps(size_w, rows, s * groups, pixels), GROUP, thread_taps=2.25, pixels=pixels)
         return
     _, cols, plane = t["planes"][i]
+    y_lo, y_hi = max(y_first, 0), min(y_first + rows, t["h"] << (i + 1))
+    work.fill((rows - (y_hi - y_lo)) * size_w * c_b * s)
     for row_parity in (0, 1):
-        parity_rows = (rows + 1 - row_parity) // 2
+        y0 = y_lo + ((y_lo ^ row_parity) & 1)  # decoder_parity_mma: the parity's first row
+        parity_rows = (y_hi - y0 + 1) // 2 if y0 < y_hi else 0
+        if parity_rows == 0:
+            continue
         conflict = _mma_conflicts(cols - 2, parity_rows, s, cols, c_a * plane, plane)
         for col_parity in (0, 1):
             work.mma_layer(parity_rows * (cols - 2) * s, c_a, groups, input_conflict=conflict,
@@ -1061,13 +1067,14 @@ def _decoder_block(call, launch, e):
     work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0])
     work.stage(sum(chans[i] * chans[i + 1] * 9 for i in range(layers)), "transposed")
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(t["planes"]) if i > 0))
+    top = ((t["h"] << (layers - 1)) - t["h_out"]) // 2  # the crop's first row
     for i in range(layers - 1):
         if i + 2 < layers:
-            strips = [t["h"] << (i + 1)]
-        else:
-            strips = [min(t["strip"], t["h_out"] - y) + 2 for y in range(0, t["h_out"], t["strip"])]
-        for rows in strips:
-            _decoder_hidden_taps(work, call, t, i, rows)
+            strips = [(0, t["h"] << (i + 1))]
+        else:  # the last layer's input rows of a strip: its window's, one above and below
+            strips = [(top + y - 1, min(t["strip"], t["h_out"] - y) + 2) for y in range(0, t["h_out"], t["strip"])]
+        for y_first, rows in strips:
+            _decoder_hidden_taps(work, call, t, i, y_first, rows)
     last_group = 1 if chans[layers] == 1 else GROUP
     pixels = 4 if last_group == 1 else 1  # decoder_last_pixels: a thread's pixels of a column
     row_groups = sum(math.ceil(min(t["strip"], t["h_out"] - y) / pixels) for y in range(0, t["h_out"], t["strip"]))
@@ -1109,7 +1116,7 @@ def _decoder_block_backward(call, launch, e):
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
     for i in range(layers - 1):
         work.stage(chans[i] * chans[i + 1] * 9, "transposed")
-        _decoder_hidden_taps(work, call, t, i, t["h"] << (i + 1))
+        _decoder_hidden_taps(work, call, t, i, 0, t["h"] << (i + 1))
     input_grad = bool(a.get("input_grad"))
     sums = 0
     for i in reversed(range(layers)):
