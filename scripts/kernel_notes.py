@@ -1047,9 +1047,9 @@ def _decoder_hidden_taps(work, call, t, i, y_first, rows):
     work.fill((rows - (y_hi - y_lo)) * size_w * c_b * s)
     for row_parity in (0, 1):
         y0 = y_lo + ((y_lo ^ row_parity) & 1)  # decoder_parity_mma: the parity's first row
-        parity_rows = (y_hi - y0 + 1) // 2 if y0 < y_hi else 0
-        if parity_rows == 0:
+        if y0 >= y_hi:
             continue
+        parity_rows = (y_hi - y0 + 1) // 2
         conflict = _mma_conflicts(cols - 2, parity_rows, s, cols, c_a * plane, plane)
         for col_parity in (0, 1):
             work.mma_layer(parity_rows * (cols - 2) * s, c_a, groups, input_conflict=conflict,
