@@ -154,18 +154,32 @@ def test_declined_shapes_are_composed(case):
 BACKWARD_KERNEL = "cae::cuda::decoder_block_backward_kernel"
 
 
-def masked_reference_block(functions, x, weights, biases, relu, size):
+def tf32_rounded(t):
+    """float32 rounded to tf32 as the tensor cores' operands are (mma.cuh's to_tf32:
+    10 mantissa bits, to nearest, ties away from zero)."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def masked_reference_block(functions, x, weights, biases, relu, size, *, on_tf32=False):
     """The block in float64 through PyTorch, on float64 leaves: ``(leaves, output)``, the
     hidden ReLUs masked where the backend's own hidden layers (in the inputs' dtype, the
-    fused kernel's bit for bit in float32 and float64) are positive. A pre-activation
-    within rounding of zero must not flip between the dtype and float64: that would move
-    its gradient arbitrarily far."""
+    fused kernel's bit for bit in float32 and float64) are positive; ``on_tf32``: where
+    the fused kernel's float32 layers on tf32 tensor cores are (their operands rounded to
+    tf32, the products summed in float64; the per-op kernels keep layers of few channels
+    off the tensor cores). A pre-activation within rounding of zero must not flip between
+    the kernel and the reference: that would move its gradient arbitrarily far."""
     inputs = [t.detach().double().requires_grad_() for t in (x, *weights, *biases)]
     k = len(weights)
     h, hidden = inputs[0], x.detach()
     for i in range(k - 1):
         h = F.conv_transpose2d(h, inputs[1 + i], inputs[1 + k + i], stride=2, padding=1, output_padding=1)
-        if relu:
+        if relu and on_tf32:
+            hidden = F.conv_transpose2d(tf32_rounded(hidden).double(), tf32_rounded(weights[i]).double(),
+                                        biases[i].double(), stride=2, padding=1, output_padding=1)
+            h = h * (hidden > 0)
+            hidden = torch.relu(hidden).float()
+        elif relu:
             hidden = functions.conv_transpose3x3(hidden, weights[i].detach(), biases[i].detach(), 2, "relu")
             h = h * (hidden > 0)
     full = F.conv_transpose2d(h, inputs[k], inputs[2 * k], stride=1, padding=1)
@@ -174,9 +188,10 @@ def masked_reference_block(functions, x, weights, biases, relu, size):
     return inputs, full[..., top:top + height, left:left + width]
 
 
-def backward_reference(functions, x, weights, biases, relu, size, grad):
-    """Every gradient in float64 by autograd through PyTorch, with the backend's ReLU masks."""
-    inputs, out = masked_reference_block(functions, x, weights, biases, relu, size)
+def backward_reference(functions, x, weights, biases, relu, size, grad, *, on_tf32=False):
+    """Every gradient in float64 by autograd through PyTorch, with the backend's ReLU masks
+    (``on_tf32``: the tensor cores', masked_reference_block)."""
+    inputs, out = masked_reference_block(functions, x, weights, biases, relu, size, on_tf32=on_tf32)
     return torch.autograd.grad(out, inputs, grad.double())
 
 
@@ -241,9 +256,10 @@ def test_decoder_block_on_tf32_tensor_cores(backend, fmt, shape):
     with more than one output channel and the input gradients where the output gradient
     has more than one, on tf32 tensor cores (every layer's input has at most 16 channels):
     deterministic, not equal to the exact path's where the tensor cores ran, within
-    float16's tolerance of float64 (the ReLU masks the forward's own:
-    test_tf32_recompute_finds_the_forwards_gates). On an emulated sm_75 (where the block
-    fits its shared memory), everything the exact path's."""
+    float16's tolerance of float64 (the ReLU masks of tf32 products, masked_reference_block;
+    the recompute's are the forward's to the bit: test_tf32_recompute_finds_the_forwards_gates).
+    On an emulated sm_75 (where the block fits its shared memory), everything the exact
+    path's."""
     n, c0, channels, h, w, size = shape
     x = make_input((n, c0, h, w), torch.float32, backend.device, fmt).detach()
     weights, biases = block_params(c0, channels, torch.float32, backend.device)
@@ -267,7 +283,7 @@ def test_decoder_block_on_tf32_tensor_cores(backend, fmt, shape):
             assert not torch.equal(tc[2 + j], exact[2 + j]), f"layer {j}'s weight gradient: no tensor cores"
     expected = reference_block(x, weights, biases, True, size)
     assert_close(tc[0], expected, tolerance(backend, torch.float16, expected, layers), "the forward on tf32")
-    expected = backward_reference(backend.functions, x, weights, biases, True, size, grad)
+    expected = backward_reference(backend.functions, x, weights, biases, True, size, grad, on_tf32=True)
     for i, (mine, ref) in enumerate(zip(tc[1:], expected, strict=True)):
         assert_close(mine, ref, backward_tolerance(backend, torch.float16, ref, layers), f"gradient {i} on tf32")
     if (True, "75") in runs:
