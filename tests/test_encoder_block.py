@@ -236,10 +236,16 @@ def reference_grads(x, weights, biases, relu, grad_output, rounded_to=None, kern
 
 def float64_grads(ops, dtype, x, weights, biases, relu, grad_output):
     """reference_grads through the gates and pool winners the kernels see: 16-bit
-    types' rounded activations; float32's own forward from the per-op kernels (on the
-    exact path bitwise the fused kernels'), as float64's signs and near-ties differ
-    from float32's in about one draw of 150 at 2 x 16 x 28 x 28, which moves whole
-    gradients."""
+    types' rounded activations, on the emulator the fused kernel's own (the test
+    hook's: a float64 sum rounds to the other 16-bit neighbour of the kernel's float32
+    one now and then, and a near-tie in a pool window then flips its winner);
+    float32's own forward from the per-op kernels (on the exact path bitwise the fused
+    kernels'), as float64's signs and near-ties differ from float32's in about one
+    draw of 150 at 2 x 16 x 28 x 28, which moves whole gradients."""
+    if dtype in (torch.float16, torch.bfloat16) and hasattr(ops, "_sim_encoder_block_interiors"):
+        with torch.no_grad():
+            out, a1, a2 = ops._sim_encoder_block_interiors(x, weights, biases, relu)
+        return reference_grads(x, weights, biases, relu, grad_output, kernels_activations=(a1, a2, out))
     if dtype == torch.float32:
         with torch.no_grad():
             activations = composed_activations(ops, x, weights, biases, relu)
@@ -307,7 +313,10 @@ def check_grads(backend, dtype, ours, expected, input_grad, what):
 def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, shape):
     """One launch of the fused backward (sim), every gradient as float64 autograd gives
     it and as the composed per-op backward does, to the dtype's rounding; the input's in
-    the input's layout, or empty when not asked for."""
+    the input's layout, or empty when not asked for. Not against the per-op backward in
+    16-bit types with the pool: the per-op forward rounds its own a2, one unit off the
+    fused kernel's now and then, and a near-tie in a pool window then has another winner
+    (one failure in about 20,000 emulated 16-bit block cases here)."""
     x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
     if backend.name == "sim":
         ours, kernels = fused_backward(backend.ops, x, weights, biases, relu, go, input_grad)
@@ -320,6 +329,8 @@ def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, 
         assert ours[0].is_contiguous(memory_format=_suggest_memory_format(x))
     expected = float64_grads(backend.ops, dtype, x, weights, biases, relu, go)
     check_grads(backend, dtype, ours, expected, input_grad, "against float64")
+    if dtype in (torch.float16, torch.bfloat16) and variant == "pool":
+        return
     composed = composed_grads(backend.ops, x, weights, biases, relu, go)
     check_grads(backend, dtype, ours, [c.double() for c in composed], input_grad, "against the per-op backward")
 
