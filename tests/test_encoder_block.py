@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cae_kernels._registration import _suggest_memory_format
 
-from backends import BACKENDS, FORMATS, assert_close, make_input, on_cuda_kernels, tf32
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32
 
 F64 = torch.float64
 VARIANTS = ("pool", "stride")
@@ -59,7 +59,7 @@ def composed_block(ops, x, weights, biases, relu):
 def tolerance(backend, dtype, expected):
     # Two or three layers deep: the intermediates' rounding compounds in 16-bit types.
     rtol, atol = backend.tolerances[dtype]
-    scale = 2.0 if dtype in (torch.float16, torch.bfloat16) else 1.0
+    scale = 2.0 if dtype in HALF_DTYPES else 1.0
     return {"rtol": rtol * scale, "atol": atol * scale * max(1.0, expected.abs().max().item())}
 
 
@@ -242,7 +242,7 @@ def float64_grads(ops, dtype, x, weights, biases, relu, grad_output):
     float32's own forward from the per-op kernels (on the exact path bitwise the fused
     kernels'), as float64's signs and near-ties differ from float32's in about one
     draw of 150 at 2 x 16 x 28 x 28, which moves whole gradients."""
-    if dtype in (torch.float16, torch.bfloat16) and hasattr(ops, "_sim_encoder_block_interiors"):
+    if dtype in HALF_DTYPES and hasattr(ops, "_sim_encoder_block_interiors"):
         with torch.no_grad():
             out, a1, a2 = ops._sim_encoder_block_interiors(x, weights, biases, relu)
         return reference_grads(x, weights, biases, relu, grad_output, kernels_activations=(a1, a2, out))
@@ -277,7 +277,7 @@ def grad_tolerance(backend, dtype, expected):
     # A backward through three layers and sums over every position: 16-bit types round
     # the recomputed activations and the per-op path's stored gradients.
     tol = tolerance(backend, dtype, expected)
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in HALF_DTYPES:
         tol = {k: 4 * v for k, v in tol.items()}
     return tol
 
@@ -329,7 +329,7 @@ def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, 
         assert ours[0].is_contiguous(memory_format=_suggest_memory_format(x))
     expected = float64_grads(backend.ops, dtype, x, weights, biases, relu, go)
     check_grads(backend, dtype, ours, expected, input_grad, "against float64")
-    if dtype in (torch.float16, torch.bfloat16) and variant == "pool":
+    if dtype in HALF_DTYPES and variant == "pool":
         return
     composed = composed_grads(backend.ops, x, weights, biases, relu, go)
     check_grads(backend, dtype, ours, [c.double() for c in composed], input_grad, "against the per-op backward")

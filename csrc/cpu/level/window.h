@@ -186,7 +186,7 @@ void positions_by_channel(const T* __restrict__ a, const T* __restrict__ a_gate,
       copy_run<T, Gated>(out + oy * w.Wq * C, a, a_gate, oy * w.Wo * C, w.Wo * C);
       continue;
     }
-    for (int64_t c0 = 0; c0 < C && blocked; c0 += L) {
+    for (int64_t c0 = 0; c0 < C; c0 += L) {
       for (int64_t ox0 = 0; ox0 < blocked; ox0 += L) {
         V block[L];
         for (int64_t i = 0; i < L; ++i) {
