@@ -58,8 +58,9 @@ TSAN_SUBSET+=" or (test_encoder_block and float64 and relu and 2x16x8x14x14)"
 # The fused blocks' kernels: the encoder block's forward and backward (pool and strided),
 # the decoder's forward and backward with the loss.
 TSAN_SUBSET+=" or (test_blocks and test_encoder_block and float64 and nhwc and relu)"
-# The encoder backward's 512-thread blocks; the block kernels' tensor-core passes.
-TSAN_SUBSET+=" or (block_size_follows and float32 and nchw and pool)"
+# The encoder backward's 512-thread blocks (the pool model's first block: 62 s under TSan,
+# the other two shapes 55 s more); the block kernels' tensor-core passes.
+TSAN_SUBSET+=" or (block_size_follows and float32 and nchw and pool and 28x28)"
 TSAN_SUBSET+=" or (on_tf32_tensor_cores and nhwc and stride) or (weight_grads_on_tf32 and nhwc and 3L)"
 TSAN_SUBSET+=" or (test_decoder_block_loss and float64 and nchw and 2x8x8x8x16x1x4x4x28x28))"
 # --capture=sys: pytest captures Python's output only, so a sanitizer's report

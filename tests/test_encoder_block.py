@@ -397,34 +397,36 @@ def test_backward_declined_shapes_are_composed(variant):
             check_grads(backend, dtype, ours, expected, True, "against float64")
 
 
+@pytest.mark.parametrize("shape,threads", [((2, 1, 16, 28, 28), 512), ((2, 16, 8, 14, 14), 256),
+                                           ((1, 1, 8, 48, 48), 512)],
+                         ids=["2x1x16x28x28", "2x16x8x14x14", "1x1x8x48x48"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @on_cuda_kernels()
-def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant):
+def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant, shape, threads):
     """The pool model's first block (a 28 x 28 image of 16 channels a block, over half an
     SM's shared memory) runs 512 threads a block, its second (14 x 14) the usual 256
     (the emulator's launch record; on a GPU, that both launch); a 48 x 48 image of 8
     channels fits only with its planes' rows unpadded (W + 2 apart, not backward_pitch's
     70) and runs so. Every gradient as float64 autograd and the per-op backward give it,
     either way."""
-    for shape, threads in (((2, 1, 16, 28, 28), 512), ((2, 16, 8, 14, 14), 256), ((1, 1, 8, 48, 48), 512)):
-        x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
-        mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
-        if backend.name == "sim":
-            from cae_kernels import sim
+    x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
+    mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
+    if backend.name == "sim":
+        from cae_kernels import sim
 
-            with sim.record_launches() as recorder:
-                gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
-            (launch,) = recorder.launches
-            assert launch.kernel.startswith(BACKWARD_KERNEL) and launch.threads_per_block == threads, launch
-        else:
+        with sim.record_launches() as recorder:
             gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
-        ours = [gi, *gw, *gb]
-        expected = float64_grads(backend.ops, dtype, x, weights, biases, True, go)
-        check_grads(backend, dtype, ours, expected, True, "against float64")
-        composed = composed_grads(backend.ops, x, weights, biases, True, go)
-        check_grads(backend, dtype, ours, [c.double() for c in composed], True, "against the per-op backward")
+        (launch,) = recorder.launches
+        assert launch.kernel.startswith(BACKWARD_KERNEL) and launch.threads_per_block == threads, launch
+    else:
+        gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+    ours = [gi, *gw, *gb]
+    expected = float64_grads(backend.ops, dtype, x, weights, biases, True, go)
+    check_grads(backend, dtype, ours, expected, True, "against float64")
+    composed = composed_grads(backend.ops, x, weights, biases, True, go)
+    check_grads(backend, dtype, ours, [c.double() for c in composed], True, "against the per-op backward")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
