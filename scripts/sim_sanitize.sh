@@ -23,7 +23,7 @@
 # Environment: PYTHON (default python), CXX (default g++; its runtimes are
 # preloaded, so it must be the compiler torch's cpp_extension uses),
 # SIM_SEED (shuffle seed, default: a fixed one), SIM_WORKERS (test processes,
-# default: one a core), PYTEST_ARGS (extra arguments).
+# default: one a core, at most 8), PYTEST_ARGS (extra arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,10 +65,11 @@ TSAN_SUBSET+=" or (block_size_follows and float32 and nchw and pool and 28x28)"
 TSAN_SUBSET+=" or (on_tf32_tensor_cores and nhwc and stride) or (weight_grads_on_tf32 and nhwc and 3L)"
 TSAN_SUBSET+=" or (test_decoder_block_loss and float64 and nchw and 2x8x8x8x16x1x4x4x28x28))"
 # The emulator runs a test's kernels on the test's own thread, so the tests are spread
-# over processes, one a core (SIM_WORKERS), with pytest-xdist where it is installed (the
-# test extras). On 2 cores each run took about half the time (TSan's 177 s against
-# ~365 s, ASan's 54 s against 110, a schedule's 28 s against 47). One torch thread each.
-WORKERS=${SIM_WORKERS:-$(nproc)}
+# over processes, one a core up to 8 (SIM_WORKERS; each holds torch and a sanitizer's
+# shadow memory), with pytest-xdist where it is installed (the test extras). On 2 cores
+# each run took about half the time (TSan's 177 s against ~365 s, ASan's 54 s against
+# 110, a schedule's 28 s against 47). One torch thread each.
+WORKERS=${SIM_WORKERS:-$(($(nproc) < 8 ? $(nproc) : 8))}
 PARALLEL=""
 if [ "$WORKERS" -gt 1 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
   PARALLEL="-n $WORKERS"
