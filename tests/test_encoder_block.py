@@ -397,14 +397,16 @@ def test_backward_declined_shapes_are_composed(variant):
             check_grads(backend, dtype, ours, expected, True, "against float64")
 
 
-@pytest.mark.parametrize("shape,threads", [((2, 1, 16, 28, 28), 512), ((2, 16, 8, 14, 14), 256),
-                                           ((1, 1, 8, 48, 48), 512)],
-                         ids=["2x1x16x28x28", "2x16x8x14x14", "1x1x8x48x48"])
+# Threads a block of the fused backward for each shape (test below).
+BACKWARD_THREADS = {(2, 1, 16, 28, 28): 512, (2, 16, 8, 14, 14): 256, (1, 1, 8, 48, 48): 512}
+
+
+@pytest.mark.parametrize("shape", BACKWARD_THREADS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @on_cuda_kernels()
-def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant, shape, threads):
+def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant, shape):
     """The pool model's first block (a 28 x 28 image of 16 channels a block, over half an
     SM's shared memory) runs 512 threads a block, its second (14 x 14) the usual 256
     (the emulator's launch record; on a GPU, that both launch); a 48 x 48 image of 8
@@ -419,7 +421,7 @@ def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant,
         with sim.record_launches() as recorder:
             gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
         (launch,) = recorder.launches
-        assert launch.kernel.startswith(BACKWARD_KERNEL) and launch.threads_per_block == threads, launch
+        assert launch.kernel.startswith(BACKWARD_KERNEL) and launch.threads_per_block == BACKWARD_THREADS[shape], launch
     else:
         gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
     ours = [gi, *gw, *gb]
