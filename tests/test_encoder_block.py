@@ -304,6 +304,18 @@ def check_grads(backend, dtype, ours, expected, input_grad, what):
         assert_close(got, ref, grad_tolerance(backend, dtype, ref), f"{name}'s gradient {what}")
 
 
+def check_against_per_op(backend, dtype, variant, ours, x, weights, biases, relu, grad_output, input_grad):
+    """The fused backward's gradients against the composed per-op backward's. Not in
+    16-bit types with the pool: the per-op forward rounds its own a2, one unit off the
+    fused kernel's now and then, and a near-tie in a pool window then has another winner
+    (one failure in about 20,000 emulated 16-bit block cases here); float64_grads covers
+    those through the kernel's own activations."""
+    if dtype in HALF_DTYPES and variant == "pool":
+        return
+    composed = composed_grads(backend.ops, x, weights, biases, relu, grad_output)
+    check_grads(backend, dtype, ours, [c.double() for c in composed], input_grad, "against the per-op backward")
+
+
 @pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "no_input_grad"])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
@@ -312,11 +324,8 @@ def check_grads(backend, dtype, ours, expected, input_grad, what):
 @on_cuda_kernels("dtype")
 def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, shape):
     """One launch of the fused backward (sim), every gradient as float64 autograd gives
-    it and as the composed per-op backward does, to the dtype's rounding; the input's in
-    the input's layout, or empty when not asked for. Not against the per-op backward in
-    16-bit types with the pool: the per-op forward rounds its own a2, one unit off the
-    fused kernel's now and then, and a near-tie in a pool window then has another winner
-    (one failure in about 20,000 emulated 16-bit block cases here)."""
+    it and as the composed per-op backward does (check_against_per_op), to the dtype's
+    rounding; the input's in the input's layout, or empty when not asked for."""
     x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
     if backend.name == "sim":
         ours, kernels = fused_backward(backend.ops, x, weights, biases, relu, go, input_grad)
@@ -329,10 +338,7 @@ def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, 
         assert ours[0].is_contiguous(memory_format=_suggest_memory_format(x))
     expected = float64_grads(backend.ops, dtype, x, weights, biases, relu, go)
     check_grads(backend, dtype, ours, expected, input_grad, "against float64")
-    if dtype in HALF_DTYPES and variant == "pool":
-        return
-    composed = composed_grads(backend.ops, x, weights, biases, relu, go)
-    check_grads(backend, dtype, ours, [c.double() for c in composed], input_grad, "against the per-op backward")
+    check_against_per_op(backend, dtype, variant, ours, x, weights, biases, relu, go, input_grad)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -411,8 +417,8 @@ def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant,
     SM's shared memory) runs 512 threads a block, its second (14 x 14) the usual 256
     (the emulator's launch record; on a GPU, that both launch); a 48 x 48 image of 8
     channels fits only with its planes' rows unpadded (W + 2 apart, not backward_pitch's
-    70) and runs so. Every gradient as float64 autograd and the per-op backward give it,
-    either way."""
+    70) and runs so. Every gradient as float64 autograd and the per-op backward
+    (check_against_per_op) give it, either way."""
     x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
     mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
     if backend.name == "sim":
@@ -427,8 +433,7 @@ def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant,
     ours = [gi, *gw, *gb]
     expected = float64_grads(backend.ops, dtype, x, weights, biases, True, go)
     check_grads(backend, dtype, ours, expected, True, "against float64")
-    composed = composed_grads(backend.ops, x, weights, biases, True, go)
-    check_grads(backend, dtype, ours, [c.double() for c in composed], True, "against the per-op backward")
+    check_against_per_op(backend, dtype, variant, ours, x, weights, biases, True, go, True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
