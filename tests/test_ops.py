@@ -391,6 +391,30 @@ def test_modules_refuse_bad_arguments(make, pattern):
         make()
 
 
+class OpsOnCudaKey:
+    """torch.ops.cae with every call sent to the CUDA dispatch key's kernels (the nvcc
+    build's registration, csrc/cuda/register.cpp) whatever device its tensors are on."""
+
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+    def __getattr__(self, name):
+        op = getattr(torch.ops.cae, name).default
+        return lambda *args: op.redispatch(self.keys, *args)
+
+
+@pytest.mark.skipif(not cae_kernels.with_cuda, reason="checks the CUDA kernels' registration")
+@pytest.mark.parametrize("name", [name for name, _, _ in bad_inputs(cae_kernels, torch.ops.cae, "cpu")])
+def test_cuda_build_refuses_bad_input_before_the_device(name):
+    """The CUDA build's own ops check every argument before they touch a device: on
+    CPU tensors, on any machine, each bad input is the clear error the backends give."""
+    from cae_kernels.functional import _Functions
+
+    ops = OpsOnCudaKey()
+    call, pattern = {n: (c, p) for n, c, p in bad_inputs(_Functions(ops), ops, "cpu")}[name]
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        call()
+
+
 @pytest.mark.skipif(cae_kernels.with_cuda, reason="checks the CUDA stub of a CPU-only build")
 def test_cpu_only_build_names_missing_cuda():
     cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
