@@ -94,7 +94,7 @@ done
 # A crashing test (a segfault) must not hide the others: the journal
 # (CAE_TEST_JOURNAL, tests/conftest.py) records each test as it starts and ends, and
 # pytest starts again past the test that crashed, at most 4 times. Each crash gets
-# its native backtrace from cuda-gdb, each failing test (the first 6) a
+# its native backtrace from cuda-gdb (or gdb), each failing test (the first 6) a
 # compute-sanitizer memcheck and racecheck, all in tests.log.
 journal="$OUT_DIR/.journal"
 rm -f "$journal"
@@ -111,8 +111,11 @@ for attempt in 1 2 3 4 5; do
   crashed=$(grep '^start ' "$journal" | tail -1 | cut -c7-)
   echo "crashed $crashed (exit $rc)" >> "$journal"
   echo "== gpu_check: pytest died (exit $rc) in $crashed; its backtrace, then the tests after it" >> "$OUT_DIR/tests.log"
-  if command -v cuda-gdb > /dev/null && [ "$(left)" -gt 120 ]; then
-    timeout 90 cuda-gdb -q -batch -ex 'set startup-with-shell off' -ex 'set pagination off' -ex run -ex bt \
+  debugger=$(command -v cuda-gdb || command -v gdb || true)  # a toolkit without cuda-gdb: the system's gdb
+  if [ -n "$debugger" ] && [ "$(left)" -gt 120 ]; then
+    # Started through /bin/sh, which keeps a test id's spaces and brackets in one argument
+    # (with startup-with-shell off, gdb splits it at its spaces).
+    SHELL=/bin/sh timeout 90 "$debugger" -q -batch -ex 'set pagination off' -ex run -ex bt \
       --args "$PYTHON" -m pytest "$crashed" -q -p no:cacheprovider >> "$OUT_DIR/tests.log" 2>&1 || true
   fi
 done
