@@ -402,6 +402,7 @@ class OpsOnCudaKey:
         return lambda *args: op.redispatch(self.keys, *args)
 
 
+@pytest.mark.cuda  # no GPU needed; on one it tells a crash on CUDA tensors from one in the checks
 @pytest.mark.skipif(not cae_kernels.with_cuda, reason="checks the CUDA kernels' registration")
 @pytest.mark.parametrize("name", [name for name, _, _ in bad_inputs(cae_kernels, torch.ops.cae, "cpu")])
 def test_cuda_build_refuses_bad_input_before_the_device(name):
