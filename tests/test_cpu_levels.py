@@ -61,9 +61,10 @@ def test_set_cpu_capability_switches_and_refuses_missing_levels():
         cae_kernels.set_cpu_capability(previous)
 
 
-def wide_vector_functions(library):
-    """The functions of a shared library whose code uses 256- or 512-bit registers,
-    each with the register kinds it uses ("ymm", "zmm")."""
+def avx_functions(library):
+    """The functions of a shared library whose code needs AVX, each with what it uses:
+    "ymm" and "zmm" (256- and 512-bit registers), "vex" (any VEX- or EVEX-encoded
+    instruction, whose mnemonics all start with v: scalar and 128-bit ones too)."""
     listing = subprocess.run(
         ["objdump", "-d", "-C", "--no-show-raw-insn", library], capture_output=True, text=True, check=True
     ).stdout
@@ -71,23 +72,31 @@ def wide_vector_functions(library):
     for line in listing.splitlines():
         if line.endswith(">:") and " <" in line:
             function = line.split(" <", 1)[1][:-2]
-        elif function:
-            for kind in ("ymm", "zmm"):
-                if "%" + kind in line:
-                    found.setdefault(function, set()).add(kind)
+            continue
+        fields = line.split("\t")
+        if not function or len(fields) < 2 or not fields[1].strip():
+            continue
+        mnemonic = fields[1].split()[0]
+        kinds = {kind for kind in ("ymm", "zmm") if "%" + kind in fields[1]}
+        if mnemonic.startswith("v") and mnemonic not in ("verr", "verw"):
+            kinds.add("vex")
+        if kinds:
+            found.setdefault(function, set()).update(kinds)
     return found
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 levels only")
 @pytest.mark.skipif(not cae_kernels._C.cpu_portable_build, reason="built with -march (CAE_CPU_ARCH)")
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
-def test_wide_vectors_stay_inside_the_level_kernels():
+def test_avx_code_stays_inside_the_level_kernels():
     """Everything outside namespaces cae::cpu::avx2 and cae::cpu::avx512 must run on any
-    x86-64 CPU: an inline function of torch or the standard library compiled for AVX2
-    in a level's unit could otherwise be the copy the linker keeps for every caller."""
-    found = wide_vector_functions(cae_kernels._C.__file__)
-    assert any("cae::cpu::avx2::" in f for f in found), "the AVX2 level has no AVX2 code"
+    x86-64 CPU, one without AVX too: an inline function of torch or the standard library
+    compiled for AVX2 in a level's unit could otherwise be the copy the linker keeps for
+    every caller. Not only wide registers: a scalar loop compiled there is VEX-encoded
+    (vaddss on xmm registers), which a CPU without AVX cannot run either."""
+    found = avx_functions(cae_kernels._C.__file__)
+    assert any("cae::cpu::avx2::" in f and "ymm" in kinds for f, kinds in found.items()), "no AVX2 code"
     assert not any("cae::cpu::avx2::" in f and "zmm" in kinds for f, kinds in found.items())
     assert any("cae::cpu::avx512::" in f and "zmm" in kinds for f, kinds in found.items())
     leaks = sorted(f for f in found if "cae::cpu::avx2::" not in f and "cae::cpu::avx512::" not in f)
-    assert not leaks, f"{len(leaks)} functions outside the level kernels use AVX registers: {leaks[:10]}"
+    assert not leaks, f"{len(leaks)} functions outside the level kernels need AVX: {leaks[:10]}"
