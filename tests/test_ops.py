@@ -11,6 +11,7 @@ import torch
 import cae_kernels
 from cae_kernels import nn as cnn
 from cae_kernels import reference
+from cae_kernels.functional import _Functions
 
 from backends import FORMATS, HALF_DTYPES, assert_close, check_forward_backward, make_input, on_every_backend
 
@@ -408,8 +409,6 @@ class OpsOnCudaKey:
 def test_cuda_build_refuses_bad_input_before_the_device(name):
     """The CUDA build's own ops check every argument before they touch a device: on
     CPU tensors, on any machine, each bad input is the clear error the backends give."""
-    from cae_kernels.functional import _Functions
-
     ops = OpsOnCudaKey()
     call, pattern = {n: (c, p) for n, c, p in bad_inputs(_Functions(ops), ops, "cpu")}[name]
     with pytest.raises((RuntimeError, ValueError), match=pattern):
@@ -418,7 +417,6 @@ def test_cuda_build_refuses_bad_input_before_the_device(name):
 
 @pytest.mark.skipif(cae_kernels.with_cuda, reason="checks the CUDA stub of a CPU-only build")
 def test_cpu_only_build_names_missing_cuda():
-    cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     x, w = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)
     with pytest.raises(RuntimeError, match=r"cae::conv3x3 got a CUDA tensor, but cae_kernels was built without CUDA"):
-        torch.ops.cae.conv3x3.default.redispatch(cuda_keys, x, w, None, 1, False)
+        OpsOnCudaKey().conv3x3(x, w, None, 1, False)
