@@ -358,7 +358,12 @@ def bad_inputs(f, ops, device):
 @pytest.mark.parametrize("name", [name for name, _, _ in bad_inputs(cae_kernels, torch.ops.cae, "cpu")])
 @on_every_backend()
 def test_bad_input_gets_a_clear_error(backend, name):
-    call, pattern = {n: (c, p) for n, c, p in bad_inputs(backend.functions, backend.ops, backend.device)}[name]
+    check_bad_input(backend.functions, backend.ops, backend.device, name)
+
+
+def check_bad_input(functions, ops, device, name):
+    """bad_inputs' case `name` raises its clear error."""
+    call, pattern = {n: (c, p) for n, c, p in bad_inputs(functions, ops, device)}[name]
     with pytest.raises((RuntimeError, ValueError), match=pattern):
         call()
 
@@ -410,9 +415,7 @@ def test_cuda_build_refuses_bad_input_before_the_device(name):
     """The CUDA build's own ops check every argument before they touch a device: on
     CPU tensors, on any machine, each bad input is the clear error the backends give."""
     ops = OpsOnCudaKey()
-    call, pattern = {n: (c, p) for n, c, p in bad_inputs(_Functions(ops), ops, "cpu")}[name]
-    with pytest.raises((RuntimeError, ValueError), match=pattern):
-        call()
+    check_bad_input(_Functions(ops), ops, "cpu", name)
 
 
 @pytest.mark.skipif(cae_kernels.with_cuda, reason="checks the CUDA stub of a CPU-only build")
