@@ -501,6 +501,11 @@ def estimate(call, launch, index_in_op):
     return e
 
 
+def _balanced_tile(n, hi):
+    """balanced_tile (common.cuh): the least tile of at most hi covering n in as few tiles."""
+    return math.ceil(n / math.ceil(n / hi))
+
+
 def _pow2_at_least(n, lo, hi):
     p = lo
     while p < n and p < hi:
@@ -741,7 +746,7 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
     `mma`: a2 on tensor cores, whose A loads want a1's channels 8 banks apart."""
     h_out, w_out = math.ceil(h / 2), math.ceil(w / 2)
     groups = math.ceil(c1 / GROUP)
-    rows, cols = _pow2_at_least(h_out, 1, 8), _pow2_at_least(w_out, 1, 8)
+    rows, cols = _balanced_tile(h_out, 8), _balanced_tile(w_out, 8)
     tiles = math.ceil(h_out / rows) * math.ceil(w_out / cols)
     samples = 1
     while samples * 2 * 4 * rows * cols <= THREADS and tiles * math.ceil(n / (samples * 2)) >= BLOCK_FILL:
@@ -759,9 +764,9 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
         if samples > 1:
             samples //= 2
         elif rows >= cols and rows > 1:
-            rows //= 2
+            rows = _balanced_tile(h_out, rows - 1)
         else:
-            cols //= 2
+            cols = _balanced_tile(w_out, cols - 1)
     blocks = math.ceil(h_out / rows) * math.ceil(w_out / cols) * math.ceil(n / samples)
     chunk, rest = divmod(launch.shared_bytes // 4 - fixed, per_channel)
     if rest or chunk < 1 or launch.blocks != blocks:

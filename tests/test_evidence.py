@@ -344,9 +344,9 @@ def test_kernel_notes_model_of_a_fused_step(sim, downsample):
     assert first.est.bytes == 4 * 28 * 28 * 4 + weights * 4 + 4 * 16 * 14 * 14 * 4
     assert first.est.outputs == 4 * 16 * 14 * 14
     if downsample == "pool":
-        # 4 x 8 output tiles (8 x 8 does not fit 44 KiB), 8 a image: a1 over 10 x 18, a2 over 8 x 16
-        assert first.launch.blocks == 32
-        assert first.est.flops == 2 * 32 * (10 * 18 * 16 * 9 + 8 * 16 * 16 * 16 * 9)
+        # 7 x 7 output tiles (balanced: 14 in two), 4 an image: a1 over 16 x 16, a2 over 14 x 14
+        assert first.launch.blocks == 16
+        assert first.est.flops == 2 * 16 * (16 * 16 * 16 * 9 + 14 * 14 * 16 * 16 * 9)
     # the backward: more FLOPs than the forward (the recompute and the gradients' products),
     # its partial rows in the bytes
     for name in ("encoder1", "decoder"):

@@ -247,6 +247,10 @@ inline int pow2_at_least(int n, int lo, int hi) {
   return p;
 }
 
+// The smallest tile of at most `hi` that covers n in as few tiles as `hi`
+// does: 7 for 14 and 8 (two tiles of 7, not 8 and an idle 2), 5 for 14 and 6.
+inline int balanced_tile(int n, int hi) { return ceil_div(n, ceil_div(n, hi)); }
+
 inline OutputTile plan_output_tile(int N, int H, int W) {
   OutputTile t;
   t.cols = pow2_at_least(W, 2, 32);

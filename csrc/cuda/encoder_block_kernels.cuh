@@ -115,10 +115,10 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   EncoderBlockTiling& t = p.t;
   if (a.C0 < 1) return p;  // no input channels: nothing to chunk (the composed block serves)
   t.groups = ceil_div(a.C1, kBlockGroup);
-  // Up to 8 x 8 output pixels (16 x 16 of a2: a pooled 28 x 28 in 4 tiles),
-  // images packed while a2's positions fill the block's threads and the grid
-  // keeps kBlockFill blocks.
-  t.rows = pow2_at_least(a.H_out, 1, 8), t.cols = pow2_at_least(a.W_out, 1, 8);
+  // Up to 8 x 8 output pixels, balanced (a pooled 28 x 28 is 4 tiles of 7 x 7:
+  // no a2 computed past the image), images packed while a2's positions fill
+  // the block's threads and the grid keeps kBlockFill blocks.
+  t.rows = balanced_tile(a.H_out, 8), t.cols = balanced_tile(a.W_out, 8);
   const index_t tiles = static_cast<index_t>(ceil_div(a.H_out, t.rows)) * ceil_div(a.W_out, t.cols);
   const int a2_positions = (2 * t.rows) * (2 * t.cols);
   t.samples = 1;
@@ -132,9 +132,9 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
     if (t.samples > 1) {
       t.samples /= 2;
     } else if (t.rows >= t.cols && t.rows > 1) {
-      t.rows /= 2;
+      t.rows = balanced_tile(a.H_out, t.rows - 1);
     } else if (t.cols > 1) {
-      t.cols /= 2;
+      t.cols = balanced_tile(a.W_out, t.cols - 1);
     } else {
       return p;  // not even one output pixel: C1 too large
     }
