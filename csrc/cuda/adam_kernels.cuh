@@ -76,10 +76,12 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(AdamArgs a) {
   if (static_cast<int>(threadIdx.x) < a.tensors) *a.step[threadIdx.x] += 1.f;
 }
 
-// Blocks: a few elements per thread, at most kBlockFill; fixed by the count,
-// so the order of summation (and the norm's bits) is too.
+// Blocks: an element per thread, at most kBlockFill; fixed by the count, so
+// the order of summation (and the norm's bits) is too. A model's step is a few
+// thousand parameters: the kernel's time is its loads' round trips, one per
+// grid-stride iteration, so more blocks (not more elements a thread).
 inline int adam_blocks(index_t count) {
-  const index_t blocks = ceil_div(count, static_cast<index_t>(kThreads) * 4);
+  const index_t blocks = ceil_div(count, static_cast<index_t>(kThreads));
   return static_cast<int>(blocks < 1 ? 1 : blocks > kBlockFill ? kBlockFill : blocks);
 }
 
