@@ -553,6 +553,7 @@ def _weight_grad_results(call):
 
 THREADS = 256  # kThreads
 MMA_PASS_TILES = 2  # kMmaPassTiles: tiles of 16 positions of a mma_pass warp item
+MMA_A1_CHANNELS = 4  # kMmaA1Channels: the input channels from which a1 takes the tensor cores
 GROUP = 8  # kBlockGroup: a work item's output channels
 WEIGHT_GRAD_CHANNELS = 4  # kWeightGradChannels: a decoder weight-gradient item's input channels
 WEIGHT_VEC = 4  # a tap's 8 weights: two Vec<float, 4> broadcast loads (vec_width<float, 8>)
@@ -717,6 +718,12 @@ def mma_pass_fits(x, channels):
     return tensor_cores(x) and channels <= 2 * GROUP
 
 
+def a1_on_tensor_cores(x, c1):
+    """a1_on_tensor_cores: a1 = correlate(x, w1) on tensor cores too, from
+    MMA_A1_CHANNELS input channels on."""
+    return mma_pass_fits(x, c1) and x.shape[1] >= MMA_A1_CHANNELS
+
+
 def _mma_channel_stride(n):
     """mma_channel_stride: at least n, 24 mod 32."""
     return n + (24 - n) % 32
@@ -741,9 +748,10 @@ def _check_plan(launch, blocks, smem_bytes):
                          f"the copy of its planner says {blocks}, {smem_bytes} B: update it")
 
 
-def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
+def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma, mma_a1):
     """plan_encoder_block: the output tile, images per block and the regions (a2, a1, input);
-    `mma`: a2 on tensor cores, whose A loads want a1's channels 8 banks apart."""
+    `mma`: a2 on tensor cores, whose A loads want a1's channels 8 banks apart; `mma_a1`: a1
+    too (the input window's channels likewise, at least a k-step of them a chunk)."""
     h_out, w_out = math.ceil(h / 2), math.ceil(w / 2)
     groups = math.ceil(c1 / GROUP)
     rows, cols = _balanced_tile(h_out, 8), _balanced_tile(w_out, 8)
@@ -751,6 +759,7 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
     samples = 1
     while samples * 2 * 4 * rows * cols <= THREADS and tiles * math.ceil(n / (samples * 2)) >= BLOCK_FILL:
         samples *= 2
+    least_chunk = min(c0, 8) if mma_a1 else 1
     while True:
         r2, c2 = 2 * rows + (2 if strided else 0), 2 * cols + (1 if strided else 0)
         r1, c1_ = r2 + 2, c2 + 2
@@ -758,8 +767,9 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
         w2 = groups * GROUP * c1 * 9
         stride1 = _mma_channel_stride(r1 * c1_) if mma else (r1 * c1_) | 1
         fixed = w2 * (2 if strided else 1) + samples * c1 * (stride1 + ((r2 * c2) | 1))
-        per_channel = samples * ((r0 * c0_) | 1) + groups * GROUP * 9
-        if (fixed + per_channel) * 4 <= BLOCK_SMEM_BUDGET:
+        stride0 = _mma_channel_stride(r0 * c0_) if mma_a1 else (r0 * c0_) | 1
+        per_channel = samples * stride0 + groups * GROUP * 9
+        if (fixed + per_channel * least_chunk) * 4 <= BLOCK_SMEM_BUDGET:
             break
         if samples > 1:
             samples //= 2
@@ -773,7 +783,8 @@ def _encoder_tiling(n, c0, c1, h, w, strided, launch, mma):
         raise SystemExit(f"kernel_notes: {launch.kernel}: {launch.blocks} blocks, {launch.shared_bytes} B, not "
                          f"the copy of plan_encoder_block's ({blocks} blocks, chunks of {per_channel * 4} B)")
     return dict(rows=rows, cols=cols, samples=samples, groups=groups, r2=r2, c2=c2, r1=r1, c1=c1_, r0=r0, c0=c0_,
-                sample0=chunk * ((r0 * c0_) | 1), sample1=c1 * stride1, sample2=c1 * ((r2 * c2) | 1), mma=mma)
+                chunk=chunk, stride0=stride0, sample0=chunk * stride0, sample1=c1 * stride1,
+                sample2=c1 * ((r2 * c2) | 1), mma=mma, mma_a1=mma_a1)
 
 
 def _encoder_block(call, launch, e):
@@ -785,15 +796,20 @@ def _encoder_block(call, launch, e):
     x, weights = a["input"], a["weights"]
     n, c0, h, w = x.shape
     c1, strided = weights[0].shape[0], len(weights) == 3
-    t = _encoder_tiling(n, c0, c1, h, w, strided, launch, mma_pass_fits(x, c1))
+    t = _encoder_tiling(n, c0, c1, h, w, strided, launch, mma_pass_fits(x, c1), a1_on_tensor_cores(x, c1))
     s, g = t["samples"], t["groups"]
     work = _Work(launch.kernel.endswith("true>"))
     work.stage(s * c0 * t["r0"] * t["c0"], channels=c0)
     work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows")
     # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
-    conflict = _window_conflicts(t["c1"], t["r1"] // 2, s, (2, 1), t["c0"], t["sample0"])
-    work.windows(t["c1"] * t["r1"] // 2 * s * g, c0, 2, input_conflict=conflict)
+    if t["mma_a1"]:
+        conflict = _mma_conflicts(t["c1"], t["r1"], s, t["c0"], t["sample0"], t["stride0"])
+        for first in range(0, c0, t["chunk"]):
+            work.mma_layer(t["c1"] * t["r1"] * s, min(t["chunk"], c0 - first), g, input_conflict=conflict)
+    else:
+        conflict = _window_conflicts(t["c1"], t["r1"] // 2, s, (2, 1), t["c0"], t["sample0"])
+        work.windows(t["c1"] * t["r1"] // 2 * s * g, c0, 2, input_conflict=conflict)
     if t["mma"]:
         conflict = _mma_conflicts(t["c2"], t["r2"], s, t["c1"], t["sample1"], t["sample1"] // c1)
         work.mma_layer(t["c2"] * t["r2"] * s, c1, g, input_conflict=conflict)
@@ -932,7 +948,11 @@ def _encoder_block_backward(call, launch, e):
     def conflict(channels):  # layer_pass's pair rows over padded planes of `channels`
         return _window_conflicts(w, rows // 2, samples, (2, 1), pitch, channels * plane)
 
-    work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))  # a1
+    if a1_on_tensor_cores(x, c1):  # a1
+        work.mma_layer(w * rows * samples, c0, g1, input_conflict=_mma_conflicts(w, rows, samples, pitch, c0 * plane,
+                                                                                 plane))
+    else:
+        work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))
     conflict_mma = _mma_conflicts(w, rows, samples, pitch, c1 * plane, plane)
     weight_grads = _weight_grad_pass_mma if mma_pass_fits(x, c1) else _weight_grad_pass
     if mma_pass_fits(x, c1):  # a2

@@ -450,8 +450,8 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
 
   // 1. a1 (the forward kernel's sums, rounded to T).
   LayerPass<T> layer{a.b1, nullptr, 0, 0, 0, 0, a.H, a.W, n0, a.N, a.C1, a.H, a.W, a.relu, false};
-  layer_pass<G, NHWC>(a1v, padded(x_s, a.C0), w1_s, a.C0, samples, t.groups1, true, true, layer, tid,
-                      threads);
+  layer.tensor_cores = a1_on_tensor_cores<Acc>(a);  // as the forward: its gates
+  whole_layer_pass<G, NHWC>(a1v, padded(x_s, a.C0), w1_s, a.C0, samples, t.groups1, layer, tid, threads);
   __syncthreads();
 
   // 2. a2; w1 no longer needed as it is: its transposed copy for phase 6.

@@ -58,6 +58,18 @@ struct EncoderBlockArgs {
 constexpr int kBlockGroup = 8;
 // Groups of output channels a tensor-core pass takes at most (mma_pass).
 constexpr int kMmaGroups = 2;
+// Input channels from which a1 = correlate(x, w1) takes the tensor cores too:
+// with fewer, the FP32 loop issues less than k-steps padded to 8 channels.
+constexpr int kMmaA1Channels = 4;
+
+// Whether a1 runs on tensor cores (layer_pass_mma): where a2 may and x has
+// kMmaA1Channels or more. The forward and the backward's recompute decide
+// alike, so they find the same sums and ReLU gates.
+template <typename Acc, typename T>
+CAE_HOST_DEVICE bool a1_on_tensor_cores(const EncoderBlockArgs<T>& a) {
+  return std::is_same<Acc, float>::value && a.tensor_cores && a.C0 >= kMmaA1Channels &&
+         ceil_div(a.C1, kBlockGroup) <= kMmaGroups;
+}
 
 // A block's tile and its shared memory (elements of Acc): weights first (each
 // a multiple of kBlockGroup elements: vector aligned), then a1, a2, the input.
@@ -90,9 +102,10 @@ inline int mma_channel_stride(int n) { return n + ((24 - n) % 32 + 32) % 32; }
 
 // The regions and the shared memory of `t.rows` x `t.cols` x `t.samples` with
 // a chunk of one input channel (fixed: everything but the input's chunk);
-// `mma`: a2 on tensor cores (mma_channel_stride for a1).
-inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, bool mma, size_t& fixed,
-                                 size_t& per_channel) {
+// `mma`: a2 on tensor cores (mma_channel_stride for a1), `mma_a1`: a1 too
+// (mma_channel_stride for the input window).
+inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, bool mma, bool mma_a1,
+                                 size_t& fixed, size_t& per_channel) {
   // Strided: the window's halo column, and two more rows (one for the halo,
   // one so that the count stays even: threads take rows in pairs).
   t.r2 = 2 * t.rows + (strided ? 2 : 0), t.c2 = 2 * t.cols + (strided ? 1 : 0);
@@ -100,7 +113,7 @@ inline void size_encoder_regions(EncoderBlockTiling& t, int C1, bool strided, bo
   t.r0 = t.r1 + 2, t.c0 = t.c1 + 2;
   t.stride2 = odd_stride(t.r2 * t.c2), t.sample2 = C1 * t.stride2;
   t.stride1 = mma ? mma_channel_stride(t.r1 * t.c1) : odd_stride(t.r1 * t.c1), t.sample1 = C1 * t.stride1;
-  t.stride0 = odd_stride(t.r0 * t.c0);
+  t.stride0 = mma_a1 ? mma_channel_stride(t.r0 * t.c0) : odd_stride(t.r0 * t.c0);
   const size_t c1p = static_cast<size_t>(t.groups) * kBlockGroup;
   t.w2_size = static_cast<int>(c1p * C1 * 9), t.wd_size = strided ? t.w2_size : 0;
   fixed =
@@ -124,11 +137,15 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   t.samples = 1;
   while (t.samples * 2 * a2_positions <= kThreads && tiles * ceil_div(a.N, t.samples * 2) >= kBlockFill)
     t.samples *= 2;
-  // Smaller tiles until a1, a2, the weights and one input channel fit.
+  // Smaller tiles until a1, a2, the weights and one input channel fit (a1 on
+  // tensor cores: 8 channels, a k-step, or all of them).
+  const bool mma_a1 = a1_on_tensor_cores<Acc>(a);
+  const int least_chunk = mma_a1 && a.C0 > 8 ? 8 : mma_a1 ? a.C0 : 1;
   size_t fixed = 0, per_channel = 0;
   for (;;) {
-    size_encoder_regions(t, a.C1, strided, a.tensor_cores && t.groups <= kMmaGroups, fixed, per_channel);
-    if ((fixed + per_channel) * sizeof(Acc) <= kSmemBudget) break;
+    size_encoder_regions(t, a.C1, strided, a.tensor_cores && t.groups <= kMmaGroups, mma_a1, fixed,
+                         per_channel);
+    if ((fixed + per_channel * least_chunk) * sizeof(Acc) <= kSmemBudget) break;
     if (t.samples > 1) {
       t.samples /= 2;
     } else if (t.rows >= t.cols && t.rows > 1) {
@@ -142,6 +159,12 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   constexpr int V = vec_width<T>();
   t.chunk =
       plan_channel_chunk(a.C0, per_channel * sizeof(Acc), fixed * sizeof(Acc), kSmemBudget, nhwc ? V : 1);
+  if (mma_a1 && t.chunk < a.C0) {
+    // Whole k-steps a chunk: the chunks' sums then run in the one-pass order
+    // of the backward's recompute, bit for bit.
+    const size_t fit = (kSmemBudget / sizeof(Acc) - fixed) / per_channel;
+    t.chunk = static_cast<int>(fit / 8 * 8);
+  }
   t.w1_size = t.groups * kBlockGroup * t.chunk * 9;
   t.sample0 = t.chunk * t.stride0;
   t.tiles_y = ceil_div(a.H_out, t.rows), t.tiles_x = ceil_div(a.W_out, t.cols);
@@ -304,9 +327,15 @@ struct AllTaps {
   static constexpr int dx(int i) { return i % 3; }
 };
 
-template <int G, typename Taps = AllTaps<>, typename Finish>
+// `init(s, row, col, co0, v)`, where given, gives the sums to start from (an
+// earlier chunk's input channels), else they start at zero.
+struct NoInit {
+  CAE_DEVICE void operator()(int, int, int, int, float (&)[2]) const {}
+};
+
+template <int G, typename Taps = AllTaps<>, typename Finish, typename Init = NoInit>
 CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
-                         int samples, int groups, int tid, int threads, Finish&& finish) {
+                         int samples, int groups, int tid, int threads, Finish&& finish, Init&& init = {}) {
   static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
   constexpr int M = kMmaPassTiles;
   const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
@@ -327,6 +356,24 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
           src.at(s, 0, Taps::stride * (p % per_sample / cols), Taps::stride * (p % cols)) - src.p);
     }
     float acc[M][kMmaGroups][4] = {};
+    // f(s, row, col, co0, v) for each of the lane's sums: positions (g, g + 8)
+    // of tile m x channels nt * 8 + 2 t4 + (0, 1) are acc[m][nt].
+    const auto each_sum_pair = [&](auto&& f) {
+      CAE_UNROLL
+      for (int r = 0; r < 2 * M; ++r) {
+        const int p = m0 + 8 * r + g;
+        if (p >= positions) continue;
+        const int s = p / per_sample, row = p % per_sample / cols, col = p % cols;
+        CAE_UNROLL
+        for (int nt = 0; nt < kMmaGroups; ++nt) {
+          if (nt >= groups) break;
+          float v[2] = {acc[r / 2][nt][2 * (r % 2)], acc[r / 2][nt][2 * (r % 2) + 1]};
+          f(s, row, col, nt * G + 2 * t4, v);
+          acc[r / 2][nt][2 * (r % 2)] = v[0], acc[r / 2][nt][2 * (r % 2) + 1] = v[1];
+        }
+      }
+    };
+    if constexpr (!std::is_same<std::decay_t<Init>, NoInit>::value) each_sum_pair(init);
     for (int c0 = 0; c0 < count; c0 += 8) {
       const int c_lo = c0 + t4, c_hi = c_lo + 4;
       const bool lo_in = c_lo < count, hi_in = c_hi < count;
@@ -358,42 +405,37 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
         }
       }
     }
-    // acc[m][nt]: positions (g, g + 8) of tile m x channels nt * 8 + 2 t4 + (0, 1).
-    CAE_UNROLL
-    for (int r = 0; r < 2 * M; ++r) {
-      const int p = m0 + 8 * r + g;
-      if (p >= positions) continue;
-      const int s = p / per_sample, row = p % per_sample / cols, col = p % cols;
-      CAE_UNROLL
-      for (int nt = 0; nt < kMmaGroups; ++nt) {
-        if (nt >= groups) break;
-        float v[2] = {acc[r / 2][nt][2 * (r % 2)], acc[r / 2][nt][2 * (r % 2) + 1]};
-        finish(s, row, col, nt * G + 2 * t4, v);
-      }
-    }
+    each_sum_pair(finish);
   }
 }
 
-// layer_pass's work (first and last: the whole layer in one pass) through
-// mma_pass, finished as layer_pass finishes it.
+// layer_pass's work through mma_pass, finished as layer_pass finishes it:
+// `first`, dst holds no sums yet; `last`, the channels are complete. Chunks
+// of whole k-steps (8 channels) sum in the one-pass order.
 template <int G, bool NHWC, typename T>
 CAE_DEVICE void layer_pass_mma(const SharedPlanes<float>& dst, const SharedPlanes<const float>& src,
-                               const float* w, int count, int samples, int groups, const LayerPass<T>& l,
-                               int tid, int threads) {
-  mma_pass<G>(dst.rows, dst.cols, src, w, count, samples, groups, tid, threads,
+                               const float* w, int count, int samples, int groups, bool first, bool last,
+                               const LayerPass<T>& l, int tid, int threads) {
+  const auto finish = [&](int s, int row, int col, int co0, float (&v)[2]) {
+    const int n = l.n0 + s, y = l.y0 + row, xx = l.x0 + col;
+    const bool inside = y >= 0 && y < l.H && xx >= 0 && xx < l.W;
+    if (last) finish_activation<T>(v, l.bias, co0, l.C, l.relu, inside);
+    float* d = dst.at(s, co0, row, col);
+    CAE_UNROLL
+    for (int j = 0; j < 2; ++j)
+      if (co0 + j < l.C) d[j * dst.channel_stride] = v[j];
+    const bool own =
+        y >= l.own_y && y < l.own_y + l.own_size_y && xx >= l.own_x && xx < l.own_x + l.own_size_x;
+    if (last && l.interior != nullptr && inside && n < l.N && own)
+      store_pixel<2, NHWC>(l.interior, v, static_cast<const T*>(nullptr), false, n, co0, l.C, l.H, l.W, y, xx,
+                           false);
+  };
+  if (first) return mma_pass<G>(dst.rows, dst.cols, src, w, count, samples, groups, tid, threads, finish);
+  mma_pass<G>(dst.rows, dst.cols, src, w, count, samples, groups, tid, threads, finish,
               [&](int s, int row, int col, int co0, float (&v)[2]) {
-                const int n = l.n0 + s, y = l.y0 + row, xx = l.x0 + col;
-                const bool inside = y >= 0 && y < l.H && xx >= 0 && xx < l.W;
-                finish_activation<T>(v, l.bias, co0, l.C, l.relu, inside);
-                float* d = dst.at(s, co0, row, col);
+                const float* d = dst.at(s, co0, row, col);
                 CAE_UNROLL
-                for (int j = 0; j < 2; ++j)
-                  if (co0 + j < l.C) d[j * dst.channel_stride] = v[j];
-                const bool own = y >= l.own_y && y < l.own_y + l.own_size_y && xx >= l.own_x &&
-                                 xx < l.own_x + l.own_size_x;
-                if (l.interior != nullptr && inside && n < l.N && own)
-                  store_pixel<2, NHWC>(l.interior, v, static_cast<const T*>(nullptr), false, n, co0, l.C, l.H,
-                                       l.W, y, xx, false);
+                for (int j = 0; j < 2; ++j) v[j] = co0 + j < l.C ? d[j * dst.channel_stride] : 0.0f;
               });
 }
 
@@ -429,18 +471,16 @@ struct PlaneWalk {
   }
 };
 
+// One warp item of weight_grad_pass_mma: n-tiles [tile0, tile0 + kMmaGradTiles)
+// over slice `slice` of `slices` of the k-steps (`busy` false: the warp only
+// keeps the barriers), added into `row` slice after slice.
 template <int S>
-CAE_DEVICE void weight_grad_pass_mma(float* row, const SharedPlanes<const float>& g,
-                                     const SharedPlanes<const float>& src, int C_g, int C_src, int samples,
-                                     int tid, int threads = kThreads) {
-  const int warp = tid / 32, lane = tid % 32, gl = lane / 4, t4 = lane % 4;
+CAE_DEVICE void weight_grad_tiles_mma(float* row, const SharedPlanes<const float>& g,
+                                      const SharedPlanes<const float>& src, int C_g, int C_src, int samples,
+                                      int tile0, bool busy, int slice, int slices, int lane) {
+  const int gl = lane / 4, t4 = lane % 4;
   const int columns = C_src * 9, tiles = ceil_div(columns, 8);
-  const int tile_groups = ceil_div(tiles, kMmaGradTiles), warps = threads / 32;
-  const int slices = warps / tile_groups > 0 ? warps / tile_groups : 1;
-  const int per_sample = g.rows * g.cols, positions = samples * per_sample;
-  const int steps = ceil_div(positions, 8);
-  const bool busy = warp < tile_groups * slices;
-  const int tile0 = warp % tile_groups * kMmaGradTiles, slice = warp / tile_groups;
+  const int steps = ceil_div(samples * g.rows * g.cols, 8);
   // The lane's B columns: where tap `tap` of channel ci lies from a window's start.
   int b_offset[kMmaGradTiles];
   CAE_UNROLL
@@ -494,17 +534,42 @@ CAE_DEVICE void weight_grad_pass_mma(float* row, const SharedPlanes<const float>
   }
 }
 
-// A layer summed in one pass: on tensor cores where mma_pass_fits, else
-// layer_pass.
+template <int S>
+CAE_DEVICE void weight_grad_pass_mma(float* row, const SharedPlanes<const float>& g,
+                                     const SharedPlanes<const float>& src, int C_g, int C_src, int samples,
+                                     int tid, int threads = kThreads) {
+  const int warp = tid / 32, warps = threads / 32;
+  const int tile_groups = ceil_div(ceil_div(C_src * 9, 8), kMmaGradTiles);
+  const int slices = warps / tile_groups > 0 ? warps / tile_groups : 1;
+  // More tile groups than warps (C_src above 42 at 8 warps): one slice, the
+  // warps taking the groups round after round.
+  for (int round = 0; round < ceil_div(tile_groups, warps); ++round) {
+    const int group = warp % tile_groups + round * warps;
+    weight_grad_tiles_mma<S>(row, g, src, C_g, C_src, samples, group * kMmaGradTiles,
+                             warp < tile_groups * slices && group < tile_groups, warp / tile_groups, slices,
+                             tid % 32);
+  }
+}
+
+// A layer's input channels [0, count) (`first`, `last` as layer_pass's): on
+// tensor cores where l.tensor_cores and mma_pass_fits, else layer_pass.
+template <int G, bool NHWC, typename T, typename Acc>
+CAE_DEVICE void any_layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src, const Acc* w,
+                               int count, int samples, int groups, bool first, bool last,
+                               const LayerPass<T>& l, int tid, int threads = kThreads) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (mma_pass_fits<Acc>(l.tensor_cores, groups))
+      return layer_pass_mma<G, NHWC>(dst, src, w, count, samples, groups, first, last, l, tid, threads);
+  }
+  layer_pass<G, NHWC>(dst, src, w, count, samples, groups, first, last, l, tid, threads);
+}
+
+// A layer summed in one pass (any_layer_pass's first and last).
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void whole_layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src,
                                  const Acc* w, int count, int samples, int groups, const LayerPass<T>& l,
                                  int tid, int threads = kThreads) {
-  if constexpr (std::is_same<Acc, float>::value) {
-    if (mma_pass_fits<Acc>(l.tensor_cores, groups))
-      return layer_pass_mma<G, NHWC>(dst, src, w, count, samples, groups, l, tid, threads);
-  }
-  layer_pass<G, NHWC>(dst, src, w, count, samples, groups, true, true, l, tid, threads);
+  any_layer_pass<G, NHWC>(dst, src, w, count, samples, groups, true, true, l, tid, threads);
 }
 
 // __launch_bounds__'s blocks per SM of the fused block kernels (see
@@ -545,6 +610,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       a2p{a2_s, t.stride2, t.sample2, t.r2, t.c2, t.c2};
   LayerPass<T> layer{a.b1, a.a1, y1,   x1,  own_y, own_x,  2 * t.rows, 2 * t.cols,
                      o.n0, a.N,  a.C1, a.H, a.W,   a.relu, t.vec_act};
+  layer.tensor_cores = a1_on_tensor_cores<Acc>(a);
 
   // 1. a1 over its region, input channels in chunks (sums kept in a1_s).
   for (int c0 = 0; c0 < a.C0; c0 += t.chunk) {
@@ -562,8 +628,8 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       stage_nchw(in_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, win, tid);
     }
     __syncthreads();
-    layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0, t.c0}, w1_s,
-                        count, t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
+    any_layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0, t.c0}, w1_s,
+                            count, t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
   }
   __syncthreads();
 
