@@ -948,15 +948,16 @@ def _encoder_block_backward(call, launch, e):
     def conflict(channels):  # layer_pass's pair rows over padded planes of `channels`
         return _window_conflicts(w, rows // 2, samples, (2, 1), pitch, channels * plane)
 
+    def conflict_mma(channels):  # mma_pass's A loads over padded planes of `channels`
+        return _mma_conflicts(w, rows, samples, pitch, channels * plane, plane)
+
     if a1_on_tensor_cores(x, c1):  # a1
-        work.mma_layer(w * rows * samples, c0, g1, input_conflict=_mma_conflicts(w, rows, samples, pitch, c0 * plane,
-                                                                                 plane))
+        work.mma_layer(w * rows * samples, c0, g1, input_conflict=conflict_mma(c0))
     else:
         work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))
-    conflict_mma = _mma_conflicts(w, rows, samples, pitch, c1 * plane, plane)
     weight_grads = _weight_grad_pass_mma if mma_pass_fits(x, c1) else _weight_grad_pass
     if mma_pass_fits(x, c1):  # a2
-        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma)
+        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma(c1))
     else:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     if strided:
@@ -972,13 +973,13 @@ def _encoder_block_backward(call, launch, e):
         work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
     weight_grads(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
     if mma_pass_fits(x, c1):  # grad_z1
-        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma)
+        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma(c1))
     else:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     weight_grads(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
     input_grad = bool(a.get("input_grad"))
     if input_grad and mma_pass_fits(x, c0):
-        work.mma_layer(w * rows * samples, c1, g0, input_conflict=conflict_mma)
+        work.mma_layer(w * rows * samples, c1, g0, input_conflict=conflict_mma(c1))
     elif input_grad:
         work.windows(pairs_items * g0, c1, 2, input_conflict=conflict(c1))
     work.issue += _warp_items(sums) * 4  # the row's stores

@@ -25,6 +25,8 @@
 // the fused block computes what the composed one does.
 #pragma once
 
+#include <algorithm>
+
 #include "conv3x3_kernels.cuh"
 #include "max_pool2x2_kernels.cuh"
 #include "mma.cuh"
@@ -140,7 +142,7 @@ inline EncoderBlockPlan plan_encoder_block(const EncoderBlockArgs<T>& a, bool nh
   // Smaller tiles until a1, a2, the weights and one input channel fit (a1 on
   // tensor cores: 8 channels, a k-step, or all of them).
   const bool mma_a1 = a1_on_tensor_cores<Acc>(a);
-  const int least_chunk = mma_a1 && a.C0 > 8 ? 8 : mma_a1 ? a.C0 : 1;
+  const int least_chunk = mma_a1 ? std::min(a.C0, 8) : 1;
   size_t fixed = 0, per_channel = 0;
   for (;;) {
     size_encoder_regions(t, a.C1, strided, a.tensor_cores && t.groups <= kMmaGroups, mma_a1, fixed,
