@@ -1023,6 +1023,10 @@ def _decoder_tiling(call, launch, backward):
     # decoder_block_loss and its backward: the crop is the target's size
     h_out, w_out = a["output_size"] if "output_size" in a else a["target"].shape[2:]
 
+    # the planes' channel stride: mma_channel_stride where the tensor cores read them (mma_pass's
+    # A fragments: 8 positions of 4 channels; weight_grad_pass_mma's: of 8 channels)
+    mma = tensor_cores(x)
+
     def weight_elements(c_in, c_out, group):
         return math.ceil(c_out / group) * group * c_in * 9
 
@@ -1038,8 +1042,9 @@ def _decoder_tiling(call, launch, backward):
             strip_plane = not backward and layers > 1 and i == layers - 1
             prows = strip + 2 if strip_plane else (h << scale) + 2
             pcols = (w << scale) + 2
-            planes.append((prows, pcols, ((prows * pcols) | 1)))
-            offset += samples * chans[i] * ((prows * pcols) | 1)
+            plane = _mma_channel_stride(prows * pcols) if mma else (prows * pcols) | 1
+            planes.append((prows, pcols, plane))
+            offset += samples * chans[i] * plane
         return offset, planes
 
     budget = BLOCK_SMEM_BUDGET if not backward else launch.shared_bytes
