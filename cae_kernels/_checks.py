@@ -116,6 +116,19 @@ def check_relu_output(relu_output, grad_output, name="relu_output") -> None:
     check_same_shape(relu_output, name, grad_output.shape, "the shape of grad_output")
 
 
+def check_pool_winners(winners, grad_output, input, weights) -> None:
+    """encoder_block_backward's winners (ops.h), where given."""
+    if winners is None:
+        return
+    _check(len(weights) == 2, "cae: encoder_block_backward takes winners for a pool block only (2 weights), got ",
+           len(weights), " weights")
+    _check(winners.dtype == torch.uint8, "cae: winners must have dtype Byte (the forward's), got ",
+           _dtype(winners.dtype))
+    _check(winners.device == input.device, "cae: winners is on device ", winners.device, " but input is on device ",
+           input.device)
+    check_same_shape(winners, "winners", grad_output.shape, "the shape of grad_output")
+
+
 def check_input_channels(input, expected, weight) -> None:
     _check(input.shape[1] == expected, "cae: input has ", input.shape[1], " channels but weight of sizes ",
            _sizes(weight.shape), " expects ", expected)

@@ -91,18 +91,23 @@ def _fakes(checks):
     def encoder_block(input, weights, biases, relu):
         checks.encoder_block(input, weights, biases)
         n, _, h, w = input.shape
-        return _empty(input, (n, weights[0].shape[0], pool_output_size(h), pool_output_size(w)))
+        out = _empty(input, (n, weights[0].shape[0], pool_output_size(h), pool_output_size(w)))
+        if len(weights) == 3:
+            return out, input.new_empty((0,), dtype=torch.uint8)
+        return out, torch.empty(out.shape, dtype=torch.uint8, device=input.device,
+                                memory_format=_suggest_memory_format(input))
 
     def _block_grads(input, weights, biases, input_grad):
         grad_input = _empty(input, input.shape) if input_grad else input.new_empty((0,))
         return grad_input, [input.new_empty(w.shape) for w in weights], [b.new_empty(b.shape) for b in biases]
 
-    def encoder_block_backward(grad_output, input, output, weights, biases, relu, input_grad):
-        out = encoder_block(input, weights, biases, relu)
+    def encoder_block_backward(grad_output, input, output, winners, weights, biases, relu, input_grad):
+        out, _ = encoder_block(input, weights, biases, relu)
         _checks.check_block_grad_output(grad_output, input, out.shape)
         _checks._check(output is not None or not (len(weights) == 3 and relu),
                        "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)")
         _checks.check_relu_output(output, grad_output, "output")
+        _checks.check_pool_winners(winners, grad_output, input, weights)
         return _block_grads(input, weights, biases, input_grad)
 
     def decoder_block(input, weights, biases, relu, output_size, size_name="output_size"):
@@ -163,10 +168,14 @@ def _setup_max_pool(ctx, inputs, output):
 
 def _setup_encoder_block(ctx, inputs, output):
     input, weights, biases, relu = inputs
-    # The block's input (a1, a2 are recomputed from it); the strided block's output
-    # too, its last ReLU's mask: the next block's input, the same storage.
-    mask = output if relu and len(weights) == 3 else None
-    ctx.save_for_backward(input, mask, *weights, *biases)
+    out, winners = output
+    # The block's input (a1, and a2 where needed, are recomputed from it); the pool's
+    # winner codes (a byte a window: the backward needs no a2); the strided block's
+    # output, its last ReLU's mask: the next block's input, the same storage.
+    strided = len(weights) == 3
+    mask = out if relu and strided else None
+    ctx.save_for_backward(input, mask, None if strided else winners, *weights, *biases)
+    ctx.mark_non_differentiable(winners)
     ctx.relu, ctx.count = relu, len(weights)
 
 
@@ -242,10 +251,10 @@ def register(namespace, kernels=kernels_by_device):
 
     # The blocks' backward ops compute every weight's and bias's gradient; the input's
     # only where autograd needs it.
-    def encoder_block_backward(ctx, grad_output):
-        input, mask, *params = ctx.saved_tensors
-        grads = ops.encoder_block_backward(grad_output, input, mask, params[:ctx.count], params[ctx.count:],
-                                           ctx.relu, ctx.needs_input_grad[0])
+    def encoder_block_backward(ctx, grad_output, grad_winners):
+        input, mask, winners, *params = ctx.saved_tensors
+        grads = ops.encoder_block_backward(grad_output, input, mask, winners, params[:ctx.count],
+                                           params[ctx.count:], ctx.relu, ctx.needs_input_grad[0])
         return (*_block_gradients(ctx, grads), None)
 
     def decoder_block_backward(ctx, grad_output):

@@ -74,9 +74,10 @@ class _Functions:
         activation).
 
         Same result as ``max_pool2x2(conv3x3(conv3x3(x, w1, b1, 1, act), w2, b2, 1, act))``
-        or ``conv3x3(..., w_down, b_down, 2, act)``. Its backward recomputes the two inner
-        activations from ``input`` instead of keeping them: autograd saves only the
-        input (and, for the strided block with ReLU, the output, its mask).
+        or ``conv3x3(..., w_down, b_down, 2, act)``. Its backward recomputes the inner
+        activations from ``input`` instead of keeping them: autograd saves the input and,
+        for the pool, each window's winner (a byte a window: a2 is then not recomputed
+        on CUDA), for the strided block with ReLU the output, its mask.
 
         Args:
             input: ``[N, C0, H, W]``, NCHW or channels_last.
@@ -86,7 +87,7 @@ class _Functions:
         Returns:
             ``[N, C1, ceil(H / 2), ceil(W / 2)]`` in the input's memory format.
         """
-        return self._ops.encoder_block(input, list(weights), list(biases), _relu_flag(activation))
+        return self._ops.encoder_block(input, list(weights), list(biases), _relu_flag(activation))[0]
 
     def decoder_block(self, input, weights, biases, output_size, activation="relu"):
         """A decoder block in one op: every weight but the last a stride-2 3x3 transposed

@@ -117,6 +117,9 @@ struct MaxPoolGradParams {
 // An encoder block's parameters as its fused kernels take them: w1 [C1, C0,
 // 3, 3], w2 (and the strided block's w_down) [C1, C1, 3, 3], a bias each,
 // contiguous.
+// The pool's winner code where no element takes the gradient (EncoderBlockParams::winners).
+constexpr int kPoolNoWinner = 4;
+
 struct EncoderBlockWeights {
   Tensor w1, b1, w2, b2;
   OptTensor w_down, b_down;
@@ -137,10 +140,14 @@ struct EncoderBlockWeights {
 // a1 = act(b1 + correlate(input, w1)), a2 = act(b2 + correlate(a1, w2)), out
 // = max_pool2x2(a2), or with w_down act(b_down + correlate_stride2(a2,
 // w_down)). interior_a1/_a2, where given, receive a1 and a2 as well (the
-// backward's recompute reads them). The kernel returns false for a shape it
-// does not take; ops.h then composes the block from the per-op kernels.
+// backward's recompute reads them); winners, where given (the pool), each
+// window's winner code: 0 to 3, the element (row-major) whose gradient the
+// output's is, or kPoolNoWinner where the ReLU there is closed. The kernel
+// returns false for a shape it does not take; ops.h then composes the block
+// from the per-op kernels.
 struct EncoderBlockParams {
   Tensor out;
+  OptTensor winners;
   OptTensor interior_a1;
   OptTensor interior_a2;
   Tensor input;
@@ -153,14 +160,17 @@ struct EncoderBlockParams {
 // fuses it: with a1, a2 recomputed from `input`, grad_weights / grad_biases
 // (w1, w2[, w_down] order) and, where given, grad_input get the gradients the
 // composed backward computes. `output` is the strided block's output, its last
-// ReLU's mask (with relu; absent otherwise). False: nothing computed, the
-// shape is not taken; ops.h then runs the composed backward.
+// ReLU's mask (with relu; absent otherwise); `winners` the pool's winner
+// codes from the forward (EncoderBlockParams), where given: a2 is then not
+// recomputed. False: nothing computed, the shape is not taken; ops.h then
+// runs the composed backward.
 struct EncoderBlockBackwardParams {
   OptTensor grad_input;
   std::vector<Tensor> grad_weights, grad_biases;
   Tensor grad_output;
   Tensor input;
   OptTensor output;
+  OptTensor winners;
   EncoderBlockWeights weights;
   bool relu;
   bool nhwc;

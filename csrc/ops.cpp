@@ -40,10 +40,13 @@ TORCH_LIBRARY(CAE_NAMESPACE, m) {
   // one, center-cropped to output_size. The backward ops recompute the
   // interior from the block's input and return (grad_input, grad_weights,
   // grad_biases); without input_grad, grad_input is an empty tensor.
-  m.def("encoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu) -> Tensor");
+  // The encoder block returns its output and the pool's winner codes (uint8,
+  // the output's sizes; empty for the strided block), which its backward
+  // takes to skip recomputing a2.
+  m.def("encoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu) -> (Tensor, Tensor)");
   m.def(
-      "encoder_block_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor[] weights, Tensor[] "
-      "biases, bool relu, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
+      "encoder_block_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor? winners, Tensor[] "
+      "weights, Tensor[] biases, bool relu, bool input_grad) -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "decoder_block(Tensor input, Tensor[] weights, Tensor[] biases, bool relu, SymInt[] output_size) -> "
       "Tensor");
@@ -114,7 +117,8 @@ struct Autocast<name, R(Args...), float32> {
 };
 using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  int64_t, bool);
-using EncoderBlockSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, bool);
+using EncoderBlockSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+                                                                 at::TensorList, bool);
 using DecoderBlockSignature = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, bool,
                                          c10::SymIntArrayRef);
 constexpr char kConv3x3[] = "conv3x3";

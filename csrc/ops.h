@@ -390,10 +390,23 @@ struct Ops {
   }
 
   // a1 and a2 (with `interior`: the backward's recompute, which needs no
-  // `out` from the composed path) and the block's output.
+  // `out` from the composed path) and the block's output with, for the pool,
+  // its windows' winner codes (an empty tensor for the strided block).
   struct EncoderActivations {
-    Tensor a1, a2, out;
+    Tensor a1, a2, out, winners;
   };
+
+  // The pool's winner codes (backend.h EncoderBlockParams::winners) from a2
+  // and the pooled output, composed: PyTorch's max-pool indices are its
+  // winners (row-major, the first maximum, a NaN over everything), as ours.
+  static Tensor pool_winner_codes(const Tensor& a2, const Tensor& out, bool relu, at::MemoryFormat format) {
+    if (out.numel() == 0) return at::empty(out.sizes(), out.options().dtype(at::kByte).memory_format(format));
+    const Tensor index = std::get<1>(at::max_pool2d_with_indices(a2, {2, 2}, {2, 2}, {0, 0}, {1, 1}, true));
+    const Tensor row = at::div(index, a2.size(3), "floor");
+    Tensor code = at::remainder(row, 2) * 2 + at::remainder(index - row * a2.size(3), 2);
+    if (relu) code.masked_fill_(out.le(0).logical_or(out.isnan()), kPoolNoWinner);
+    return code.to(at::kByte).contiguous(format);
+  }
 
   static EncoderActivations encoder_block_activations(const Tensor& input, at::TensorList weights,
                                                       at::TensorList biases, bool relu, bool interior) {
@@ -409,9 +422,13 @@ struct Ops {
           acts.a2 = at::empty({n, weights[1].size(0), h, w}, options);
         }
         acts.out = at::empty({n, weights.back().size(0), pool_output_size(h), pool_output_size(w)}, options);
+        const bool winners = !interior && !strided;
+        acts.winners = winners ? at::empty(acts.out.sizes(), options.dtype(at::kByte))
+                               : at::empty({0}, input.options().dtype(at::kByte));
         const auto given = [&](const Tensor& t) { return interior ? OptTensor(t) : std::nullopt; };
         const auto format = memory_format(nhwc);
         if (K::encoder_block({.out = acts.out,
+                              .winners = winners ? OptTensor(acts.winners) : std::nullopt,
                               .interior_a1 = given(acts.a1),
                               .interior_a2 = given(acts.a2),
                               .input = input.contiguous(format),
@@ -424,27 +441,38 @@ struct Ops {
     EncoderActivations acts;
     acts.a1 = conv3x3(input, weights[0], biases[0], 1, relu);
     acts.a2 = conv3x3(acts.a1, weights[1], biases[1], 1, relu);
-    if (!interior)
+    if (!interior) {
       acts.out = strided ? conv3x3(acts.a2, weights[2], biases[2], 2, relu) : max_pool2x2(acts.a2);
+      acts.winners = strided
+                         ? at::empty({0}, input.options().dtype(at::kByte))
+                         : pool_winner_codes(acts.a2, acts.out, relu, memory_format(is_channels_last(input)));
+    }
     return acts;
   }
 
   // act(conv(act(conv(input)))) then a max-pool (2 weights) or a stride-2
   // convolution with its activation (3 weights): the backend's fused kernel
   // where it has one (backend.h EncoderBlockParams) and it takes the shape,
-  // else the per-op kernels.
-  static Tensor encoder_block(const Tensor& input, at::TensorList weights, at::TensorList biases, bool relu) {
+  // else the per-op kernels. Returns the output and, for the pool, the
+  // windows' winner codes (uint8, the output's sizes; empty for the strided
+  // block), which spare the fused backward recomputing a2.
+  static std::tuple<Tensor, Tensor> encoder_block(const Tensor& input, at::TensorList weights,
+                                                  at::TensorList biases, bool relu) {
     check_encoder_block(input, weights, biases);
-    return encoder_block_activations(input, weights, biases, relu, false).out;
+    auto acts = encoder_block_activations(input, weights, biases, relu, false);
+    return {acts.out, acts.winners};
   }
 
   // The input gradient where needed, else an empty tensor (nothing computed),
   // and every weight's and bias's gradient. a1 and a2 are recomputed from the
   // input; `output` is the strided block's last ReLU mask (needed there with
-  // `relu`, unused otherwise: the max-pool's backward reads a2).
+  // `relu`, unused otherwise: the max-pool's backward reads a2); `winners`,
+  // the pool's winner codes from the forward, where given spare the fused
+  // kernel a2 (the composed path recomputes it anyway: its gates).
   static BlockGrads encoder_block_backward(const Tensor& grad_output, const Tensor& input,
-                                           const OptTensor& output, at::TensorList weights,
-                                           at::TensorList biases, bool relu, bool input_grad) {
+                                           const OptTensor& output, const OptTensor& winners,
+                                           at::TensorList weights, at::TensorList biases, bool relu,
+                                           bool input_grad) {
     check_encoder_block(input, weights, biases);
     const bool strided = weights.size() == 3;
     check_activation(grad_output, "grad_output", input);
@@ -455,6 +483,16 @@ struct Ops {
     TORCH_CHECK(output.has_value() || !(strided && relu),
                 "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)");
     check_relu_output(output, grad_output, "output");
+    if (winners.has_value()) {
+      TORCH_CHECK(!strided,
+                  "cae: encoder_block_backward takes winners for a pool block only (2 weights), got ",
+                  weights.size(), " weights");
+      TORCH_CHECK(winners->scalar_type() == at::kByte,
+                  "cae: winners must have dtype Byte (the forward's), got ", winners->scalar_type());
+      TORCH_CHECK(winners->device() == input.device(), "cae: winners is on device ", winners->device(),
+                  " but input is on device ", input.device());
+      check_same_shape(*winners, "winners", grad_output.sizes(), "the shape of grad_output");
+    }
     if constexpr (requires(const EncoderBlockBackwardParams& p) { K::encoder_block_backward(p); }) {
       if (fusable(input, weights)) {
         const bool nhwc = is_channels_last(input);
@@ -468,6 +506,7 @@ struct Ops {
                  .grad_output = grad_output.contiguous(format),
                  .input = input.contiguous(format),
                  .output = strided && relu ? OptTensor(output->contiguous(format)) : std::nullopt,
+                 .winners = winners ? OptTensor(winners->contiguous(format)) : std::nullopt,
                  .weights = EncoderBlockWeights::of(weights, biases),
                  .relu = relu,
                  .nhwc = nhwc}))

@@ -823,8 +823,8 @@ def _encoder_block(call, launch, e):
         work.issue += _warp_items(c1 * t["rows"] * t["cols"] * s) * POOL_INSTRUCTIONS
         work.wavefronts += _warp_items(c1 * t["rows"] * t["cols"] * s) * 4
     work.add(e, launch.blocks)
-    out = call.results[0]
-    e.bytes = nbytes(x) + sum(nbytes(t) for t in weights + a["biases"]) + nbytes(out)
+    out, winners = call.results[:2]
+    e.bytes = nbytes(x) + sum(nbytes(t) for t in weights + a["biases"]) + nbytes(out) + nbytes(winners)
     e.outputs = out.numel()
 
 
@@ -907,10 +907,11 @@ def _weight_grad_pass_mma(work, c_g, c_src, g_rows, g_cols, samples, g_plane, g_
 
 
 def _encoder_block_backward(call, launch, e):
-    """encoder_block_backward_kernel: whole images per block in padded planes; a1 and a2
-    recomputed; grad_z2 (the pool's winners, or dw_down and the stride-2 transposed
-    correlation); dw2; grad_z1 (stride-1 transposed: a correlation with the flipped
-    weights); dw1 and the input gradient; the partial rows summed by finish_grid_sums."""
+    """encoder_block_backward_kernel: whole images per block in padded planes; a1 recomputed,
+    and a2 unless the forward's pool winners are given; grad_z2 (the pool's winners, or dw_down
+    and the stride-2 transposed correlation); dw2; grad_z1 (stride-1 transposed: a correlation
+    with the flipped weights); dw1 and the input gradient; the partial rows summed by
+    finish_grid_sums."""
     a = call.args
     x, weights, go = a["input"], a["weights"], a["grad_output"]
     n, c0, h, w = x.shape
@@ -956,9 +957,10 @@ def _encoder_block_backward(call, launch, e):
     else:
         work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))
     weight_grads = _weight_grad_pass_mma if mma_pass_fits(x, c1) else _weight_grad_pass
-    if mma_pass_fits(x, c1):  # a2
+    winners = a.get("winners")  # the forward's pool winners: a2 is not recomputed
+    if winners is None and mma_pass_fits(x, c1):  # a2
         work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma(c1))
-    else:
+    elif winners is None:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     if strided:
         weight_grads(work, c1, c1, h_out, w_out, samples, out_plane, out_pitch, plane, pitch, 2)
@@ -984,7 +986,7 @@ def _encoder_block_backward(call, launch, e):
         work.windows(pairs_items * g0, c1, 2, input_conflict=conflict(c1))
     work.issue += _warp_items(sums) * 4  # the row's stores
     work.add(e, launch.blocks)
-    e.bytes = (nbytes(x) + nbytes(go) + (nbytes(a.get("output")) if strided and a["relu"] else 0)
+    e.bytes = (nbytes(x) + nbytes(go) + (nbytes(a.get("output")) if strided and a["relu"] else 0) + nbytes(winners)
                + sum(nbytes(t) for t in weights + a["biases"]) * 2  # read, gradients written
                + (nbytes(x) if input_grad else 0) + _grid_sums_bytes(launch.blocks, sums))
     e.outputs = sums + (x.numel() if input_grad else 0)

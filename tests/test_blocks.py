@@ -176,11 +176,14 @@ def test_block_opcheck(backend):
         for strided in (False, True):
             x, weights, biases = encoder_inputs(backend, F64, (2, 3, 4, 7, 6), fmt, strided)
             torch.library.opcheck(ops.encoder_block, (x, weights, biases, True))
-            out = ops.encoder_block(x, weights, biases, True).detach()
+            out, winners = ops.encoder_block(x, weights, biases, True)
+            out = out.detach()
             g = torch.randn_like(out)
             detached = [[t.detach() for t in ts] for ts in (weights, biases)]
             for input_grad in (True, False):
-                torch.library.opcheck(ops.encoder_block_backward, (g, x.detach(), out, *detached, True, input_grad))
+                for given in (None, winners) if not strided else (None,):
+                    torch.library.opcheck(ops.encoder_block_backward,
+                                          (g, x.detach(), out, given, *detached, True, input_grad))
         x, weights, biases = decoder_inputs(backend, F64, (2, 3, (4, 2), 6, 4, (11, 7)), fmt)
         torch.library.opcheck(ops.decoder_block, (x, weights, biases, True, [11, 7]))
         g = make_input((2, 2, 11, 7), F64, backend.device, fmt).detach()
@@ -216,11 +219,12 @@ def test_input_gradient_only_where_needed(backend, strided):
             f.decoder_block(f.encoder_block(x, weights, biases), dweights, dbiases, (7, 6)).sum().backward()
         assert calls.input_grad == [True, needs_input]  # the decoder's input is the encoder's output
         assert (x.grad is not None) == needs_input
-    out = backend.ops.encoder_block(x, weights, biases, True)
+    out, winners = backend.ops.encoder_block(x, weights, biases, True)
+    winners = None if strided else winners
     g = torch.randn_like(out)
     params = [[t.detach() for t in ts] for ts in (weights, biases)]
-    without = backend.ops.encoder_block_backward(g, x.detach(), out, *params, True, False)
-    with_input = backend.ops.encoder_block_backward(g, x.detach(), out, *params, True, True)
+    without = backend.ops.encoder_block_backward(g, x.detach(), out, winners, *params, True, False)
+    with_input = backend.ops.encoder_block_backward(g, x.detach(), out, winners, *params, True, True)
     assert without[0].numel() == 0 and with_input[0].shape == x.shape
     for ours, theirs in zip(without[1] + without[2], with_input[1] + with_input[2], strict=True):
         torch.testing.assert_close(ours, theirs)
@@ -248,10 +252,21 @@ def bad_block_calls(device):
            "cae: weight must be [C1, C1, 3, 3], got sizes [4, 4, 5, 5]")
     yield ("second bias", "encoder_block", (x, [w1, w2], [b, t(5)], True),
            "cae: bias must have sizes [4], got [5]")
-    yield ("grad_output", "encoder_block_backward", (t(2, 4, 8, 8), x, None, [w1, w2], [b, b], True, True),
+    yield ("grad_output", "encoder_block_backward", (t(2, 4, 8, 8), x, None, None, [w1, w2], [b, b], True, True),
            "cae: grad_output must have sizes [2, 4, 4, 4] (the block's output), got [2, 4, 8, 8]")
-    yield ("strided mask", "encoder_block_backward", (t(2, 4, 4, 4), x, None, [w1, w2, w2], [b] * 3, True, True),
+    yield ("strided mask", "encoder_block_backward",
+           (t(2, 4, 4, 4), x, None, None, [w1, w2, w2], [b] * 3, True, True),
            "cae: encoder_block_backward needs the output of a strided block with relu (its ReLU mask)")
+    codes = torch.zeros(2, 4, 4, 4, dtype=torch.uint8, device=device)
+    yield ("strided winners", "encoder_block_backward",
+           (t(2, 4, 4, 4), x, t(2, 4, 4, 4), codes, [w1, w2, w2], [b] * 3, True, True),
+           "cae: encoder_block_backward takes winners for a pool block only (2 weights), got 3 weights")
+    yield ("winners dtype", "encoder_block_backward",
+           (t(2, 4, 4, 4), x, None, codes.float(), [w1, w2], [b, b], True, True),
+           "cae: winners must have dtype Byte (the forward's), got Float")
+    yield ("winners shape", "encoder_block_backward",
+           (t(2, 4, 4, 4), x, None, codes[:, :, :3], [w1, w2], [b, b], True, True),
+           "cae: winners must have sizes [2, 4, 4, 4] (the shape of grad_output), got [2, 4, 3, 4]")
     wt1, wt2 = t(3, 4, 3, 3), t(4, 1, 3, 3)
     yield ("no weights", "decoder_block", (x, [], [], True, [8, 8]),
            "cae: decoder_block takes one or more weights, got 0")
@@ -371,7 +386,8 @@ def _saved_bytes_script():
 @pytest.mark.parametrize("downsample", ["pool", "stride"])
 def test_fused_model_saves_at_most_a_quarter(downsample):
     """The fused step keeps the image, each block's output (the next block's input), the
-    parameters and the loss's logits: exactly, and at most a quarter of the per-op path's."""
+    pool's winner codes (a byte an output element), the parameters and the loss's logits:
+    exactly, and at most a quarter of the per-op path's."""
     saved = _saved_bytes_script()
     batch = 8
     fused = saved.measure(downsample, "cae", torch.contiguous_format, batch, fused=True)
@@ -379,8 +395,10 @@ def test_fused_model_saves_at_most_a_quarter(downsample):
     model = ConvAutoencoder(downsample=downsample)
     params = sum(p.nbytes for p in model.parameters())
     image = batch * 28 * 28 * 4
-    block_outputs = batch * (16 * 14 * 14 + 8 * 7 * 7 + 8 * 4 * 4) * 4
-    assert fused == params + 2 * image + block_outputs  # the image (also the target) and the logits
+    block_outputs = batch * (16 * 14 * 14 + 8 * 7 * 7 + 8 * 4 * 4)
+    winners = block_outputs if downsample == "pool" else 0
+    # the image (also the target) and the logits
+    assert fused == params + 2 * image + 4 * block_outputs + winners
     assert fused <= per_op / 4
 
 

@@ -80,10 +80,10 @@ def test_encoder_block(backend, dtype, fmt, variant, relu, shape):
         from cae_kernels import sim
 
         with sim.record_launches() as recorder:
-            out = backend.ops.encoder_block(x, weights, biases, relu)
+            out, winners = backend.ops.encoder_block(x, weights, biases, relu)
         assert [launch.kernel.split("<")[0] for launch in recorder.launches] == ["cae::cuda::encoder_block_kernel"]
     else:
-        out = backend.ops.encoder_block(x, weights, biases, relu)
+        out, winners = backend.ops.encoder_block(x, weights, biases, relu)
     *_, expected = reference_block(x, weights, biases, relu)
     assert out.dtype == dtype and out.shape == expected.shape
     # The input's layout as PyTorch reads it (one channel in channels_last is also plain contiguous).
@@ -94,6 +94,75 @@ def test_encoder_block(backend, dtype, fmt, variant, relu, shape):
         assert torch.equal(out, composed), (out - composed).abs().max()
     else:
         assert_close(out, composed.double(), tolerance(backend, dtype, expected), "against the per-op kernels")
+
+
+def expected_winners(a2, out, relu):
+    """Each pool window's winner code from a2 (the first maximum, row-major: 0 to 3; the
+    ceil mode's edge windows padded with -inf), 4 where the ReLU at the winner is closed."""
+    n, c, h, w = a2.shape
+    padded = F.pad(a2.double(), (0, w % 2, 0, h % 2), value=float("-inf"))
+    windows = padded.unfold(2, 2, 2).unfold(3, 2, 2).reshape(n, c, (h + 1) // 2, (w + 1) // 2, 4)
+    codes = windows.argmax(-1)
+    if relu:
+        codes = torch.where(out.double() > 0, codes, 4)
+    return codes.to(torch.uint8)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@on_cuda_kernels("dtype")
+def test_pool_winners(backend, dtype, fmt, relu):
+    """The pool block's second output: each window's winner code (uint8, the output's
+    sizes and layout) from the block's own a2 (the emulator's test hook: the fused
+    kernel's; else the per-op kernels'); the strided block's is empty."""
+    for n, c0, c1, h, w in ((2, 3, 5, 13, 11), (2, 1, 16, 28, 28), (3, 8, 8, 7, 7), (0, 2, 4, 5, 5)):
+        x = make_input((n, c0, h, w), dtype, backend.device, fmt).detach()
+        weights, biases = block_params(c0, c1, "pool", dtype, backend.device)
+        out, winners = backend.ops.encoder_block(x, weights, biases, relu)
+        if backend.name == "sim" and n > 0:
+            own_out, _, a2 = backend.ops._sim_encoder_block_interiors(x, weights, biases, relu)
+            assert torch.equal(own_out, out)
+        else:
+            *_, a2, own_out = composed_activations(backend.ops, x, weights, biases, relu)
+        assert winners.dtype == torch.uint8 and winners.shape == out.shape
+        assert winners.is_contiguous(memory_format=_suggest_memory_format(x))
+        assert torch.equal(winners, expected_winners(a2, out, relu))
+        if relu and n > 0:
+            assert 0 < (winners == 4).sum() < winners.numel()
+    weights, biases = block_params(3, 4, "stride", dtype, backend.device)
+    _, winners = backend.ops.encoder_block(make_input((2, 3, 6, 6), dtype, backend.device, fmt), weights, biases,
+                                           True)
+    assert winners.dtype == torch.uint8 and winners.numel() == 0
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["exact", "tf32"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_with_the_forwards_winners(fmt, relu, allow_tf32):
+    """The pool block's backward given the forward's winners (no a2 recomputed) and
+    without them (a2 recomputed, its winners found again): one launch each, the same
+    gradients to the bit, on the exact path and on tf32 tensor cores."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    with backend.in_use(), pytest.MonkeyPatch.context() as mp, tf32(allow_tf32):
+        mp.setenv("CAE_SIM_ARCH", "90")
+        for shape in ((2, 1, 16, 28, 28), (2, 16, 8, 14, 14), (3, 8, 8, 7, 7), (1, 3, 5, 9, 11)):
+            x, weights, biases, go = backward_inputs(backend, torch.float32, fmt, "pool", shape)
+            _, winners = backend.ops.encoder_block(x, weights, biases, relu)
+            grads = []
+            for given in (winners, None):
+                with sim.record_launches() as recorder:
+                    gi, gw, gb = backend.ops.encoder_block_backward(go, x, None, given, weights, biases, relu, True)
+                assert [launch.kernel.split("<")[0] for launch in recorder.launches] == [BACKWARD_KERNEL]
+                grads.append([gi, *gw, *gb])
+            for name, a, b in zip(("input", "w1", "w2", "b1", "b2"), *grads, strict=True):
+                assert torch.equal(a, b), f"{shape}: {name}'s gradient"
+            # The kernel reads the codes: every window's top-left element as its winner
+            # moves w2's gradient.
+            _, gw, _ = backend.ops.encoder_block_backward(go, x, None, torch.zeros_like(winners), weights, biases,
+                                                          relu, True)
+            assert not torch.equal(gw[1], grads[0][2]), f"{shape}: the codes were not read"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -113,7 +182,7 @@ def test_interior_outputs(dtype, fmt, variant):
             for name, ours, ref in (("a1", a1, ref_a1), ("a2", a2, ref_a2), ("out", out, ref_out)):
                 assert ours.is_contiguous(memory_format=FORMATS[fmt])
                 assert_close(ours, ref, tolerance(backend, dtype, ref), name)
-            assert torch.equal(out, backend.ops.encoder_block(x, weights, biases, True))
+            assert torch.equal(out, backend.ops.encoder_block(x, weights, biases, True)[0])
             if dtype == torch.float32:
                 composed_a1 = backend.ops.conv3x3(x, weights[0], biases[0], 1, True)
                 assert torch.equal(a1, composed_a1)
@@ -132,7 +201,7 @@ def test_images_share_a_block(fmt):
             x = make_input((n, 8, h, h), torch.float32, backend.device, fmt).detach()
             weights, biases = block_params(8, 8, "pool", torch.float32, backend.device)
             with sim.record_launches() as recorder:
-                out = backend.ops.encoder_block(x, weights, biases, True)
+                out = backend.ops.encoder_block(x, weights, biases, True)[0]
             (launch,) = recorder.launches
             assert launch.blocks == -(-n // per_block)
             *_, expected = reference_block(x, weights, biases, True)
@@ -152,7 +221,7 @@ def test_declined_shapes_are_composed(variant):
         x = make_input((1, 2, 5, 6), torch.float32, backend.device).detach()
         weights, biases = block_params(2, c1, variant, torch.float32, backend.device)
         with sim.record_launches() as recorder:
-            out = backend.ops.encoder_block(x, weights, biases, True)
+            out = backend.ops.encoder_block(x, weights, biases, True)[0]
         kernels = [launch.kernel.split("<")[0] for launch in recorder.launches]
         assert kernels == ["cae::cuda::correlate_kernel"] * 2 + (
             ["cae::cuda::max_pool_nchw_kernel"] if variant == "pool" else ["cae::cuda::correlate_kernel"])
@@ -190,7 +259,7 @@ def test_cpu_composes_the_block(dtype, fmt, variant):
     per-op kernels, the same result as calling them."""
     x = make_input((2, 3, 13, 11), dtype, "cpu", fmt).detach()
     weights, biases = block_params(3, 8, variant, dtype, "cpu")
-    out = torch.ops.cae.encoder_block(x, weights, biases, True)
+    out = torch.ops.cae.encoder_block(x, weights, biases, True)[0]
     assert torch.equal(out, composed_block(torch.ops.cae, x, weights, biases, True))
     *_, expected = reference_block(x, weights, biases, True)
     assert_close(out, expected, tolerance(BACKENDS["sim"], dtype, expected), "output")
@@ -255,14 +324,16 @@ def float64_grads(ops, dtype, x, weights, biases, relu, grad_output):
 
 
 def fused_backward(ops, x, weights, biases, relu, grad_output, input_grad):
-    """encoder_block_backward as autograd calls it (the strided block's output as its
-    mask), and the kernels it launched."""
+    """encoder_block_backward as autograd calls it (the pool's winners from the forward,
+    the strided block's output as its mask), and the kernels it launched."""
     from cae_kernels import sim
 
-    mask = ops.encoder_block(x, weights, biases, relu) if len(weights) == 3 and relu else None
+    out, winners = ops.encoder_block(x, weights, biases, relu)
+    strided = len(weights) == 3
+    mask = out if strided and relu else None
     with sim.record_launches() as recorder:
         grad_input, grad_weights, grad_biases = ops.encoder_block_backward(
-            grad_output, x, mask, weights, biases, relu, input_grad)
+            grad_output, x, mask, None if strided else winners, weights, biases, relu, input_grad)
     return [grad_input, *grad_weights, *grad_biases], [launch.kernel.split("<")[0] for launch in recorder.launches]
 
 
@@ -332,8 +403,9 @@ def test_encoder_block_backward(backend, dtype, fmt, variant, relu, input_grad, 
         ours, kernels = fused_backward(backend.ops, x, weights, biases, relu, go, input_grad)
         assert kernels == [BACKWARD_KERNEL]
     else:
-        mask = backend.ops.encoder_block(x, weights, biases, relu) if variant == "stride" and relu else None
-        gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, relu, input_grad)
+        out, winners = backend.ops.encoder_block(x, weights, biases, relu)
+        mask, winners = (out if relu else None, None) if variant == "stride" else (None, winners)
+        gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, winners, weights, biases, relu, input_grad)
         ours = [gi, *gw, *gb]
     if input_grad:
         assert ours[0].is_contiguous(memory_format=_suggest_memory_format(x))
@@ -375,15 +447,15 @@ def test_backward_many_blocks_deterministic(fmt, variant, monkeypatch):
         x, weights, biases, go = backward_inputs(backend, torch.float32, fmt, variant, (601, 2, 4, 3, 3))
         from cae_kernels import sim
 
-        mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
+        mask = backend.ops.encoder_block(x, weights, biases, True)[0] if variant == "stride" else None
         with sim.record_launches() as recorder:
-            gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+            gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, None, weights, biases, True, True)
         (launch,) = recorder.launches
         assert launch.blocks == 301
         expected = float64_grads(backend.ops, torch.float32, x, weights, biases, True, go)
         check_grads(backend, torch.float32, [gi, *gw, *gb], expected, True, "against float64")
         monkeypatch.setenv("CAE_SIM_SCHEDULE", "shuffle:7")
-        gi2, gw2, gb2 = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+        gi2, gw2, gb2 = backend.ops.encoder_block_backward(go, x, mask, None, weights, biases, True, True)
         for a, b in zip([gi, *gw, *gb], [gi2, *gw2, *gb2], strict=True):
             assert torch.equal(a, b)
 
@@ -421,16 +493,16 @@ def test_backward_block_size_follows_shared_memory(backend, dtype, fmt, variant,
     70) and runs so. Every gradient as float64 autograd and the per-op backward
     (check_against_per_op) give it, either way."""
     x, weights, biases, go = backward_inputs(backend, dtype, fmt, variant, shape)
-    mask = backend.ops.encoder_block(x, weights, biases, True) if variant == "stride" else None
+    mask = backend.ops.encoder_block(x, weights, biases, True)[0] if variant == "stride" else None
     if backend.name == "sim":
         from cae_kernels import sim
 
         with sim.record_launches() as recorder:
-            gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+            gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, None, weights, biases, True, True)
         (launch,) = recorder.launches
         assert launch.kernel.startswith(BACKWARD_KERNEL) and launch.threads_per_block == BACKWARD_THREADS[shape], launch
     else:
-        gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+        gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, None, weights, biases, True, True)
     ours = [gi, *gw, *gb]
     expected = float64_grads(backend.ops, dtype, x, weights, biases, True, go)
     check_grads(backend, dtype, ours, expected, True, "against float64")
@@ -459,8 +531,8 @@ def test_encoder_block_on_tf32_tensor_cores(backend, fmt, variant):
                 continue
             with pytest.MonkeyPatch.context() as mp, tf32(allowed):
                 mp.setenv("CAE_SIM_ARCH", arch)
-                out = backend.ops.encoder_block(x, weights, biases, True)
-                gi, gw, gb = backend.ops.encoder_block_backward(go, x, out if variant == "stride" else None,
+                out = backend.ops.encoder_block(x, weights, biases, True)[0]
+                gi, gw, gb = backend.ops.encoder_block_backward(go, x, out if variant == "stride" else None, None,
                                                                 weights, biases, True, True)
                 results[allowed, arch] = [out, gi, *gw, *gb]
         *_, expected = reference_block(x, weights, biases, True)
@@ -472,7 +544,7 @@ def test_encoder_block_on_tf32_tensor_cores(backend, fmt, variant):
                 assert torch.equal(results[True, "75"][i], results[False, "90"][i]), f"{what} on sm_75"
         if variant == "stride":
             with tf32(True):
-                gi, gw, gb = backend.ops.encoder_block_backward(go, x, None, weights, biases, False, True)
+                gi, gw, gb = backend.ops.encoder_block_backward(go, x, None, None, weights, biases, False, True)
             expected = reference_grads(x, weights, biases, False, go)
             check_tf32_grads(backend, [gi, *gw, *gb], expected, "linear")
         if backend.name == "sim":
@@ -480,7 +552,7 @@ def test_encoder_block_on_tf32_tensor_cores(backend, fmt, variant):
                 mp.setenv("CAE_SIM_ARCH", "90")
                 out, a1, a2 = backend.ops._sim_encoder_block_interiors(x, weights, biases, True)
                 mask = out if variant == "stride" else None
-                gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, weights, biases, True, True)
+                gi, gw, gb = backend.ops.encoder_block_backward(go, x, mask, None, weights, biases, True, True)
             expected = reference_grads(x, weights, biases, True, go, kernels_activations=(a1, a2, out))
             check_tf32_grads(backend, [gi, *gw, *gb], expected, "relu")
 
@@ -511,7 +583,7 @@ def test_tf32_recompute_finds_the_forwards_gates(fmt, variant, layer, c0):
         go = make_input((n, c1, (h + 1) // 2, (w + 1) // 2), torch.float32, "cpu", fmt).detach()
         with tf32(True):
             out, a1, a2 = backend.ops._sim_encoder_block_interiors(x, weights, biases, True)
-            gi, gw, gb = backend.ops.encoder_block_backward(go, x, out if variant == "stride" else None, weights,
+            gi, gw, gb = backend.ops.encoder_block_backward(go, x, out if variant == "stride" else None, None, weights,
                                                             biases, True, True)
         interior = (a1 if layer == "a1" else a2)[:, :, 2:-2, 2:-2]
         assert 0 < (interior > 0).sum() < interior.numel() and interior.abs().max() < 1e-2, f"{layer} is not on zero"

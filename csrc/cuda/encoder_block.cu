@@ -3,6 +3,8 @@
 
 namespace cae {
 
+static_assert(cuda::kPoolNoWinner == kPoolNoWinner, "the kernels' winner code is the ops'");
+
 // False (nothing launched) where not even a one-pixel tile fits the
 // shared-memory budget: w2 and w_down stay whole in shared memory, so C1 up to
 // 32 channels in float32 (23 strided), 22 in float64 (16 strided); any C0 (in
@@ -15,6 +17,7 @@ bool CudaKernels::encoder_block(const EncoderBlockParams& p) {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = cuda::encoder_block_args<scalar_t>(p.input, p.weights, p.out.size(2), p.out.size(3), p.relu);
     a.out = p.out.mutable_data_ptr<scalar_t>();
+    a.winners = p.winners ? p.winners->mutable_data_ptr<unsigned char>() : nullptr;
     a.a1 = cuda::mutable_or_null<scalar_t>(p.interior_a1);
     a.a2 = cuda::mutable_or_null<scalar_t>(p.interior_a2);
     const auto plan = cuda::plan_encoder_block<scalar_t, acc_t>(a, p.nhwc);

@@ -32,7 +32,8 @@ bool CudaKernels::encoder_block_backward(const EncoderBlockBackwardParams& p) {
         grad(p.grad_weights, 2),
         grad(p.grad_biases, 2),
         p.grad_output.const_data_ptr<scalar_t>(),
-        cuda::data_or_null<scalar_t>(p.output)};
+        cuda::data_or_null<scalar_t>(p.output),
+        p.winners ? p.winners->const_data_ptr<unsigned char>() : nullptr};
     const auto plan =
         cuda::plan_encoder_block_backward<scalar_t, acc_t>(a, p.nhwc, cuda::smem_dynamic_budget());
     if (!plan.ok) return;

@@ -11,10 +11,12 @@
 // (backward_max_threads). Phases, separated by barriers:
 //   0. stage x, the weights, (strided) gate(grad_out); zero a1's, a2's padding;
 //   1. a1 = act(b1 + correlate(x, w1)), as the forward kernel computes it;
-//   2. a2 = act(b2 + correlate(a1, w2)); w1 restaged transposed and flipped;
+//   2. a2 = act(b2 + correlate(a1, w2)), unless the forward's pool winners
+//      are given (nothing else needs a2); w1 restaged transposed and flipped;
 //   3. w2 restaged likewise; grad_z2 = gate(a2) * grad_a2, over a2 in place:
-//      pool: one thread per window gives its winner (PyTorch's rule, as
-//      max_pool_nchw_kernel) the output gradient, zeros elsewhere;
+//      pool: one thread per window gives its winner (the forward's code, or
+//      PyTorch's rule over a2, as max_pool_nchw_kernel) the output gradient,
+//      zeros elsewhere;
 //      strided: dw_down, db_down from gate(grad_out) and a2, then grad_a2 =
 //      the stride-2 transposed correlation of gate(grad_out) with w_down;
 //   4. dw2, db2 from grad_z2 and a1;
@@ -45,6 +47,9 @@ struct EncoderBlockBackwardArgs {
   T* db_down;                 // [C1] (strided) or nullptr
   const T* grad_out;          // [N, C1, H_out, W_out]
   const T* out_gate;          // the strided block's output (relu), else nullptr
+  // The pool's winner codes from the forward (EncoderBlockArgs::winners,
+  // grad_out's layout), or nullptr: a2 recomputed for them.
+  const unsigned char* winners;
 };
 
 // Per-thread sums of one weight-gradient item: 9 taps and the bias.
@@ -454,10 +459,14 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   whole_layer_pass<G, NHWC>(a1v, padded(x_s, a.C0), w1_s, a.C0, samples, t.groups1, layer, tid, threads);
   __syncthreads();
 
-  // 2. a2; w1 no longer needed as it is: its transposed copy for phase 6.
-  layer.bias = a.b2;
-  layer.tensor_cores = a.tensor_cores;  // as the forward: its gates and winners
-  whole_layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, layer, tid, threads);
+  // 2. a2 (for the pool's winners where the forward's are not given, the
+  // strided block's dw_down); w1 no longer needed as it is: its transposed
+  // copy for phase 6.
+  if (args.winners == nullptr) {
+    layer.bias = a.b2;
+    layer.tensor_cores = a.tensor_cores;  // as the forward: its gates and winners
+    whole_layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, layer, tid, threads);
+  }
   stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid, threads);
   __syncthreads();
 
@@ -497,12 +506,13 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
       }
     }
   } else {
-    // One thread per pool window and channel: the winner (row-major, the first
-    // maximum, a NaN over everything) takes the output gradient, loaded a batch
-    // of windows at a time (batched_walk).
+    // One thread per pool window and channel: the winner (the forward's code,
+    // else from a2: row-major, the first maximum, a NaN over everything) takes
+    // the output gradient, loaded a batch of windows at a time (batched_walk).
     struct Window2x2 {
       int c, ox, oy, s;
       T go;
+      int code;  // the forward's winner code, or -1: from a2
     };
     StridedDigits at = NHWC ? StridedDigits(tid, a.C1, a.W_out, a.H_out, threads)
                             : StridedDigits(tid, a.W_out, a.H_out, a.C1, threads);
@@ -513,21 +523,31 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
                     oy = d.digit[NHWC ? 2 : 1], s = d.digit[3], n = n0 + s;
           const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
                                       : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
-          return Window2x2{c, ox, oy, s, args.grad_out[at_out]};
+          return Window2x2{c,
+                           ox,
+                           oy,
+                           s,
+                           args.grad_out[at_out],
+                           args.winners != nullptr ? static_cast<int>(args.winners[at_out]) : -1};
         },
         [&](const Window2x2& e) {
           Acc* win = a2v.at(e.s, e.c, 2 * e.oy, 2 * e.ox);
           const bool two_rows = 2 * e.oy + 1 < a.H, two_cols = 2 * e.ox + 1 < a.W;
-          Acc best = win[0];
-          int arg = 0;
-          CAE_UNROLL
-          for (int k = 1; k < 4; ++k) {
-            const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
-            const Acc v = win[(k >> 1) * t.pitch + (k & 1)];
-            if (valid && takes_max(v, best)) best = v, arg = k;
-          }
           const Acc go = static_cast<Acc>(e.go);
-          const Acc winner = a.relu ? gated(go, best) : go;
+          // kPoolNoWinner (the ReLU closed at the winner) matches no element.
+          int arg = e.code;
+          Acc winner = go;
+          if (e.code < 0) {
+            Acc best = win[0];
+            arg = 0;
+            CAE_UNROLL
+            for (int k = 1; k < 4; ++k) {
+              const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+              const Acc v = win[(k >> 1) * t.pitch + (k & 1)];
+              if (valid && takes_max(v, best)) best = v, arg = k;
+            }
+            if (a.relu) winner = gated(go, best);
+          }
           CAE_UNROLL
           for (int k = 0; k < 4; ++k) {
             const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);

@@ -34,18 +34,23 @@
 namespace cae {
 namespace cuda {
 
+// The pool's winner code of a window whose ReLU at the winner is closed (no
+// element takes the gradient); 0 to 3 name the winner, row-major.
+constexpr int kPoolNoWinner = 4;
+
 template <typename T>
 struct EncoderBlockArgs {
-  T* out;           // [N, C1, H_out, W_out], H_out = ceil(H / 2)
-  T* a1;            // [N, C1, H, W] or nullptr
-  T* a2;            // [N, C1, H, W] or nullptr
-  const T* x;       // [N, C0, H, W]
-  const T* w1;      // [C1, C0, 3, 3]
-  const T* b1;      // [C1]
-  const T* w2;      // [C1, C1, 3, 3]
-  const T* b2;      // [C1]
-  const T* w_down;  // [C1, C1, 3, 3], or nullptr: the pool
-  const T* b_down;  // [C1] with w_down
+  T* out;                  // [N, C1, H_out, W_out], H_out = ceil(H / 2)
+  unsigned char* winners;  // the pool's winner codes, out's layout, or nullptr
+  T* a1;                   // [N, C1, H, W] or nullptr
+  T* a2;                   // [N, C1, H, W] or nullptr
+  const T* x;              // [N, C0, H, W]
+  const T* w1;             // [C1, C0, 3, 3]
+  const T* b1;             // [C1]
+  const T* w2;             // [C1, C1, 3, 3]
+  const T* b2;             // [C1]
+  const T* w_down;         // [C1, C1, 3, 3], or nullptr: the pool
+  const T* b_down;         // [C1] with w_down
   int N, C0, C1, H, W, H_out, W_out;
   bool relu;
   // Products on tf32 tensor cores where a pass suits them (mma_pass_fits: at
@@ -672,15 +677,19 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       // PyTorch's winner (max_pool_nchw_kernel): row-major, the first maximum, a NaN
       // over everything.
       Acc best = win[0];
+      int arg = 0;
       CAE_UNROLL
       for (int k = 1; k < 4; ++k) {
         const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
         const Acc v = win[(k >> 1) * t.c2 + (k & 1)];
-        if (valid && takes_max(v, best)) best = v;
+        if (valid && takes_max(v, best)) best = v, arg = k;
       }
       const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
                                   : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
       a.out[at_out] = static_cast<T>(best);
+      // The backward's gate at the winner: gated(go, best).
+      if (a.winners != nullptr)
+        a.winners[at_out] = static_cast<unsigned char>(!a.relu || best > Acc(0) ? arg : kPoolNoWinner);
     }
   }
 }
