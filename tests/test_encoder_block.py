@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cae_kernels._registration import _suggest_memory_format
 
-from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, tf32
+from backends import BACKENDS, FORMATS, HALF_DTYPES, assert_close, make_input, on_cuda_kernels, on_every_backend, tf32
 
 F64 = torch.float64
 VARIANTS = ("pool", "stride")
@@ -110,11 +110,12 @@ def expected_winners(a2, out, relu):
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 @pytest.mark.parametrize("fmt", FORMATS)
-@on_cuda_kernels("dtype")
+@on_every_backend("dtype")
 def test_pool_winners(backend, dtype, fmt, relu):
     """The pool block's second output: each window's winner code (uint8, the output's
     sizes and layout) from the block's own a2 (the emulator's test hook: the fused
-    kernel's; else the per-op kernels'); the strided block's is empty."""
+    kernel's; else the per-op kernels', the CPU's composed codes from ATen's max-pool
+    indices); the strided block's is empty."""
     for n, c0, c1, h, w in ((2, 3, 5, 13, 11), (2, 1, 16, 28, 28), (3, 8, 8, 7, 7), (0, 2, 4, 5, 5)):
         x = make_input((n, c0, h, w), dtype, backend.device, fmt).detach()
         weights, biases = block_params(c0, c1, "pool", dtype, backend.device)
