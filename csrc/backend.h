@@ -114,12 +114,12 @@ struct MaxPoolGradParams {
   bool nhwc;
 };
 
-// An encoder block's parameters as its fused kernels take them: w1 [C1, C0,
-// 3, 3], w2 (and the strided block's w_down) [C1, C1, 3, 3], a bias each,
-// contiguous.
 // The pool's winner code where no element takes the gradient (EncoderBlockParams::winners).
 constexpr int kPoolNoWinner = 4;
 
+// An encoder block's parameters as its fused kernels take them: w1 [C1, C0,
+// 3, 3], w2 (and the strided block's w_down) [C1, C1, 3, 3], a bias each,
+// contiguous.
 struct EncoderBlockWeights {
   Tensor w1, b1, w2, b2;
   OptTensor w_down, b_down;
