@@ -176,6 +176,7 @@ def _setup_encoder_block(ctx, inputs, output):
     mask = out if relu and strided else None
     ctx.save_for_backward(input, mask, None if strided else winners, *weights, *biases)
     ctx.mark_non_differentiable(winners)
+    ctx.set_materialize_grads(False)  # the winners' gradient: None, not a tensor of zeros (a launch)
     ctx.relu, ctx.count = relu, len(weights)
 
 
@@ -252,6 +253,8 @@ def register(namespace, kernels=kernels_by_device):
     # The blocks' backward ops compute every weight's and bias's gradient; the input's
     # only where autograd needs it.
     def encoder_block_backward(ctx, grad_output, grad_winners):
+        if grad_output is None:
+            return None, [None] * ctx.count, [None] * ctx.count, None
         input, mask, winners, *params = ctx.saved_tensors
         grads = ops.encoder_block_backward(grad_output, input, mask, winners, params[:ctx.count],
                                            params[ctx.count:], ctx.relu, ctx.needs_input_grad[0])

@@ -285,6 +285,14 @@ def test_models_sim_backend_matches_cae(downsample):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_fused_step_within_the_launch_budget(downsample):
+    """The issue's budget: at most 10 launches a fused training step, ours and torch's ops
+    together (a zero-filled gradient for an output nobody differentiates is a launch too)."""
+    ours, torch_ops = load_script("count_launches").count_step(downsample, batch_size=4, fused=True)
+    assert sum(ours.values()) + sum(torch_ops.values()) <= 10, (ours, torch_ops)
+
+
 def test_count_launches_script(capsys):
     count_launches = load_script("count_launches")
     assert count_launches.main(["--model", "pool"]) == 0
