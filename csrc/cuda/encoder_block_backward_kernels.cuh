@@ -538,14 +538,8 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
           int arg = e.code;
           Acc winner = go;
           if (e.code < 0) {
-            Acc best = win[0];
-            arg = 0;
-            CAE_UNROLL
-            for (int k = 1; k < 4; ++k) {
-              const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
-              const Acc v = win[(k >> 1) * t.pitch + (k & 1)];
-              if (valid && takes_max(v, best)) best = v, arg = k;
-            }
+            Acc best;
+            arg = pool_window_winner(win, t.pitch, two_rows, two_cols, best);
             if (a.relu) winner = gated(go, best);
           }
           CAE_UNROLL

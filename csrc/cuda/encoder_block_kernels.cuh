@@ -571,6 +571,24 @@ CAE_DEVICE void any_layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<
   layer_pass<G, NHWC>(dst, src, w, count, samples, groups, first, last, l, tid, threads);
 }
 
+// A 2x2 pool window of a plane `pitch` apart (the bottom row and the right
+// column absent at the ceil mode's edge): PyTorch's winner (as
+// max_pool_nchw_kernel: row-major, the first maximum, a NaN over
+// everything), 0 to 3 row-major, and its value in `best`. The forward's pool
+// and the backward's recompute of its winners both take it.
+template <typename Acc>
+CAE_DEVICE int pool_window_winner(const Acc* win, int pitch, bool two_rows, bool two_cols, Acc& best) {
+  best = win[0];
+  int arg = 0;
+  CAE_UNROLL
+  for (int k = 1; k < 4; ++k) {
+    const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
+    const Acc v = win[(k >> 1) * pitch + (k & 1)];
+    if (valid && takes_max(v, best)) best = v, arg = k;
+  }
+  return arg;
+}
+
 // A layer summed in one pass (any_layer_pass's first and last).
 template <int G, bool NHWC, typename T, typename Acc>
 CAE_DEVICE void whole_layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<const Acc>& src,
@@ -674,16 +692,8 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       if (n >= a.N || oy >= a.H_out || ox >= a.W_out) continue;
       const Acc* win = a2_s + s * t.sample2 + c * t.stride2 + 2 * py * t.c2 + 2 * px;
       const bool two_rows = 2 * oy + 1 < a.H, two_cols = 2 * ox + 1 < a.W;
-      // PyTorch's winner (max_pool_nchw_kernel): row-major, the first maximum, a NaN
-      // over everything.
-      Acc best = win[0];
-      int arg = 0;
-      CAE_UNROLL
-      for (int k = 1; k < 4; ++k) {
-        const bool valid = (k < 2 || two_rows) && ((k & 1) == 0 || two_cols);
-        const Acc v = win[(k >> 1) * t.c2 + (k & 1)];
-        if (valid && takes_max(v, best)) best = v, arg = k;
-      }
+      Acc best;
+      const int arg = pool_window_winner(win, t.c2, two_rows, two_cols, best);
       const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
                                   : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
       a.out[at_out] = static_cast<T>(best);
