@@ -116,7 +116,10 @@ Per launch:
 - *waits*: the global loads a thread of a block waits for one after another: its staging
   loop's elements (window, weights) over the loads it keeps in flight (4 of 4 bytes, one
   16-byte NHWC vector, 1 or 2 in the kernels with tight register caps), a grid-stride
-  loop's iterations; t wait = ceil(waves) x waits x {MEMORY_LATENCY_S * 1e6:.1f} us (the blocks of a
+  loop's iterations; a staging of float32 with no ReLU gate goes by cp.async (`copy_async`:
+  no register holds a copy, so all are in flight at once), one wait at the barrier that ends
+  it, however many elements (the weight gradients' stagings are still counted as batched
+  loads: pessimistic); t wait = ceil(waves) x waits x {MEMORY_LATENCY_S * 1e6:.1f} us (the blocks of a
   wave wait side by side, the waves one after another).
 - *time* = max(t mem / SM fill, t wait + max(t issue, t shared) / wave efficiency) +
   {LAUNCH_US:.0f} us per launch, where t mem = bytes / ({HBM_FRACTION:.0%} of HBM), t issue = warp
@@ -381,8 +384,13 @@ def estimate(call, launch, index_in_op):
         # correlate_kernel under a cap of 64 or 80 registers (up to 8 output channels) keeps one
         # load in flight, the transposed kernel 2; the weights: COB loads a tap, a tap a thread
         most = (1 if cob <= 8 else STAGE_BATCH_MAX) if family == "correlate" else min(2, STAGE_BATCH_MAX)
-        e.waits = (staging_waits(c_in * (per_channel - 9 * cob), nhwc and c_in % 4 == 0, most)
-                   + math.ceil(c_in * 9 / THREADS))
+        weight_waits = math.ceil(c_in * 9 / THREADS)
+        if _copies(reads[0]) and a.get("relu_output") is None:
+            # the window by cp.async (and correlate's weights): one wait a chunk of channels
+            chunks = math.ceil(c_in / (launch.shared_bytes // (acc_bytes * per_channel)))
+            e.waits = chunks + (weight_waits if family == "correlate_transpose" else 0)
+        else:
+            e.waits = staging_waits(c_in * (per_channel - 9 * cob), nhwc and c_in % 4 == 0, most) + weight_waits
         e.warp_instructions = warps * c_in * per_channel_issue + launch.blocks * staged / 32 * STAGE_INSTRUCTIONS[nhwc]
         e.wavefronts = warps * c_in * (input_wavefronts + weight_loads) + launch.blocks * staged / 32
     elif family == "correlate_mma":
@@ -499,6 +507,12 @@ def estimate(call, launch, index_in_op):
         elements = e.outputs if family.startswith("max_pool") else e.bytes / 8
         e.waits = math.ceil(elements / (launch.blocks * THREADS))
     return e
+
+
+def _copies(x):
+    """Whether the block kernels stage x by cp.async (copy_async): no conversion on the way
+    (float32 and float64 into planes of their own type)."""
+    return x.dtype in (torch.float32, torch.float64)
 
 
 def _balanced_tile(n, hi):
@@ -636,14 +650,18 @@ class _Work:
         self.wavefronts += warps * channels * (loads_in + loads_w)
         self.fmas += items * channels * ffma
 
-    def stage(self, elements, weights=None, channels=1):
+    def stage(self, elements, weights=None, channels=1, copies=False, with_previous=False):
         """Elements staged into shared memory: an input's or a gradient's window of
         `channels`, or `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS: a group
-        of 8 loads a thread at a time)."""
+        of 8 loads a thread at a time). `copies`: by cp.async (copy_async: float32 with no
+        gate), every copy in flight at once and one wait at the barrier after them, shared
+        `with_previous` staging's where the same barrier ends both."""
         per_element = STAGE_INSTRUCTIONS[self.nhwc] if weights is None else WEIGHT_STAGE_INSTRUCTIONS[weights]
         self.issue += elements / 32 * per_element
         self.wavefronts += elements / 32
-        if weights is None:
+        if copies:
+            self.waits += 0 if with_previous else 1
+        elif weights is None:
             self.waits += staging_waits(elements, self.nhwc and channels % 4 == 0, threads=self.threads)
         else:
             self.waits += math.ceil(elements / (self.threads * GROUP))
@@ -799,8 +817,9 @@ def _encoder_block(call, launch, e):
     t = _encoder_tiling(n, c0, c1, h, w, strided, launch, mma_pass_fits(x, c1), a1_on_tensor_cores(x, c1))
     s, g = t["samples"], t["groups"]
     work = _Work(launch.kernel.endswith("true>"))
-    work.stage(s * c0 * t["r0"] * t["c0"], channels=c0)
-    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows")
+    copies = _copies(x)
+    work.stage(s * c0 * t["r0"] * t["c0"], channels=c0, copies=copies)
+    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows", copies=copies, with_previous=True)
     # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
     if t["mma_a1"]:
@@ -938,10 +957,11 @@ def _encoder_block_backward(call, launch, e):
     _check_plan(launch, math.ceil(n / samples), (fixed + samples * per_image) * 4)
     sums = (c1 * c0 * 9 + c1) + (c1 * c1 * 9 + c1) * (2 if strided else 1)
     work = _Work(launch.kernel.endswith("true>"), threads)
-    work.stage(samples * c0 * (rows + 2) * (w + 2), channels=c0)
-    if strided:
-        work.stage(samples * c1 * (h_out + 1) * (w_out + 1), channels=c1)
-    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows")  # w1, w2 for the recompute
+    copies = _copies(x)
+    work.stage(samples * c0 * (rows + 2) * (w + 2), channels=c0, copies=copies)
+    if strided:  # gated by the output's ReLU where it has one
+        work.stage(samples * c1 * (h_out + 1) * (w_out + 1), channels=c1, copies=copies and not a["relu"])
+    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows", copies=copies, with_previous=True)  # w1, w2 for the recompute
     work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed")  # w1, w2, w_down
     work.fill(2 * samples * c1 * plane)
     pairs_items = w * (rows // 2) * samples
@@ -1097,7 +1117,7 @@ def _decoder_block(call, launch, e):
     s, chans, layers = t["samples"], t["chans"], t["layers"]
     work = _Work(launch.kernel.endswith("true>"))
     p0 = t["planes"][0]
-    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0])
+    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0], copies=_copies(call.args["input"]))
     work.stage(sum(chans[i] * chans[i + 1] * 9 for i in range(layers)), "transposed")
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(t["planes"]) if i > 0))
     top = ((t["h"] << (layers - 1)) - t["h_out"]) // 2  # the crop's first row
@@ -1138,14 +1158,15 @@ def _decoder_block_backward(call, launch, e):
     work = _Work(launch.kernel.endswith("true>"))
     p0, pg = planes[0], planes[layers]
     loss = call.op == "decoder_block_loss_backward"
-    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0])
+    copies = _copies(a["input"])
+    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0], copies=copies)
     if loss:  # stage_loss_grad: the logits and the target (and grad_output) an element, batched,
         # and the output gradient from them: a sigmoid per element
         work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * (STAGE_INSTRUCTIONS[False] + LOSS_GRAD_INSTRUCTIONS)
         work.wavefronts += s * chans[layers] * pg[0] * pg[1] / 32
         work.global_loads(s * chans[layers] * pg[0] * pg[1])
     else:
-        work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers])
+        work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers], copies=copies, with_previous=copies)
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
     for i in range(layers - 1):
         work.stage(chans[i] * chans[i + 1] * 9, "transposed")
@@ -1186,7 +1207,7 @@ def _decoder_block_backward(call, launch, e):
         work.wavefronts += c_b * (math.ceil(s * g_hw / 32) + 5)
         if i == 0 and not input_grad:
             break
-        work.stage(c_a * c_b * 9, "rows")
+        work.stage(c_a * c_b * 9, "rows", copies=_copies(a["input"]))
         if c_b > 1 and mma_pass_fits(a["input"], c_a):  # mma_pass, the windows `stride` apart
             conflict = _mma_conflicts(in_cols - 2, in_rows - 2, s, g_cols, c_b * g_plane, g_plane, stride)
             work.mma_layer(hw * s, c_b, math.ceil(c_a / GROUP), input_conflict=conflict)

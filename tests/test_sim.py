@@ -134,6 +134,7 @@ def test_shared_memory_opt_in(monkeypatch):
     ("shuffle_mask", "mask"),
     ("too_many_threads", "invalid configuration"),
     ("empty_grid", "invalid configuration"),
+    ("unwaited_copies", "cp.async copies never waited for"),
 ])
 def test_kernel_bugs_raise(fault, message):
     with pytest.raises(RuntimeError, match=message):
@@ -141,6 +142,12 @@ def test_kernel_bugs_raise(fault, message):
     sim.ops._sim_fault("none")  # the emulator is usable again afterwards
     x = torch.randn(1, 1, 3, 3)
     torch.testing.assert_close(sim.max_pool2x2(x), reference.max_pool2x2(x))
+
+
+def test_copy_async_lands_at_the_wait():
+    """cp.async (copy_async): nothing is guaranteed in shared memory before the thread's wait,
+    so the emulator copies there, and a kernel that reads too early sees the old value."""
+    assert sim.ops._sim_copy_async().tolist() == [-1.0, 3.0, 0.0]
 
 
 def test_schedule_env_is_read_per_launch(monkeypatch):

@@ -167,6 +167,42 @@ CAE_DEVICE RawGated<T, N> load_raw(const T* __restrict__ x, const T* __restrict_
   return r;
 }
 
+// One element copied from global to shared memory by cp.async (sm_80 and
+// newer): no register holds it, so a thread issues every copy of a staging
+// before it waits once (async_copies_wait), where a load waits for its value
+// before its store. Zero where !inside (the instruction's src-size 0: src is
+// not read). Below sm_80, a load and a store.
+template <typename T>
+CAE_DEVICE void copy_async(T* dst, const T* src, bool inside) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "copy_async: 4- or 8-byte elements");
+#if defined(CAE_SIM)
+  ::cae_sim::copy_async(dst, src, sizeof(T), !inside);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(to), "l"(src), "n"(sizeof(T)),
+               "r"(inside ? static_cast<int>(sizeof(T)) : 0)
+               : "memory");
+#else
+  *dst = inside ? *src : T(0);
+#endif
+}
+
+// This thread's copy_async copies are done (cp.async.wait_all).
+CAE_DEVICE void async_copies_wait() {
+#if defined(CAE_SIM)
+  ::cae_sim::copy_async_wait_all();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The barrier that ends a staging: every thread's copies (copy_async) are in
+// shared memory and visible to the block.
+CAE_DEVICE void staged_barrier() {
+  async_copies_wait();
+  __syncthreads();
+}
+
 // Widest vector of T that is at most 16 bytes, and at most `limit` elements.
 template <typename T, int limit = 16>
 constexpr int vec_width() {

@@ -115,6 +115,45 @@ struct Staged {
   RawGated<T, V> r;
 };
 
+// Where one load of a staging goes: x[src], ..., x[src + U - 1] (zeros unless
+// `inside`) to dst[at + j * stride].
+struct StagedPlace {
+  int at;
+  index_t src;
+  bool inside;
+};
+
+// A staging's walk over this thread's loads (`place`: where each goes).
+// Without a gate or a conversion (T the accumulation type) as copy_async
+// copies: all in flight at once, and the caller's staged_barrier waits for
+// them; else B loads in flight at a time (batched_walk), gated and converted
+// in registers.
+template <int U, int B, typename Acc, typename T, class Place>
+CAE_DEVICE void stage_walk(StridedDigits& at, int end, Acc* dst, int stride, const T* __restrict__ x,
+                           const T* __restrict__ gate, Place place) {
+  if constexpr (std::is_same<T, Acc>::value) {
+    if (gate == nullptr) {
+      for (; at.digit[3] < end; at.advance()) {
+        const StagedPlace p = place(at);
+        CAE_UNROLL
+        for (int j = 0; j < U; ++j)
+          copy_async(dst + p.at + j * stride, p.inside ? x + p.src + j : x, p.inside);
+      }
+      return;
+    }
+  }
+  batched_walk<B>(
+      at, end,
+      [&](const StridedDigits& d) {
+        const StagedPlace p = place(d);
+        return Staged<T, U>{p.at, load_raw<U>(x, gate, p.src, p.inside)};
+      },
+      [&](const Staged<T, U>& e) {
+        CAE_UNROLL
+        for (int j = 0; j < U; ++j) dst[e.at + j * stride] = e.r.template value<Acc>(j, gate != nullptr);
+      });
+}
+
 // Copies gate(x) over the window into dst[s * sample_stride + c *
 // channel_stride + r * row_pitch() + col], zero outside the image or batch.
 // NCHW: consecutive threads read consecutive columns of one row.
@@ -122,17 +161,14 @@ template <int MaxBatch = kStageBatch, typename Acc, typename T>
 CAE_DEVICE void stage_nchw(Acc* dst, const T* __restrict__ x, const T* __restrict__ gate, int N, int C, int H,
                            int W, const Window& win, int tid, int threads = kThreads) {
   StridedDigits at(tid, win.cols, win.rows, win.count, threads);  // (col, r, c, s)
-  batched_walk<stage_batch<sizeof(T), MaxBatch>()>(
-      at, win.samples,
-      [&](const StridedDigits& d) {
+  stage_walk<1, stage_batch<sizeof(T), MaxBatch>()>(
+      at, win.samples, dst, 0, x, gate, [&](const StridedDigits& d) {
         const int col = d.digit[0], r = d.digit[1], c = d.digit[2], s = d.digit[3];
         const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
-        const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
-        return Staged<T>{
-            s * win.sample_stride + c * win.channel_stride + r * win.row_pitch() + col,
-            load_raw<1>(x, gate, ((static_cast<index_t>(n) * C + win.c0 + c) * H + y) * W + xx, inside)};
-      },
-      [&](const Staged<T>& e) { dst[e.at] = e.r.template value<Acc>(0, gate != nullptr); });
+        return StagedPlace{s * win.sample_stride + c * win.channel_stride + r * win.row_pitch() + col,
+                           ((static_cast<index_t>(n) * C + win.c0 + c) * H + y) * W + xx,
+                           n < N && y >= 0 && y < H && xx >= 0 && xx < W};
+      });
 }
 
 // NHWC: consecutive threads read consecutive channels of one pixel, V of them
@@ -144,20 +180,13 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
   auto walk = [&](auto width) {
     constexpr int U = decltype(width)::value;                           // elements per load: V, or 1
     StridedDigits at(tid, win.count / U, win.cols, win.rows, threads);  // (lane, col, r, s)
-    batched_walk<stage_batch<U * sizeof(T), MaxBatch>()>(
-        at, win.samples,
-        [&](const StridedDigits& d) {
+    stage_walk<U, stage_batch<U * sizeof(T), MaxBatch>()>(
+        at, win.samples, dst, win.channel_stride, x, gate, [&](const StridedDigits& d) {
           const int c = d.digit[0] * U, col = d.digit[1], r = d.digit[2], s = d.digit[3];
           const int n = win.n0 + s, y = win.y0 + r, xx = win.x0 + col;
-          const bool inside = n < N && y >= 0 && y < H && xx >= 0 && xx < W;
-          return Staged<T, U>{
-              s * win.sample_stride + c * win.channel_stride + r * win.row_pitch() + col,
-              load_raw<U>(x, gate, ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c, inside)};
-        },
-        [&](const Staged<T, U>& e) {
-          CAE_UNROLL
-          for (int j = 0; j < U; ++j)
-            dst[e.at + j * win.channel_stride] = e.r.template value<Acc>(j, gate != nullptr);
+          return StagedPlace{s * win.sample_stride + c * win.channel_stride + r * win.row_pitch() + col,
+                             ((static_cast<index_t>(n) * H + y) * W + xx) * C + win.c0 + c,
+                             n < N && y >= 0 && y < H && xx >= 0 && xx < W};
         });
   };
   if (vec) {
@@ -173,13 +202,20 @@ CAE_DEVICE void stage_nhwc(Acc* dst, const T* __restrict__ x, const T* __restric
 // convolution weight [C_out][C_in][3][3] read for output channels co0.. and
 // input channels c0... Consecutive threads read consecutive elements of each
 // row (coalesced); a thread takes one tap of W rows at a time and stores them
-// as one shared-memory vector. Rows from `rows` on (channels past C_out) are
-// zeros.
+// as one shared-memory vector, or (no conversion) copies each by copy_async,
+// for the caller's staged_barrier. Rows from `rows` on (channels past C_out)
+// are zeros.
 template <int COB, typename Acc, typename T>
 CAE_DEVICE void stage_weight_rows(Acc* w_s, const T* __restrict__ w, index_t first, index_t row_stride,
                                   int rows, int taps, int tid, int threads = kThreads) {
   constexpr int W = vec_width<Acc, COB>();  // divides COB (1, 4, 8, 16)
   for (int e = tid; e < taps; e += threads) {
+    if constexpr (std::is_same<T, Acc>::value) {  // copies, waited for with the input's (staged_barrier)
+      CAE_UNROLL
+      for (int j = 0; j < COB; ++j)
+        copy_async(w_s + e * COB + j, j < rows ? w + first + j * row_stride + e : w, j < rows);
+      continue;
+    }
     CAE_UNROLL
     for (int j = 0; j < COB; j += W) {
       Vec<Acc, W> v;
@@ -421,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, conv_min_blocks<T, Acc, COB, NHWC>()
     } else {
       stage_nchw<batch>(in_s, a.x, a.x_gate, a.N, a.C_in, a.H, a.W, win, tid);
     }
-    __syncthreads();
+    staged_barrier();
     const Acc* src = in_s + ps * t.sample_stride + py * S * t.in_cols + px * S;
     for (int c = 0; c < count; ++c, src += t.channel_stride) {
       const Acc* wc = w_s + c * 9 * COB;
@@ -653,22 +689,15 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
     // NHWC (lane, x, y, s), NCHW (x, y, s, c).
     StridedDigits at = NHWC ? StridedDigits(tid, padded_count / U, t.cols, t.rows)
                             : StridedDigits(tid, t.cols, t.rows, t.samples);
-    batched_walk<stage_batch<U * sizeof(T), MaxBatch>()>(
-        at, NHWC ? t.samples : padded_count,
-        [&](const StridedDigits& d) {
+    stage_walk<U, stage_batch<U * sizeof(T), MaxBatch>()>(
+        at, NHWC ? t.samples : padded_count, dst, t.a_stride, x, gate, [&](const StridedDigits& d) {
           const int c = NHWC ? d.digit[0] * U : d.digit[3], px = d.digit[NHWC ? 1 : 0],
                     py = d.digit[NHWC ? 2 : 1], s = d.digit[NHWC ? 3 : 2];
           const int n = n0 + s, y = y0 + py, xx = x0 + px;
-          const bool inside = n < N && y < H && xx < W && c < count;
-          const index_t at_x = NHWC ? ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c
-                                    : ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx;
-          return Staged<T, U>{c * t.a_stride + s * per_image + py * t.cols + px,
-                              load_raw<U>(x, gate, at_x, inside)};
-        },
-        [&](const Staged<T, U>& e) {
-          CAE_UNROLL
-          for (int j = 0; j < U; ++j)
-            dst[e.at + j * t.a_stride] = e.r.template value<Acc>(j, gate != nullptr);
+          return StagedPlace{c * t.a_stride + s * per_image + py * t.cols + px,
+                             NHWC ? ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c
+                                  : ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx,
+                             n < N && y < H && xx < W && c < count};
         });
   };
   if (NHWC && vec) {
@@ -751,7 +780,7 @@ __global__ void __launch_bounds__(kThreads, weight_grad_min_blocks<T, Acc, CA_R,
         } else {
           stage_nchw<kWeightGradStageBatch>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
         }
-        __syncthreads();
+        staged_barrier();
         for (int unit0 = 0; unit0 < t.units; unit0 += t.items) {
           const int unit = unit0 + item;
           const int group = unit / t.cb_stage, cbl = unit % t.cb_stage;  // once a pass

@@ -497,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     } else {
       stage_nchw<kWeightGradStageBatch>(b_s, a.b, a.b_gate, a.N, a.C_b, a.H, a.W, win, tid);
     }
-    __syncthreads();
+    staged_barrier();
 
     // The bias's gradient in exact fp32 (never tf32): a warp per channel, lanes
     // over the positions, a fixed tree; the sums of a (or of b's pixels under

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, transpose_min_blocks<Acc, COB, NHWC>
     } else {
       stage_nchw<kTransposeStageBatch>(in_s, a.g, a.g_gate, a.N, a.C_a, a.H_a, a.W_a, win, tid);
     }
-    __syncthreads();
+    staged_barrier();
     const Acc* src = in_s + ps * t.sample_stride;
     for (int c = 0; c < count; ++c, src += t.channel_stride) {
       const Acc* wc = w_s + c * 9 * COB;

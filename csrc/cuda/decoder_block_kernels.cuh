@@ -476,14 +476,14 @@ CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const
     smem[i] = Acc(0);
   stage_transposed_weight<G>(smem + t.last_weights, pick(a.w, L - 1), pick(a.C, L - 1), pick(a.C, L), tid);
   if (L == 1) {
-    __syncthreads();
+    staged_barrier();
     decoder_last_rows<G, NHWC>(smem, smem + p0.offset + a.top * p0.cols, a, t, target, loss_sums, n0, 0,
                                a.H_out, tid);
     return;
   }
   // 1. The hidden layers but the last, whole planes.
   for (int i = 0; i + 1 < L; ++i) {
-    __syncthreads();  // the previous layer done with the weights, its plane complete
+    staged_barrier();  // the previous layer done with the weights, its plane complete
     stage_transposed_weight<kBlockGroup>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
     __syncthreads();
     if (i + 2 < L) decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
@@ -776,7 +776,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   for (int i = p0.offset + t.samples * p0.sample_stride + tid; i < pg.offset; i += kThreads) smem[i] = Acc(0);
   // 1. The hidden layers, whole planes.
   for (int i = 0; i + 1 < L; ++i) {
-    __syncthreads();  // the previous layer done with the weights, its plane complete
+    staged_barrier();  // the previous layer done with the weights, its plane complete
     stage_transposed_weight<G>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
     __syncthreads();
     decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
@@ -788,7 +788,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     const int C_a = pick(a.C, i), C_b = pick(a.C, i + 1);
     const DecoderPlane in = pick(t.plane, i), g = pick(t.plane, i + 1);
     offset -= decoder_grad_elements(C_a, C_b);
-    __syncthreads();  // layer i's output gradient complete, the weights free
+    staged_barrier();  // layer i's output gradient complete, the weights free
     if (i + 1 < L) {
       decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, a.tensor_cores, tid);
     } else {
@@ -800,7 +800,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       stage_weight_rows<G>(smem + k * C_b * 9 * G, w, static_cast<index_t>(k) * G * C_b * 9, C_b * 9,
                            C_a - k * G, C_b * 9, tid);
     }
-    __syncthreads();  // the weight gradient done reading plane i
+    staged_barrier();  // the weight gradient done reading plane i
     T* out = i == 0 ? b.grad_input : nullptr;
     if (i + 1 < L) {
       decoder_input_grad<2, NHWC>(smem, a, in, g, C_a, C_b, t.samples, a.relu, out, n0, b.vec_grad_input,

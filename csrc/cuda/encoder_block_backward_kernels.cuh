@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
       stage_nchw(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, tid, threads);
     }
   }
-  __syncthreads();
+  staged_barrier();
 
   // 1. a1 (the forward kernel's sums, rounded to T).
   LayerPass<T> layer{a.b1, nullptr, 0, 0, 0, 0, a.H, a.W, n0, a.N, a.C1, a.H, a.W, a.relu, false};

@@ -652,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     } else {
       stage_nchw(in_s, a.x, static_cast<const T*>(nullptr), a.N, a.C0, a.H, a.W, win, tid);
     }
-    __syncthreads();
+    staged_barrier();
     any_layer_pass<G, NHWC>(a1p, SharedPlanes<const Acc>{in_s, t.stride0, t.sample0, t.r0, t.c0, t.c0}, w1_s,
                             count, t.samples, t.groups, c0 == 0, c0 + count >= a.C0, layer, tid);
   }

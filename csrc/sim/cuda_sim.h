@@ -296,6 +296,16 @@ struct Fiber {         // one CUDA thread
   void* tsan_fiber = nullptr;
   int quiet = 0;       // open TSan ignore regions of this fiber
   char tsan_lane = 0;  // TSan sync object: released by this lane at warp ops
+  // cp.async copies issued and not yet waited for (copy_async): done at the
+  // thread's wait (copy_async_wait_all), not before, so a read before the wait
+  // sees what was there.
+  struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+    bool zero;
+  };
+  std::vector<AsyncCopy> copies;
 };
 
 struct WarpOp {  // a pending warp-level collective (one per distinct mask)
@@ -678,6 +688,11 @@ inline void thread_exit(Launch* L, Fiber* f) {
         "returned while %u of %u threads wait at %s at %s:%d; every thread must reach every barrier (do not "
         "return early before __syncthreads, use a guard flag)",
         L->bar_arrived, L->nthreads, L->bar_what, L->bar_file, L->bar_line);
+  if (!f->copies.empty())
+    fail(
+        "returned with %zu cp.async copies never waited for (cp.async.wait_all before the barrier that "
+        "publishes them)",
+        f->copies.size());
   const unsigned lane = f->linear & 31;
   for (const WarpOp& o : L->warp_ops[f->linear >> 5])
     if (o.mask >> lane & 1)
@@ -708,6 +723,7 @@ inline void thread_exit(Launch* L, Fiber* f) {
     tsan_acquire(&L->tsan_block_begin);
     char what[512];
     what[0] = 0;
+    f->copies.clear();  // a thread of an aborted block may have left some
     try {
       L->invoke(L->pack);
     } catch (const std::exception& e) {
@@ -1300,6 +1316,24 @@ inline float mma_b(MmaType type, const MmaLane* lanes, int k, int n) {
   return mma_element(type, lanes[n * 4 + (k % 8) / 2].b[k / 8], k % 2);
 }
 }  // namespace detail
+
+// cp.async (global -> shared, `bytes` of 4, 8 or 16; zeros where `zero`, the
+// instruction's src-size 0): queued, and done by this thread's
+// copy_async_wait_all, as the GPU guarantees nothing before it.
+inline void copy_async(void* dst, const void* src, int bytes, bool zero) {
+  detail::cur_fiber()->copies.push_back({dst, src, bytes, zero});
+}
+inline void copy_async_wait_all() {
+  auto& copies = detail::cur_fiber()->copies;
+  for (const auto& c : copies) {
+    if (c.zero) {
+      std::memset(c.dst, 0, c.bytes);
+    } else {
+      std::memcpy(c.dst, c.src, c.bytes);
+    }
+  }
+  copies.clear();
+}
 
 // d = A B + c of the warp's fragments (every lane of a whole warp calls it).
 inline void mma_sync(MmaType type, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],

@@ -4,6 +4,9 @@
 // tests can check that each one reaches Python as a RuntimeError.
 //
 //   torch.ops.cae_sim._sim_fault(fault)   fault: see launch_fault below
+//   torch.ops.cae_sim._sim_copy_async()   cp.async's emulation (copy_async_kernel)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <string>
@@ -47,7 +50,33 @@ __global__ void shuffle_mask_kernel(float* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
 }
 
+// Copies by cp.async that the thread never waits for.
+__global__ void unwaited_copies_kernel(float* out) {
+  __shared__ float s[64];
+  cae::cuda::copy_async(s + threadIdx.x, out + threadIdx.x, true);
+}
+
 __global__ void fill_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
+// cp.async as the emulator runs it: a copy is done at the thread's wait, not
+// before (what the GPU guarantees), and zero-fills where asked. out: the
+// shared word before the wait, after it, and a zero-filled word.
+__global__ void copy_async_kernel(const float* in, float* out) {
+  __shared__ float s[2];
+  s[0] = -1.0f, s[1] = -1.0f;
+  cae::cuda::copy_async(s, in, true);
+  cae::cuda::copy_async(s + 1, in, false);
+  out[0] = s[0];
+  cae::cuda::async_copies_wait();
+  out[1] = s[0], out[2] = s[1];
+}
+
+at::Tensor copy_async_semantics() {
+  const float in = 3.0f;
+  auto out = at::zeros({3});
+  CAE_LAUNCH(copy_async_kernel, 1, 1, 0, nullptr, &in, out.mutable_data_ptr<float>());
+  return out;
+}
 
 void launch_fault(const std::string& fault) {
   float out[1024] = {};
@@ -63,6 +92,8 @@ void launch_fault(const std::string& fault) {
     CAE_LAUNCH(fill_kernel, 1, 2048, 0, nullptr, out);
   } else if (fault == "empty_grid") {
     CAE_LAUNCH(fill_kernel, 0, 32, 0, nullptr, out);
+  } else if (fault == "unwaited_copies") {
+    CAE_LAUNCH(unwaited_copies_kernel, 1, 64, 0, nullptr, out);
   } else if (fault == "none") {
     CAE_LAUNCH(fill_kernel, 1, 32, 0, nullptr, out);
   } else {
@@ -72,4 +103,7 @@ void launch_fault(const std::string& fault) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(CAE_NAMESPACE, m) { m.def("_sim_fault(str fault) -> ()", &launch_fault); }
+TORCH_LIBRARY_FRAGMENT(CAE_NAMESPACE, m) {
+  m.def("_sim_fault(str fault) -> ()", &launch_fault);
+  m.def("_sim_copy_async() -> Tensor", &copy_async_semantics);
+}
