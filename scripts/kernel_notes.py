@@ -650,17 +650,18 @@ class _Work:
         self.wavefronts += warps * channels * (loads_in + loads_w)
         self.fmas += items * channels * ffma
 
-    def stage(self, elements, weights=None, channels=1, copies=False, with_previous=False):
+    def stage(self, elements, weights=None, channels=1, copies=False, own_wait=True):
         """Elements staged into shared memory: an input's or a gradient's window of
         `channels`, or `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS: a group
         of 8 loads a thread at a time). `copies`: by cp.async (copy_async: float32 with no
-        gate), every copy in flight at once and one wait at the barrier after them, shared
-        `with_previous` staging's where the same barrier ends both."""
+        gate), every copy in flight at once and one wait at the barrier after them; none of
+        their own (`own_wait` False) where that barrier waits for another staging's copies
+        too, or comes after work that covers their latency."""
         per_element = STAGE_INSTRUCTIONS[self.nhwc] if weights is None else WEIGHT_STAGE_INSTRUCTIONS[weights]
         self.issue += elements / 32 * per_element
         self.wavefronts += elements / 32
         if copies:
-            self.waits += 0 if with_previous else 1
+            self.waits += 1 if own_wait else 0
         elif weights is None:
             self.waits += staging_waits(elements, self.nhwc and channels % 4 == 0, threads=self.threads)
         else:
@@ -819,7 +820,7 @@ def _encoder_block(call, launch, e):
     work = _Work(launch.kernel.endswith("true>"))
     copies = _copies(x)
     work.stage(s * c0 * t["r0"] * t["c0"], channels=c0, copies=copies)
-    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows", copies=copies, with_previous=True)
+    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows", copies=copies, own_wait=False)
     # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
     if t["mma_a1"]:
@@ -961,8 +962,9 @@ def _encoder_block_backward(call, launch, e):
     work.stage(samples * c0 * (rows + 2) * (w + 2), channels=c0, copies=copies)
     if strided:  # gated by the output's ReLU where it has one
         work.stage(samples * c1 * (h_out + 1) * (w_out + 1), channels=c1, copies=copies and not a["relu"])
-    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows", copies=copies, with_previous=True)  # w1, w2 for the recompute
-    work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed")  # w1, w2, w_down
+    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows", copies=copies, own_wait=False)  # w1, w2 for the recompute
+    # w_down with the input; w1 and w2 copied during phases 2-4, waited for before phase 5
+    work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed", copies=copies, own_wait=False)
     work.fill(2 * samples * c1 * plane)
     pairs_items = w * (rows // 2) * samples
 
@@ -1166,7 +1168,7 @@ def _decoder_block_backward(call, launch, e):
         work.wavefronts += s * chans[layers] * pg[0] * pg[1] / 32
         work.global_loads(s * chans[layers] * pg[0] * pg[1])
     else:
-        work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers], copies=copies, with_previous=copies)
+        work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers], copies=copies, own_wait=not copies)
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
     for i in range(layers - 1):
         work.stage(chans[i] * chans[i + 1] * 9, "transposed")
@@ -1207,7 +1209,8 @@ def _decoder_block_backward(call, launch, e):
         work.wavefronts += c_b * (math.ceil(s * g_hw / 32) + 5)
         if i == 0 and not input_grad:
             break
-        work.stage(c_a * c_b * 9, "rows", copies=_copies(a["input"]))
+        # copied while the weight gradient runs
+        work.stage(c_a * c_b * 9, "rows", copies=_copies(a["input"]), own_wait=False)
         if c_b > 1 and mma_pass_fits(a["input"], c_a):  # mma_pass, the windows `stride` apart
             conflict = _mma_conflicts(in_cols - 2, in_rows - 2, s, g_cols, c_b * g_plane, g_plane, stride)
             work.mma_layer(hw * s, c_b, math.ceil(c_a / GROUP), input_conflict=conflict)

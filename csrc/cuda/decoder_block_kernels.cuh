@@ -789,17 +789,20 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     const DecoderPlane in = pick(t.plane, i), g = pick(t.plane, i + 1);
     offset -= decoder_grad_elements(C_a, C_b);
     staged_barrier();  // layer i's output gradient complete, the weights free
+    // The input gradient's weights, staged first: their copies land while the
+    // weight gradient (which reads only the planes) runs.
+    const bool input_grad = i > 0 || b.grad_input != nullptr;
+    const T* w = pick(a.w, i);
+    for (int k = 0; input_grad && k < ceil_div(C_a, G); ++k) {
+      stage_weight_rows<G>(smem + k * C_b * 9 * G, w, static_cast<index_t>(k) * G * C_b * 9, C_b * 9,
+                           C_a - k * G, C_b * 9, tid);
+    }
     if (i + 1 < L) {
       decoder_weight_grad_row<2>(row + offset, smem, in, g, C_a, C_b, t.samples, a.tensor_cores, tid);
     } else {
       decoder_weight_grad_row<1>(row + offset, smem, in, g, C_a, C_b, t.samples, a.tensor_cores, tid);
     }
-    if (i == 0 && b.grad_input == nullptr) break;
-    const T* w = pick(a.w, i);
-    for (int k = 0; k < ceil_div(C_a, G); ++k) {
-      stage_weight_rows<G>(smem + k * C_b * 9 * G, w, static_cast<index_t>(k) * G * C_b * 9, C_b * 9,
-                           C_a - k * G, C_b * 9, tid);
-    }
+    if (!input_grad) break;
     staged_barrier();  // the weight gradient done reading plane i
     T* out = i == 0 ? b.grad_input : nullptr;
     if (i + 1 < L) {

@@ -170,7 +170,8 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
 // A weight's transposed copy for the input gradient's correlation:
 // w_s[group][c * 9 + tap][j] = w[c][group * G + j][flip ? 8 - tap : tap], w
 // being [C_out][C_in][3][3] and the groups running over C_in (zero past it).
-// Flipped: the stride-1 transposed correlation as a correlation.
+// Flipped: the stride-1 transposed correlation as a correlation. Without a
+// conversion by copy_async, for the caller's staged_barrier.
 template <int G, typename Acc, typename T>
 CAE_DEVICE void stage_weight_transposed(Acc* w_s, const T* __restrict__ w, int C_out, int C_in, int groups,
                                         bool flip, int tid, int threads) {
@@ -182,7 +183,11 @@ CAE_DEVICE void stage_weight_transposed(Acc* w_s, const T* __restrict__ w, int C
     CAE_UNROLL
     for (int j = 0; j < G; ++j) {
       const int ci = g * G + j;
-      w_s[e * G + j] = ci < C_in ? static_cast<Acc>(w[first + ci * 9]) : Acc(0);
+      if constexpr (std::is_same<T, Acc>::value) {  // copies, for the caller's staged_barrier
+        copy_async(w_s + e * G + j, ci < C_in ? w + first + ci * 9 : w, ci < C_in);
+      } else {
+        w_s[e * G + j] = ci < C_in ? static_cast<Acc>(w[first + ci * 9]) : Acc(0);
+      }
     }
   }
 }
@@ -461,16 +466,17 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
 
   // 2. a2 (for the pool's winners where the forward's are not given, the
   // strided block's dw_down); w1 no longer needed as it is: its transposed
-  // copy for phase 6.
+  // copy for phase 6 (copies, waited for before phase 5: they land while
+  // phases 2 to 4 run).
+  stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid, threads);
   if (args.winners == nullptr) {
     layer.bias = a.b2;
     layer.tensor_cores = a.tensor_cores;  // as the forward: its gates and winners
     whole_layer_pass<G, NHWC>(a2v, padded(a1_s, a.C1), w2_s, a.C1, samples, t.groups1, layer, tid, threads);
   }
-  stage_weight_transposed<G>(w1_s, a.w1, a.C1, a.C0, t.groups0, true, tid, threads);
   __syncthreads();
 
-  // 3. grad_z2 over a2; w2's transposed copy for phase 5.
+  // 3. grad_z2 over a2; w2's transposed copy for phase 5 (as w1's).
   stage_weight_transposed<G>(w2_s, a.w2, a.C1, a.C1, t.groups1, true, tid, threads);
   if (strided) {
     const SharedPlanes<const Acc> gv{go_s, t.out_plane, a.C1 * t.out_plane, a.H_out, a.W_out, t.out_pitch};
@@ -554,7 +560,7 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   // 4. dw2, db2.
   const SharedPlanes<const Acc> gz2{a2v.p, t.plane, a.C1 * t.plane, a.H, a.W, t.pitch};
   weight_grads(std::integral_constant<int, 1>{}, dw2_row, gz2, padded(a1_s, a.C1), a.C1);
-  __syncthreads();
+  staged_barrier();  // and the transposed weights in place
 
   // 5. grad_z1 over a1.
   transposed_pass<G, NHWC>(a1v, padded(a2_s, a.C1), w2_s, a.C1, samples, t.groups1,
