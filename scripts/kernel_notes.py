@@ -1188,6 +1188,7 @@ def _decoder_block_backward(call, launch, e):
         # addresses give the bank conflicts; then the lanes' sums: 32 by warp_reduce_scatter (31
         # shuffles, each with an add and two selects), the rest by warp_sum (5 shuffles and adds)
         h_in, w_in = in_rows - 2, in_cols - 2
+        issue_before = work.issue
         if mma_pass_fits(a["input"], c_a) and c_b > 1:  # weight_grad_pass_mma: M the input's channels
             _weight_grad_pass_mma(work, c_a, c_b, h_in, w_in, s, in_plane, in_cols, g_plane, g_cols, stride,
                                   bias=False)
@@ -1209,8 +1210,10 @@ def _decoder_block_backward(call, launch, e):
         work.wavefronts += c_b * (math.ceil(s * g_hw / 32) + 5)
         if i == 0 and not input_grad:
             break
-        # copied while the weight gradient runs
-        work.stage(c_a * c_b * 9, "rows", copies=_copies(a["input"]), own_wait=False)
+        # copied while the weight gradient runs: its latency covered where the block's weight
+        # gradient issues for longer (at most 2 warp instructions a clock for one of an SM's 2 blocks)
+        covered = (work.issue - issue_before) / 2 >= MEMORY_LATENCY_S * CLOCK_HZ
+        work.stage(c_a * c_b * 9, "rows", copies=_copies(a["input"]), own_wait=not covered)
         if c_b > 1 and mma_pass_fits(a["input"], c_a):  # mma_pass, the windows `stride` apart
             conflict = _mma_conflicts(in_cols - 2, in_rows - 2, s, g_cols, c_b * g_plane, g_plane, stride)
             work.mma_layer(hw * s, c_b, math.ceil(c_a / GROUP), input_conflict=conflict)
