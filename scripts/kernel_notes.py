@@ -654,14 +654,16 @@ class _Work:
         """Elements staged into shared memory: an input's or a gradient's window of
         `channels`, or `weights` ("rows" or "transposed", WEIGHT_STAGE_INSTRUCTIONS: a group
         of 8 loads a thread at a time). `copies`: by cp.async (copy_async: float32 with no
-        gate), every copy in flight at once and one wait at the barrier after them; none of
-        their own (`own_wait` False) where that barrier waits for another staging's copies
-        too, or comes after work that covers their latency."""
+        gate), every copy in flight at once and one wait at the barrier after them. No waits
+        of its own (`own_wait` False) where they overlap another staging's (copies issued
+        before the same barrier) or work that covers their latency."""
         per_element = STAGE_INSTRUCTIONS[self.nhwc] if weights is None else WEIGHT_STAGE_INSTRUCTIONS[weights]
         self.issue += elements / 32 * per_element
         self.wavefronts += elements / 32
+        if not own_wait:
+            return
         if copies:
-            self.waits += 1 if own_wait else 0
+            self.waits += 1
         elif weights is None:
             self.waits += staging_waits(elements, self.nhwc and channels % 4 == 0, threads=self.threads)
         else:
@@ -820,7 +822,7 @@ def _encoder_block(call, launch, e):
     work = _Work(launch.kernel.endswith("true>"))
     copies = _copies(x)
     work.stage(s * c0 * t["r0"] * t["c0"], channels=c0, copies=copies)
-    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows", copies=copies, own_wait=False)
+    work.stage(g * GROUP * 9 * (c0 + c1 * (2 if strided else 1)), "rows", copies=copies, own_wait=not copies)
     # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
     if t["mma_a1"]:
@@ -962,9 +964,10 @@ def _encoder_block_backward(call, launch, e):
     work.stage(samples * c0 * (rows + 2) * (w + 2), channels=c0, copies=copies)
     if strided:  # gated by the output's ReLU where it has one
         work.stage(samples * c1 * (h_out + 1) * (w_out + 1), channels=c1, copies=copies and not a["relu"])
-    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows", copies=copies, own_wait=False)  # w1, w2 for the recompute
+    work.stage(g1 * GROUP * c0 * 9 + w2_size, "rows", copies=copies, own_wait=not copies)  # w1, w2 for the recompute
     # w_down with the input; w1 and w2 copied during phases 2-4, waited for before phase 5
-    work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed", copies=copies, own_wait=False)
+    work.stage(g0 * GROUP * c1 * 9 + w2_size * (2 if strided else 1), "transposed", copies=copies,
+               own_wait=not copies)
     work.fill(2 * samples * c1 * plane)
     pairs_items = w * (rows // 2) * samples
 
@@ -1119,8 +1122,13 @@ def _decoder_block(call, launch, e):
     s, chans, layers = t["samples"], t["chans"], t["layers"]
     work = _Work(launch.kernel.endswith("true>"))
     p0 = t["planes"][0]
-    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0], copies=_copies(call.args["input"]))
-    work.stage(sum(chans[i] * chans[i + 1] * 9 for i in range(layers)), "transposed")
+    copies = _copies(call.args["input"])
+    work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0], copies=copies)
+    # the last layer's weights and the first's with the input (one wait for the copies), then
+    # each hidden layer's just before the layer
+    for i in [layers - 1] + list(range(layers - 1)):
+        work.stage(chans[i] * chans[i + 1] * 9, "transposed", copies=copies,
+                   own_wait=not copies or 0 < i < layers - 1)
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(t["planes"]) if i > 0))
     top = ((t["h"] << (layers - 1)) - t["h_out"]) // 2  # the crop's first row
     for i in range(layers - 1):
@@ -1170,8 +1178,8 @@ def _decoder_block_backward(call, launch, e):
     else:
         work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers], copies=copies, own_wait=not copies)
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
-    for i in range(layers - 1):
-        work.stage(chans[i] * chans[i + 1] * 9, "transposed")
+    for i in range(layers - 1):  # the first layer's weights with the planes (one wait for the copies)
+        work.stage(chans[i] * chans[i + 1] * 9, "transposed", copies=copies, own_wait=not copies or i > 0)
         _decoder_hidden_taps(work, call, t, i, 0, t["h"] << (i + 1))
     input_grad = bool(a.get("input_grad"))
     sums = 0
@@ -1213,7 +1221,7 @@ def _decoder_block_backward(call, launch, e):
         # copied while the weight gradient runs: its latency covered where the block's weight
         # gradient issues for longer (at most 2 warp instructions a clock for one of an SM's 2 blocks)
         covered = (work.issue - issue_before) / 2 >= MEMORY_LATENCY_S * CLOCK_HZ
-        work.stage(c_a * c_b * 9, "rows", copies=_copies(a["input"]), own_wait=not covered)
+        work.stage(c_a * c_b * 9, "rows", copies=copies, own_wait=not (copies and covered))
         if c_b > 1 and mma_pass_fits(a["input"], c_a):  # mma_pass, the windows `stride` apart
             conflict = _mma_conflicts(in_cols - 2, in_rows - 2, s, g_cols, c_b * g_plane, g_plane, stride)
             work.mma_layer(hw * s, c_b, math.ceil(c_a / GROUP), input_conflict=conflict)

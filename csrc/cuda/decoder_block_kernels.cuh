@@ -207,14 +207,20 @@ CAE_DEVICE V pick(const V (&arr)[N], int i) {
 }
 
 // A transposed weight [C_a][C_b][3][3] in shared memory for sums over a: as
-// [group of C_b][C_a * 9][G]; zeros past C_b.
+// [group of C_b][C_a * 9][G]; zeros past C_b. Without a conversion by
+// copy_async, for the caller's staged_barrier.
 template <int G, typename Acc, typename T>
 CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C_a, int C_b, int tid) {
   const int groups = ceil_div(C_b, G), taps = C_a * 9;
   for (int i = tid; i < groups * taps * G; i += kThreads) {
     const int j = i % G, e = (i / G) % taps, cb = (i / (G * taps)) * G + j;
     const int ca = e / 9, k = e - ca * 9;
-    w_s[i] = cb < C_b ? static_cast<Acc>(w[(static_cast<index_t>(ca) * C_b + cb) * 9 + k]) : Acc(0);
+    const index_t at = (static_cast<index_t>(ca) * C_b + cb) * 9 + k;
+    if constexpr (std::is_same<T, Acc>::value) {
+      copy_async(w_s + i, cb < C_b ? w + at : w, cb < C_b);
+    } else {
+      w_s[i] = cb < C_b ? static_cast<Acc>(w[at]) : Acc(0);
+    }
   }
 }
 
@@ -483,9 +489,10 @@ CAE_DEVICE void run_decoder_block(Acc* smem, const DecoderBlockArgs<T>& a, const
   }
   // 1. The hidden layers but the last, whole planes.
   for (int i = 0; i + 1 < L; ++i) {
-    staged_barrier();  // the previous layer done with the weights, its plane complete
+    if (i > 0) __syncthreads();  // the previous layer done with the weights, its plane complete
+    // The first layer's weights with the input and the last layer's: one wait.
     stage_transposed_weight<kBlockGroup>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
-    __syncthreads();
+    staged_barrier();
     if (i + 2 < L) decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
   }
   // 2. Strip by strip: the last hidden layer's rows under the strip's window,
@@ -776,9 +783,10 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   for (int i = p0.offset + t.samples * p0.sample_stride + tid; i < pg.offset; i += kThreads) smem[i] = Acc(0);
   // 1. The hidden layers, whole planes.
   for (int i = 0; i + 1 < L; ++i) {
-    staged_barrier();  // the previous layer done with the weights, its plane complete
+    if (i > 0) __syncthreads();  // the previous layer done with the weights, its plane complete
+    // The first layer's weights with the staged planes: one wait.
     stage_transposed_weight<G>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
-    __syncthreads();
+    staged_barrier();
     decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
   }
   // 2. Layer by layer from the last.
