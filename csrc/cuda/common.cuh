@@ -187,6 +187,18 @@ CAE_DEVICE void copy_async(T* dst, const T* src, bool inside) {
 #endif
 }
 
+// One element staged into shared memory: by copy_async where T is the
+// accumulation type (for the caller's staged_barrier), else loaded and
+// converted; zero where !inside.
+template <typename Acc, typename T>
+CAE_DEVICE void stage_element(Acc* dst, const T* __restrict__ src, bool inside) {
+  if constexpr (std::is_same<T, Acc>::value) {
+    copy_async(dst, src, inside);
+  } else {
+    *dst = inside ? static_cast<Acc>(*src) : Acc(0);
+  }
+}
+
 // This thread's copy_async copies are done (cp.async.wait_all).
 CAE_DEVICE void async_copies_wait() {
 #if defined(CAE_SIM)

@@ -216,11 +216,7 @@ CAE_DEVICE void stage_transposed_weight(Acc* w_s, const T* __restrict__ w, int C
     const int j = i % G, e = (i / G) % taps, cb = (i / (G * taps)) * G + j;
     const int ca = e / 9, k = e - ca * 9;
     const index_t at = (static_cast<index_t>(ca) * C_b + cb) * 9 + k;
-    if constexpr (std::is_same<T, Acc>::value) {
-      copy_async(w_s + i, cb < C_b ? w + at : w, cb < C_b);
-    } else {
-      w_s[i] = cb < C_b ? static_cast<Acc>(w[at]) : Acc(0);
-    }
+    stage_element(w_s + i, cb < C_b ? w + at : w, cb < C_b);
   }
 }
 

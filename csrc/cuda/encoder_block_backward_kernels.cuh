@@ -183,11 +183,7 @@ CAE_DEVICE void stage_weight_transposed(Acc* w_s, const T* __restrict__ w, int C
     CAE_UNROLL
     for (int j = 0; j < G; ++j) {
       const int ci = g * G + j;
-      if constexpr (std::is_same<T, Acc>::value) {  // copies, for the caller's staged_barrier
-        copy_async(w_s + e * G + j, ci < C_in ? w + first + ci * 9 : w, ci < C_in);
-      } else {
-        w_s[e * G + j] = ci < C_in ? static_cast<Acc>(w[first + ci * 9]) : Acc(0);
-      }
+      stage_element(w_s + e * G + j, ci < C_in ? w + first + ci * 9 : w, ci < C_in);
     }
   }
 }
