@@ -311,11 +311,12 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
 // an implicit GEMM [positions] x [9 taps x input channels] x [output
 // channels] through m16n8k8 tf32 products (mma.cuh), float accumulation, at
 // most kMmaGroups groups of output channels. A warp takes kMmaPassTiles
-// tiles of 16 consecutive positions of dst (row-major, samples one after the
-// other) and every group: each B fragment (a tap's weights) loaded once
-// serves the tiles. k runs over the input channels in 8s (zeros past
-// `count`), each over the 9 taps, always in this order: the forward and the
-// backward's recompute get the same sums. Operands are rounded to tf32
+// tiles of 16 positions of dst (mma_pass_strips: 8 columns of 2 rows, the
+// tiles stacked down the strip; mma_pass_positions: 16 consecutive
+// positions, row-major, samples one after the other) and every group: each
+// B fragment (a tap's weights) loaded once serves the tiles. k runs over the
+// input channels in 8s (zeros past `count`), each over the taps, always in
+// one order: the forward and the backward's recompute get the same sums. Operands are rounded to tf32
 // (cvt.rna, as the per-op kernels stage them): float16 and bfloat16 values
 // are tf32 already, but the backward's gradients in shared memory are floats
 // whatever T is. `finish(s, row, col, co0, v)` takes the sums of channels co0
@@ -340,10 +341,127 @@ struct NoInit {
   CAE_DEVICE void operator()(int, int, int, int, float (&)[2]) const {}
 };
 
-template <int G, typename Taps = AllTaps<>, typename Finish, typename Init = NoInit>
-CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
-                         int samples, int groups, int tid, int threads, Finish&& finish, Init&& init = {}) {
-  static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
+// A lane's operands of the k-step from input channel c0: A's channels c_lo =
+// c0 + t4 and c_hi = c_lo + 4 of src (zero past `count`), their rows of w.
+struct MmaKStep {
+  bool lo_in, hi_in;
+  const float *a_lo, *a_hi, *w_lo, *w_hi;
+  CAE_DEVICE MmaKStep(const SharedPlanes<const float>& src, const float* w, int count, int c0, int g, int t4)
+      : lo_in(c0 + t4 < count),
+        hi_in(c0 + t4 + 4 < count),
+        a_lo(src.p + (c0 + t4) * src.channel_stride),
+        a_hi(src.p + (c0 + t4 + 4) * src.channel_stride),
+        w_lo(w + ((c0 + t4) * 9) * kBlockGroup + g),
+        w_hi(w + ((c0 + t4 + 4) * 9) * kBlockGroup + g) {}
+
+  // The B fragments of tap `tap`: each group's weights, zero past the groups
+  // and the channels.
+  CAE_DEVICE void load_b(uint32_t (&b)[kMmaGroups][2], int tap, int groups, int group_stride) const {
+    CAE_UNROLL
+    for (int nt = 0; nt < kMmaGroups; ++nt) {
+      const int at = nt * group_stride + tap * kBlockGroup;
+      const bool in = nt < groups;
+      b[nt][0] = to_tf32(in && lo_in ? w_lo[at] : 0.0f);
+      b[nt][1] = to_tf32(in && hi_in ? w_hi[at] : 0.0f);
+    }
+  }
+};
+
+// f(s, row, col, co0, v) on the sums of A's row r of an item's M tiles (row
+// 8 r + g of the 16 M), each group's: channels co0 = nt * 8 + 2 t4 and co0 + 1
+// in acc[r / 2][nt][2 (r % 2) + (0, 1)], written back.
+template <int M, typename F>
+CAE_DEVICE void each_group_pair(float (&acc)[M][kMmaGroups][4], int r, int groups, int t4, int s, int row,
+                                int col, F&& f) {
+  CAE_UNROLL
+  for (int nt = 0; nt < kMmaGroups; ++nt) {
+    if (nt >= groups) break;
+    float* pair = acc[r / 2][nt] + 2 * (r % 2);
+    float v[2] = {pair[0], pair[1]};
+    f(s, row, col, nt * kBlockGroup + 2 * t4, v);
+    pair[0] = v[0], pair[1] = v[1];
+  }
+}
+
+// mma_pass for the 3x3 stride-1 correlation (AllTaps<1>), the tiles stacked
+// down a strip of 8 columns: a warp item is column x0 + g of output rows y0
+// .. y0 + 2 M - 1 of one sample, tile m rows y0 + 2 m (A's rows g) and
+// y0 + 2 m + 1 (rows g + 8). Tap (ky, kx) of tile m reads window rows 2 m +
+// ky and 2 m + ky + 1, so the strip's 2 M + 2 window rows, each loaded once
+// per column offset kx and k-step, serve all of its taps: 6 A loads a
+// channel and output row pair where 16 positions of a row take 12, and 8
+// positions of one row never wrap (no bank conflict over
+// mma_channel_stride's planes). Lanes past the columns, and rows past the
+// end, compute on the last ones (the loads' addresses clamped) and are not
+// finished; a tile wholly past the rows is skipped. Per k-step the taps go
+// kx-major (kx, then ky): one order for every position, so the forward and
+// the backward's recompute still agree.
+template <int G, typename Finish, typename Init>
+CAE_DEVICE void mma_pass_strips(int rows, int cols, const SharedPlanes<const float>& src, const float* w,
+                                int count, int samples, int groups, int tid, int threads, Finish&& finish,
+                                Init&& init) {
+  constexpr int M = kMmaPassTiles, R = 2 * M;  // a strip's output rows
+  const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int group_stride = count * 9 * G;
+  // A warp's items: (strip, band of R rows, sample).
+  StridedDigits at(tid / 32, ceil_div(cols, 8), ceil_div(rows, R), samples, threads / 32);
+  for (; at.digit[3] < 1; at.advance()) {
+    const int col = at.digit[0] * 8 + g, y0 = at.digit[1] * R, s = at.digit[2];
+    // The window rows y0 .. y0 + R + 1; a finished position reads none past row rows + 1.
+    int window[R + 2];
+    CAE_UNROLL
+    for (int j = 0; j < R + 2; ++j)
+      window[j] = static_cast<int>(src.at(s, 0, std::min(y0 + j, rows + 1), std::min(col, cols - 1)) - src.p);
+    float acc[M][kMmaGroups][4] = {};
+    // f(s, row, col, co0, v) for each of the lane's sums: rows y0 + 2 m and
+    // y0 + 2 m + 1 x channels nt * 8 + 2 t4 + (0, 1) are acc[m][nt].
+    const auto each_sum_pair = [&](auto&& f) {
+      if (col >= cols) return;
+      CAE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        if (y0 + r >= rows) break;
+        each_group_pair(acc, r, groups, t4, s, y0 + r, col, f);
+      }
+    };
+    if constexpr (!std::is_same<std::decay_t<Init>, NoInit>::value) each_sum_pair(init);
+    for (int c0 = 0; c0 < count; c0 += 8) {
+      const MmaKStep k(src, w, count, c0, g, t4);
+      CAE_UNROLL
+      for (int kx = 0; kx < 3; ++kx) {
+        uint32_t lo[R + 2], hi[R + 2];
+        CAE_UNROLL
+        for (int j = 0; j < R + 2; ++j) {
+          lo[j] = to_tf32(k.lo_in ? k.a_lo[window[j] + kx] : 0.0f);
+          hi[j] = to_tf32(k.hi_in ? k.a_hi[window[j] + kx] : 0.0f);
+        }
+        CAE_UNROLL
+        for (int ky = 0; ky < 3; ++ky) {
+          uint32_t b[kMmaGroups][2];
+          k.load_b(b, ky * 3 + kx, groups, group_stride);
+          CAE_UNROLL
+          for (int m = 0; m < M; ++m) {
+            if (y0 + 2 * m >= rows) break;  // the strip's last tiles past the rows (one item: the warp's)
+            const uint32_t a[4] = {lo[2 * m + ky], lo[2 * m + ky + 1], hi[2 * m + ky], hi[2 * m + ky + 1]};
+            CAE_UNROLL
+            for (int nt = 0; nt < kMmaGroups; ++nt) {
+              if (nt >= groups) break;
+              mma_m16n8k8_tf32(acc[m][nt], a, b[nt], acc[m][nt]);
+            }
+          }
+        }
+      }
+    }
+    each_sum_pair(finish);
+  }
+}
+
+// mma_pass for the other taps (a stride-2 correlation, a transposed
+// correlation's parity class): a warp item is kMmaPassTiles tiles of 16
+// consecutive positions of dst.
+template <int G, typename Taps, typename Finish, typename Init>
+CAE_DEVICE void mma_pass_positions(int rows, int cols, const SharedPlanes<const float>& src, const float* w,
+                                   int count, int samples, int groups, int tid, int threads, Finish&& finish,
+                                   Init&& init) {
   constexpr int M = kMmaPassTiles;
   const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int per_sample = rows * cols, positions = samples * per_sample;
@@ -370,40 +488,22 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
       for (int r = 0; r < 2 * M; ++r) {
         const int p = m0 + 8 * r + g;
         if (p >= positions) continue;
-        const int s = p / per_sample, row = p % per_sample / cols, col = p % cols;
-        CAE_UNROLL
-        for (int nt = 0; nt < kMmaGroups; ++nt) {
-          if (nt >= groups) break;
-          float v[2] = {acc[r / 2][nt][2 * (r % 2)], acc[r / 2][nt][2 * (r % 2) + 1]};
-          f(s, row, col, nt * G + 2 * t4, v);
-          acc[r / 2][nt][2 * (r % 2)] = v[0], acc[r / 2][nt][2 * (r % 2) + 1] = v[1];
-        }
+        each_group_pair(acc, r, groups, t4, p / per_sample, p % per_sample / cols, p % cols, f);
       }
     };
     if constexpr (!std::is_same<std::decay_t<Init>, NoInit>::value) each_sum_pair(init);
     for (int c0 = 0; c0 < count; c0 += 8) {
-      const int c_lo = c0 + t4, c_hi = c_lo + 4;
-      const bool lo_in = c_lo < count, hi_in = c_hi < count;
-      const float* a_lo = src.p + c_lo * src.channel_stride;
-      const float* a_hi = src.p + c_hi * src.channel_stride;
-      const float* w_lo = w + (c_lo * 9) * G + g;
-      const float* w_hi = w + (c_hi * 9) * G + g;
+      const MmaKStep k(src, w, count, c0, g, t4);
       CAE_UNROLL
       for (int i = 0; i < Taps::count; ++i) {
-        const int off = Taps::dy(i) * src.pitch + Taps::dx(i), tap = Taps::tap(i);
+        const int off = Taps::dy(i) * src.pitch + Taps::dx(i);
         uint32_t b[kMmaGroups][2];
-        CAE_UNROLL
-        for (int nt = 0; nt < kMmaGroups; ++nt) {
-          const int at = nt * group_stride + tap * G;
-          const bool in = nt < groups;
-          b[nt][0] = to_tf32(in && lo_in ? w_lo[at] : 0.0f);
-          b[nt][1] = to_tf32(in && hi_in ? w_hi[at] : 0.0f);
-        }
+        k.load_b(b, Taps::tap(i), groups, group_stride);
         CAE_UNROLL
         for (int m = 0; m < M; ++m) {
           const int r0 = base[2 * m] + off, r1 = base[2 * m + 1] + off;
-          const uint32_t a[4] = {to_tf32(lo_in ? a_lo[r0] : 0.0f), to_tf32(lo_in ? a_lo[r1] : 0.0f),
-                                 to_tf32(hi_in ? a_hi[r0] : 0.0f), to_tf32(hi_in ? a_hi[r1] : 0.0f)};
+          const uint32_t a[4] = {to_tf32(k.lo_in ? k.a_lo[r0] : 0.0f), to_tf32(k.lo_in ? k.a_lo[r1] : 0.0f),
+                                 to_tf32(k.hi_in ? k.a_hi[r0] : 0.0f), to_tf32(k.hi_in ? k.a_hi[r1] : 0.0f)};
           CAE_UNROLL
           for (int nt = 0; nt < kMmaGroups; ++nt) {
             if (nt >= groups) break;
@@ -414,6 +514,16 @@ CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& sr
     }
     each_sum_pair(finish);
   }
+}
+
+template <int G, typename Taps = AllTaps<>, typename Finish, typename Init = NoInit>
+CAE_DEVICE void mma_pass(int rows, int cols, const SharedPlanes<const float>& src, const float* w, int count,
+                         int samples, int groups, int tid, int threads, Finish&& finish, Init&& init = {}) {
+  static_assert(G == 8, "mma_pass: a group is one n = 8 tile");
+  if constexpr (Taps::stride == 1 && Taps::count == 9)
+    mma_pass_strips<G>(rows, cols, src, w, count, samples, groups, tid, threads, finish, init);
+  else
+    mma_pass_positions<G, Taps>(rows, cols, src, w, count, samples, groups, tid, threads, finish, init);
 }
 
 // layer_pass's work through mma_pass, finished as layer_pass finishes it:
