@@ -166,6 +166,39 @@ def test_backward_with_the_forwards_winners(fmt, relu, allow_tf32):
             assert not torch.equal(gw[1], grads[0][2]), f"{shape}: the codes were not read"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_stages_the_pool_gradient_where_it_fits(fmt):
+    """The pool block's backward copies its output gradient and the forward's winner codes
+    into shared memory with its input where they fit: on sm_90 (227 KiB a block) one
+    image's 8 x 7 x 7 of each, beside 96 KiB of 14 x 14 planes; on sm_86 (99 KiB) they do
+    not fit and phase 3 reads global memory. The same gradients to the bit either way, and
+    the per-op backward's; 9 x 9 images of 5 channels (125 bytes of codes an image: images
+    1 to 4 start off a word's start) take the codes' first and last bytes one by one."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    # the first on tf32 tensor cores (planes backward_pitch apart), the second exact
+    cases = (((3, 16, 8, 14, 14), True, 8 * 7 * 7 + 8 * 7 * 7 // 4 + 1), ((5, 3, 5, 9, 9), False, None))
+    for shape, allow_tf32, staged in cases:
+        with backend.in_use(), tf32(allow_tf32):
+            x, weights, biases, go = backward_inputs(backend, torch.float32, fmt, "pool", shape)
+            _, winners = backend.ops.encoder_block(x, weights, biases, True)
+            grads, smem = {}, {}
+            for arch in ("90", "86"):
+                with pytest.MonkeyPatch.context() as mp, sim.record_launches() as recorder:
+                    mp.setenv("CAE_SIM_ARCH", arch)
+                    gi, gw, gb = backend.ops.encoder_block_backward(go, x, None, winners, weights, biases, True,
+                                                                    True)
+                (launch,) = recorder.launches
+                grads[arch], smem[arch] = [gi, *gw, *gb], launch.shared_bytes
+            if staged is not None:  # float32 elements a block: the gradient and the codes' words
+                assert smem["90"] - smem["86"] == 4 * staged, smem
+            for name, a, b in zip(("input", "w1", "w2", "b1", "b2"), grads["90"], grads["86"], strict=True):
+                assert torch.equal(a, b), f"{shape}: {name}'s gradient"
+            if not allow_tf32:
+                check_against_per_op(backend, torch.float32, "pool", grads["90"], x, weights, biases, True, go, True)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

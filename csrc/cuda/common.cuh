@@ -30,6 +30,7 @@
 // the *_kernels.cuh headers: index types, vector loads, compile-time dispatch.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -185,6 +186,23 @@ CAE_DEVICE void copy_async(T* dst, const T* src, bool inside) {
 #else
   *dst = inside ? *src : T(0);
 #endif
+}
+
+// `count` bytes of global memory staged at `base` plus src's offset within
+// its 4-byte word (returned: where the bytes start), so that src's whole
+// words go by copy_async (for the caller's staged_barrier); the few bytes
+// before the first whole word and after the last by plain loads.
+CAE_DEVICE const unsigned char* stage_bytes(uint32_t* base, const unsigned char* __restrict__ src, int count,
+                                            int tid, int threads) {
+  const int lead = static_cast<int>(reinterpret_cast<uintptr_t>(src) % 4);
+  unsigned char* dst = reinterpret_cast<unsigned char*>(base) + lead;
+  const int head = std::min(count, (4 - lead) % 4), words = (count - head) / 4, tail = head + 4 * words;
+  const auto* src_words = reinterpret_cast<const uint32_t*>(src + head);
+  auto* dst_words = reinterpret_cast<uint32_t*>(dst + head);
+  for (int i = tid; i < words; i += threads) copy_async(dst_words + i, src_words + i, true);
+  for (int i = tid; i < head; i += threads) dst[i] = src[i];
+  for (int i = tail + tid; i < count; i += threads) dst[i] = src[i];
+  return dst;
 }
 
 // One element staged into shared memory: by copy_async where T is the

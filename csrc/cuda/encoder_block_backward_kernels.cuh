@@ -9,7 +9,9 @@
 // H is odd: layer passes take rows in pairs), so 3x3 windows need no bounds
 // checks; 256 threads, or 512 where the block fills an SM on its own
 // (backward_max_threads). Phases, separated by barriers:
-//   0. stage x, the weights, (strided) gate(grad_out); zero a1's, a2's padding;
+//   0. stage x, the weights, (strided) gate(grad_out) or (pool, where it fits)
+//      grad_out and the forward's winner codes as they are; zero a1's, a2's
+//      padding;
 //   1. a1 = act(b1 + correlate(x, w1)), as the forward kernel computes it;
 //   2. a2 = act(b2 + correlate(a1, w2)), unless the forward's pool winners
 //      are given (nothing else needs a2); w1 restaged transposed and flipped;
@@ -64,7 +66,12 @@ struct EncoderBackwardTiling {
   int samples;
   int pitch, plane;          // a padded plane's row pitch (W + 2, or backward_pitch) and channel stride
   int out_pitch, out_plane;  // staged grad_out (strided): (H_out + 1) x (W_out + 1)
-  int groups1, groups0;      // ceil(C1 / kBlockGroup), ceil(C0 / kBlockGroup)
+  // The pool's grad_out copied in at phase 0, as global memory holds a
+  // sample's (C1 x H_out x W_out elements), and the forward's winner codes
+  // (their bytes in winner_slots elements of Acc a sample); 0: read from
+  // global memory in phase 3.
+  int pool_go, winner_slots;
+  int groups1, groups0;  // ceil(C1 / kBlockGroup), ceil(C0 / kBlockGroup)
   int w1_size, w2_size, wd_size;
   int sums;                   // partial sums per block
   bool vec_x, vec_g, vec_gi;  // NHWC vector loads of x, grad_out; stores of grad_input
@@ -130,21 +137,31 @@ inline EncoderBackwardPlan plan_encoder_block_backward(const EncoderBlockBackwar
   const size_t weights = static_cast<size_t>(t.w1_size) + t.w2_size + t.wd_size;
   // The planes' pitch and channel stride: W + 2 and odd, or where the tensor
   // cores may read them, backward_pitch and mma_channel_stride (W + 2 where
-  // that is all that fits).
+  // that is all that fits). The pool's output gradient and winner codes are
+  // staged by copies with the input (no wait of phase 3's own) where T is
+  // the accumulation type and they fit too; the winners' bytes take one slot
+  // more a sample (their first word's offset).
   size_t per_image = 0;
-  const auto set_planes = [&](int pitch) {
+  const int pool_go = a.C1 * a.H_out * a.W_out;
+  const auto set_planes = [&](int pitch, bool stage_pool_go) {
     t.pitch = pitch;
     const int plane = (a.H + (a.H & 1) + 2) * pitch;
     t.plane = a.tensor_cores ? mma_channel_stride(plane) : odd_stride(plane);
-    per_image = static_cast<size_t>(a.C0 + 2 * a.C1) * t.plane + static_cast<size_t>(a.C1) * t.out_plane;
+    t.pool_go = stage_pool_go ? pool_go : 0;
+    t.winner_slots =
+        stage_pool_go && args.winners != nullptr ? ceil_div(pool_go, static_cast<int>(sizeof(Acc))) + 1 : 0;
+    per_image = static_cast<size_t>(a.C0 + 2 * a.C1) * t.plane + static_cast<size_t>(a.C1) * t.out_plane +
+                t.pool_go + t.winner_slots;
   };
   // The slices' scratch: kGradSums a thread.
   const auto bytes = [&](int samples, int threads) {
     return (weights + static_cast<size_t>(threads) * kGradSums + samples * per_image) * sizeof(Acc);
   };
   t.threads = kThreads;
-  set_planes(a.tensor_cores ? backward_pitch(a.W) : a.W + 2);
-  if (bytes(1, t.threads) > budget) set_planes(a.W + 2);
+  const int pitch = a.tensor_cores ? backward_pitch(a.W) : a.W + 2;
+  set_planes(pitch, !strided && std::is_same<T, Acc>::value);
+  if (bytes(1, t.threads) > budget) set_planes(pitch, false);
+  if (bytes(1, t.threads) > budget) set_planes(a.W + 2, false);
   if (bytes(1, t.threads) > budget) return p;
   // Images packed while they fit and the grid keeps kBlockFill blocks.
   t.samples = 1;
@@ -389,7 +406,8 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   Acc* x_s = scratch + t.threads * kGradSums;     // [samples][C0][plane]
   Acc* a1_s = x_s + t.samples * a.C0 * t.plane;   // [samples][C1][plane]: a1, then grad_z1
   Acc* a2_s = a1_s + t.samples * a.C1 * t.plane;  // [samples][C1][plane]: a2, then grad_z2
-  Acc* go_s = a2_s + t.samples * a.C1 * t.plane;  // [samples][C1][out_plane] (strided)
+  Acc* go_s = a2_s + t.samples * a.C1 * t.plane;  // [samples][C1][out_plane] (strided), [samples][pool_go]
+  auto* winners_s = reinterpret_cast<uint32_t*>(go_s + t.samples * t.pool_go);  // the pool's winner codes
   const int tid = threadIdx.x, threads = t.threads;
   const bool strided = a.w_down != nullptr;
   const int n0 = static_cast<int>(blockIdx.x) * t.samples;
@@ -452,6 +470,16 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
       stage_nchw(go_s, args.grad_out, args.out_gate, a.N, a.C1, a.H_out, a.W_out, gw, tid, threads);
     }
   }
+  // The pool's grad_out and winner codes where planned (t.pool_go): a block's
+  // samples are one run of global memory in either layout, copied as it is.
+  const index_t go_first = static_cast<index_t>(n0) * t.pool_go;
+  const unsigned char* winners_staged = nullptr;
+  if constexpr (std::is_same<T, Acc>::value) {
+    for (int i = tid; i < samples * t.pool_go; i += threads)
+      copy_async(go_s + i, args.grad_out + go_first + i, true);
+  }
+  if (t.winner_slots > 0)
+    winners_staged = stage_bytes(winners_s, args.winners + go_first, samples * t.pool_go, tid, threads);
   staged_barrier();
 
   // 1. a1 (the forward kernel's sums, rounded to T).
@@ -510,7 +538,8 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
   } else {
     // One thread per pool window and channel: the winner (the forward's code,
     // else from a2: row-major, the first maximum, a NaN over everything) takes
-    // the output gradient, loaded a batch of windows at a time (batched_walk).
+    // the output gradient, staged, or loaded a batch of windows at a time
+    // (batched_walk).
     struct Window2x2 {
       int c, ox, oy, s;
       T go;
@@ -525,12 +554,12 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
                     oy = d.digit[NHWC ? 2 : 1], s = d.digit[3], n = n0 + s;
           const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
                                       : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
-          return Window2x2{c,
-                           ox,
-                           oy,
-                           s,
-                           args.grad_out[at_out],
-                           args.winners != nullptr ? static_cast<int>(args.winners[at_out]) : -1};
+          const index_t staged = at_out - go_first;  // where t.pool_go
+          const int code = args.winners == nullptr ? -1
+                           : t.winner_slots > 0    ? static_cast<int>(winners_staged[staged])
+                                                   : static_cast<int>(args.winners[at_out]);
+          return Window2x2{
+              c, ox, oy, s, t.pool_go > 0 ? static_cast<T>(go_s[staged]) : args.grad_out[at_out], code};
         },
         [&](const Window2x2& e) {
           Acc* win = a2v.at(e.s, e.c, 2 * e.oy, 2 * e.ox);
