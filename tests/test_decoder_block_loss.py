@@ -125,6 +125,34 @@ def test_backward(backend, dtype, fmt, shape, logits_grad):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_copies_the_loss_inputs(fmt):
+    """The emulated backward in float32 with the loss alone copies the logits into the
+    output gradient's plane and the block's target (and grad_loss) after the planes with
+    its input, and finishes the loss's gradient in shared memory: one more region of
+    shared memory than with a grad_output added (whose path loads the three and adds
+    it); the same gradients to the bit as that path with a zero grad_output. Three images
+    of the autoencoder's decoder, one a block."""
+    from cae_kernels import sim
+
+    backend = BACKENDS["sim"]
+    with backend.in_use():
+        x, weights, biases, target = make_case(backend, torch.float32, fmt, (3, 8, (8, 8, 16, 1), 4, 4, (28, 28)))
+        logits = backend.ops.decoder_block_loss(x, weights, biases, True, target)[0]
+        grad_loss = torch.tensor(1.5)
+        runs = []
+        for grad_output in (None, torch.zeros_like(logits)):
+            with sim.record_launches() as recorder:
+                grads = backend.ops.decoder_block_loss_backward(grad_loss, grad_output, logits, target, x, weights,
+                                                                biases, True, True)
+            (launch,) = recorder.launches
+            runs.append(([grads[0], *grads[1], *grads[2]], launch.shared_bytes))
+        (copied, smem_copied), (loaded, smem_loaded) = runs
+        assert smem_copied - smem_loaded == 4 * (28 * 28 + 1)
+        for i, (a, b) in enumerate(zip(copied, loaded, strict=True)):
+            assert torch.equal(a, b), f"gradient {i}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_one_launch_each_way_and_deterministic(fmt):
     """On the emulated kernels, the autoencoder's decoder in float32 with its loss: one
     launch forward (the block's), one backward (the block's backward's); 301 blocks of two

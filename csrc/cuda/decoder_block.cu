@@ -87,8 +87,9 @@ bool CudaKernels::decoder_block_backward(const DecoderBlockBackwardParams& p) {
     const Tensor& output = p.loss ? p.loss->logits : *p.grad_output;  // its shape
     b.f =
         decoder_args<scalar_t>(nullptr, p.input, p.weights, p.biases, output.size(2), output.size(3), p.relu);
-    const auto plan =
-        cuda::plan_decoder_block<scalar_t, acc_t>(b.f, p.nhwc, true, cuda::smem_dynamic_budget());
+    const size_t budget = cuda::smem_dynamic_budget();
+    auto plan = cuda::plan_decoder_block<scalar_t, acc_t>(b.f, p.nhwc, true, budget);
+    if (p.loss && !p.grad_output) cuda::plan_loss_target<scalar_t, acc_t>(plan, b.f, budget);
     if (!plan.ok) return;
     cuda::check_grid(plan.blocks, "decoder_block_backward");
     const int blocks = static_cast<int>(plan.blocks), L = b.f.layers;

@@ -109,6 +109,9 @@ struct DecoderBlockTiling {
   int samples;
   int strip_rows;    // output rows of the last layer per strip (forward)
   int last_weights;  // offset of the last layer's weights (forward)
+  // The backward with the loss: offset of the target's elements of the
+  // block's images and grad_loss after them (plan_loss_target), or 0.
+  int loss_target;
   DecoderPlane plane[kDecoderMaxLayers + 1];
   bool vec_in, vec_out;  // NHWC vector loads / stores allowed
 };
@@ -193,6 +196,21 @@ inline DecoderBlockPlan plan_decoder_block(const DecoderBlockArgs<T>& a, bool nh
   p.smem = elements * sizeof(Acc);
   p.ok = true;
   return p;
+}
+
+// The backward with the loss where T is the accumulation type and no
+// grad_output is added: the target of the block's images (as global memory
+// holds them: one run in either layout) and grad_loss copied in after the
+// planes with the input, so that the loss's gradient waits for no load of
+// its own (stage_loss_grad); where they fit the budget too.
+template <typename T, typename Acc>
+inline void plan_loss_target(DecoderBlockPlan& p, const DecoderBlockArgs<T>& a, size_t budget) {
+  if (!std::is_same<T, Acc>::value || !p.ok) return;
+  const size_t extra =
+      (static_cast<size_t>(p.t.samples) * a.C[a.layers] * a.H_out * a.W_out + 1) * sizeof(Acc);
+  if (p.smem + extra > budget) return;
+  p.t.loss_target = static_cast<int>(p.smem / sizeof(Acc));
+  p.smem += extra;
 }
 
 // arr[i] for a run-time i, as a chain of selects: indexing the kernel's
@@ -714,15 +732,63 @@ CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderBlockArgs<T>& a, cons
   }
 }
 
+// Plane L's elements (column, row, channel, sample) and, where the crop
+// has them, the logits' and target's index: f(at in smem, index or -1).
+template <bool NHWC, typename T, typename Acc, typename F>
+CAE_DEVICE void each_loss_element(const DecoderBlockBackwardArgs<T, Acc>& b, const DecoderBlockTiling& t,
+                                  int n0, int tid, F&& f) {
+  const DecoderBlockArgs<T>& a = b.f;
+  const int C = pick(a.C, a.layers);
+  const DecoderPlane pg = pick(t.plane, a.layers);
+  for (StridedDigits at(tid, pg.cols, pg.rows, C); at.digit[3] < t.samples; at.advance()) {
+    const int x = at.digit[0] - 1 - a.left, y = at.digit[1] - 1 - a.top, c = at.digit[2],
+              n = n0 + at.digit[3];
+    const bool inside = n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out;
+    f(pg.offset + at.digit[3] * pg.sample_stride + c * pg.channel_stride + at.digit[1] * pg.cols +
+          at.digit[0],
+      inside ? pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out) : index_t(-1));
+  }
+}
+
+// The loss's gradient where plan_loss_target made room and stage_loss_grad
+// copied the logits into plane L: (sigmoid(logit) - target) * scale in place,
+// after the barrier that ends the copies (before plane L's next barrier).
+template <bool NHWC, typename T, typename Acc>
+CAE_DEVICE void finish_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc>& b,
+                                 const DecoderBlockTiling& t, int n0, int tid) {
+  const DecoderBlockArgs<T>& a = b.f;
+  const index_t per_image = static_cast<index_t>(pick(a.C, a.layers)) * a.H_out * a.W_out,
+                first = n0 * per_image;
+  const Acc* target = smem + t.loss_target;  // the block's images' run, from global index `first`
+  const Acc scale = target[t.samples * per_image] / static_cast<Acc>(a.N * per_image);
+  each_loss_element<NHWC>(b, t, n0, tid, [&](int at, index_t i) {
+    if (i >= 0) smem[at] = (sigmoid(smem[at]) - target[i - first]) * scale;
+  });
+}
+
 // The output gradient's plane (plane L, the last layer's full extent, zeros
 // outside the crop) from the loss: a thread per element, in the plane's
-// order; the logits and the target read where the crop has them.
+// order; the logits and the target read where the crop has them. Where
+// t.loss_target has room (and no grad_output is added), the logits go into
+// plane L and the target and grad_loss after the planes by copies, for
+// finish_loss_grad; returns whether they did.
 template <bool NHWC, typename T, typename Acc>
-CAE_DEVICE void stage_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc>& b,
+CAE_DEVICE bool stage_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc>& b,
                                 const DecoderBlockTiling& t, int n0, int tid) {
   const DecoderBlockArgs<T>& a = b.f;
   const int L = a.layers, C = pick(a.C, L);
   const DecoderPlane pg = pick(t.plane, L);
+  if constexpr (std::is_same<T, Acc>::value) {
+    if (t.loss_target > 0 && b.grad_output == nullptr) {
+      const index_t per_image = static_cast<index_t>(C) * a.H_out * a.W_out, first = n0 * per_image;
+      each_loss_element<NHWC>(b, t, n0, tid, [&](int at, index_t i) {
+        copy_async(smem + at, i >= 0 ? b.loss.logits + i : b.loss.logits, i >= 0);
+        if (i >= 0) copy_async(smem + t.loss_target + (i - first), b.loss.target + i, true);
+      });
+      if (tid == 0) copy_async(smem + t.loss_target + t.samples * per_image, b.loss.grad_loss, true);
+      return true;
+    }
+  }
   const Acc scale = static_cast<Acc>(*b.loss.grad_loss) /
                     static_cast<Acc>(static_cast<index_t>(a.N) * C * a.H_out * a.W_out);
   struct Item {
@@ -756,6 +822,7 @@ CAE_DEVICE void stage_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc
         }
         smem[item.at] = v;
       });
+  return false;
 }
 
 template <typename T, typename Acc, bool NHWC>
@@ -770,11 +837,12 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
   // hidden planes zeroed.
   const DecoderPlane p0 = t.plane[0], pg = pick(t.plane, L);
   stage_decoder_plane<NHWC>(smem, p0, a.x, a.N, a.C[0], a.H, a.W, n0, -1, -1, t.samples, t.vec_in, tid);
+  bool loss_copied = false;  // the loss's gradient still to finish (finish_loss_grad)
   if (b.loss.target == nullptr) {
     stage_decoder_plane<NHWC>(smem, pg, b.grad_output, a.N, pick(a.C, L), a.H_out, a.W_out, n0, -1 - a.top,
                               -1 - a.left, t.samples, b.vec_grad_output, tid);
   } else {
-    stage_loss_grad<NHWC>(smem, b, t, n0, tid);
+    loss_copied = stage_loss_grad<NHWC>(smem, b, t, n0, tid);
   }
   for (int i = p0.offset + t.samples * p0.sample_stride + tid; i < pg.offset; i += kThreads) smem[i] = Acc(0);
   // 1. The hidden layers, whole planes.
@@ -783,7 +851,12 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
     // The first layer's weights with the staged planes: one wait.
     stage_transposed_weight<G>(smem, pick(a.w, i), pick(a.C, i), pick(a.C, i + 1), tid);
     staged_barrier();
+    if (i == 0 && loss_copied) finish_loss_grad<NHWC>(smem, b, t, n0, tid);
     decoder_hidden_rows<2>(smem, a, t, i, pick(t.plane, i + 1), 1, 0, a.H << (i + 1), tid);
+  }
+  if (L == 1 && loss_copied) {
+    staged_barrier();
+    finish_loss_grad<NHWC>(smem, b, t, n0, tid);
   }
   // 2. Layer by layer from the last.
   Acc* row = b.sums.partials + static_cast<index_t>(blockIdx.x) * b.sums.size;
