@@ -145,7 +145,10 @@ gradient staged in the backward's), Adam's one. The block kernels are modeled fr
 per-op ones, with the same constants: their tilings are copies of the planners, checked against
 the recorded grid and shared memory; a warp runs 32 consecutive work items; per channel and tap
 of `accumulate_windows` the window's loads (each value once for a work item's 2 rows), two
-broadcast weight loads for 8 output channels and the FFMA; the stride-2 transposed layers on
+broadcast weight loads for 8 output channels and the FFMA; the stride-1 layers on tensor cores
+by strips of 8 columns and 4 rows (`mma_pass_strips`: a window row's A values loaded once per
+column offset and k-step for every tap that reads them, a strip's lanes past the columns
+computed too); the stride-2 transposed layers on
 tensor cores per parity class (its 1, 2 or 4 taps), else issuing the union of a warp's taps (both
 parities of a row or column in one warp: up to 9 where 2.25 are needed); the weight gradients
 from their per-position loads, with the bank conflicts of the first warp's addresses; staging
@@ -611,7 +614,7 @@ class _Work:
         self.fmas += items * channels * ffma
 
     def mma_layer(self, positions, channels, groups, input_conflict=1, taps=9):
-        """mma_pass over `positions` (`taps` of the 9 each: a stride-2 transposed layer's parity
+        """mma_pass_positions over `positions` (`taps` of the 9 each: a stride-2 transposed layer's parity
         class 1, 2 or 4): a warp item per MMA_PASS_TILES tiles of 16 positions (the last item's
         tiles past the end computed too); per 8-channel group of a tap, each output group's B
         fragment once (2 loads, 2 cvt to tf32), each tile's A fragment (4 loads, 4 cvt) and its
@@ -626,6 +629,28 @@ class _Work:
         self.wavefronts += (items * steps * (MMA_PASS_TILES * 4 * input_conflict + 2 * groups)
                             + finished * groups * 2 * 2)
         self.fmas += positions * channels * taps * GROUP * groups
+
+    def mma_strips(self, rows, cols, samples, channels, groups, pitch, channel_stride):
+        """mma_pass_strips (the stride-1 correlation) over rows x cols x samples: a warp item
+        per strip of 8 columns and 2 x MMA_PASS_TILES rows of a sample (lanes past the columns,
+        rows past the end computed too); per k-step (8 channels) and column offset the
+        strip's 2 x MMA_PASS_TILES + 2 window rows of both channel halves (a load and a cvt
+        each), per tap each group's B fragment (2 loads, 2 cvt) and the tiles' products, 3 for
+        the tap loop (the products of tiles wholly past the rows skipped); per tile ~40 for
+        the window rows' addresses, and per group and row of 8 finished positions the
+        epilogue's 2 channels (~12, 2 shared stores)."""
+        band = 2 * MMA_PASS_TILES
+        strips = math.ceil(cols / 8)
+        items = samples * math.ceil(rows / band) * strips
+        tiles = samples * math.ceil(rows / 2) * strips
+        steps = math.ceil(channels / 8)
+        a_loads = 3 * 2 * (band + 2)
+        conflict = _strip_conflicts(band, pitch, channel_stride)
+        self.issue += (items * steps * (2 * a_loads + 9 * (groups * 4 + 3)) + tiles * steps * 9 * groups * MMA_ISSUE
+                       + items * MMA_PASS_TILES * 40 + samples * strips * rows * groups * 12)
+        self.wavefronts += (items * steps * (a_loads * conflict + 9 * 2 * groups)
+                            + samples * strips * rows * groups * 2)
+        self.fmas += rows * cols * samples * channels * 9 * GROUP * groups
 
     def taps(self, items, channels, issued_taps, group, thread_taps=None, input_conflict=1, pixels=1):
         """Items of a transposed correlation (accumulate_transposed, the encoder backward's
@@ -709,7 +734,7 @@ def _window_conflicts(cols, rows, samples, step, pitch, sample_stride):
 
 
 def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride, stride=1):
-    """Wavefronts of layer_pass_mma's A loads, averaged over the tiles: lane (g, t) reads
+    """Wavefronts of mma_pass_positions' A loads, averaged over the tiles: lane (g, t) reads
     position 16 x tile + g (row-major over rows x cols per sample; the second load g + 8;
     its window `stride` rows and columns from the last's) of channel t."""
     positions = cols * rows * samples
@@ -724,6 +749,15 @@ def _mma_conflicts(cols, rows, samples, pitch, sample_stride, channel_stride, st
             total += _bank_wavefronts(words)
             tiles += 1
     return total / tiles
+
+
+def _strip_conflicts(band, pitch, channel_stride):
+    """Wavefronts of mma_pass_strips' A loads: lane (g, t) reads column x0 + g + kx of a
+    window row, channel t; averaged over the strip's first columns (x0 a multiple of 8) in a
+    row and the column offsets."""
+    loads = [_bank_wavefronts([(lane % 4) * channel_stride + j * pitch + x0 + lane // 4 + kx for lane in range(32)])
+             for j in range(band + 2) for x0 in range(0, max(8, pitch - 2), 8) for kx in range(3)]
+    return sum(loads) / len(loads)
 
 
 def tensor_cores(x):
@@ -826,15 +860,13 @@ def _encoder_block(call, launch, e):
     # a1 (the input channels' chunks: sums kept in shared memory between them), a2, each over
     # its region; the warp's pair rows conflict where a region is narrower than 32 columns
     if t["mma_a1"]:
-        conflict = _mma_conflicts(t["c1"], t["r1"], s, t["c0"], t["sample0"], t["stride0"])
         for first in range(0, c0, t["chunk"]):
-            work.mma_layer(t["c1"] * t["r1"] * s, min(t["chunk"], c0 - first), g, input_conflict=conflict)
+            work.mma_strips(t["r1"], t["c1"], s, min(t["chunk"], c0 - first), g, t["c0"], t["stride0"])
     else:
         conflict = _window_conflicts(t["c1"], t["r1"] // 2, s, (2, 1), t["c0"], t["sample0"])
         work.windows(t["c1"] * t["r1"] // 2 * s * g, c0, 2, input_conflict=conflict)
     if t["mma"]:
-        conflict = _mma_conflicts(t["c2"], t["r2"], s, t["c1"], t["sample1"], t["sample1"] // c1)
-        work.mma_layer(t["c2"] * t["r2"] * s, c1, g, input_conflict=conflict)
+        work.mma_strips(t["r2"], t["c2"], s, c1, g, t["c1"], t["sample1"] // c1)
     else:
         conflict = _window_conflicts(t["c2"], t["r2"] // 2, s, (2, 1), t["c1"], t["sample1"])
         work.windows(t["c2"] * t["r2"] // 2 * s * g, c1, 2, input_conflict=conflict)
@@ -948,10 +980,15 @@ def _encoder_block_backward(call, launch, e):
     fixed = w1_size + w2_size * (2 if strided else 1) + threads * GRAD_SUMS
     budget = launch.shared_bytes // 4  # the opt-in limit is the device's: take the plan's images
     # the planes' pitch and channel stride where the tensor cores may read them: backward_pitch
-    # (W + 2 where only that fits the device), mma_channel_stride
-    for pitch in ([_backward_pitch(w)] if tensor_cores(x) else []) + [w + 2]:
+    # (W + 2 where only that fits the device), mma_channel_stride; the pool's output gradient
+    # and winner codes staged (pool_go, winner_slots) where they fit too
+    pool_go = c1 * h_out * w_out
+    winners = a.get("winners")  # the forward's pool winners: a2 is not recomputed
+    pitches = ([_backward_pitch(w)] if tensor_cores(x) else []) + [w + 2]
+    for pitch, staged in [(pitches[0], not strided and _copies(x))] + [(p, False) for p in pitches]:
         plane = _mma_channel_stride((rows + 2) * pitch) if tensor_cores(x) else ((rows + 2) * pitch) | 1
-        per_image = (c0 + 2 * c1) * plane + c1 * out_plane
+        per_image = ((c0 + 2 * c1) * plane + c1 * out_plane
+                     + (pool_go + (math.ceil(pool_go / 4) + 1 if winners is not None else 0) if staged else 0))
         samples = 1
         while fixed + 2 * samples * per_image <= budget and math.ceil(n / (2 * samples)) >= BLOCK_FILL:
             samples *= 2
@@ -974,17 +1011,13 @@ def _encoder_block_backward(call, launch, e):
     def conflict(channels):  # layer_pass's pair rows over padded planes of `channels`
         return _window_conflicts(w, rows // 2, samples, (2, 1), pitch, channels * plane)
 
-    def conflict_mma(channels):  # mma_pass's A loads over padded planes of `channels`
-        return _mma_conflicts(w, rows, samples, pitch, channels * plane, plane)
-
     if a1_on_tensor_cores(x, c1):  # a1
-        work.mma_layer(w * rows * samples, c0, g1, input_conflict=conflict_mma(c0))
+        work.mma_strips(rows, w, samples, c0, g1, pitch, plane)
     else:
         work.windows(pairs_items * g1, c0, 2, input_conflict=conflict(c0))
     weight_grads = _weight_grad_pass_mma if mma_pass_fits(x, c1) else _weight_grad_pass
-    winners = a.get("winners")  # the forward's pool winners: a2 is not recomputed
     if winners is None and mma_pass_fits(x, c1):  # a2
-        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma(c1))
+        work.mma_strips(rows, w, samples, c1, g1, pitch, plane)
     elif winners is None:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     if strided:
@@ -997,16 +1030,19 @@ def _encoder_block_backward(call, launch, e):
         windows = _warp_items(c1 * h_out * w_out * samples)
         work.issue += windows * (POOL_INSTRUCTIONS + 8)
         work.wavefronts += windows * 8
-        work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
+        if staged:  # copied in with the input, behind its wait; read from shared memory here
+            work.stage(samples * pool_go * (2 if winners is not None else 1), "rows", copies=True, own_wait=False)
+        else:
+            work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
     weight_grads(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
     if mma_pass_fits(x, c1):  # grad_z1
-        work.mma_layer(w * rows * samples, c1, g1, input_conflict=conflict_mma(c1))
+        work.mma_strips(rows, w, samples, c1, g1, pitch, plane)
     else:
         work.windows(pairs_items * g1, c1, 2, input_conflict=conflict(c1))
     weight_grads(work, c1, c0, h, w, samples, plane, pitch, plane, pitch, 1)  # dw1
     input_grad = bool(a.get("input_grad"))
     if input_grad and mma_pass_fits(x, c0):
-        work.mma_layer(w * rows * samples, c1, g0, input_conflict=conflict_mma(c1))
+        work.mma_strips(rows, w, samples, c1, g0, pitch, plane)
     elif input_grad:
         work.windows(pairs_items * g0, c1, 2, input_conflict=conflict(c1))
     work.issue += _warp_items(sums) * 4  # the row's stores
@@ -1082,9 +1118,15 @@ def _decoder_tiling(call, launch, backward):
     while math.ceil(n / (samples * 2)) >= BLOCK_FILL and elements(samples * 2, strip)[0] * 4 <= budget:
         samples *= 2
     total, planes = elements(samples, strip)
+    # plan_loss_target: the backward with the loss alone copies the block's target and grad_loss
+    # in after the planes (float32: no conversion)
+    loss_copied = (backward and call.op == "decoder_block_loss_backward" and _copies(x)
+                   and a.get("grad_output") is None)
+    if loss_copied:
+        total += samples * chans[layers] * h_out * w_out + 1
     _check_plan(launch, math.ceil(n / samples), total * 4)
     return dict(samples=samples, strip=strip, planes=planes, chans=chans, layers=layers, h=h, w=w,
-                h_out=h_out, w_out=w_out)
+                h_out=h_out, w_out=w_out, loss_copied=loss_copied)
 
 
 def _decoder_hidden_taps(work, call, t, i, y_first, rows):
@@ -1170,11 +1212,14 @@ def _decoder_block_backward(call, launch, e):
     loss = call.op == "decoder_block_loss_backward"
     copies = _copies(a["input"])
     work.stage(s * chans[0] * p0[0] * p0[1], channels=chans[0], copies=copies)
-    if loss:  # stage_loss_grad: the logits and the target (and grad_output) an element, batched,
-        # and the output gradient from them: a sigmoid per element
+    if loss:  # stage_loss_grad: the logits and the target (and grad_output) an element, and the
+        # output gradient from them: a sigmoid per element
         work.issue += s * chans[layers] * pg[0] * pg[1] / 32 * (STAGE_INSTRUCTIONS[False] + LOSS_GRAD_INSTRUCTIONS)
         work.wavefronts += s * chans[layers] * pg[0] * pg[1] / 32
-        work.global_loads(s * chans[layers] * pg[0] * pg[1])
+        if t["loss_copied"]:  # copies behind the input's wait; finish_loss_grad reads both, writes one
+            work.wavefronts += s * chans[layers] * pg[0] * pg[1] / 32 * 2
+        else:  # loaded, batched
+            work.global_loads(s * chans[layers] * pg[0] * pg[1])
     else:
         work.stage(s * chans[layers] * pg[0] * pg[1], channels=chans[layers], copies=copies, own_wait=not copies)
     work.fill(sum(s * chans[i] * pl[2] for i, pl in enumerate(planes) if 0 < i < layers))
