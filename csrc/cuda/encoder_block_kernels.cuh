@@ -316,11 +316,12 @@ CAE_DEVICE void layer_pass(const SharedPlanes<Acc>& dst, const SharedPlanes<cons
 // positions, row-major, samples one after the other) and every group: each
 // B fragment (a tap's weights) loaded once serves the tiles. k runs over the
 // input channels in 8s (zeros past `count`), each over the taps, always in
-// one order: the forward and the backward's recompute get the same sums. Operands are rounded to tf32
-// (cvt.rna, as the per-op kernels stage them): float16 and bfloat16 values
-// are tf32 already, but the backward's gradients in shared memory are floats
-// whatever T is. `finish(s, row, col, co0, v)` takes the sums of channels co0
-// and co0 + 1 at a position of dst. `Taps` names the taps summed, in order,
+// one order: the forward and the backward's recompute get the same sums.
+// Operands are rounded to tf32 (cvt.rna, as the per-op kernels stage them):
+// float16 and bfloat16 values are tf32 already, but the backward's
+// gradients in shared memory are floats whatever T is. `finish(s, row, col,
+// co0, v)` takes the sums of channels co0 and co0 + 1 at a position of dst.
+// `Taps` names the taps summed, in order,
 // and their windows' rows and columns (AllTaps: the correlation's 9;
 // TransposedTaps: one parity class of a stride-2 transposed correlation) and
 // the windows' stride: position (row, col) of dst reads src's window at
@@ -388,10 +389,10 @@ CAE_DEVICE void each_group_pair(float (&acc)[M][kMmaGroups][4], int r, int group
 // .. y0 + 2 M - 1 of one sample, tile m rows y0 + 2 m (A's rows g) and
 // y0 + 2 m + 1 (rows g + 8). Tap (ky, kx) of tile m reads window rows 2 m +
 // ky and 2 m + ky + 1, so the strip's 2 M + 2 window rows, each loaded once
-// per column offset kx and k-step, serve all of its taps: 6 A loads a
-// channel and output row pair where 16 positions of a row take 12, and 8
-// positions of one row never wrap (no bank conflict over
-// mma_channel_stride's planes). Lanes past the columns, and rows past the
+// per column offset kx and k-step, serve all of its taps: 3 (2 M + 2) A
+// loads of a channel where M tiles of 16 positions in a row take 9 x 2 M
+// (18 against 36), and 8 positions of one row never wrap (no bank conflict
+// over mma_channel_stride's planes). Lanes past the columns, and rows past the
 // end, compute on the last ones (the loads' addresses clamped) and are not
 // finished; a tile wholly past the rows is skipped. Per k-step the taps go
 // kx-major (kx, then ky): one order for every position, so the forward and
@@ -401,6 +402,7 @@ CAE_DEVICE void mma_pass_strips(int rows, int cols, const SharedPlanes<const flo
                                 int count, int samples, int groups, int tid, int threads, Finish&& finish,
                                 Init&& init) {
   constexpr int M = kMmaPassTiles, R = 2 * M;  // a strip's output rows
+  if (rows < 1 || cols < 1) return;            // no items (StridedDigits takes no zero radix)
   const int lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int group_stride = count * 9 * G;
   // A warp's items: (strip, band of R rows, sample).
