@@ -30,7 +30,6 @@
 // the *_kernels.cuh headers: index types, vector loads, compile-time dispatch.
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -196,7 +195,8 @@ CAE_DEVICE const unsigned char* stage_bytes(uint32_t* base, const unsigned char*
                                             int tid, int threads) {
   const int lead = static_cast<int>(reinterpret_cast<uintptr_t>(src) % 4);
   unsigned char* dst = reinterpret_cast<unsigned char*>(base) + lead;
-  const int head = std::min(count, (4 - lead) % 4), words = (count - head) / 4, tail = head + 4 * words;
+  const int to_word = (4 - lead) % 4, head = count < to_word ? count : to_word;
+  const int words = (count - head) / 4, tail = head + 4 * words;
   const auto* src_words = reinterpret_cast<const uint32_t*>(src + head);
   auto* dst_words = reinterpret_cast<uint32_t*>(dst + head);
   for (int i = tid; i < words; i += threads) copy_async(dst_words + i, src_words + i, true);

@@ -412,8 +412,10 @@ CAE_DEVICE void mma_pass_strips(int rows, int cols, const SharedPlanes<const flo
     // The window rows y0 .. y0 + R + 1; a finished position reads none past row rows + 1.
     int window[R + 2];
     CAE_UNROLL
-    for (int j = 0; j < R + 2; ++j)
-      window[j] = static_cast<int>(src.at(s, 0, std::min(y0 + j, rows + 1), std::min(col, cols - 1)) - src.p);
+    for (int j = 0; j < R + 2; ++j) {
+      const int row = y0 + j < rows + 1 ? y0 + j : rows + 1;
+      window[j] = static_cast<int>(src.at(s, 0, row, col < cols ? col : cols - 1) - src.p);
+    }
     float acc[M][kMmaGroups][4] = {};
     // f(s, row, col, co0, v) for each of the lane's sums: rows y0 + 2 m and
     // y0 + 2 m + 1 x channels nt * 8 + 2 t4 + (0, 1) are acc[m][nt].
