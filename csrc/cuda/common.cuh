@@ -167,6 +167,13 @@ CAE_DEVICE RawGated<T, N> load_raw(const T* __restrict__ x, const T* __restrict_
   return r;
 }
 
+// Element (n, c, y, x) of an [N, C, H, W] tensor in the layout.
+template <bool NHWC>
+CAE_DEVICE index_t pixel_offset(int n, int c, int y, int x, int C, int H, int W) {
+  return NHWC ? ((static_cast<index_t>(n) * H + y) * W + x) * C + c
+              : ((static_cast<index_t>(n) * C + c) * H + y) * W + x;
+}
+
 // One element copied from global to shared memory by cp.async (sm_80 and
 // newer): no register holds it, so a thread issues every copy of a staging
 // before it waits once (async_copies_wait), where a load waits for its value

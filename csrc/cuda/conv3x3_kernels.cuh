@@ -695,8 +695,7 @@ CAE_DEVICE void stage_positions(Acc* dst, const T* __restrict__ x, const T* __re
                     py = d.digit[NHWC ? 2 : 1], s = d.digit[NHWC ? 3 : 2];
           const int n = n0 + s, y = y0 + py, xx = x0 + px;
           return StagedPlace{c * t.a_stride + s * per_image + py * t.cols + px,
-                             NHWC ? ((static_cast<index_t>(n) * H + y) * W + xx) * C + c0 + c
-                                  : ((static_cast<index_t>(n) * C + c0 + c) * H + y) * W + xx,
+                             pixel_offset<NHWC>(n, c0 + c, y, xx, C, H, W),
                              n < N && y < H && xx < W && c < count};
         });
   };

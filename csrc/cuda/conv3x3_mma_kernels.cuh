@@ -196,8 +196,7 @@ CAE_DEVICE void stage_words(uint32_t* dst, const CorrelateArgs<T>& a, const MmaC
         CAE_UNROLL
         for (int e = 0; e < E; ++e) {
           const int c = c0 + E * word + e;
-          const index_t i = NHWC ? ((static_cast<index_t>(n) * a.H + y) * a.W + xx) * a.C_in + c
-                                 : ((static_cast<index_t>(n) * a.C_in + c) * a.H + y) * a.W + xx;
+          const index_t i = pixel_offset<NHWC>(n, c, y, xx, a.C_in, a.H, a.W);
           item.e[e] = load_raw<1>(a.x, a.x_gate, i, inside && c < c0 + count);
         }
         return item;

@@ -68,13 +68,6 @@ struct DecoderLoss {
   GridSums<Acc> sums;  // kLossSums per block
 };
 
-// Element (n, c, y, x) of an [N, C, H, W] tensor in the layout.
-template <bool NHWC>
-CAE_DEVICE index_t pixel_offset(int n, int c, int y, int x, int C, int H, int W) {
-  return NHWC ? ((static_cast<index_t>(n) * H + y) * W + x) * C + c
-              : ((static_cast<index_t>(n) * C + c) * H + y) * W + x;
-}
-
 // An image's plane in shared memory: [channels][rows][cols] with a zero
 // border column on either side (cols = width + 2) and, for a whole plane, a
 // border row above and below; the planes of a block's images sample_stride
@@ -732,21 +725,33 @@ CAE_DEVICE void decoder_input_grad(Acc* smem, const DecoderBlockArgs<T>& a, cons
   }
 }
 
-// Plane L's elements (column, row, channel, sample) and, where the crop
-// has them, the logits' and target's index: f(at in smem, index or -1).
+// Plane L's element at digits d (column, row, channel, sample) of the
+// block's walk over it: its offset in smem and, where the crop has it, the
+// logits' and target's index (else -1). C: plane L's channels.
+struct LossElement {
+  int at;
+  index_t index;
+};
+template <bool NHWC, typename T>
+CAE_DEVICE LossElement loss_element(const DecoderBlockArgs<T>& a, const DecoderPlane& pg, int C, int n0,
+                                    const StridedDigits& d) {
+  const int x = d.digit[0] - 1 - a.left, y = d.digit[1] - 1 - a.top, c = d.digit[2], n = n0 + d.digit[3];
+  const bool inside = n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out;
+  return {
+      pg.offset + d.digit[3] * pg.sample_stride + c * pg.channel_stride + d.digit[1] * pg.cols + d.digit[0],
+      inside ? pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out) : index_t(-1)};
+}
+
+// f(at, index) for each of plane L's elements (loss_element), a thread's in
+// the plane's order.
 template <bool NHWC, typename T, typename Acc, typename F>
 CAE_DEVICE void each_loss_element(const DecoderBlockBackwardArgs<T, Acc>& b, const DecoderBlockTiling& t,
                                   int n0, int tid, F&& f) {
-  const DecoderBlockArgs<T>& a = b.f;
-  const int C = pick(a.C, a.layers);
-  const DecoderPlane pg = pick(t.plane, a.layers);
+  const int C = pick(b.f.C, b.f.layers);
+  const DecoderPlane pg = pick(t.plane, b.f.layers);
   for (StridedDigits at(tid, pg.cols, pg.rows, C); at.digit[3] < t.samples; at.advance()) {
-    const int x = at.digit[0] - 1 - a.left, y = at.digit[1] - 1 - a.top, c = at.digit[2],
-              n = n0 + at.digit[3];
-    const bool inside = n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out;
-    f(pg.offset + at.digit[3] * pg.sample_stride + c * pg.channel_stride + at.digit[1] * pg.cols +
-          at.digit[0],
-      inside ? pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out) : index_t(-1));
+    const LossElement e = loss_element<NHWC>(b.f, pg, C, n0, at);
+    f(e.at, e.index);
   }
 }
 
@@ -801,16 +806,12 @@ CAE_DEVICE bool stage_loss_grad(Acc* smem, const DecoderBlockBackwardArgs<T, Acc
   batched_walk<stage_batch<sizeof(T)>()>(
       at, t.samples,
       [&](const StridedDigits& d) {
-        const int x = d.digit[0] - 1 - a.left, y = d.digit[1] - 1 - a.top, c = d.digit[2],
-                  n = n0 + d.digit[3];
-        Item item{pg.offset + d.digit[3] * pg.sample_stride + c * pg.channel_stride + d.digit[1] * pg.cols +
-                      d.digit[0],
-                  n < a.N && y >= 0 && y < a.H_out && x >= 0 && x < a.W_out, T(0.0f), T(0.0f), Acc(0)};
+        const LossElement e = loss_element<NHWC>(a, pg, C, n0, d);
+        Item item{e.at, e.index >= 0, T(0.0f), T(0.0f), Acc(0)};
         if (item.inside) {
-          const index_t i = pixel_offset<NHWC>(n, c, y, x, C, a.H_out, a.W_out);
-          item.logit = b.loss.logits[i];
-          item.target = b.loss.target[i];
-          if (b.grad_output != nullptr) item.grad = b.grad_output[i];
+          item.logit = b.loss.logits[e.index];
+          item.target = b.loss.target[e.index];
+          if (b.grad_output != nullptr) item.grad = b.grad_output[e.index];
         }
         return item;
       },

@@ -552,8 +552,7 @@ __global__ void __launch_bounds__(backward_max_threads<Acc>(), 1)
         [&](const StridedDigits& d) {
           const int c = NHWC ? d.digit[0] : d.digit[2], ox = d.digit[NHWC ? 1 : 0],
                     oy = d.digit[NHWC ? 2 : 1], s = d.digit[3], n = n0 + s;
-          const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
-                                      : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
+          const index_t at_out = pixel_offset<NHWC>(n, c, oy, ox, a.C1, a.H_out, a.W_out);
           const index_t staged = at_out - go_first;  // where t.pool_go
           const int code = args.winners == nullptr ? -1
                            : t.winner_slots > 0    ? static_cast<int>(winners_staged[staged])

@@ -808,8 +808,7 @@ __global__ void __launch_bounds__(kThreads, block_min_blocks<Acc>())
       const bool two_rows = 2 * oy + 1 < a.H, two_cols = 2 * ox + 1 < a.W;
       Acc best;
       const int arg = pool_window_winner(win, t.c2, two_rows, two_cols, best);
-      const index_t at_out = NHWC ? ((static_cast<index_t>(n) * a.H_out + oy) * a.W_out + ox) * a.C1 + c
-                                  : ((static_cast<index_t>(n) * a.C1 + c) * a.H_out + oy) * a.W_out + ox;
+      const index_t at_out = pixel_offset<NHWC>(n, c, oy, ox, a.C1, a.H_out, a.W_out);
       a.out[at_out] = static_cast<T>(best);
       // The backward's gate at the winner: gated(go, best).
       if (a.winners != nullptr)
