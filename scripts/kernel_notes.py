@@ -984,11 +984,11 @@ def _encoder_block_backward(call, launch, e):
     # and winner codes staged (pool_go, winner_slots) where they fit too
     pool_go = c1 * h_out * w_out
     winners = a.get("winners")  # the forward's pool winners: a2 is not recomputed
+    winner_slots = math.ceil(pool_go / 4) + 1 if winners is not None else 0  # their bytes in words
     pitches = ([_backward_pitch(w)] if tensor_cores(x) else []) + [w + 2]
     for pitch, staged in [(pitches[0], not strided and _copies(x))] + [(p, False) for p in pitches]:
         plane = _mma_channel_stride((rows + 2) * pitch) if tensor_cores(x) else ((rows + 2) * pitch) | 1
-        per_image = ((c0 + 2 * c1) * plane + c1 * out_plane
-                     + (pool_go + (math.ceil(pool_go / 4) + 1 if winners is not None else 0) if staged else 0))
+        per_image = (c0 + 2 * c1) * plane + c1 * out_plane + (pool_go + winner_slots if staged else 0)
         samples = 1
         while fixed + 2 * samples * per_image <= budget and math.ceil(n / (2 * samples)) >= BLOCK_FILL:
             samples *= 2
@@ -1031,7 +1031,7 @@ def _encoder_block_backward(call, launch, e):
         work.issue += windows * (POOL_INSTRUCTIONS + 8)
         work.wavefronts += windows * 8
         if staged:  # copied in with the input, behind its wait; read from shared memory here
-            work.stage(samples * pool_go * (2 if winners is not None else 1), "rows", copies=True, own_wait=False)
+            work.stage(samples * (pool_go + winner_slots), "rows", copies=True, own_wait=False)
         else:
             work.global_loads(c1 * h_out * w_out * samples)  # the output gradient, a window each
     weight_grads(work, c1, c1, h, w, samples, plane, pitch, plane, pitch, 1)  # dw2
